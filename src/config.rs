@@ -1,0 +1,584 @@
+//! Configuration: the TOML file format, its defaults, and validation.
+//!
+//! This module owns everything an operator writes. Parsing is strict (unknown keys are
+//! rejected) and validation collects *every* problem at once, each naming the key it is
+//! about and what would be accepted, so `pgvane check` can print them all in one go.
+//! Nothing here touches the network; the rest of pgvane receives a validated [`Config`].
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A validated pgvane configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub general: GeneralConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(rename = "backend", default)]
+    pub backends: Vec<BackendConfig>,
+    #[serde(rename = "listener", default)]
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// Process-wide settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneralConfig {
+    /// On SIGTERM/SIGINT pgvane stops accepting and waits this long for open sessions to end
+    /// before closing them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for GeneralConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How backends are checked. HAProxy semantics: `rise` consecutive successful checks mark a
+/// backend up, `fall` consecutive failures mark it down.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub method: CheckMethod,
+    /// Time between the starts of two checks of the same backend.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A check (connect included) that takes longer than this has failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub sql: SqlCheckConfig,
+    pub patroni: PatroniCheckConfig,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            method: CheckMethod::Sql,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            sql: SqlCheckConfig::default(),
+            patroni: PatroniCheckConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckMethod {
+    /// Log in as the monitor user and ask `pg_is_in_recovery()`.
+    Sql,
+    /// Ask Patroni's REST API: `/primary` and `/replica` answer 200 or 503.
+    Patroni,
+}
+
+/// Credentials of the monitor connection used by `method = "sql"`.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlCheckConfig {
+    pub user: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    pub dbname: String,
+}
+
+impl Default for SqlCheckConfig {
+    fn default() -> Self {
+        Self {
+            user: "postgres".into(),
+            password: None,
+            dbname: "postgres".into(),
+        }
+    }
+}
+
+impl fmt::Debug for SqlCheckConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlCheckConfig")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("dbname", &self.dbname)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PatroniCheckConfig {
+    /// Patroni REST API port, unless a backend sets its own `patroni_port`.
+    pub port: u16,
+}
+
+impl Default for PatroniCheckConfig {
+    fn default() -> Self {
+        Self { port: 8008 }
+    }
+}
+
+/// One PostgreSQL server of the cluster.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// Overrides `health.patroni.port` for this backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patroni_port: Option<u16>,
+}
+
+/// A listening socket and where its clients go.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    #[serde(default)]
+    pub mode: ListenerMode,
+    pub target: Target,
+    #[serde(default)]
+    pub balance: Balance,
+    /// Replica listeners only: send clients to the primary while no replica is healthy.
+    #[serde(default)]
+    pub fallback_to_primary: bool,
+    #[serde(default)]
+    pub on_role_loss: OnRoleLoss,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a client that pgvane must refuse may take to send its startup packet.
+    #[serde(default = "default_client_login_timeout", with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+fn default_client_login_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerMode {
+    /// Layer 4: pick a backend, then copy bytes both ways without parsing them.
+    #[default]
+    Passthrough,
+}
+
+/// Which backends a listener may send clients to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    Primary,
+    Replica,
+    Any,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Target::Primary => "primary",
+            Target::Replica => "replica",
+            Target::Any => "any",
+        })
+    }
+}
+
+/// How a listener chooses among several eligible backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConn,
+}
+
+/// What happens to open sessions when their backend no longer qualifies for the listener's
+/// target (primary demoted or down, replica down). HAProxy: `on-marked-down shutdown-sessions`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRoleLoss {
+    #[default]
+    ShutdownSessions,
+    Keep,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{}", render_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+/// One validation problem, tied to the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+    format!(
+        "invalid configuration ({} problem{}):\n{}",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" },
+        lines.join("\n")
+    )
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            source: Box::new(source),
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The resolved configuration (defaults filled in, secrets redacted) as TOML.
+    pub fn to_resolved_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.health.sql.password.is_some() {
+            shown.health.sql.password = Some("<redacted>".into());
+        }
+        toml::to_string_pretty(&shown).expect("a Config always serializes")
+    }
+
+    /// Every semantic problem, in file order.
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |key: String, message: String| out.push(Problem { key, message });
+
+        let h = &self.health;
+        if h.interval.is_zero() {
+            bad(
+                "health.interval".into(),
+                "must be greater than 0, e.g. \"1s\"".into(),
+            );
+        }
+        if h.timeout.is_zero() {
+            bad(
+                "health.timeout".into(),
+                "must be greater than 0, e.g. \"1s\"".into(),
+            );
+        }
+        if h.rise == 0 {
+            bad("health.rise".into(), "must be at least 1".into());
+        }
+        if h.fall == 0 {
+            bad("health.fall".into(), "must be at least 1".into());
+        }
+        if h.method == CheckMethod::Sql && h.sql.user.is_empty() {
+            bad(
+                "health.sql.user".into(),
+                "must name the monitor role".into(),
+            );
+        }
+
+        if self.backends.is_empty() {
+            bad(
+                "backend".into(),
+                "at least one [[backend]] (name, host, port) is required".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.name.is_empty() {
+                bad(format!("backend[{i}].name"), "must not be empty".into());
+            } else if !names.insert(b.name.as_str()) {
+                bad(
+                    format!("backend[{i}].name"),
+                    format!(
+                        "\"{}\" is used by another backend; names must be unique",
+                        b.name
+                    ),
+                );
+            }
+            if b.host.is_empty() {
+                bad(format!("backend[{i}].host"), "must not be empty".into());
+            }
+            if b.port == 0 {
+                bad(format!("backend[{i}].port"), "must be 1-65535".into());
+            }
+            if b.patroni_port == Some(0) {
+                bad(
+                    format!("backend[{i}].patroni_port"),
+                    "must be 1-65535".into(),
+                );
+            }
+        }
+
+        if self.listeners.is_empty() {
+            bad(
+                "listener".into(),
+                "at least one [[listener]] (name, address, port, target) is required".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.is_empty() {
+                bad(format!("listener[{i}].name"), "must not be empty".into());
+            } else if !names.insert(l.name.as_str()) {
+                bad(
+                    format!("listener[{i}].name"),
+                    format!(
+                        "\"{}\" is used by another listener; names must be unique",
+                        l.name
+                    ),
+                );
+            }
+            match l.address.parse::<IpAddr>() {
+                Err(_) => bad(
+                    format!("listener[{i}].address"),
+                    format!(
+                        "\"{}\" is not an IP address; use e.g. \"127.0.0.1\", \"0.0.0.0\" or \"::\"",
+                        l.address
+                    ),
+                ),
+                Ok(ip) => {
+                    let addr = SocketAddr::new(ip, l.port);
+                    if l.port != 0 && !addrs.insert(addr) {
+                        bad(
+                            format!("listener[{i}].port"),
+                            format!("{addr} is already used by another listener"),
+                        );
+                    }
+                }
+            }
+            if l.port == 0 {
+                bad(format!("listener[{i}].port"), "must be 1-65535".into());
+            }
+            if l.fallback_to_primary && l.target != Target::Replica {
+                bad(
+                    format!("listener[{i}].fallback_to_primary"),
+                    format!(
+                        "only applies to target = \"replica\" (this listener's target is \"{}\")",
+                        l.target
+                    ),
+                );
+            }
+            if l.connect_timeout.is_zero() {
+                bad(
+                    format!("listener[{i}].connect_timeout"),
+                    "must be greater than 0, e.g. \"3s\"".into(),
+                );
+            }
+            if l.client_login_timeout.is_zero() {
+                bad(
+                    format!("listener[{i}].client_login_timeout"),
+                    "must be greater than 0, e.g. \"10s\"".into(),
+                );
+            }
+        }
+        out
+    }
+}
+
+impl ListenerConfig {
+    /// The socket address to bind. Only valid after validation.
+    pub fn socket_addr(&self) -> SocketAddr {
+        let ip: IpAddr = self.address.parse().expect("validated listener address");
+        SocketAddr::new(ip, self.port)
+    }
+}
+
+impl BackendConfig {
+    pub fn patroni_port(&self, health: &HealthConfig) -> u16 {
+        self.patroni_port.unwrap_or(health.patroni.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[backend]]
+        name = "pg1"
+        host = "127.0.0.1"
+        port = 5432
+
+        [[listener]]
+        name = "rw"
+        address = "127.0.0.1"
+        port = 6432
+        target = "primary"
+    "#;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match Config::parse(text) {
+            Err(ConfigError::Invalid(p)) => p,
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.health.method, CheckMethod::Sql);
+        assert_eq!(c.health.interval, Duration::from_secs(1));
+        assert_eq!((c.health.rise, c.health.fall), (2, 3));
+        let l = &c.listeners[0];
+        assert_eq!(l.mode, ListenerMode::Passthrough);
+        assert_eq!(l.balance, Balance::RoundRobin);
+        assert_eq!(l.on_role_loss, OnRoleLoss::ShutdownSessions);
+        assert_eq!(l.socket_addr(), "127.0.0.1:6432".parse().unwrap());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("target = \"primary\"", "target = \"primary\"\ntargte = 1");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown field `targte`"), "{err}");
+        assert!(err.contains("target"), "lists the allowed keys: {err}");
+    }
+
+    #[test]
+    fn bad_enum_value_lists_allowed_values() {
+        let text = MINIMAL.replace("\"primary\"", "\"master\"");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("master"), "{err}");
+        assert!(
+            err.contains("primary") && err.contains("replica") && err.contains("any"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_is_reported() {
+        let text = format!("[health]\ninterval = \"soon\"\n{MINIMAL}");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("interval"), "{err}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_key() {
+        let text = r#"
+            [health]
+            rise = 0
+            fall = 0
+
+            [[backend]]
+            name = "a"
+            host = ""
+            port = 0
+
+            [[backend]]
+            name = "a"
+            host = "h"
+            port = 1
+
+            [[listener]]
+            name = "x"
+            address = "localhost"
+            port = 1
+            target = "primary"
+            fallback_to_primary = true
+        "#;
+        let keys: Vec<String> = problems(text).into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "health.rise",
+                "health.fall",
+                "backend[0].host",
+                "backend[0].port",
+                "backend[1].name",
+                "listener[0].address",
+                "listener[0].fallback_to_primary",
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_config_asks_for_backends_and_listeners() {
+        let keys: Vec<String> = problems("").into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["backend", "listener"]);
+    }
+
+    #[test]
+    fn duplicate_listen_address_is_refused() {
+        let text = format!(
+            "{MINIMAL}\n[[listener]]\nname = \"rw2\"\naddress = \"127.0.0.1\"\nport = 6432\ntarget = \"any\"\n"
+        );
+        let p = problems(&text);
+        assert_eq!(p[0].key, "listener[1].port");
+        assert!(p[0].message.contains("already used"));
+    }
+
+    #[test]
+    fn resolved_toml_redacts_password_and_round_trips() {
+        let text = format!("[health.sql]\nuser = \"mon\"\npassword = \"s3cret\"\n{MINIMAL}");
+        let c = Config::parse(&text).unwrap();
+        let shown = c.to_resolved_toml();
+        assert!(!shown.contains("s3cret"));
+        assert!(shown.contains("<redacted>"));
+        let again = Config::parse(&shown).unwrap();
+        assert_eq!(again.health.sql.user, "mon");
+        assert_eq!(again.listeners[0].connect_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgvane.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(c.backends.len() >= 2);
+        assert!(c.listeners.iter().any(|l| l.target == Target::Primary));
+        assert!(c.listeners.iter().any(|l| l.target == Target::Replica));
+    }
+}

@@ -1,0 +1,183 @@
+//! Topology: health checks and the routing table they produce.
+//!
+//! One task per backend runs its [`check::Probe`] every `health.interval` and sends the
+//! result to a single publisher task. The publisher owns every [`health::HealthState`],
+//! applies rise/fall, elects the primary, and when anything routable changed builds a new
+//! [`RoutingTable`] and swaps it in through `arc-swap`. The data path only calls
+//! [`Topology::snapshot`]: it never waits on a check.
+
+mod check;
+mod health;
+mod table;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+pub use health::{Observation, Role};
+pub use table::{Backend, BackendView, Election, RoutingTable, Serving, SessionGuard};
+
+use crate::config::Config;
+use check::Probe;
+use health::HealthState;
+
+pub struct Topology {
+    backends: Vec<Arc<Backend>>,
+    table: ArcSwap<RoutingTable>,
+    /// Carries the generation of each published table, for tasks that wait for a change.
+    published: watch::Sender<u64>,
+}
+
+impl Topology {
+    /// A topology with nothing routable yet; [`Topology::spawn_checks`] brings it to life.
+    pub fn new(config: &Config) -> Arc<Self> {
+        let backends: Vec<Arc<Backend>> = config
+            .backends
+            .iter()
+            .map(|b| Arc::new(Backend::new(b.name.clone(), b.host.clone(), b.port)))
+            .collect();
+        let table = RoutingTable::initial(&backends);
+        Arc::new(Self {
+            backends,
+            table: ArcSwap::from_pointee(table),
+            published: watch::channel(0).0,
+        })
+    }
+
+    /// The current routing table. Cheap: one atomic load and a reference count.
+    pub fn snapshot(&self) -> Arc<RoutingTable> {
+        self.table.load_full()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    /// Waits until every backend has been checked once, or `limit` has passed.
+    pub async fn wait_first_checks(&self, limit: Duration) {
+        let mut changes = self.subscribe();
+        let all_checked = |t: &RoutingTable| t.backends.iter().all(|b| b.role != Role::Unknown);
+        let _ = tokio::time::timeout(limit, async {
+            while !all_checked(&self.snapshot()) {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Starts one check task per backend and the publisher; all stop on `shutdown`.
+    pub fn spawn_checks(self: &Arc<Self>, config: &Config, shutdown: CancellationToken) {
+        let (tx, rx) = mpsc::channel(self.backends.len().max(1) * 4);
+        let mut tasks = JoinSet::new();
+        for (i, b) in config.backends.iter().enumerate() {
+            let probe = Probe::new(b, &config.health);
+            tasks.spawn(check_loop(
+                i,
+                probe,
+                config.health.interval,
+                config.health.timeout,
+                tx.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tasks.detach_all();
+        let (rise, fall) = (config.health.rise, config.health.fall);
+        tokio::spawn(self.clone().publish_loop(rx, rise, fall));
+    }
+
+    async fn publish_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<(usize, Observation)>,
+        rise: u32,
+        fall: u32,
+    ) {
+        let mut states = vec![HealthState::default(); self.backends.len()];
+        // Ends when every check task has stopped (shutdown).
+        while let Some((i, obs)) = rx.recv().await {
+            let name = &self.backends[i].name;
+            if let Observation::Failed(e) = &obs {
+                debug!(backend = %name, error = %e, "health check failed");
+            }
+            let state = &mut states[i];
+            let before = (state.role(), state.is_suspect(), state.timeline());
+            if let Some(t) = state.observe(obs, rise, fall) {
+                if t.to == Role::Down {
+                    warn!(backend = %name, from = %t.from, to = %t.to, reason = %t.reason, "backend role changed");
+                } else {
+                    info!(backend = %name, from = %t.from, to = %t.to, reason = %t.reason, "backend role changed");
+                }
+            }
+            if before == (state.role(), state.is_suspect(), state.timeline()) {
+                continue;
+            }
+            let prev = self.table.load_full();
+            let next =
+                RoutingTable::build(prev.generation + 1, &self.backends, &states, Some(&prev));
+            log_election(&prev, &next);
+            let generation = next.generation;
+            self.table.store(Arc::new(next));
+            self.published.send_replace(generation);
+        }
+    }
+}
+
+fn log_election(prev: &RoutingTable, next: &RoutingTable) {
+    if prev.election == next.election {
+        return;
+    }
+    let name = |i: &usize| next.backends[*i].backend.name.as_str();
+    match &next.election {
+        Election::Elected(i) => {
+            let was = prev
+                .primary()
+                .map(|b| b.backend.name.as_str())
+                .unwrap_or("none");
+            info!(
+                primary = name(i),
+                previous = was,
+                generation = next.generation,
+                "primary elected"
+            );
+            for (j, b) in next.backends.iter().enumerate() {
+                if j != *i && b.role == Role::Primary {
+                    warn!(backend = %b.backend.name, primary = name(i), "backend claims primary on an older timeline or is failing checks; fenced");
+                }
+            }
+        }
+        Election::None => {
+            warn!(generation = next.generation, "no primary available");
+        }
+        Election::Ambiguous(claimants) => {
+            let names: Vec<&str> = claimants.iter().map(name).collect();
+            error!(claimants = ?names, "several backends claim primary and none is clearly newer; writes are held until this resolves");
+        }
+    }
+}
+
+async fn check_loop(
+    index: usize,
+    mut probe: Probe,
+    interval: Duration,
+    timeout: Duration,
+    tx: mpsc::Sender<(usize, Observation)>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let obs = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            obs = async { ticker.tick().await; probe.check(timeout).await } => obs,
+        };
+        if tx.send((index, obs)).await.is_err() {
+            return;
+        }
+    }
+}
