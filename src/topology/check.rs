@@ -25,7 +25,7 @@ const SQL_CHECK: &str = "SELECT pg_is_in_recovery(), \
      ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END";
 
 pub enum Probe {
-    Sql(SqlProbe),
+    Sql(Box<SqlProbe>),
     Patroni(PatroniProbe),
 }
 
@@ -43,10 +43,10 @@ impl Probe {
                 if let Some(pw) = &health.sql.password {
                     pg.password(pw);
                 }
-                Probe::Sql(SqlProbe {
+                Probe::Sql(Box::new(SqlProbe {
                     config: pg,
                     client: None,
-                })
+                }))
             }
             CheckMethod::Patroni => Probe::Patroni(PatroniProbe {
                 host: backend.host.clone(),

@@ -282,7 +282,6 @@ mod tests {
 
     #[test]
     fn healthy_claimant_beats_suspect_one_on_same_timeline() {
-        let b = backends(2);
         let s = [state(&[primary(None), failed()]), state(&[primary(None)])];
         assert_eq!(elect(&s), Election::Elected(1));
     }
