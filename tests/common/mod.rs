@@ -1,0 +1,489 @@
+//! Test harness: real PostgreSQL clusters and a real pgvane process.
+//!
+//! A [`Cluster`] is a primary plus streaming replicas on free loopback ports in a temp dir,
+//! made with initdb (once per machine, then copied), pg_basebackup -R and pg_ctl. When the
+//! tests run as root, every PostgreSQL program runs as the unprivileged `postgres` user (or
+//! `nobody`), since PostgreSQL refuses root. Everything is stopped and removed on drop, also
+//! when a test fails. [`Pgvane`] runs the built binary with a generated config.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio_postgres::{Client, NoTls};
+
+/// Superuser of every test cluster; SCRAM over TCP, trust over the Unix socket.
+pub const SUPERUSER: &str = "postgres";
+pub const PASSWORD: &str = "pgvane-test";
+
+/// Bump when the template's initdb options change, so stale templates are not reused.
+const TEMPLATE_VERSION: u32 = 1;
+
+/// Asks the kernel for a free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// The user PostgreSQL programs run as: ourselves, or an unprivileged one when we are root.
+#[derive(Clone, Copy)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+fn run_as() -> Option<RunAs> {
+    static RUN_AS: OnceLock<Option<RunAs>> = OnceLock::new();
+    *RUN_AS.get_or_init(|| {
+        let euid = std::fs::metadata("/proc/self").expect("/proc/self").uid();
+        if euid != 0 {
+            return None;
+        }
+        let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+        let entry = |name: &str| {
+            passwd.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 3 && f[0] == name).then(|| RunAs {
+                    uid: f[2].parse().unwrap(),
+                    gid: f[3].parse().unwrap(),
+                })
+            })
+        };
+        Some(
+            entry("postgres")
+                .or_else(|| entry("nobody"))
+                .expect("running as root, and neither a `postgres` nor a `nobody` user exists"),
+        )
+    })
+}
+
+/// Gives `path` to the user PostgreSQL runs as.
+fn hand_over(path: &Path) {
+    if let Some(r) = run_as() {
+        std::os::unix::fs::chown(path, Some(r.uid), Some(r.gid)).expect("chown");
+    }
+}
+
+/// Directory of the PostgreSQL server programs.
+pub fn pg_bindir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let has_server = |d: &Path| d.join("initdb").is_file() && d.join("pg_ctl").is_file();
+        if let Ok(d) = std::env::var("PGVANE_PG_BINDIR") {
+            return PathBuf::from(d);
+        }
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+            let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if has_server(&d) {
+                return d;
+            }
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|d| has_server(d))
+            .collect();
+        found.sort_by_key(|d| {
+            d.parent()
+                .and_then(|v| v.file_name())
+                .and_then(|v| v.to_str())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        found.pop().unwrap_or_else(|| {
+            panic!(
+                "PostgreSQL server programs (initdb, pg_ctl) not found. Install them with \
+                 `sudo apt-get install -y postgresql` (or run scripts/test, which does), or \
+                 point PGVANE_PG_BINDIR at their directory."
+            )
+        })
+    })
+}
+
+/// A PostgreSQL program, run as the unprivileged user when we are root.
+pub fn pg_command(program: &str) -> Command {
+    let mut cmd = Command::new(pg_bindir().join(program));
+    cmd.env("PGPASSWORD", PASSWORD)
+        .env("LC_ALL", "C")
+        .env_remove("PGHOST")
+        .env_remove("PGPORT")
+        .env_remove("PGDATA")
+        .current_dir("/tmp");
+    if let Some(r) = run_as() {
+        cmd.uid(r.uid).gid(r.gid);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// An initdb'd data directory shared by all tests on this machine, copied per node.
+fn template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let version = String::from_utf8_lossy(&run(pg_command("pg_ctl").arg("--version")).stdout)
+            .split_whitespace()
+            .last()
+            .unwrap_or("unknown")
+            .to_owned();
+        let uid = run_as().map(|r| r.uid).unwrap_or(0);
+        let dir = PathBuf::from(format!(
+            "/tmp/pgvane-test-template-{version}-v{TEMPLATE_VERSION}-u{uid}"
+        ));
+        if dir.join("PG_VERSION").exists() {
+            return dir;
+        }
+        // Build beside the final place and rename, so concurrent test processes never see a
+        // half-made template.
+        let staging = PathBuf::from(format!("{}.{}", dir.display(), std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir(&staging).unwrap();
+        hand_over(&staging);
+        let pwfile = staging.join("pwfile");
+        std::fs::write(&pwfile, PASSWORD).unwrap();
+        hand_over(&pwfile);
+        let data = staging.join("data");
+        run(pg_command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", SUPERUSER, "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args(["--no-sync", "-E", "UTF8", "--locale=C"]));
+        let conf = "\n# pgvane test settings\n\
+            listen_addresses = '127.0.0.1'\n\
+            fsync = off\n\
+            synchronous_commit = off\n\
+            full_page_writes = off\n\
+            shared_buffers = 16MB\n\
+            max_connections = 300\n\
+            wal_level = replica\n\
+            max_wal_senders = 10\n\
+            wal_keep_size = 256MB\n\
+            hot_standby = on\n\
+            wal_receiver_status_interval = 1s\n\
+            log_min_messages = warning\n";
+        append(&data.join("postgresql.conf"), conf);
+        if std::fs::rename(&data, &dir).is_err() {
+            // Another process won the race; its template is as good as ours.
+            assert!(dir.join("PG_VERSION").exists(), "cannot create {}", dir.display());
+        }
+        let _ = std::fs::remove_dir_all(&staging);
+        dir
+    })
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// One PostgreSQL server of a test cluster.
+pub struct PgNode {
+    pub name: String,
+    pub port: u16,
+    pub data: PathBuf,
+}
+
+impl PgNode {
+    pub fn start(&self) {
+        run(pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.data.join("server.log"))
+            .args(["-w", "-t", "60", "start"]));
+    }
+
+    /// Fast shutdown: sessions are terminated, the server exits cleanly.
+    pub fn stop(&self) {
+        run(pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "-t", "60", "stop"]));
+    }
+
+    /// SIGKILL of the postmaster: a crash. Its children exit on their own shortly after.
+    pub fn kill(&self) {
+        let pid = self.postmaster_pid().expect("node is not running");
+        run(Command::new("kill").args(["-9", &pid.to_string()]));
+    }
+
+    pub fn promote(&self) {
+        run(pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "60", "promote"]));
+    }
+
+    fn postmaster_pid(&self) -> Option<u32> {
+        let pidfile = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
+        pidfile.lines().next()?.trim().parse().ok()
+    }
+
+    /// A direct superuser connection (not through pgvane).
+    pub async fn connect(&self) -> Client {
+        connect(self.port, SUPERUSER, "postgres")
+            .await
+            .unwrap_or_else(|e| panic!("connect to {} (port {}): {e}", self.name, self.port))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("server.log")).unwrap_or_default()
+    }
+}
+
+/// A connection to 127.0.0.1:`port` as `user`, with the harness password.
+pub async fn connect(port: u16, user: &str, dbname: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .password(PASSWORD)
+        .dbname(dbname)
+        .connect_timeout(Duration::from_secs(10))
+        .connect(NoTls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// A primary (`nodes[0]`) and its streaming replicas.
+pub struct Cluster {
+    pub nodes: Vec<PgNode>,
+    dir: TempDir,
+}
+
+impl Cluster {
+    pub fn start(replicas: usize) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("pgvane-cluster-").tempdir().unwrap();
+        hand_over(dir.path());
+        let primary = PgNode {
+            name: "pg0".into(),
+            port: free_port(),
+            data: dir.path().join("pg0"),
+        };
+        run(Command::new("cp").arg("-a").arg(template()).arg(&primary.data));
+        configure(&primary, dir.path());
+        primary.start();
+        let mut nodes = vec![primary];
+        for i in 1..=replicas {
+            let node = PgNode {
+                name: format!("pg{i}"),
+                port: free_port(),
+                data: dir.path().join(format!("pg{i}")),
+            };
+            run(pg_command("pg_basebackup")
+                .args(["-h", "127.0.0.1", "-U", SUPERUSER, "-p"])
+                .arg(nodes[0].port.to_string())
+                .arg("-D")
+                .arg(&node.data)
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]));
+            configure(&node, dir.path());
+            node.start();
+            nodes.push(node);
+        }
+        Cluster { nodes, dir }
+    }
+
+    pub fn primary(&self) -> &PgNode {
+        &self.nodes[0]
+    }
+
+    /// Waits until every replica has replayed everything the primary wrote so far.
+    pub async fn wait_replicated(&self) {
+        let primary = self.primary().connect().await;
+        let lsn: String = primary
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        for node in &self.nodes[1..] {
+            let c = node.connect().await;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let caught_up: bool = c
+                    .query_one(
+                        "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                        &[&lsn],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if caught_up {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{} did not catch up", node.name);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn configure(node: &PgNode, sockets: &Path) {
+    append(
+        &node.data.join("postgresql.conf"),
+        &format!(
+            "port = {}\nunix_socket_directories = '{}'\ncluster_name = '{}'\n",
+            node.port,
+            sockets.display(),
+            node.name
+        ),
+    );
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            if node.postmaster_pid().is_some() {
+                let _ = pg_command("pg_ctl")
+                    .arg("-D")
+                    .arg(&node.data)
+                    .args(["-m", "immediate", "-w", "stop"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+/// A running pgvane binary with its own config and log file.
+pub struct Pgvane {
+    child: Child,
+    dir: TempDir,
+}
+
+impl Pgvane {
+    /// Writes `config` to a file, starts pgvane on it and waits until `ports` accept.
+    pub fn start(config: &str, ports: &[u16]) -> Pgvane {
+        let dir = tempfile::Builder::new().prefix("pgvane-run-").tempdir().unwrap();
+        let path = dir.path().join("pgvane.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("pgvane.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pgvane"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "pgvane=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start pgvane");
+        let mut p = Pgvane { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for &port in ports {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    panic!("pgvane exited ({status}):\n{}", p.log());
+                }
+                assert!(Instant::now() < deadline, "pgvane did not listen on {port}:\n{}", p.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        p
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgvane.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Pgvane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- pgvane log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The pgvane config a test needs: backends from the cluster, health with the given method
+/// and timings, and listeners given as TOML.
+pub fn config(cluster: &Cluster, health: &str, listeners: &str) -> String {
+    let mut s = format!("[health]\n{health}\n[health.sql]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n");
+    for n in &cluster.nodes {
+        s += &format!(
+            "\n[[backend]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n",
+            n.name, n.port
+        );
+    }
+    s + listeners
+}
+
+/// A `[[listener]]` table.
+pub fn listener(name: &str, port: u16, target: &str, extra: &str) -> String {
+    format!(
+        "\n[[listener]]\nname = \"{name}\"\naddress = \"127.0.0.1\"\nport = {port}\ntarget = \"{target}\"\n{extra}\n"
+    )
+}
+
+/// `inet_server_port()` of a connection: tells which backend pgvane routed it to.
+pub async fn server_port(c: &Client) -> u16 {
+    let port: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    port as u16
+}
