@@ -122,7 +122,7 @@ async fn replica_listener_falls_back_to_the_primary() {
     cluster.nodes[1].stop();
     let port = eventually(Duration::from_secs(5), "fallback to primary", || async {
         let c = connect(ro, SUPERUSER, "postgres").await.ok()?;
-        let p = server_port(&c).await;
+        let p = try_server_port(&c).await?;
         (p == cluster.primary().port).then_some(p)
     })
     .await;

@@ -313,11 +313,13 @@ impl Cluster {
         &self.nodes[0]
     }
 
-    /// Waits until every replica has replayed everything the primary wrote so far.
+    /// Waits until every replica has replayed everything the primary wrote so far. The insert
+    /// position, not the write position: with synchronous_commit = off a commit record may
+    /// still sit in WAL buffers.
     pub async fn wait_replicated(&self) {
         let primary = self.primary().connect().await;
         let lsn: String = primary
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .unwrap()
             .get(0);
@@ -480,10 +482,11 @@ pub fn listener(name: &str, port: u16, target: &str, extra: &str) -> String {
 
 /// `inet_server_port()` of a connection: tells which backend pgvane routed it to.
 pub async fn server_port(c: &Client) -> u16 {
-    let port: i32 = c
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    port as u16
+    try_server_port(c).await.expect("SELECT inet_server_port()")
+}
+
+/// As [`server_port`], for connections that may be cut meanwhile.
+pub async fn try_server_port(c: &Client) -> Option<u16> {
+    let row = c.query_one("SELECT inet_server_port()", &[]).await.ok()?;
+    Some(row.get::<_, i32>(0) as u16)
 }
