@@ -11,7 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const FAST_HEALTH: &str = "interval = \"200ms\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n";
 
 async fn is_in_recovery(c: &tokio_postgres::Client) -> bool {
-    c.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0)
+    c.query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test]
@@ -31,7 +34,11 @@ async fn writes_go_to_the_primary_and_reads_spread_over_replicas() {
         .await
         .unwrap();
     let direct = cluster.primary().connect().await;
-    let n: i64 = direct.query_one("SELECT count(*) FROM t WHERE id = 42", &[]).await.unwrap().get(0);
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM t WHERE id = 42", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
 
     // The replica listener lands on replicas only, and round-robin uses both.
@@ -90,14 +97,25 @@ async fn no_primary_gives_a_postgres_fatal_error() {
         connect(rw, SUPERUSER, "postgres").await.err()
     })
     .await;
-    let db = err.as_db_error().unwrap_or_else(|| panic!("not a server error: {err}"));
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {err}"));
     assert_eq!(db.code().code(), "57P03");
     assert_eq!(db.message(), "no primary available");
     assert!(db.detail().unwrap().contains("listener \"rw\""), "{db:?}");
 
     // psql prints it the way PostgreSQL's own refusals look.
     let out = std::process::Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p", &rw.to_string(), "-U", SUPERUSER, "-c", "SELECT 1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &rw.to_string(),
+            "-U",
+            SUPERUSER,
+            "-c",
+            "SELECT 1",
+        ])
         .env("PGPASSWORD", PASSWORD)
         .env("PGCONNECT_TIMEOUT", "5")
         .output()
@@ -138,7 +156,9 @@ async fn hostile_startup_bytes_are_refused_without_harm() {
 
     // No replica: pgvane itself parses the startup packet. A 4 GiB length must be refused
     // without allocating, SSL must be declined with 'N', and none of it disturbs others.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ro)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ro))
+        .await
+        .unwrap();
     s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     let mut buf = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
@@ -147,8 +167,12 @@ async fn hostile_startup_bytes_are_refused_without_harm() {
         .unwrap_or(0);
     assert_eq!(n, 0, "no answer to a hostile length");
 
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ro)).await.unwrap();
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap(); // SSLRequest
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ro))
+        .await
+        .unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap(); // SSLRequest
     let mut answer = [0u8; 1];
     s.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"N");

@@ -169,7 +169,12 @@ fn template() -> &'static Path {
         run(pg_command("initdb")
             .arg("-D")
             .arg(&data)
-            .args(["-U", SUPERUSER, "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .args(["--no-sync", "-E", "UTF8", "--locale=C"]));
         let conf = "\n# pgvane test settings\n\
@@ -188,7 +193,11 @@ fn template() -> &'static Path {
         append(&data.join("postgresql.conf"), conf);
         if std::fs::rename(&data, &dir).is_err() {
             // Another process won the race; its template is as good as ours.
-            assert!(dir.join("PG_VERSION").exists(), "cannot create {}", dir.display());
+            assert!(
+                dir.join("PG_VERSION").exists(),
+                "cannot create {}",
+                dir.display()
+            );
         }
         let _ = std::fs::remove_dir_all(&staging);
         dir
@@ -279,14 +288,20 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(replicas: usize) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("pgvane-cluster-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("pgvane-cluster-")
+            .tempdir()
+            .unwrap();
         hand_over(dir.path());
         let primary = PgNode {
             name: "pg0".into(),
             port: free_port(),
             data: dir.path().join("pg0"),
         };
-        run(Command::new("cp").arg("-a").arg(template()).arg(&primary.data));
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(template())
+            .arg(&primary.data));
         configure(&primary, dir.path());
         primary.start();
         let mut nodes = vec![primary];
@@ -386,7 +401,10 @@ pub struct Pgvane {
 impl Pgvane {
     /// Writes `config` to a file, starts pgvane on it and waits until `ports` accept.
     pub fn start(config: &str, ports: &[u16]) -> Pgvane {
-        let dir = tempfile::Builder::new().prefix("pgvane-run-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("pgvane-run-")
+            .tempdir()
+            .unwrap();
         let path = dir.path().join("pgvane.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("pgvane.log")).unwrap();
@@ -406,7 +424,11 @@ impl Pgvane {
                 if let Ok(Some(status)) = p.child.try_wait() {
                     panic!("pgvane exited ({status}):\n{}", p.log());
                 }
-                assert!(Instant::now() < deadline, "pgvane did not listen on {port}:\n{}", p.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "pgvane did not listen on {port}:\n{}",
+                    p.log()
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -455,7 +477,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -463,7 +488,9 @@ where
 /// The pgvane config a test needs: backends from the cluster, health with the given method
 /// and timings, and listeners given as TOML.
 pub fn config(cluster: &Cluster, health: &str, listeners: &str) -> String {
-    let mut s = format!("[health]\n{health}\n[health.sql]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n");
+    let mut s = format!(
+        "[health]\n{health}\n[health.sql]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n"
+    );
     for n in &cluster.nodes {
         s += &format!(
             "\n[[backend]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n",

@@ -1,0 +1,130 @@
+//! The command line: `pgvane check`, start-up errors, and graceful shutdown.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn pgvane() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pgvane"))
+}
+
+#[test]
+fn check_prints_the_resolved_example_config() {
+    let out = pgvane()
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgvane.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("[health]") && stdout.contains("fall = 3"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("shutdown_timeout = \"30s\""), "{stdout}");
+}
+
+#[test]
+fn check_names_every_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[health]\nfall = 0\n[[backend]]\nname = \"a\"\nhost = \"h\"\nport = 0\n\
+         [[listener]]\nname = \"l\"\naddress = \"nowhere\"\nport = 5\ntarget = \"any\"\n",
+    )
+    .unwrap();
+    let out = pgvane()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in ["health.fall", "backend[0].port", "listener[0].address"] {
+        assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
+    }
+
+    std::fs::write(&path, "[helth]\ninterval = \"1s\"\n").unwrap();
+    let out = pgvane()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `helth`"), "{stderr}");
+    assert!(stderr.contains("line 1"), "{stderr}");
+}
+
+#[test]
+fn a_taken_port_fails_start_up_naming_the_listener() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[backend]]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 1\n\
+             [[listener]]\nname = \"busy\"\naddress = \"127.0.0.1\"\nport = {port}\ntarget = \"any\"\n"
+        ),
+    )
+    .unwrap();
+    let out = pgvane().arg("--config").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("listener \"busy\": cannot listen on"),
+        "{text}"
+    );
+}
+
+// Multi-threaded: wait_exit blocks its thread while the client's connection task runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_sessions_then_exits() {
+    let cluster = Cluster::start(0);
+    let rw = free_port();
+    let text = config(
+        &cluster,
+        "interval = \"200ms\"",
+        &listener("rw", rw, "primary", ""),
+    );
+    let mut pgvane = Pgvane::start(&text, &[rw]);
+    let session = connect(rw, SUPERUSER, "postgres").await.unwrap();
+
+    Command::new("kill")
+        .args(["-TERM", &pgvane.pid().to_string()])
+        .status()
+        .unwrap();
+    eventually(Duration::from_secs(5), "the listener to close", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", rw))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // The open session keeps working while pgvane drains.
+    assert_eq!(server_port(&session).await, cluster.primary().port);
+    assert!(
+        pgvane.wait_exit(Duration::from_millis(300)).is_none(),
+        "exited with a session open"
+    );
+    drop(session);
+    let status = pgvane
+        .wait_exit(Duration::from_secs(5))
+        .expect("exit after the last session");
+    assert!(status.success(), "{status}");
+}

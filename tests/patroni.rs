@@ -1,0 +1,106 @@
+//! Patroni check mode against an HTTP endpoint per node that answers as Patroni does
+//! (`/primary` and `/replica`: 200 or 503), derived from the node's real state.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+/// Serves Patroni's `/primary` and `/replica` for the PostgreSQL server on `pg_port`.
+async fn fake_patroni(pg_port: u16) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                let in_recovery = match connect(pg_port, SUPERUSER, "postgres").await {
+                    Ok(c) => c
+                        .query_one("SELECT pg_is_in_recovery()", &[])
+                        .await
+                        .ok()
+                        .map(|r| r.get::<_, bool>(0)),
+                    Err(_) => None,
+                };
+                let ok = match (req.uri().path(), in_recovery) {
+                    ("/primary", Some(false)) | ("/replica", Some(true)) => true,
+                    _ => false,
+                };
+                let status = if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::from_static(b"{\"state\": \"running\"}")))
+                        .unwrap(),
+                )
+            });
+            tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroni_checks_route_and_follow_a_failover() {
+    let cluster = Cluster::start(1);
+    let mut backends = String::new();
+    for n in &cluster.nodes {
+        backends += &format!(
+            "\n[[backend]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\npatroni_port = {}\n",
+            n.name,
+            n.port,
+            fake_patroni(n.port).await
+        );
+    }
+    let (rw, ro) = (free_port(), free_port());
+    let text = format!(
+        "[health]\nmethod = \"patroni\"\ninterval = \"300ms\"\ntimeout = \"1s\"\nfall = 3\n{backends}{}{}",
+        listener("rw", rw, "primary", ""),
+        listener("ro", ro, "replica", "")
+    );
+    let pgvane = Pgvane::start(&text, &[rw, ro]);
+
+    let c = connect(rw, SUPERUSER, "postgres").await.unwrap();
+    assert_eq!(server_port(&c).await, cluster.primary().port);
+    let c = connect(ro, SUPERUSER, "postgres").await.unwrap();
+    assert_eq!(server_port(&c).await, cluster.nodes[1].port);
+
+    cluster.primary().stop();
+    cluster.nodes[1].promote();
+    let promoted = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "writes on the promoted node",
+        || async {
+            let c = connect(rw, SUPERUSER, "postgres").await.ok()?;
+            c.batch_execute("CREATE TABLE IF NOT EXISTS t (id int)")
+                .await
+                .ok()?;
+            (try_server_port(&c).await? == cluster.nodes[1].port).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "patroni mode: promotion -> first write: {:?}",
+        promoted.elapsed()
+    );
+    assert!(
+        pgvane.log().contains("patroni: /primary answered 503"),
+        "{}",
+        pgvane.log()
+    );
+}
