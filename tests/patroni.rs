@@ -32,10 +32,10 @@ async fn fake_patroni(pg_port: u16) -> u16 {
                         .map(|r| r.get::<_, bool>(0)),
                     Err(_) => None,
                 };
-                let ok = match (req.uri().path(), in_recovery) {
-                    ("/primary", Some(false)) | ("/replica", Some(true)) => true,
-                    _ => false,
-                };
+                let ok = matches!(
+                    (req.uri().path(), in_recovery),
+                    ("/primary", Some(false)) | ("/replica", Some(true))
+                );
                 let status = if ok {
                     StatusCode::OK
                 } else {
