@@ -1,0 +1,136 @@
+# Shared shell helpers for scripts/test, scripts/demo and benches/*.sh. Source, don't run.
+# shellcheck shell=bash
+
+PGVANE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+# PostgreSQL server binaries: installed from Debian packages when missing (as root), or the
+# exact command to run is printed.
+ensure_postgres() {
+    if pg_bindir >/dev/null 2>&1; then return 0; fi
+    local pkgs="postgresql postgresql-contrib"
+    if [ "$(id -u)" -eq 0 ]; then
+        say "installing PostgreSQL server from Debian packages ($pkgs)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq $pkgs >/dev/null
+        pg_bindir >/dev/null || { echo "PostgreSQL still not found after install" >&2; exit 1; }
+    else
+        echo "PostgreSQL server programs (initdb, pg_ctl) are missing. Install them with:" >&2
+        echo "    sudo apt-get install -y $pkgs" >&2
+        exit 1
+    fi
+}
+
+# Prints the directory holding initdb/pg_ctl (newest version first).
+pg_bindir() {
+    local d
+    if [ -n "${PGVANE_PG_BINDIR:-}" ] && [ -x "$PGVANE_PG_BINDIR/initdb" ]; then echo "$PGVANE_PG_BINDIR"; return; fi
+    d=$(pg_config --bindir 2>/dev/null || true)
+    if [ -n "$d" ] && [ -x "$d/initdb" ]; then echo "$d"; return; fi
+    d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    if [ -n "$d" ] && [ -x "$d/initdb" ]; then echo "$d"; return; fi
+    return 1
+}
+
+# Extra packages some scripts want (pgbench's client ships with postgresql-client).
+ensure_packages() {
+    local missing=()
+    for spec in "$@"; do
+        local bin=${spec%%:*} pkg=${spec#*:}
+        command -v "$bin" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -eq 0 ]; then
+        say "installing ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "missing: ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
+        exit 1
+    fi
+}
+
+# A free loopback port from the kernel.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Runs a PostgreSQL program as an unprivileged user when we are root (PostgreSQL refuses root).
+PG_USER=postgres
+pg_run() {
+    local bin
+    bin="$(pg_bindir)/$1"; shift
+    if [ "$(id -u)" -eq 0 ]; then
+        id "$PG_USER" >/dev/null 2>&1 || PG_USER=nobody
+        runuser -u "$PG_USER" -- env PGPASSWORD="$PGPASSWORD" "$bin" "$@"
+    else
+        "$bin" "$@"
+    fi
+}
+
+# cluster_start DIR NREPLICAS: a primary and streaming replicas on free ports under DIR.
+# Sets NODE_PORTS (primary first) and NODE_DIRS.
+export PGPASSWORD=pgvane-demo
+cluster_start() {
+    local dir=$1 replicas=$2 port
+    NODE_PORTS=(); NODE_DIRS=()
+    mkdir -p "$dir"
+    if [ "$(id -u)" -eq 0 ]; then id "$PG_USER" >/dev/null 2>&1 || PG_USER=nobody; chown "$PG_USER" "$dir"; fi
+    printf '%s' "$PGPASSWORD" > "$dir/pwfile"; [ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$dir/pwfile"
+    pg_run initdb -D "$dir/pg0" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+        --pwfile="$dir/pwfile" --no-sync -E UTF8 --locale=C >/dev/null
+    port=$(free_port)
+    cat >> "$dir/pg0/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+max_connections = 400
+shared_buffers = 128MB
+synchronous_commit = off
+wal_level = replica
+max_wal_senders = 10
+wal_keep_size = 512MB
+hot_standby = on
+cluster_name = 'pg0'
+CONF
+    pg_run pg_ctl -D "$dir/pg0" -l "$dir/pg0.log" -w start >/dev/null
+    NODE_PORTS+=("$port"); NODE_DIRS+=("$dir/pg0")
+    for i in $(seq 1 "$replicas"); do
+        port=$(free_port)
+        pg_run pg_basebackup -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -D "$dir/pg$i" \
+            -R -X stream -c fast --no-sync
+        printf "port = %s\ncluster_name = 'pg%s'\n" "$port" "$i" >> "$dir/pg$i/postgresql.conf"
+        pg_run pg_ctl -D "$dir/pg$i" -l "$dir/pg$i.log" -w start >/dev/null
+        NODE_PORTS+=("$port"); NODE_DIRS+=("$dir/pg$i")
+    done
+}
+
+cluster_stop() {
+    for d in "${NODE_DIRS[@]}"; do
+        [ -f "$d/postmaster.pid" ] && pg_run pg_ctl -D "$d" -m immediate -w stop >/dev/null 2>&1
+    done
+    return 0
+}
+
+# pgvane_config FILE INTERVAL: backends from NODE_PORTS; listeners on RW_PORT and RO_PORT.
+pgvane_config() {
+    local file=$1 interval=${2:-1s}
+    {
+        printf '[health]\nmethod = "sql"\ninterval = "%s"\n\n[health.sql]\nuser = "postgres"\npassword = "%s"\n' \
+            "$interval" "$PGPASSWORD"
+        for i in "${!NODE_PORTS[@]}"; do
+            printf '\n[[backend]]\nname = "pg%s"\nhost = "127.0.0.1"\nport = %s\n' "$i" "${NODE_PORTS[$i]}"
+        done
+        printf '\n[[listener]]\nname = "rw"\naddress = "127.0.0.1"\nport = %s\ntarget = "primary"\n' "$RW_PORT"
+        printf '\n[[listener]]\nname = "ro"\naddress = "127.0.0.1"\nport = %s\ntarget = "replica"\nfallback_to_primary = true\n' "$RO_PORT"
+    } > "$file"
+}
+
+wait_port() {
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listens on port $1" >&2; return 1
+}
