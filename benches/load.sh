@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# End-to-end load benchmark: pgbench against PostgreSQL directly, through pgvane, and
+# through HAProxy (Debian package) in the same run, on one local primary + replica.
+# Reports the median tps of each target and its ratio to the direct connection; the
+# machine is shared and noisy, so only ratios from one run mean anything.
+#
+#   benches/load.sh [-T seconds] [-r repetitions] [-s scale]
+#
+# Workloads: -S (select-only) at 32 and 256 clients, TPC-B-like at 32 clients, and
+# connection churn (-C -S, a new connection per transaction) at 16 clients.
+set -euo pipefail
+. "$(dirname "$0")/../scripts/lib.sh"
+cd "$PGVANE_ROOT"
+
+DURATION=10 REPS=3 SCALE=10
+while getopts "T:r:s:" o; do
+    case $o in T) DURATION=$OPTARG ;; r) REPS=$OPTARG ;; s) SCALE=$OPTARG ;; *) exit 2 ;; esac
+done
+
+ensure_postgres
+ensure_packages pgbench:postgresql-client python3:python3 haproxy:haproxy
+cargo build --release --locked --quiet
+PGVANE="$PGVANE_ROOT/target/release/pgvane"
+
+WORK=$(mktemp -d /tmp/pgvane-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    cluster_stop
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+say "cluster: primary + replica, scale $SCALE"
+cluster_start "$WORK" 1
+DIRECT=${NODE_PORTS[0]}
+
+RW_PORT=$(free_port); RO_PORT=$(free_port)
+pgvane_config "$WORK/pgvane.toml" 1s
+"$PGVANE" --config "$WORK/pgvane.toml" > "$WORK/pgvane.log" 2>&1 &
+PIDS+=($!)
+
+HAPROXY_PORT=$(free_port)
+cat > "$WORK/haproxy.cfg" <<CFG
+global
+    maxconn 4096
+defaults
+    mode tcp
+    timeout client 30m
+    timeout server 30m
+    timeout connect 4s
+listen pg
+    bind 127.0.0.1:$HAPROXY_PORT
+    server pg0 127.0.0.1:$DIRECT maxconn 1000
+CFG
+haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 &
+PIDS+=($!)
+wait_port "$RW_PORT"; wait_port "$HAPROXY_PORT"
+
+pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/null 2>&1
+
+TARGETS=("direct:$DIRECT" "pgvane:$RW_PORT" "haproxy:$HAPROXY_PORT")
+WORKLOADS=("-S -c 32" "-S -c 256" "-c 32" "-C -S -c 16")
+NAMES=("-S, 32 clients" "-S, 256 clients" "TPC-B-like, 32 clients" "-C -S (new connection per txn), 16 clients")
+
+RESULTS="$WORK/results"
+: > "$RESULTS"
+for w in "${!WORKLOADS[@]}"; do
+    for rep in $(seq 1 "$REPS"); do
+        # Interleave targets within a repetition so drift hits all of them alike.
+        for t in "${TARGETS[@]}"; do
+            name=${t%%:*} port=${t#*:}
+            tps=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -M simple -j 2 -T "$DURATION" \
+                  ${WORKLOADS[$w]} postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+            echo "$w $name ${tps:-0}" >> "$RESULTS"
+            printf '  %-45s %-8s rep %s: %s tps\n' "${NAMES[$w]}" "$name" "$rep" "${tps:-failed}"
+        done
+    done
+done
+
+say "median tps over $REPS runs of ${DURATION}s; ratio to direct"
+python3 - "$RESULTS" "${NAMES[@]}" <<'PY'
+import sys, statistics, collections
+rows = [l.split() for l in open(sys.argv[1])]
+names = sys.argv[2:]
+tps = collections.defaultdict(list)
+order = []
+for w, t, v in rows:
+    tps[(int(w), t)].append(float(v))
+    if t not in order: order.append(t)
+print("| workload | " + " | ".join(order) + " |")
+print("|---|" + "---:|" * len(order))
+for w, n in enumerate(names):
+    direct = statistics.median(tps[(w, "direct")])
+    cells = []
+    for t in order:
+        m = statistics.median(tps[(w, t)])
+        cells.append(f"{m:.0f}" if t == "direct" else f"{m/direct:.2f}x" if direct else "n/a")
+    print(f"| {n} | " + " | ".join(cells) + " |")
+PY
