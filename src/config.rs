@@ -21,6 +21,12 @@ pub struct Config {
     pub general: GeneralConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(rename = "user", default)]
+    pub users: Vec<UserConfig>,
     #[serde(rename = "backend", default)]
     pub backends: Vec<BackendConfig>,
     #[serde(rename = "listener", default)]
@@ -33,14 +39,135 @@ pub struct Config {
 pub struct GeneralConfig {
     /// On SIGTERM/SIGINT pgvane stops accepting and waits this long for open sessions to end
     /// before closing them.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// How long a client may take from connecting to finishing authentication.
+    #[serde(with = "duration")]
+    pub client_login_timeout: Duration,
+    /// Client connections accepted at once, over all listeners; more get FATAL 53300.
+    pub max_client_conn: u32,
 }
 
 impl Default for GeneralConfig {
     fn default() -> Self {
         Self {
             shutdown_timeout: Duration::from_secs(30),
+            client_login_timeout: Duration::from_secs(60),
+            max_client_conn: 100,
+        }
+    }
+}
+
+/// How pooled listeners authenticate clients. Passthrough listeners leave authentication
+/// to PostgreSQL.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    #[serde(rename = "type")]
+    pub method: AuthMethod,
+    /// A PgBouncer-format `auth_file`: one `"user" "secret"` line per user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+/// A user of the pooled listeners.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain text, `md5...` or `SCRAM-SHA-256$...`. pgvane logs in to PostgreSQL with it too,
+    /// so it must be plain text unless the server trusts pgvane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Overrides `pool.default_pool_size` for this user's pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
+    /// Overrides `pool.max_user_connections` for this user (0 = unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_user_connections: Option<u32>,
+}
+
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("pool_size", &self.pool_size)
+            .field("max_user_connections", &self.max_user_connections)
+            .finish()
+    }
+}
+
+/// Server connection pools of the session and transaction listeners. Names and defaults
+/// follow pgbouncer.ini; durations also accept a plain number of seconds, as there.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Server connections per (backend, database, user) pool.
+    pub default_pool_size: u32,
+    /// Server connections kept open per pool even when idle.
+    pub min_pool_size: u32,
+    /// Extra connections a pool may open once a client has waited `reserve_pool_timeout`.
+    pub reserve_pool_size: u32,
+    #[serde(with = "duration")]
+    pub reserve_pool_timeout: Duration,
+    /// Server connections per database over all users and backends (0 = unlimited).
+    pub max_db_connections: u32,
+    /// Server connections per user over all databases and backends (0 = unlimited).
+    pub max_user_connections: u32,
+    /// A client waiting this long for a server connection gets an error (0 = wait forever).
+    #[serde(with = "duration")]
+    pub query_wait_timeout: Duration,
+    /// Idle server connections older than this are closed (0 = never).
+    #[serde(with = "duration")]
+    pub server_idle_timeout: Duration,
+    /// Server connections older than this are closed when next released (0 = never).
+    #[serde(with = "duration")]
+    pub server_lifetime: Duration,
+    #[serde(with = "duration")]
+    pub server_connect_timeout: Duration,
+    /// A client idle inside a transaction this long is disconnected (0 = never).
+    #[serde(with = "duration")]
+    pub idle_transaction_timeout: Duration,
+    /// Run on a server connection when a session-mode client leaves; empty = nothing.
+    pub server_reset_query: String,
+    /// A server connection idle longer than this is checked before reuse (0 = always).
+    #[serde(with = "duration")]
+    pub server_check_delay: Duration,
+    /// The check; empty means an empty query, the cheapest round trip.
+    pub server_check_query: String,
+    /// Startup parameters dropped instead of applied on the server (e.g. `extra_float_digits`).
+    pub ignore_startup_parameters: Vec<String>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            default_pool_size: 20,
+            min_pool_size: 0,
+            reserve_pool_size: 0,
+            reserve_pool_timeout: Duration::from_secs(5),
+            max_db_connections: 0,
+            max_user_connections: 0,
+            query_wait_timeout: Duration::from_secs(120),
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            server_connect_timeout: Duration::from_secs(15),
+            idle_transaction_timeout: Duration::ZERO,
+            server_reset_query: "DISCARD ALL".into(),
+            server_check_delay: Duration::from_secs(30),
+            server_check_query: String::new(),
+            ignore_startup_parameters: Vec::new(),
         }
     }
 }
@@ -52,10 +179,10 @@ impl Default for GeneralConfig {
 pub struct HealthConfig {
     pub method: CheckMethod,
     /// Time between the starts of two checks of the same backend.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub interval: Duration,
     /// A check (connect included) that takes longer than this has failed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
@@ -158,19 +285,12 @@ pub struct ListenerConfig {
     pub fallback_to_primary: bool,
     #[serde(default)]
     pub on_role_loss: OnRoleLoss,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
-    /// How long a client that pgvane must refuse may take to send its startup packet.
-    #[serde(default = "default_client_login_timeout", with = "humantime_serde")]
-    pub client_login_timeout: Duration,
 }
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(3)
-}
-
-fn default_client_login_timeout() -> Duration {
-    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -179,6 +299,18 @@ pub enum ListenerMode {
     /// Layer 4: pick a backend, then copy bytes both ways without parsing them.
     #[default]
     Passthrough,
+    /// pgvane authenticates the client; it keeps one pooled server connection for the
+    /// whole client session.
+    Session,
+    /// pgvane authenticates the client; it lends a pooled server connection for each
+    /// transaction and takes it back at the ReadyForQuery that reports idle.
+    Transaction,
+}
+
+impl ListenerMode {
+    pub fn is_pooled(self) -> bool {
+        self != ListenerMode::Passthrough
+    }
 }
 
 /// Which backends a listener may send clients to.
@@ -295,6 +427,11 @@ impl Config {
         if shown.health.sql.password.is_some() {
             shown.health.sql.password = Some("<redacted>".into());
         }
+        for u in &mut shown.users {
+            if u.password.is_some() {
+                u.password = Some("<redacted>".into());
+            }
+        }
         toml::to_string_pretty(&shown).expect("a Config always serializes")
     }
 
@@ -326,6 +463,58 @@ impl Config {
             bad(
                 "health.sql.user".into(),
                 "must name the monitor role".into(),
+            );
+        }
+
+        if self.general.client_login_timeout.is_zero() {
+            bad(
+                "general.client_login_timeout".into(),
+                "must be greater than 0, e.g. \"60s\"".into(),
+            );
+        }
+        let p = &self.pool;
+        if p.default_pool_size == 0 {
+            bad("pool.default_pool_size".into(), "must be at least 1".into());
+        }
+        if p.min_pool_size > p.default_pool_size {
+            bad(
+                "pool.min_pool_size".into(),
+                format!(
+                    "{} is more than pool.default_pool_size ({})",
+                    p.min_pool_size, p.default_pool_size
+                ),
+            );
+        }
+        if p.server_connect_timeout.is_zero() {
+            bad(
+                "pool.server_connect_timeout".into(),
+                "must be greater than 0, e.g. \"15s\"".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() {
+                bad(format!("user[{i}].name"), "must not be empty".into());
+            } else if !names.insert(u.name.as_str()) {
+                bad(
+                    format!("user[{i}].name"),
+                    format!("\"{}\" is listed twice; names must be unique", u.name),
+                );
+            }
+            if u.pool_size == Some(0) {
+                bad(format!("user[{i}].pool_size"), "must be at least 1".into());
+            }
+        }
+        if self.listeners.iter().any(|l| l.mode.is_pooled())
+            && self.auth.method != AuthMethod::Trust
+            && self.users.is_empty()
+            && self.auth.file.is_none()
+        {
+            bad(
+                "user".into(),
+                "session and transaction listeners authenticate clients: add [[user]] entries \
+                 or auth.file, or set auth.type = \"trust\""
+                    .into(),
             );
         }
 
@@ -418,12 +607,6 @@ impl Config {
                     "must be greater than 0, e.g. \"3s\"".into(),
                 );
             }
-            if l.client_login_timeout.is_zero() {
-                bad(
-                    format!("listener[{i}].client_login_timeout"),
-                    "must be greater than 0, e.g. \"10s\"".into(),
-                );
-            }
         }
         out
     }
@@ -440,6 +623,56 @@ impl ListenerConfig {
 impl BackendConfig {
     pub fn patroni_port(&self, health: &HealthConfig) -> u16 {
         self.patroni_port.unwrap_or(health.patroni.port)
+    }
+}
+
+/// Durations as pgbouncer.ini writes them (a number of seconds) or as text ("500ms", "2m").
+mod duration {
+    use std::fmt;
+    use std::time::Duration;
+
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_any(DurationVisitor)
+    }
+
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as \"500ms\", \"2s\", \"1m\", or a number of seconds")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            Ok(Duration::from_secs(v))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            u64::try_from(v)
+                .map(Duration::from_secs)
+                .map_err(|_| E::custom(format!("{v} is negative; durations are 0 or more")))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| E::custom(format!("{v} is not a valid number of seconds")))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            humantime::parse_duration(v).map_err(|e| {
+                E::custom(format!(
+                    "\"{v}\" is not a duration ({e}); use e.g. \"500ms\", \"2s\" or a number of seconds"
+                ))
+            })
+        }
     }
 }
 
@@ -571,6 +804,40 @@ mod tests {
         let again = Config::parse(&shown).unwrap();
         assert_eq!(again.health.sql.user, "mon");
         assert_eq!(again.listeners[0].connect_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn durations_accept_pgbouncer_seconds_and_text() {
+        let text = format!(
+            "[pool]\nquery_wait_timeout = 30\nreserve_pool_timeout = 2.5\nserver_lifetime = \"1h\"\n{MINIMAL}"
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.pool.query_wait_timeout, Duration::from_secs(30));
+        assert_eq!(c.pool.reserve_pool_timeout, Duration::from_millis(2500));
+        assert_eq!(c.pool.server_lifetime, Duration::from_secs(3600));
+        let err = Config::parse(&format!("[pool]\nquery_wait_timeout = -1\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("query_wait_timeout") && err.contains("negative"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pooled_listener_needs_users_unless_trust() {
+        let text = MINIMAL.replace(
+            "target = \"primary\"",
+            "target = \"primary\"\nmode = \"transaction\"",
+        );
+        let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["user"]);
+        let trust = format!("[auth]\ntype = \"trust\"\n{text}");
+        assert!(Config::parse(&trust).is_ok());
+        let with_user = format!("{text}\n[[user]]\nname = \"app\"\npassword = \"pw\"\n");
+        let c = Config::parse(&with_user).unwrap();
+        assert_eq!(c.auth.method, AuthMethod::ScramSha256);
+        assert!(!c.to_resolved_toml().contains("\"pw\""));
     }
 
     #[test]

@@ -1,11 +1,18 @@
 //! Client-facing failures and the one place they become PostgreSQL ErrorResponses.
 //!
 //! Anything that makes pgvane refuse or end a client connection on its own is a
-//! [`ClientError`]; [`ClientError::to_response`] picks the SQLSTATE and wording so that
-//! clients (and `psql`) see the same kind of error PostgreSQL itself would give.
+//! [`ClientError`]; [`ClientError::encode`] picks the SQLSTATE and wording so that clients
+//! (and `psql`) see the same kind of error PostgreSQL itself would give. A server's own
+//! refusal (say, an unknown database) is passed on unchanged.
 
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use crate::auth::{AuthError, ServerLoginError};
 use crate::config::Target;
-use crate::protocol::ErrorResponse;
+use crate::pool::PoolError;
+use crate::protocol::{put_message, ErrorResponse, ProtocolError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -19,29 +26,74 @@ pub enum ClientError {
     },
     #[error("unsupported frontend protocol {major}.{minor}")]
     UnsupportedProtocol { major: u16, minor: u16 },
+    #[error("no more connections allowed (max_client_conn {0})")]
+    TooManyClients(u32),
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    #[error("unsupported startup parameter: {0}")]
+    UnsupportedParameter(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("client did not log in within {0:?} (client_login_timeout)")]
+    LoginTimeout(Duration),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("server connection lost: {0}")]
+    ServerLost(String),
+    #[error("idle transaction timeout ({0:?})")]
+    IdleTransactionTimeout(Duration),
+    #[error("invalid frontend message: {0}")]
+    Protocol(#[from] ProtocolError),
 }
 
 impl ClientError {
     pub fn to_response(&self) -> ErrorResponse {
+        use ClientError::*;
+        let fatal = |code, msg: String| ErrorResponse::fatal(code, msg);
         match self {
             // 57P03 cannot_connect_now: what PostgreSQL says while it cannot take connections.
-            ClientError::NoBackend { target, .. } => {
-                ErrorResponse::fatal("57P03", format!("no {target} available"))
-                    .with_detail(self.to_string())
-                    .with_hint(
-                        "pgvane has no healthy backend for this listener's target; retry shortly",
-                    )
-            }
+            NoBackend { target, .. } => fatal("57P03", format!("no {target} available"))
+                .with_detail(self.to_string())
+                .with_hint(
+                    "pgvane has no healthy backend for this listener's target; retry shortly",
+                ),
             // 08006 connection_failure
-            ClientError::BackendUnreachable { backend, .. } => ErrorResponse::fatal(
+            BackendUnreachable { backend, .. } => fatal(
                 "08006",
                 format!("pgvane cannot connect to backend \"{backend}\""),
             )
             .with_detail(self.to_string()),
             // 0A000 feature_not_supported, as PostgreSQL answers an unknown major version.
-            ClientError::UnsupportedProtocol { .. } => {
-                ErrorResponse::fatal("0A000", format!("{self}: pgvane supports 3.0"))
+            UnsupportedProtocol { .. } => fatal("0A000", format!("{self}: pgvane supports 3.0")),
+            TooManyClients(_) => fatal("53300", self.to_string()),
+            NoUser => fatal("28000", self.to_string()),
+            UnsupportedParameter(_) => fatal("08P01", self.to_string())
+                .with_hint("list it in pool.ignore_startup_parameters to have pgvane drop it"),
+            Auth(AuthError::Protocol(e)) => {
+                fatal("08P01", format!("invalid authentication message: {e}"))
             }
+            Auth(e) => fatal("28P01", e.to_string()),
+            LoginTimeout(_) => fatal("08P01", self.to_string()),
+            Pool(PoolError::WaitTimeout(_)) => {
+                fatal("53300", "query_wait_timeout".into()).with_detail(self.to_string())
+            }
+            Pool(e) => fatal(
+                "08006",
+                format!("pgvane cannot get a server connection: {e}"),
+            ),
+            ServerLost(_) => fatal("08006", self.to_string()),
+            IdleTransactionTimeout(_) => fatal("25P03", self.to_string()),
+            Protocol(_) => fatal("08P01", self.to_string()),
+        }
+    }
+
+    /// Appends the ErrorResponse for this error to `buf`.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        match self {
+            ClientError::Pool(PoolError::Login(ServerLoginError::Refused { body, .. })) => {
+                put_message(buf, b'E', |b| b.extend_from_slice(body));
+            }
+            other => other.to_response().encode(buf),
         }
     }
 }

@@ -3,13 +3,17 @@
 //! Module map:
 //! - [`config`]: the TOML file, defaults and validation.
 //! - [`topology`]: health checks and the hot-swapped routing table.
-//! - [`proxy`]: the data path (accept, route, pump bytes).
+//! - [`proxy`]: the data path (accept, route, pump bytes; passthrough and pooled sessions).
+//! - [`pool`]: server connection pools, their wait queue and upkeep.
+//! - [`auth`]: client authentication (SCRAM, md5, trust) and server login.
 //! - [`protocol`]: the bits of the PostgreSQL wire protocol pgvane speaks itself.
 //! - [`error`]: client-facing failures and their PostgreSQL ErrorResponses.
 //! - [`server`]: process lifecycle (bind, start, signals, drain).
 
+pub mod auth;
 pub mod config;
 pub mod error;
+pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod server;

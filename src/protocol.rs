@@ -1,9 +1,11 @@
-//! PostgreSQL wire protocol: the parts pgvane speaks itself.
+//! PostgreSQL wire protocol: framing, the messages pgvane speaks itself, and a scanner that
+//! follows message boundaries in a forwarded byte stream.
 //!
-//! Passthrough listeners never parse the byte stream of a healthy session. pgvane only speaks
-//! the protocol when it must answer a client on its own: it declines SSL/GSS encryption,
-//! reads the StartupMessage and sends an ErrorResponse. Every length read from the network
-//! is bounded before anything is allocated for it.
+//! Passthrough listeners never parse a healthy session. Pooled listeners read whole messages
+//! only while logging a client or a server in; afterwards [`Scanner`] walks the forwarded
+//! bytes in place, looking at message headers and capturing the bodies of the few messages
+//! the pooler must understand (ReadyForQuery, ParameterStatus). Every length read from the
+//! network is bounded before anything is allocated for it.
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -56,8 +58,230 @@ pub enum ProtocolError {
     Io(#[from] std::io::Error),
     #[error("invalid startup packet length {0} (allowed 8 to {MAX_STARTUP_PACKET_LEN})")]
     BadLength(u32),
-    #[error("malformed startup packet: {0}")]
+    #[error("malformed message: {0}")]
     Malformed(&'static str),
+    #[error("message '{tag}' of length {len} exceeds the limit of {max} bytes", tag = *.tag as char)]
+    TooLong { tag: u8, len: u32, max: usize },
+    #[error("unexpected message '{tag}' {context}", tag = *.tag as char)]
+    Unexpected { tag: u8, context: &'static str },
+}
+
+/// One whole message read during a login or an internal exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub tag: u8,
+    pub body: Vec<u8>,
+}
+
+/// Reads one typed message (tag, length, body), refusing bodies longer than `max_len`.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_len: usize,
+) -> Result<Message, ProtocolError> {
+    let tag = match r.read_u8().await {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ProtocolError::Closed)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let len = r.read_u32().await?;
+    if len < 4 {
+        return Err(ProtocolError::BadLength(len));
+    }
+    if (len - 4) as usize > max_len {
+        return Err(ProtocolError::TooLong {
+            tag,
+            len,
+            max: max_len,
+        });
+    }
+    let mut body = vec![0; len as usize - 4];
+    r.read_exact(&mut body).await?;
+    Ok(Message { tag, body })
+}
+
+/// Appends one message: tag, length, then what `body` writes.
+pub fn put_message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let len_at = buf.len();
+    buf.put_u32(0);
+    body(buf);
+    let len = (buf.len() - len_at) as u32;
+    buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    // A NUL inside a value would end the string early; drop it rather than corrupt.
+    buf.extend(s.bytes().filter(|&c| c != 0));
+    buf.put_u8(0);
+}
+
+/// Messages pgvane sends to clients as if it were the server.
+pub mod backend {
+    use super::{put_cstr, put_message};
+    use bytes::{BufMut, BytesMut};
+
+    pub fn authentication_ok(buf: &mut BytesMut) {
+        put_message(buf, b'R', |b| b.put_u32(0));
+    }
+
+    pub fn authentication_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+        put_message(buf, b'R', |b| {
+            b.put_u32(5);
+            b.put_slice(&salt);
+        });
+    }
+
+    pub fn authentication_sasl(buf: &mut BytesMut, mechanism: &str) {
+        put_message(buf, b'R', |b| {
+            b.put_u32(10);
+            put_cstr(b, mechanism);
+            b.put_u8(0);
+        });
+    }
+
+    pub fn authentication_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+        put_message(buf, b'R', |b| {
+            b.put_u32(11);
+            b.put_slice(data);
+        });
+    }
+
+    pub fn authentication_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+        put_message(buf, b'R', |b| {
+            b.put_u32(12);
+            b.put_slice(data);
+        });
+    }
+
+    pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+        put_message(buf, b'S', |b| {
+            put_cstr(b, name);
+            put_cstr(b, value);
+        });
+    }
+
+    pub fn backend_key_data(buf: &mut BytesMut, process_id: u32, secret_key: u32) {
+        put_message(buf, b'K', |b| {
+            b.put_u32(process_id);
+            b.put_u32(secret_key);
+        });
+    }
+
+    pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+        put_message(buf, b'Z', |b| b.put_u8(status));
+    }
+}
+
+/// Splits a body made of NUL-terminated strings (ParameterStatus, SASL mechanism lists).
+pub fn cstrings(body: &[u8]) -> impl Iterator<Item = &str> {
+    body.split(|&c| c == 0)
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| std::str::from_utf8(s).ok())
+}
+
+/// What [`Scanner::feed`] reports.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A message header was completed. `at` is the index of the tag byte in the chunk just
+    /// fed; negative when the header began in an earlier chunk.
+    Start { tag: u8, at: isize },
+    /// The whole body of a message whose tag the scanner was asked to capture.
+    Complete { tag: u8, body: &'a [u8] },
+}
+
+/// Follows message boundaries in a byte stream that arrives in arbitrary chunks, without
+/// copying it: only the headers and the bodies of a few small captured messages are kept.
+pub struct Scanner {
+    header: [u8; 5],
+    have: usize,
+    /// Body bytes of the current message not seen yet; `None` between messages.
+    remaining: Option<usize>,
+    tag: u8,
+    capturing: bool,
+    captured: Vec<u8>,
+    capture_tags: &'static [u8],
+}
+
+/// Longest body the scanner captures; longer ones of a captured kind are only followed.
+const CAPTURE_LIMIT: usize = 4096;
+
+impl Scanner {
+    pub fn new(capture_tags: &'static [u8]) -> Self {
+        Self {
+            header: [0; 5],
+            have: 0,
+            remaining: None,
+            tag: 0,
+            capturing: false,
+            captured: Vec::new(),
+            capture_tags,
+        }
+    }
+
+    /// True between two messages: nothing of a next message has been seen yet.
+    pub fn at_boundary(&self) -> bool {
+        self.have == 0 && self.remaining.is_none()
+    }
+
+    pub fn feed(
+        &mut self,
+        chunk: &[u8],
+        mut on: impl FnMut(Event<'_>),
+    ) -> Result<(), ProtocolError> {
+        let mut i = 0;
+        while i < chunk.len() {
+            if let Some(remaining) = self.remaining {
+                let take = remaining.min(chunk.len() - i);
+                if self.capturing {
+                    self.captured.extend_from_slice(&chunk[i..i + take]);
+                }
+                i += take;
+                self.remaining = Some(remaining - take);
+                if remaining == take {
+                    self.finish_message(&mut on);
+                }
+                continue;
+            }
+            let take = (5 - self.have).min(chunk.len() - i);
+            self.header[self.have..self.have + take].copy_from_slice(&chunk[i..i + take]);
+            self.have += take;
+            i += take;
+            if self.have < 5 {
+                break;
+            }
+            self.have = 0;
+            self.tag = self.header[0];
+            let len = u32::from_be_bytes(self.header[1..5].try_into().expect("4 bytes"));
+            if len < 4 {
+                return Err(ProtocolError::BadLength(len));
+            }
+            on(Event::Start {
+                tag: self.tag,
+                at: i as isize - 5,
+            });
+            let body = len as usize - 4;
+            self.capturing = self.capture_tags.contains(&self.tag) && body <= CAPTURE_LIMIT;
+            self.captured.clear();
+            self.remaining = Some(body);
+            if body == 0 {
+                self.finish_message(&mut on);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_message(&mut self, on: &mut impl FnMut(Event<'_>)) {
+        self.remaining = None;
+        if self.capturing {
+            self.capturing = false;
+            on(Event::Complete {
+                tag: self.tag,
+                body: &self.captured,
+            });
+        }
+    }
 }
 
 /// Reads one startup-phase packet (length-prefixed, no type byte).
@@ -131,15 +355,19 @@ fn take_cstr(b: &mut &[u8]) -> Result<String, ProtocolError> {
     Ok(s)
 }
 
-/// Severity of an ErrorResponse. pgvane only ever ends connections with its own errors.
+/// Severity of an ErrorResponse pgvane sends itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
+    /// The statement failed; the session goes on.
+    Error,
+    /// The session ends.
     Fatal,
 }
 
 impl Severity {
     fn as_str(self) -> &'static str {
         match self {
+            Severity::Error => "ERROR",
             Severity::Fatal => "FATAL",
         }
     }
@@ -167,6 +395,13 @@ impl ErrorResponse {
         }
     }
 
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Error,
+            ..Self::fatal(code, message)
+        }
+    }
+
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
         self
@@ -179,28 +414,23 @@ impl ErrorResponse {
 
     /// Appends the encoded message to `buf`.
     pub fn encode(&self, buf: &mut BytesMut) {
-        buf.put_u8(b'E');
-        let len_at = buf.len();
-        buf.put_u32(0);
-        let mut field = |tag: u8, value: &str| {
-            buf.put_u8(tag);
-            // A NUL inside a value would end the field early; drop it rather than corrupt.
-            buf.extend(value.bytes().filter(|&c| c != 0));
-            buf.put_u8(0);
-        };
-        field(b'S', self.severity.as_str());
-        field(b'V', self.severity.as_str());
-        field(b'C', self.code);
-        field(b'M', &self.message);
-        if let Some(d) = &self.detail {
-            field(b'D', d);
-        }
-        if let Some(h) = &self.hint {
-            field(b'H', h);
-        }
-        buf.put_u8(0);
-        let len = (buf.len() - len_at) as u32;
-        buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+        put_message(buf, b'E', |b| {
+            let mut field = |tag: u8, value: &str| {
+                b.put_u8(tag);
+                put_cstr(b, value);
+            };
+            field(b'S', self.severity.as_str());
+            field(b'V', self.severity.as_str());
+            field(b'C', self.code);
+            field(b'M', &self.message);
+            if let Some(d) = &self.detail {
+                field(b'D', d);
+            }
+            if let Some(h) = &self.hint {
+                field(b'H', h);
+            }
+            b.put_u8(0);
+        });
     }
 }
 
@@ -290,6 +520,76 @@ mod tests {
             read_startup(&mut [].as_slice()).await,
             Err(ProtocolError::Closed)
         ));
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        put_message(&mut b, tag, |m| m.put_slice(body));
+        b.to_vec()
+    }
+
+    type Scanned = (Vec<(u8, isize)>, Vec<(u8, Vec<u8>)>);
+
+    /// Feeds `stream` in chunks of `size` and records (tag, at-offset-in-stream) and captures.
+    fn scan(stream: &[u8], size: usize) -> Scanned {
+        let mut sc = Scanner::new(b"ZS");
+        let (mut starts, mut captures) = (Vec::new(), Vec::new());
+        for (n, chunk) in stream.chunks(size).enumerate() {
+            let base = (n * size) as isize;
+            sc.feed(chunk, |e| match e {
+                Event::Start { tag, at } => starts.push((tag, base + at)),
+                Event::Complete { tag, body } => captures.push((tag, body.to_vec())),
+            })
+            .unwrap();
+        }
+        assert!(sc.at_boundary());
+        (starts, captures)
+    }
+
+    #[test]
+    fn scanner_finds_boundaries_whatever_the_chunking() {
+        let mut stream = msg(b'T', &[0; 30]);
+        stream.extend(msg(b'S', b"TimeZone\0UTC\0"));
+        stream.extend(msg(b'C', b"SELECT 1\0"));
+        stream.extend(msg(b'Z', b"I"));
+        let whole = scan(&stream, stream.len());
+        assert_eq!(whole.0, [(b'T', 0), (b'S', 35), (b'C', 53), (b'Z', 67)]);
+        assert_eq!(
+            whole.1,
+            [(b'S', b"TimeZone\0UTC\0".to_vec()), (b'Z', b"I".to_vec())]
+        );
+        for size in 1..stream.len() {
+            assert_eq!(scan(&stream, size), whole, "chunk size {size}");
+        }
+    }
+
+    #[test]
+    fn scanner_skips_large_bodies_without_capturing() {
+        let big = vec![7u8; 100_000];
+        let mut stream = msg(b'S', &big);
+        stream.extend(msg(b'Z', b"T"));
+        let (starts, captures) = scan(&stream, 8192);
+        assert_eq!(starts.len(), 2);
+        assert_eq!(captures, [(b'Z', b"T".to_vec())]);
+    }
+
+    #[test]
+    fn scanner_rejects_a_length_below_four() {
+        let mut sc = Scanner::new(b"");
+        let err = sc.feed(&[b'Q', 0, 0, 0, 3], |_| {}).unwrap_err();
+        assert!(matches!(err, ProtocolError::BadLength(3)));
+    }
+
+    #[tokio::test]
+    async fn read_message_bounds_the_body() {
+        let bytes = msg(b'p', &[1; 100]);
+        let m = read_message(&mut bytes.as_slice(), 100).await.unwrap();
+        assert_eq!((m.tag, m.body.len()), (b'p', 100));
+        let err = read_message(&mut bytes.as_slice(), 99).await.unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::TooLong { tag: b'p', .. }),
+            "{err}"
+        );
     }
 
     #[test]

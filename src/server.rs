@@ -1,5 +1,5 @@
-//! Process lifecycle: bind every listener, start the health checks, serve, and drain on a
-//! signal.
+//! Process lifecycle: bind every listener, start the health checks and pool upkeep, serve,
+//! and drain on a signal.
 //!
 //! Shutdown (SIGTERM or SIGINT) stops accepting at once, then waits up to
 //! `general.shutdown_timeout` for open sessions to end on their own before closing them.
@@ -9,16 +9,21 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::Config;
-use crate::proxy::{self, Route};
+use crate::auth::UserStore;
+use crate::config::{Config, ConfigError};
+use crate::pool::Pools;
+use crate::proxy::{self, CancelRegistry, Route, Shared};
 use crate::topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("listener \"{name}\": cannot listen on {addr}: {source}")]
     Bind {
         name: String,
@@ -29,8 +34,15 @@ pub enum StartError {
     Signal(std::io::Error),
 }
 
+/// Loads what the config refers to (the auth file) so that `check` and start-up refuse the
+/// same mistakes.
+pub fn load_users(config: &Config) -> Result<UserStore, ConfigError> {
+    UserStore::load(config).map_err(|p| ConfigError::Invalid(vec![p]))
+}
+
 /// Runs pgvane until a shutdown signal has been handled.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    let users = Arc::new(load_users(&config)?);
     // Bind everything first so a taken port fails start-up before any work begins.
     let mut bound = Vec::new();
     for l in &config.listeners {
@@ -47,16 +59,27 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
 
-    let stop_checks = CancellationToken::new();
+    let stop_background = CancellationToken::new();
     let topology = Topology::new(&config);
-    topology.spawn_checks(&config, stop_checks.clone());
+    topology.spawn_checks(&config, stop_background.clone());
+    let pools = Pools::new(config.pool.clone(), &config.users);
+    tokio::spawn(pools.clone().maintain(stop_background.clone()));
     // Routing before the first checks would refuse clients for no reason.
     topology
         .wait_first_checks(config.health.timeout + config.health.interval)
         .await;
 
+    let shared = Arc::new(Shared {
+        topology,
+        pools,
+        users,
+        cancels: Arc::new(CancelRegistry::default()),
+        client_slots: Arc::new(Semaphore::new(config.general.max_client_conn as usize)),
+        max_client_conn: config.general.max_client_conn,
+        client_login_timeout: config.general.client_login_timeout,
+        kill_sessions: CancellationToken::new(),
+    });
     let stop_accepting = CancellationToken::new();
-    let kill_sessions = CancellationToken::new();
     let sessions = TaskTracker::new();
     let listeners = TaskTracker::new();
     for ((socket, route), l) in bound.into_iter().zip(&config.listeners) {
@@ -64,10 +87,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         listeners.spawn(proxy::serve(
             socket,
             route,
-            topology.clone(),
+            shared.clone(),
             stop_accepting.clone(),
             sessions.clone(),
-            kill_sessions.clone(),
         ));
     }
     listeners.close();
@@ -91,9 +113,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             _ = sigint.recv() => warn!("second signal: closing sessions now"),
         }
     }
-    kill_sessions.cancel();
+    shared.kill_sessions.cancel();
     sessions.wait().await;
-    stop_checks.cancel();
+    stop_background.cancel();
     info!("stopped");
     Ok(())
 }

@@ -517,3 +517,37 @@ pub async fn try_server_port(c: &Client) -> Option<u16> {
     let row = c.query_one("SELECT inet_server_port()", &[]).await.ok()?;
     Some(row.get::<_, i32>(0) as u16)
 }
+
+/// A config with the cluster's backends, `listeners`, and `extra` TOML (pool, auth, users)
+/// for pooled listeners; the harness superuser is a pgvane user with its password.
+pub fn pooled_config(cluster: &Cluster, listeners: &str, extra: &str) -> String {
+    let health = "interval = \"200ms\"\n";
+    format!(
+        "{}\n{extra}\n[general]\nmax_client_conn = 2000\n\n[[user]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n",
+        config(cluster, health, listeners)
+    )
+}
+
+/// Creates database `app` with a table `t (id int, note text)` on the primary.
+pub async fn create_app_db(cluster: &Cluster) {
+    let c = cluster.primary().connect().await;
+    c.batch_execute("CREATE DATABASE app").await.unwrap();
+    let app = connect(cluster.primary().port, SUPERUSER, "app")
+        .await
+        .unwrap();
+    app.batch_execute("CREATE TABLE t (id int, note text)")
+        .await
+        .unwrap();
+}
+
+/// Server connections on database `app`, as PostgreSQL counts them.
+pub async fn app_backends(node: &PgNode) -> i64 {
+    let c = node.connect().await;
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}

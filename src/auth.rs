@@ -1,0 +1,674 @@
+//! Authentication, both ways: pgvane as the server to its clients, and as a client to
+//! PostgreSQL when it opens pooled server connections.
+//!
+//! Users and secrets come from `[[user]]` entries and a PgBouncer-format `auth_file`.
+//! A secret is plain text, `md5` + hex, or a `SCRAM-SHA-256$...` verifier as stored in
+//! `pg_authid`. Client-side crypto (SCRAM client, md5 hashing, verifier generation) comes from
+//! the postgres-protocol crate; the server side of SCRAM (RFC 5802/7677) is the few HMAC
+//! steps below, on the RustCrypto hmac/sha2 crates.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::BytesMut;
+use hmac::{Hmac, KeyInit, Mac};
+use md5::{Digest, Md5};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::config::{AuthMethod, Config, Problem};
+use crate::protocol::{backend, read_message, ProtocolError};
+
+/// Authentication messages are small; anything bigger is hostile.
+const MAX_AUTH_MESSAGE: usize = 8192;
+
+/// A stored secret, as found in the config or auth_file.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    Plain(String),
+    /// `md5` followed by 32 hex digits: md5(password || user).
+    Md5(String),
+    Scram(ScramSecret),
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Secret::Plain(_) => "Plain(<redacted>)",
+            Secret::Md5(_) => "Md5(<redacted>)",
+            Secret::Scram(_) => "Scram(<redacted>)",
+        })
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramSecret {
+    iterations: u32,
+    salt: Vec<u8>,
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl fmt::Debug for ScramSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ScramSecret(<redacted>, {} iterations)", self.iterations)
+    }
+}
+
+impl ScramSecret {
+    /// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (base64 parts).
+    pub fn parse(s: &str) -> Option<ScramSecret> {
+        let rest = s.strip_prefix("SCRAM-SHA-256$")?;
+        let (params, keys) = rest.split_once('$')?;
+        let (iterations, salt) = params.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        Some(ScramSecret {
+            iterations: iterations.parse().ok()?,
+            salt: B64.decode(salt).ok()?,
+            stored_key: B64.decode(stored).ok()?.try_into().ok()?,
+            server_key: B64.decode(server).ok()?.try_into().ok()?,
+        })
+    }
+}
+
+impl Secret {
+    pub fn parse(s: &str) -> Secret {
+        if s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Secret::Md5(s.to_ascii_lowercase());
+        }
+        match ScramSecret::parse(s) {
+            Some(scram) => Secret::Scram(scram),
+            None => Secret::Plain(s.to_owned()),
+        }
+    }
+}
+
+/// What pgvane knows of one user.
+#[derive(Debug)]
+pub struct User {
+    pub name: String,
+    secret: Option<Secret>,
+    /// A SCRAM verifier for SCRAM client logins (derived once from a plain password).
+    scram: Option<ScramSecret>,
+}
+
+impl User {
+    fn new(name: String, secret: Option<Secret>) -> Self {
+        let scram = match &secret {
+            Some(Secret::Scram(s)) => Some(s.clone()),
+            Some(Secret::Plain(p)) => {
+                ScramSecret::parse(&postgres_protocol::password::scram_sha_256(p.as_bytes()))
+            }
+            _ => None,
+        };
+        Self {
+            name,
+            secret,
+            scram,
+        }
+    }
+
+    /// A user pgvane has no secret for (trust authentication).
+    pub fn without_secret(name: String) -> Self {
+        Self::new(name, None)
+    }
+
+    /// The password pgvane logs in to PostgreSQL with, when it has one in plain text.
+    pub fn server_password(&self) -> Option<&str> {
+        match &self.secret {
+            Some(Secret::Plain(p)) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// All users of the pooled listeners.
+#[derive(Debug, Default)]
+pub struct UserStore {
+    method: AuthMethod,
+    users: HashMap<String, Arc<User>>,
+}
+
+impl UserStore {
+    /// Reads `[[user]]` entries and `auth.file`; a user in both takes the config's password.
+    pub fn load(config: &Config) -> Result<UserStore, Problem> {
+        let mut users = HashMap::new();
+        if let Some(path) = &config.auth.file {
+            for (name, secret) in read_auth_file(path)? {
+                users.insert(
+                    name.clone(),
+                    Arc::new(User::new(name, Some(Secret::parse(&secret)))),
+                );
+            }
+        }
+        for u in &config.users {
+            let known = users.get(&u.name).and_then(|x| x.secret.clone());
+            let secret = u.password.as_deref().map(Secret::parse).or(known);
+            users.insert(u.name.clone(), Arc::new(User::new(u.name.clone(), secret)));
+        }
+        Ok(UserStore {
+            method: config.auth.method,
+            users,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<User>> {
+        self.users.get(name).cloned()
+    }
+
+    pub fn method(&self) -> AuthMethod {
+        self.method
+    }
+}
+
+/// Parses a PgBouncer `auth_file`: `"user" "secret"` per line, `""` escapes a quote, lines
+/// starting with `;` or `#` and blank lines are ignored.
+pub fn parse_auth_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with(';') || line.starts_with('#') {
+            continue;
+        }
+        let mut rest = line;
+        let mut fields = Vec::new();
+        while fields.len() < 2 {
+            rest = rest.trim_start();
+            let Some(body) = rest.strip_prefix('"') else {
+                return Err(format!("line {}: expected \"user\" \"secret\"", n + 1));
+            };
+            let mut value = String::new();
+            let mut chars = body.char_indices().peekable();
+            let end = loop {
+                match chars.next() {
+                    Some((i, '"')) => {
+                        if let Some((_, '"')) = chars.peek() {
+                            chars.next();
+                            value.push('"');
+                        } else {
+                            break i + 1;
+                        }
+                    }
+                    Some((_, c)) => value.push(c),
+                    None => return Err(format!("line {}: unterminated quote", n + 1)),
+                }
+            };
+            fields.push(value);
+            rest = &body[end..];
+        }
+        let secret = fields.pop().expect("two fields");
+        let user = fields.pop().expect("two fields");
+        out.push((user, secret));
+    }
+    Ok(out)
+}
+
+fn read_auth_file(path: &Path) -> Result<Vec<(String, String)>, Problem> {
+    let problem = |message: String| Problem {
+        key: "auth.file".into(),
+        message,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| problem(format!("cannot read {}: {e}", path.display())))?;
+    parse_auth_file(&text).map_err(|e| problem(format!("{}: {e}", path.display())))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("password authentication failed for user \"{0}\"")]
+    Failed(String),
+    #[error("user \"{0}\" has no password pgvane can check with {1}")]
+    NoUsableSecret(String, &'static str),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+impl From<std::io::Error> for AuthError {
+    fn from(e: std::io::Error) -> Self {
+        AuthError::Protocol(e.into())
+    }
+}
+
+/// Runs the server side of authentication with a client that sent a StartupMessage for
+/// `user`. On success AuthenticationOk has been sent (not yet flushed beyond the socket).
+pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    store: &UserStore,
+    user: &str,
+) -> Result<(), AuthError> {
+    let known = store.get(user);
+    match store.method {
+        AuthMethod::Trust => {}
+        AuthMethod::Md5 => match known.as_ref().and_then(|u| u.secret.as_ref()) {
+            // PostgreSQL too switches to SCRAM when only a SCRAM verifier is stored.
+            Some(Secret::Scram(_)) => scram_exchange(stream, known.as_deref(), user).await?,
+            secret => md5_exchange(stream, secret, user).await?,
+        },
+        AuthMethod::ScramSha256 => {
+            if matches!(
+                known.as_ref().and_then(|u| u.secret.as_ref()),
+                Some(Secret::Md5(_))
+            ) {
+                return Err(AuthError::NoUsableSecret(user.into(), "scram-sha-256"));
+            }
+            scram_exchange(stream, known.as_deref(), user).await?
+        }
+    }
+    let mut buf = BytesMut::new();
+    backend::authentication_ok(&mut buf);
+    stream.write_all(&buf).await?;
+    Ok(())
+}
+
+async fn read_password_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, AuthError> {
+    let m = read_message(stream, MAX_AUTH_MESSAGE).await?;
+    if m.tag != b'p' {
+        return Err(ProtocolError::Unexpected {
+            tag: m.tag,
+            context: "during authentication (expected a password message)",
+        }
+        .into());
+    }
+    Ok(m.body)
+}
+
+async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    secret: Option<&Secret>,
+    user: &str,
+) -> Result<(), AuthError> {
+    let salt: [u8; 4] = rand::random();
+    let mut buf = BytesMut::new();
+    backend::authentication_md5(&mut buf, salt);
+    stream.write_all(&buf).await?;
+    let body = read_password_message(stream).await?;
+    let answer = body.strip_suffix(&[0]).unwrap_or(&body);
+    let expected = match secret {
+        Some(Secret::Plain(p)) => {
+            postgres_protocol::authentication::md5_hash(user.as_bytes(), p.as_bytes(), salt)
+        }
+        Some(Secret::Md5(stored)) => {
+            let mut h = Md5::new();
+            h.update(&stored.as_bytes()[3..]);
+            h.update(salt);
+            format!("md5{}", hex(&h.finalize()))
+        }
+        _ => return Err(AuthError::Failed(user.into())),
+    };
+    if constant_time_eq(answer, expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(AuthError::Failed(user.into()))
+    }
+}
+
+/// SCRAM-SHA-256 without channel binding (pgvane does not terminate TLS yet). An unknown
+/// user goes through the whole exchange against a random verifier, as PostgreSQL does, so
+/// the answer does not reveal which users exist.
+async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    user: Option<&User>,
+    name: &str,
+) -> Result<(), AuthError> {
+    let mock;
+    let secret = match user.and_then(|u| u.scram.as_ref()) {
+        Some(s) => s,
+        None => {
+            mock = ScramSecret {
+                iterations: 4096,
+                salt: rand::random::<[u8; 16]>().to_vec(),
+                stored_key: rand::random(),
+                server_key: rand::random(),
+            };
+            &mock
+        }
+    };
+    let mut buf = BytesMut::new();
+    backend::authentication_sasl(&mut buf, "SCRAM-SHA-256");
+    stream.write_all(&buf).await?;
+
+    // SASLInitialResponse: mechanism\0, int32 length, client-first-message.
+    let body = read_password_message(stream).await?;
+    let bad = |what| AuthError::Protocol(ProtocolError::Malformed(what));
+    let nul = body
+        .iter()
+        .position(|&c| c == 0)
+        .ok_or(bad("SASL mechanism"))?;
+    if &body[..nul] != b"SCRAM-SHA-256" {
+        return Err(bad("unsupported SASL mechanism"));
+    }
+    let rest = &body[nul + 1..];
+    let (len, data) = rest
+        .split_first_chunk::<4>()
+        .ok_or(bad("SASL initial response"))?;
+    if i32::from_be_bytes(*len) as usize != data.len() {
+        return Err(bad("SASL initial response length"));
+    }
+    let client_first = std::str::from_utf8(data).map_err(|_| bad("SASL message is not UTF-8"))?;
+    // gs2 header: "n,," (no channel binding) or "y,," (client could, server cannot).
+    let (gs2, bare) = match client_first.get(..3) {
+        Some(h @ ("n,," | "y,,")) => (h, &client_first[3..]),
+        _ => return Err(bad("unsupported SCRAM channel binding")),
+    };
+    let client_nonce = scram_attr(bare, 'r').ok_or(bad("SCRAM client nonce"))?;
+
+    let nonce = format!("{client_nonce}{}", B64.encode(rand::random::<[u8; 18]>()));
+    let server_first = format!(
+        "r={nonce},s={},i={}",
+        B64.encode(&secret.salt),
+        secret.iterations
+    );
+    buf.clear();
+    backend::authentication_sasl_continue(&mut buf, server_first.as_bytes());
+    stream.write_all(&buf).await?;
+
+    let body = read_password_message(stream).await?;
+    let client_final = std::str::from_utf8(&body).map_err(|_| bad("SASL message is not UTF-8"))?;
+    let (without_proof, proof) = client_final
+        .rsplit_once(",p=")
+        .ok_or(bad("SCRAM client proof"))?;
+    let binding = scram_attr(without_proof, 'c').ok_or(bad("SCRAM channel binding"))?;
+    if B64.decode(binding).ok().as_deref() != Some(gs2.as_bytes())
+        || scram_attr(without_proof, 'r') != Some(nonce.as_str())
+    {
+        return Err(bad("SCRAM final message does not match"));
+    }
+    let proof: [u8; 32] = B64
+        .decode(proof)
+        .ok()
+        .and_then(|p| p.try_into().ok())
+        .ok_or(bad("SCRAM client proof"))?;
+
+    let auth_message = format!("{bare},{server_first},{without_proof}");
+    let client_signature = hmac_sha256(&secret.stored_key, auth_message.as_bytes());
+    let client_key: Vec<u8> = proof
+        .iter()
+        .zip(client_signature)
+        .map(|(p, s)| p ^ s)
+        .collect();
+    let stored_key = <Sha256 as sha2::Digest>::digest(&client_key);
+    if user.is_none() || !constant_time_eq(&stored_key, &secret.stored_key) {
+        return Err(AuthError::Failed(name.into()));
+    }
+    let server_signature = hmac_sha256(&secret.server_key, auth_message.as_bytes());
+    buf.clear();
+    backend::authentication_sasl_final(
+        &mut buf,
+        format!("v={}", B64.encode(server_signature)).as_bytes(),
+    );
+    stream.write_all(&buf).await?;
+    Ok(())
+}
+
+fn scram_attr(message: &str, name: char) -> Option<&str> {
+    message
+        .split(',')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why pgvane could not log in to a PostgreSQL server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerLoginError {
+    /// The server refused; its ErrorResponse body is passed on to the client unchanged.
+    #[error("server refused login: {message}")]
+    Refused { message: String, body: Vec<u8> },
+    #[error("server asks for a password but pgvane has none in plain text for user \"{0}\"")]
+    NoPassword(String),
+    #[error("server asked for unsupported authentication (code {0})")]
+    Unsupported(u32),
+    #[error("SCRAM with the server failed: {0}")]
+    Scram(std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+impl From<std::io::Error> for ServerLoginError {
+    fn from(e: std::io::Error) -> Self {
+        ServerLoginError::Protocol(e.into())
+    }
+}
+
+/// What a server says about itself at login.
+#[derive(Debug, Default, Clone)]
+pub struct ServerHello {
+    pub params: Vec<(String, String)>,
+    pub process_id: u32,
+    pub secret_key: u32,
+}
+
+/// Logs in to a PostgreSQL server as `user` on `database`, up to its first ReadyForQuery.
+pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    user: &str,
+    database: &str,
+    password: Option<&str>,
+) -> Result<ServerHello, ServerLoginError> {
+    use postgres_protocol::message::frontend;
+    let mut buf = BytesMut::new();
+    frontend::startup_message([("user", user), ("database", database)], &mut buf)?;
+    stream.write_all(&buf).await?;
+    let password = || password.ok_or_else(|| ServerLoginError::NoPassword(user.into()));
+    let mut scram: Option<ScramSha256> = None;
+    let mut hello = ServerHello::default();
+    loop {
+        let m = read_message(stream, 64 * 1024).await?;
+        buf.clear();
+        match m.tag {
+            b'R' => {
+                let (code, data) = m
+                    .body
+                    .split_first_chunk::<4>()
+                    .ok_or(ProtocolError::Malformed("authentication request"))?;
+                match u32::from_be_bytes(*code) {
+                    0 => {}
+                    3 => frontend::password_message(password()?.as_bytes(), &mut buf)?,
+                    5 => {
+                        let salt: [u8; 4] = data
+                            .try_into()
+                            .map_err(|_| ProtocolError::Malformed("md5 salt"))?;
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            user.as_bytes(),
+                            password()?.as_bytes(),
+                            salt,
+                        );
+                        frontend::password_message(hash.as_bytes(), &mut buf)?;
+                    }
+                    10 => {
+                        if !crate::protocol::cstrings(data).any(|m| m == "SCRAM-SHA-256") {
+                            return Err(ServerLoginError::Unsupported(10));
+                        }
+                        let s =
+                            ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                        frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut buf)?;
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or(ProtocolError::Malformed("SASL continue"))?;
+                        s.update(data).map_err(ServerLoginError::Scram)?;
+                        frontend::sasl_response(s.message(), &mut buf)?;
+                    }
+                    12 => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or(ProtocolError::Malformed("SASL final"))?;
+                        s.finish(data).map_err(ServerLoginError::Scram)?;
+                    }
+                    other => return Err(ServerLoginError::Unsupported(other)),
+                }
+                if !buf.is_empty() {
+                    stream.write_all(&buf).await?;
+                }
+            }
+            b'S' => {
+                let mut it = crate::protocol::cstrings(&m.body);
+                if let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    hello.params.push((k.to_owned(), v.to_owned()));
+                } else if let Some(k) = it.next() {
+                    hello.params.push((k.to_owned(), String::new()));
+                }
+            }
+            b'K' => {
+                let (pid, rest) = m
+                    .body
+                    .split_first_chunk::<4>()
+                    .ok_or(ProtocolError::Malformed("BackendKeyData"))?;
+                let key = rest
+                    .first_chunk::<4>()
+                    .ok_or(ProtocolError::Malformed("BackendKeyData"))?;
+                hello.process_id = u32::from_be_bytes(*pid);
+                hello.secret_key = u32::from_be_bytes(*key);
+            }
+            b'Z' => return Ok(hello),
+            b'E' => {
+                return Err(ServerLoginError::Refused {
+                    message: error_message(&m.body),
+                    body: m.body,
+                })
+            }
+            // NoticeResponse, NegotiateProtocolVersion: nothing to act on.
+            _ => {}
+        }
+    }
+}
+
+/// The 'M' field of an ErrorResponse/NoticeResponse body.
+pub fn error_message(body: &[u8]) -> String {
+    body.split(|&c| c == 0)
+        .find_map(|f| f.strip_prefix(b"M"))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_default()
+}
+
+/// Reads an auth stream for tests without a real socket.
+#[cfg(test)]
+async fn drain<R: AsyncRead + Unpin>(r: &mut R) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut v = Vec::new();
+    let _ = r.read_to_end(&mut v).await;
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn auth_file_parses_pgbouncer_format() {
+        let text = "; comment\n\"alice\" \"plain\"\n\n\"bob\"  \"md5aabbccddeeff00112233445566778899\" extra\n\
+                    \"q\"\"uote\" \"SCRAM-SHA-256$4096:c2FsdA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\n";
+        let users = parse_auth_file(text).unwrap();
+        assert_eq!(users[0], ("alice".into(), "plain".into()));
+        assert_eq!(users[2].0, "q\"uote");
+        assert!(matches!(Secret::parse(&users[0].1), Secret::Plain(_)));
+        assert!(matches!(Secret::parse(&users[1].1), Secret::Md5(_)));
+        assert!(matches!(Secret::parse(&users[2].1), Secret::Scram(_)));
+        assert!(parse_auth_file("alice plain")
+            .unwrap_err()
+            .contains("line 1"));
+        assert!(parse_auth_file("\"alice\" \"pl")
+            .unwrap_err()
+            .contains("unterminated"));
+    }
+
+    /// Runs pgvane's server side against postgres-protocol's SCRAM client over a duplex pipe.
+    async fn scram_login(stored: &str, tried: &str) -> Result<(), AuthError> {
+        use postgres_protocol::message::frontend;
+        let text = format!(
+            "[auth]\ntype = \"scram-sha-256\"\n[[user]]\nname = \"u\"\npassword = \"{stored}\"\n\
+             [[backend]]\nname = \"b\"\nhost = \"h\"\nport = 1\n\
+             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1\"\nport = 1\ntarget = \"any\"\nmode = \"transaction\"\n"
+        );
+        let store = UserStore::load(&Config::parse(&text).unwrap()).unwrap();
+        let (mut server, mut client) = tokio::io::duplex(4096);
+        let tried = tried.to_owned();
+        let client_side = tokio::spawn(async move {
+            let m = read_message(&mut client, 1024).await.unwrap();
+            assert_eq!(&m.body[..4], &10u32.to_be_bytes());
+            let mut scram = ScramSha256::new(tried.as_bytes(), ChannelBinding::unsupported());
+            let mut buf = BytesMut::new();
+            frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut buf).unwrap();
+            client.write_all(&buf).await.unwrap();
+            let m = read_message(&mut client, 1024).await.unwrap();
+            scram.update(&m.body[4..]).unwrap();
+            buf.clear();
+            frontend::sasl_response(scram.message(), &mut buf).unwrap();
+            client.write_all(&buf).await.unwrap();
+            match read_message(&mut client, 1024).await {
+                Ok(m) if m.tag == b'R' => scram.finish(&m.body[4..]).is_ok(),
+                _ => false,
+            }
+        });
+        let result = authenticate_client(&mut server, &store, "u").await;
+        drop(server);
+        let client_verified_server = client_side.await.unwrap();
+        if result.is_ok() {
+            assert!(client_verified_server, "server signature must verify");
+        }
+        result
+    }
+
+    #[tokio::test]
+    async fn scram_accepts_the_right_password_and_refuses_a_wrong_one() {
+        scram_login("s3cret", "s3cret").await.unwrap();
+        let err = scram_login("s3cret", "wrong").await.unwrap_err();
+        assert!(matches!(err, AuthError::Failed(ref u) if u == "u"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn scram_works_from_a_stored_verifier() {
+        let verifier = postgres_protocol::password::scram_sha_256(b"from-pg-authid");
+        scram_login(&verifier, "from-pg-authid").await.unwrap();
+        assert!(scram_login(&verifier, "nope").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn md5_verifies_plain_and_hashed_secrets() {
+        use postgres_protocol::message::frontend;
+        for stored in [
+            "pw".to_string(),
+            postgres_protocol::password::md5(b"pw", "u"),
+        ] {
+            for (tried, ok) in [("pw", true), ("px", false)] {
+                let (mut server, mut client) = tokio::io::duplex(4096);
+                let secret = Secret::parse(&stored);
+                let tried = tried.to_owned();
+                let c = tokio::spawn(async move {
+                    let m = read_message(&mut client, 64).await.unwrap();
+                    let salt: [u8; 4] = m.body[4..8].try_into().unwrap();
+                    let hash =
+                        postgres_protocol::authentication::md5_hash(b"u", tried.as_bytes(), salt);
+                    let mut buf = BytesMut::new();
+                    frontend::password_message(hash.as_bytes(), &mut buf).unwrap();
+                    client.write_all(&buf).await.unwrap();
+                    drain(&mut client).await
+                });
+                let r = md5_exchange(&mut server, Some(&secret), "u").await;
+                drop(server);
+                c.await.unwrap();
+                assert_eq!(r.is_ok(), ok, "stored {stored}, ok {ok}");
+            }
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! Server connection pools of the session and transaction listeners.
+//!
+//! A [`Pool`] holds the idle server connections of one (backend, database, user) and a fair
+//! FIFO queue of clients waiting for one: a client takes a *slot* (a permit of a fair
+//! semaphore of `pool_size`), then the most recently used idle connection, or opens a new one.
+//! Connections only exist because a client once needed one, so a pool never holds more than
+//! its slots (plus `min_pool_size` kept warm). After `reserve_pool_timeout` a waiting client
+//! may also take one of `reserve_pool_size` extra slots. Per-database and per-user caps count
+//! open connections over all pools.
+//!
+//! A [`Lease`] returned to the pool as clean is reused; dropped any other way, its connection
+//! is closed: a connection in an unknown state is never handed out.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::auth::{error_message, login_to_server, ServerLoginError, User};
+use crate::config::PoolConfig;
+use crate::protocol::{read_message, ProtocolError};
+use crate::topology::Backend;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection became available within {0:?} (query_wait_timeout)")]
+    WaitTimeout(Duration),
+    #[error("cannot connect to backend \"{backend}\": {reason}")]
+    Connect { backend: String, reason: String },
+    #[error(transparent)]
+    Login(#[from] ServerLoginError),
+    #[error("server connection failed: {0}")]
+    Server(#[from] ProtocolError),
+    #[error("server answered \"{0}\"")]
+    Query(String),
+}
+
+impl From<std::io::Error> for PoolError {
+    fn from(e: std::io::Error) -> Self {
+        PoolError::Server(e.into())
+    }
+}
+
+/// Where to send a CancelRequest for the query running on a server connection.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub host: String,
+    pub port: u16,
+    pub process_id: u32,
+    pub secret_key: u32,
+}
+
+/// One logged-in server connection.
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// Parameter values in effect on the server: as reported at login and by ParameterStatus
+    /// since, plus those pgvane set itself.
+    pub params: HashMap<String, String>,
+    reported_at_login: Vec<String>,
+    cancel: CancelTarget,
+    created: Instant,
+    last_used: Instant,
+    /// Per-database and per-user cap permits, held for the connection's lifetime.
+    _caps: Vec<OwnedSemaphorePermit>,
+}
+
+impl ServerConn {
+    pub fn cancel_target(&self) -> CancelTarget {
+        self.cancel.clone()
+    }
+
+    /// Runs a simple-protocol statement whose rows nobody needs, up to its ReadyForQuery.
+    /// Returns the transaction status the server reports afterwards.
+    pub async fn run(&mut self, sql: &str) -> Result<u8, PoolError> {
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::query(sql, &mut buf)?;
+        self.stream.write_all(&buf).await?;
+        let mut error = None;
+        loop {
+            let m = read_message(&mut self.stream, 1 << 20).await?;
+            match m.tag {
+                b'E' => error = Some(error_message(&m.body)),
+                b'S' => {
+                    let mut it = crate::protocol::cstrings(&m.body);
+                    if let (Some(k), v) = (it.next(), it.next()) {
+                        self.params.insert(k.to_owned(), v.unwrap_or("").to_owned());
+                    }
+                }
+                b'Z' => {
+                    let status = m.body.first().copied().unwrap_or(b'I');
+                    return match error {
+                        Some(e) => Err(PoolError::Query(e)),
+                        None => Ok(status),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Brings the server's parameters to the client's values with one round trip of SETs.
+    pub async fn apply_params(&mut self, wanted: &[(String, String)]) -> Result<(), PoolError> {
+        let sets: Vec<String> = wanted
+            .iter()
+            .filter(|(k, v)| self.params.get(k) != Some(v))
+            .map(|(k, v)| format!("SET {k} TO {}", quote_literal(v)))
+            .collect();
+        if sets.is_empty() {
+            return Ok(());
+        }
+        self.run(&sets.join("; ")).await?;
+        for (k, v) in wanted {
+            self.params.insert(k.clone(), v.clone());
+        }
+        Ok(())
+    }
+
+    /// After a reset query, values pgvane set for parameters the server does not report are
+    /// back to their defaults, so they are no longer known.
+    fn forget_unreported(&mut self) {
+        let reported = &self.reported_at_login;
+        self.params.retain(|k, _| reported.contains(k));
+    }
+}
+
+/// `E'...'` literal: safe whatever `standard_conforming_strings` is.
+fn quote_literal(v: &str) -> String {
+    let escaped = v.replace('\\', "\\\\").replace('\'', "''");
+    format!("E'{escaped}'")
+}
+
+/// Identity of a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub backend: String,
+    pub database: String,
+    pub user: String,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    backend: Arc<Backend>,
+    user: Arc<User>,
+    settings: Arc<PoolConfig>,
+    pool_size: usize,
+    /// Idle connections, most recently used last.
+    idle: Mutex<Vec<ServerConn>>,
+    slots: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+    caps: Vec<Arc<Semaphore>>,
+    /// ParameterStatus values of the latest login, shown to clients at their login.
+    login_params: Mutex<Option<Vec<(String, String)>>>,
+    open: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+/// A server connection lent to one client.
+pub struct Lease {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("a lease holds its connection until released")
+    }
+
+    /// Returns a connection whose state is known to be idle and clean.
+    pub fn release(mut self) {
+        let conn = self.conn.take().expect("released once");
+        self.pool.put_back(conn);
+    }
+
+    /// Runs the reset query (session mode), then returns the connection if that worked.
+    pub async fn reset_and_release(mut self, reset_query: &str) {
+        if !reset_query.is_empty() {
+            match self.conn().run(reset_query).await {
+                Ok(b'I') => self.conn().forget_unreported(),
+                Ok(_) | Err(_) => return, // dropped: closed
+            }
+        }
+        self.release();
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.conn.take().is_some() {
+            self.pool.open.fetch_sub(1, Ordering::Relaxed);
+            debug!(pool = ?self.pool.key, "server connection closed (not released clean)");
+        }
+    }
+}
+
+impl Pool {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().expect("pool lock").len()
+    }
+
+    pub fn waiting_clients(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The server's ParameterStatus values for a client's login, logging in once if this
+    /// pool has never had a connection.
+    pub async fn login_params(self: &Arc<Self>) -> Result<Vec<(String, String)>, PoolError> {
+        if let Some(p) = self.login_params.lock().expect("pool lock").clone() {
+            return Ok(p);
+        }
+        let lease = self.acquire().await?;
+        lease.release();
+        Ok(self
+            .login_params
+            .lock()
+            .expect("pool lock")
+            .clone()
+            .unwrap_or_default())
+    }
+
+    /// Waits (FIFO) for a slot, then lends an idle connection or opens a new one.
+    pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
+        let started = Instant::now();
+        let wait = self.settings.query_wait_timeout;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let slot = self.wait_for_slot().await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let slot = slot.ok_or(PoolError::WaitTimeout(wait))?;
+        loop {
+            let candidate = self.idle.lock().expect("pool lock").pop();
+            let Some(mut conn) = candidate else { break };
+            if self.usable(&mut conn).await {
+                conn.last_used = Instant::now();
+                return Ok(Lease {
+                    conn: Some(conn),
+                    pool: self.clone(),
+                    _slot: slot,
+                });
+            }
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        let remaining = (!wait.is_zero()).then(|| wait.saturating_sub(started.elapsed()));
+        let conn = self.open_connection(remaining).await?;
+        Ok(Lease {
+            conn: Some(conn),
+            pool: self.clone(),
+            _slot: slot,
+        })
+    }
+
+    async fn wait_for_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let normal = self.slots.clone().acquire_owned();
+        let reserve = async {
+            if self.settings.reserve_pool_size == 0 {
+                return std::future::pending().await;
+            }
+            tokio::time::sleep(self.settings.reserve_pool_timeout).await;
+            let permit = self.reserve.clone().acquire_owned().await;
+            if permit.is_ok() {
+                info!(pool = ?self.key, "pool exhausted; using a reserve connection slot");
+            }
+            permit
+        };
+        let either = async {
+            tokio::select! {
+                p = normal => p.ok(),
+                p = reserve => p.ok(),
+            }
+        };
+        match self.settings.query_wait_timeout {
+            d if d.is_zero() => either.await,
+            d => tokio::time::timeout(d, either).await.ok().flatten(),
+        }
+    }
+
+    /// A connection idle for longer than `server_check_delay` must answer the check query.
+    async fn usable(&self, conn: &mut ServerConn) -> bool {
+        if conn.created.elapsed() > self.settings.server_lifetime
+            && !self.settings.server_lifetime.is_zero()
+        {
+            return false;
+        }
+        if conn.last_used.elapsed() < self.settings.server_check_delay {
+            return true;
+        }
+        let check = tokio::time::timeout(
+            self.settings.server_connect_timeout,
+            conn.run(&self.settings.server_check_query),
+        );
+        match check.await {
+            Ok(Ok(b'I')) => true,
+            other => {
+                debug!(pool = ?self.key, result = ?other.map(|r| r.map(|s| s as char)), "server connection failed its check");
+                false
+            }
+        }
+    }
+
+    async fn open_connection(&self, wait: Option<Duration>) -> Result<ServerConn, PoolError> {
+        let mut caps = Vec::with_capacity(self.caps.len());
+        for cap in &self.caps {
+            let permit = match wait {
+                None => cap.clone().acquire_owned().await.ok(),
+                Some(d) => tokio::time::timeout(d, cap.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+            };
+            caps.push(permit.ok_or(PoolError::WaitTimeout(self.settings.query_wait_timeout))?);
+        }
+        let backend = &self.backend;
+        let connect = async {
+            let mut stream = TcpStream::connect((backend.host.as_str(), backend.port))
+                .await
+                .map_err(|e| PoolError::Connect {
+                    backend: backend.name.clone(),
+                    reason: e.to_string(),
+                })?;
+            let _ = stream.set_nodelay(true);
+            let hello = login_to_server(
+                &mut stream,
+                &self.user.name,
+                &self.key.database,
+                self.user.server_password(),
+            )
+            .await?;
+            Ok::<_, PoolError>((stream, hello))
+        };
+        let (stream, hello) = tokio::time::timeout(self.settings.server_connect_timeout, connect)
+            .await
+            .map_err(|_| PoolError::Connect {
+                backend: backend.name.clone(),
+                reason: format!(
+                    "timed out after {:?} (server_connect_timeout)",
+                    self.settings.server_connect_timeout
+                ),
+            })??;
+        *self.login_params.lock().expect("pool lock") = Some(hello.params.clone());
+        self.open.fetch_add(1, Ordering::Relaxed);
+        debug!(pool = ?self.key, server_pid = hello.process_id, "server connection opened");
+        let now = Instant::now();
+        Ok(ServerConn {
+            reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
+            params: hello.params.into_iter().collect(),
+            cancel: CancelTarget {
+                host: backend.host.clone(),
+                port: backend.port,
+                process_id: hello.process_id,
+                secret_key: hello.secret_key,
+            },
+            stream,
+            created: now,
+            last_used: now,
+            _caps: caps,
+        })
+    }
+
+    fn put_back(&self, mut conn: ServerConn) {
+        let lifetime = self.settings.server_lifetime;
+        if !lifetime.is_zero() && conn.created.elapsed() > lifetime {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            debug!(pool = ?self.key, "server connection reached server_lifetime; closed");
+            return;
+        }
+        conn.last_used = Instant::now();
+        self.idle.lock().expect("pool lock").push(conn);
+    }
+
+    /// Closes idle connections past `server_idle_timeout` or `server_lifetime`, keeping
+    /// `min_pool_size` open, then opens connections up to `min_pool_size`.
+    async fn maintain(self: &Arc<Self>) {
+        let s = &self.settings;
+        let min = s.min_pool_size as usize;
+        {
+            let mut idle = self.idle.lock().expect("pool lock");
+            let open = self.open.load(Ordering::Relaxed);
+            let mut closable = open.saturating_sub(min);
+            let before = idle.len();
+            idle.retain(|c| {
+                let expired = (!s.server_idle_timeout.is_zero()
+                    && c.last_used.elapsed() > s.server_idle_timeout)
+                    || (!s.server_lifetime.is_zero() && c.created.elapsed() > s.server_lifetime);
+                let close = expired && closable > 0;
+                closable -= close as usize;
+                !close
+            });
+            let closed = before - idle.len();
+            if closed > 0 {
+                self.open.fetch_sub(closed, Ordering::Relaxed);
+                debug!(pool = ?self.key, closed, "idle server connections closed");
+            }
+        }
+        while self.open.load(Ordering::Relaxed) < min {
+            match self.open_connection(Some(s.server_connect_timeout)).await {
+                Ok(conn) => self.idle.lock().expect("pool lock").insert(0, conn),
+                Err(e) => {
+                    warn!(pool = ?self.key, error = %e, "cannot open min_pool_size connection");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Every pool, created on first use.
+pub struct Pools {
+    settings: Arc<PoolConfig>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    db_caps: Mutex<HashMap<String, Arc<Semaphore>>>,
+    user_caps: Mutex<HashMap<String, Arc<Semaphore>>>,
+    user_settings: HashMap<String, (Option<u32>, Option<u32>)>,
+}
+
+impl Pools {
+    pub fn new(settings: PoolConfig, users: &[crate::config::UserConfig]) -> Arc<Self> {
+        Arc::new(Self {
+            settings: Arc::new(settings),
+            pools: Mutex::default(),
+            db_caps: Mutex::default(),
+            user_caps: Mutex::default(),
+            user_settings: users
+                .iter()
+                .map(|u| (u.name.clone(), (u.pool_size, u.max_user_connections)))
+                .collect(),
+        })
+    }
+
+    pub fn settings(&self) -> &PoolConfig {
+        &self.settings
+    }
+
+    /// The pool of `user` on `database` at `backend`.
+    pub fn get(&self, backend: &Arc<Backend>, user: &Arc<User>, database: &str) -> Arc<Pool> {
+        let key = PoolKey {
+            backend: backend.name.clone(),
+            database: database.to_owned(),
+            user: user.name.clone(),
+        };
+        let mut pools = self.pools.lock().expect("pools lock");
+        if let Some(p) = pools.get(&key) {
+            return p.clone();
+        }
+        let (user_pool_size, user_max) = self
+            .user_settings
+            .get(&user.name)
+            .copied()
+            .unwrap_or_default();
+        let pool_size = user_pool_size.unwrap_or(self.settings.default_pool_size) as usize;
+        let mut caps = Vec::new();
+        let cap = |map: &Mutex<HashMap<String, Arc<Semaphore>>>, name: &str, limit: u32| {
+            map.lock()
+                .expect("caps lock")
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(limit as usize)))
+                .clone()
+        };
+        if self.settings.max_db_connections > 0 {
+            caps.push(cap(
+                &self.db_caps,
+                database,
+                self.settings.max_db_connections,
+            ));
+        }
+        match user_max.unwrap_or(self.settings.max_user_connections) {
+            0 => {}
+            limit => caps.push(cap(&self.user_caps, &user.name, limit)),
+        }
+        let pool = Arc::new(Pool {
+            key: key.clone(),
+            backend: backend.clone(),
+            user: user.clone(),
+            settings: self.settings.clone(),
+            pool_size,
+            idle: Mutex::default(),
+            slots: Arc::new(Semaphore::new(pool_size)),
+            reserve: Arc::new(Semaphore::new(self.settings.reserve_pool_size as usize)),
+            caps,
+            login_params: Mutex::default(),
+            open: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+        });
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        self.pools
+            .lock()
+            .expect("pools lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Runs pool upkeep every second until `stop`.
+    pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for pool in self.all() {
+                pool.maintain().await;
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("key", &self.key)
+            .field("pool_size", &self.pool_size)
+            .field("open", &self.open_connections())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_quoted_for_any_standard_conforming_strings() {
+        assert_eq!(quote_literal("UTC"), "E'UTC'");
+        assert_eq!(quote_literal("it's"), "E'it''s'");
+        assert_eq!(quote_literal("a\\'; DROP"), "E'a\\\\''; DROP'");
+    }
+}

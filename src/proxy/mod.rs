@@ -1,0 +1,184 @@
+//! The data path: accept, route, pump bytes.
+//!
+//! Each listener accepts clients and hands each one to its mode's handler:
+//! [`passthrough`] relays bytes untouched; [`pooled`] authenticates the client and lends it
+//! pooled server connections. Both read the routing table only through
+//! [`Topology::snapshot`]; nothing here knows about config files or admin concerns.
+
+mod cancel;
+mod passthrough;
+mod pooled;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+pub use cancel::CancelRegistry;
+
+use crate::auth::UserStore;
+use crate::config::{Balance, ListenerConfig};
+use crate::error::ClientError;
+use crate::pool::Pools;
+use crate::protocol::{read_startup, ProtocolError, StartupPacket, PROTOCOL_MAJOR_3};
+use crate::topology::{RoutingTable, Topology};
+
+/// A listener's routing policy plus its round-robin cursor.
+pub struct Route {
+    config: ListenerConfig,
+    cursor: AtomicUsize,
+}
+
+impl Route {
+    pub fn new(config: ListenerConfig) -> Self {
+        Self {
+            config,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// Backends to try for one client, in order: the balancing choice first, then the other
+    /// candidates as fallbacks if connecting fails.
+    fn attempt_order(&self, table: &RoutingTable) -> Vec<usize> {
+        let c = &self.config;
+        let mut order = table.candidates(c.target, c.fallback_to_primary).to_vec();
+        if order.is_empty() {
+            return order;
+        }
+        // Rotating first also spreads ties evenly under least-connections.
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % order.len();
+        order.rotate_left(start);
+        if c.balance == Balance::LeastConn {
+            order.sort_by_key(|&i| table.backends[i].backend.active_sessions());
+        }
+        order
+    }
+
+    fn no_backend(&self) -> ClientError {
+        ClientError::NoBackend {
+            listener: self.config.name.clone(),
+            target: self.config.target,
+        }
+    }
+
+    /// Resolves when backend `i` no longer qualifies for this route's target. A role change
+    /// that keeps it qualified (e.g. a replica listener's fallback primary) re-arms the wait.
+    async fn until_role_lost(&self, topology: &Topology, i: usize, mut lost: CancellationToken) {
+        let c = &self.config;
+        loop {
+            lost.cancelled().await;
+            let table = topology.snapshot();
+            if !table.qualifies(i, c.target, c.fallback_to_primary) {
+                return;
+            }
+            lost = table.backends[i].lost.clone();
+        }
+    }
+}
+
+/// What every client handler needs, shared by all listeners.
+pub struct Shared {
+    pub topology: Arc<Topology>,
+    pub pools: Arc<Pools>,
+    pub users: Arc<UserStore>,
+    pub cancels: Arc<CancelRegistry>,
+    /// `max_client_conn` permits; a client holds one for its whole connection.
+    pub client_slots: Arc<Semaphore>,
+    pub max_client_conn: u32,
+    pub client_login_timeout: Duration,
+    /// Fired when shutdown stops waiting for sessions to end.
+    pub kill_sessions: CancellationToken,
+}
+
+/// Accepts clients until `stop_accepting` fires; sessions run on `sessions`.
+pub async fn serve(
+    listener: TcpListener,
+    route: Arc<Route>,
+    shared: Arc<Shared>,
+    stop_accepting: CancellationToken,
+    sessions: TaskTracker,
+) {
+    let name = route.config.name.clone();
+    loop {
+        let (client, peer) = tokio::select! {
+            _ = stop_accepting.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = client.set_nodelay(true);
+        let span = tracing::info_span!("session", listener = %name, client = %peer);
+        let (route, shared) = (route.clone(), shared.clone());
+        sessions.spawn(
+            async move {
+                let Ok(_slot) = shared.client_slots.clone().try_acquire_owned() else {
+                    let err = ClientError::TooManyClients(shared.max_client_conn);
+                    return refuse(client, err, shared.client_login_timeout).await;
+                };
+                if route.config.mode.is_pooled() {
+                    pooled::handle(client, &route, &shared).await
+                } else {
+                    passthrough::handle(client, &route, &shared).await
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Reads a client's startup packet, answering encryption requests with 'N' (pgvane does not
+/// terminate TLS).
+async fn read_client_startup(client: &mut TcpStream) -> Result<StartupPacket, ProtocolError> {
+    // A client may ask for SSL and then GSS (or the reverse) before its StartupMessage.
+    for _ in 0..3 {
+        match read_startup(client).await? {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                client.write_all(b"N").await?;
+            }
+            other => return Ok(other),
+        }
+    }
+    Err(ProtocolError::Malformed("too many encryption requests"))
+}
+
+/// Answers like a PostgreSQL server that cannot take the connection: decline encryption,
+/// read the StartupMessage, send a FATAL ErrorResponse and close.
+async fn refuse(mut client: TcpStream, err: ClientError, login_timeout: Duration) {
+    let answer = tokio::time::timeout(login_timeout, read_client_startup(&mut client)).await;
+    match answer {
+        Ok(Ok(StartupPacket::Startup { major, minor, .. })) if major != PROTOCOL_MAJOR_3 => {
+            send_error(
+                &mut client,
+                &ClientError::UnsupportedProtocol { major, minor },
+            )
+            .await
+        }
+        Ok(Ok(StartupPacket::Startup { .. })) => send_error(&mut client, &err).await,
+        // Nothing of ours to cancel: PostgreSQL closes silently too.
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => debug!(error = %e, "bad startup from refused client"),
+        Err(_) => debug!("refused client sent no startup packet in time"),
+    }
+}
+
+/// Sends `err` as an ErrorResponse and closes the client's side of the connection.
+async fn send_error(client: &mut TcpStream, err: &ClientError) {
+    info!(error = %err, "client refused");
+    let mut buf = BytesMut::new();
+    err.encode(&mut buf);
+    let _ = client.write_all(&buf).await;
+    let _ = client.shutdown().await;
+}

@@ -1,0 +1,517 @@
+//! Pooled sessions (session and transaction mode).
+//!
+//! A client logs in to pgvane itself: startup, authentication against the user store, then
+//! the server's ParameterStatus values, a BackendKeyData of pgvane's own and ReadyForQuery.
+//! From then on the session alternates between two states:
+//!
+//! * **idle**: no server connection, no buffer; only a wait for the client's next bytes.
+//! * **linked**: a server connection is leased from the pool for the listener's current
+//!   target backend, the client's parameters are applied to it, and bytes are pumped both
+//!   ways while a [`Scanner`] on each direction follows message boundaries.
+//!
+//! In transaction mode the link ends at a ReadyForQuery reporting idle when every request the
+//! client sent has been answered; in session mode only when the client leaves. A link that
+//! ends any other way closes its server connection instead of returning it.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::cancel::{send_cancel, CancelKey};
+use super::{read_client_startup, send_error, Route, Shared};
+use crate::auth::{authenticate_client, User};
+use crate::config::{ListenerMode, OnRoleLoss};
+use crate::error::ClientError;
+use crate::pool::ServerConn;
+use crate::protocol::{backend, cstrings, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3};
+
+/// Per-direction read buffer while linked (PgBouncer's pkt_buf is 4 KiB).
+const LINK_BUFFER: usize = 8192;
+
+/// Parameters pgvane keeps in step across server connections, with their canonical spelling.
+const TRACKED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "search_path",
+    "standard_conforming_strings",
+    "TimeZone",
+];
+
+pub async fn handle(mut client: TcpStream, route: &Route, shared: &Shared) {
+    let login = tokio::time::timeout(
+        shared.client_login_timeout,
+        login(&mut client, route, shared),
+    );
+    let session = match login.await {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return send_error(&mut client, &e).await,
+        Err(_) => {
+            let e = ClientError::LoginTimeout(shared.client_login_timeout);
+            return send_error(&mut client, &e).await;
+        }
+    };
+    info!(user = %session.user.name, database = %session.database, "client logged in");
+    session.run(client, route, shared).await;
+}
+
+struct Session {
+    user: Arc<User>,
+    database: String,
+    /// Parameter values the client has been told are in effect.
+    wanted: Vec<(String, String)>,
+    cancel_key: CancelKey,
+}
+
+/// Startup and authentication. `None`: the connection was a CancelRequest.
+async fn login(
+    client: &mut TcpStream,
+    route: &Route,
+    shared: &Shared,
+) -> Result<Option<Session>, ClientError> {
+    let params = match read_client_startup(client).await? {
+        StartupPacket::CancelRequest {
+            process_id,
+            secret_key,
+        } => {
+            shared.cancels.cancel(process_id, secret_key).await;
+            return Ok(None);
+        }
+        StartupPacket::Startup { major, minor, .. } if major != PROTOCOL_MAJOR_3 => {
+            return Err(ClientError::UnsupportedProtocol { major, minor })
+        }
+        StartupPacket::Startup { params, .. } => params,
+        StartupPacket::SslRequest | StartupPacket::GssEncRequest => return Ok(None),
+    };
+    let mut user = None;
+    let mut database = None;
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    let ignored = &shared.pools.settings().ignore_startup_parameters;
+    for (k, v) in params {
+        match k.as_str() {
+            "user" => user = Some(v),
+            "database" => database = Some(v),
+            _ if ignored.iter().any(|i| i.eq_ignore_ascii_case(&k)) => {}
+            // A pooled session cannot carry replication or per-connection options.
+            "replication" | "options" => return Err(ClientError::UnsupportedParameter(k)),
+            _ if !k
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.') =>
+            {
+                return Err(ClientError::UnsupportedParameter(k))
+            }
+            _ => set_param(&mut wanted, &k, v),
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or(ClientError::NoUser)?;
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+
+    authenticate_client(client, &shared.users, &user).await?;
+    let user = shared
+        .users
+        .get(&user)
+        .unwrap_or_else(|| Arc::new(User::without_secret(user)));
+
+    // The client is shown the parameters of a server of its target, with its own values.
+    let table = shared.topology.snapshot();
+    let Some(&first) = route.attempt_order(&table).first() else {
+        return Err(route.no_backend());
+    };
+    let pool = shared
+        .pools
+        .get(&table.backends[first].backend, &user, &database);
+    drop(table);
+    let server_params = pool.login_params().await?;
+    // Tracked parameters the client did not set are the server defaults it is shown now;
+    // they are re-applied like its own, so no value leaks in from a previous user.
+    for (k, v) in &server_params {
+        if TRACKED.contains(&k.as_str()) && !wanted.iter().any(|(w, _)| w == k) {
+            wanted.push((k.clone(), v.clone()));
+        }
+    }
+
+    let cancel_key = shared.cancels.register();
+    let mut buf = BytesMut::new();
+    for (k, v) in &server_params {
+        let v = wanted.iter().find(|(w, _)| w == k).map_or(v, |(_, w)| w);
+        backend::parameter_status(&mut buf, k, v);
+    }
+    backend::backend_key_data(&mut buf, cancel_key.process_id, cancel_key.secret_key);
+    backend::ready_for_query(&mut buf, b'I');
+    client
+        .write_all(&buf)
+        .await
+        .map_err(crate::protocol::ProtocolError::from)?;
+    Ok(Some(Session {
+        user,
+        database,
+        wanted,
+        cancel_key,
+    }))
+}
+
+/// Records a parameter value, using the canonical spelling of tracked names.
+fn set_param(params: &mut Vec<(String, String)>, name: &str, value: String) {
+    let name = TRACKED
+        .iter()
+        .find(|t| t.eq_ignore_ascii_case(name))
+        .map_or(name, |t| *t);
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) => *v = value,
+        None => params.push((name.to_owned(), value)),
+    }
+}
+
+impl Session {
+    async fn run(mut self, mut client: TcpStream, route: &Route, shared: &Shared) {
+        let cfg = &route.config;
+        loop {
+            // Idle: wait for the client's next request, holding neither buffer nor server.
+            let mut first = [0u8; 1];
+            let peeked = tokio::select! {
+                r = client.peek(&mut first) => r,
+                _ = shared.kill_sessions.cancelled() => return,
+            };
+            match peeked {
+                Ok(1) if first[0] != b'X' => {}
+                // Gone, or a Terminate: nothing to do on any server.
+                _ => return,
+            }
+
+            let table = shared.topology.snapshot();
+            let Some(&i) = route.attempt_order(&table).first() else {
+                return send_error(&mut client, &route.no_backend()).await;
+            };
+            let view = &table.backends[i];
+            let (backend, lost) = (view.backend.clone(), view.lost.clone());
+            drop(table);
+            let pool = shared.pools.get(&backend, &self.user, &self.database);
+            let mut lease = match pool.acquire().await {
+                Ok(l) => l,
+                Err(e) => return send_error(&mut client, &e.into()).await,
+            };
+            if let Err(e) = lease.conn().apply_params(&self.wanted).await {
+                return send_error(&mut client, &e.into()).await;
+            }
+            self.cancel_key
+                .set_target(Some(lease.conn().cancel_target()));
+            let _active = backend.track_session();
+            let role_lost = async {
+                if cfg.on_role_loss == OnRoleLoss::ShutdownSessions {
+                    route.until_role_lost(&shared.topology, i, lost).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            let link = Link {
+                mode: cfg.mode,
+                idle_transaction_timeout: shared.pools.settings().idle_transaction_timeout,
+                kill: &shared.kill_sessions,
+            };
+            let end =
+                Box::pin(link.run(&mut client, lease.conn(), &mut self.wanted, role_lost)).await;
+            self.cancel_key.set_target(None);
+            match end {
+                LinkEnd::Idle => lease.release(),
+                LinkEnd::ClientGone(state) => {
+                    match state {
+                        ServerState::Idle if cfg.mode == ListenerMode::Session => {
+                            lease
+                                .reset_and_release(&shared.pools.settings().server_reset_query)
+                                .await
+                        }
+                        ServerState::Idle => lease.release(),
+                        // Whatever the client left open dies with the connection: the server
+                        // rolls it back and frees its locks.
+                        ServerState::Busy => send_cancel(&lease.conn().cancel_target()).await,
+                        ServerState::InTransaction | ServerState::Broken => {}
+                    }
+                    debug!(?state, "client left");
+                    return;
+                }
+                LinkEnd::Failed { error, tell_client } => {
+                    info!(backend = %backend.name, error = %error, "session ended");
+                    if tell_client {
+                        send_error(&mut client, &error).await;
+                    }
+                    return;
+                }
+                LinkEnd::Shutdown => return,
+            }
+        }
+    }
+}
+
+/// The server connection's state when a client leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerState {
+    /// At ReadyForQuery 'I' with nothing outstanding: reusable.
+    Idle,
+    /// Idle inside a transaction block ('T' or 'E').
+    InTransaction,
+    /// A request is outstanding.
+    Busy,
+    /// Part of a message was sent: the connection cannot be used again.
+    Broken,
+}
+
+enum LinkEnd {
+    /// Transaction mode: the transaction is over and the server connection is clean.
+    Idle,
+    ClientGone(ServerState),
+    /// The session must end; `tell_client` says whether an ErrorResponse can still be sent
+    /// without landing in the middle of a server message.
+    Failed {
+        error: ClientError,
+        tell_client: bool,
+    },
+    Shutdown,
+}
+
+/// Protocol state shared by the two directions of a link. Both run in the same task; the
+/// atomics (all relaxed) are there only to keep the session future `Send`.
+struct LinkState {
+    /// Requests sent (Query, Sync, FunctionCall) that still owe a ReadyForQuery.
+    pending: AtomicU32,
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: AtomicBool,
+    client_mid_message: AtomicBool,
+    server_mid_message: AtomicBool,
+    /// Transaction status of the latest ReadyForQuery.
+    tx_status: AtomicU8,
+    started: Instant,
+    /// Milliseconds from `started` to the client's latest data.
+    last_client_data_ms: AtomicU64,
+}
+
+impl LinkState {
+    fn new() -> Self {
+        Self {
+            pending: AtomicU32::new(0),
+            unsynced: AtomicBool::new(false),
+            client_mid_message: AtomicBool::new(false),
+            server_mid_message: AtomicBool::new(false),
+            tx_status: AtomicU8::new(b'I'),
+            started: Instant::now(),
+            last_client_data_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn server_state(&self) -> ServerState {
+        if self.client_mid_message.load(Relaxed)
+            || self.unsynced.load(Relaxed)
+            || self.pending.load(Relaxed) > 0
+        {
+            ServerState::Busy
+        } else if self.tx_status.load(Relaxed) == b'I' {
+            ServerState::Idle
+        } else {
+            ServerState::InTransaction
+        }
+    }
+
+    fn client_data_now(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_client_data_ms.store(ms, Relaxed);
+    }
+
+    fn last_client_data(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_client_data_ms.load(Relaxed))
+    }
+}
+
+struct Link<'a> {
+    mode: ListenerMode,
+    idle_transaction_timeout: Duration,
+    kill: &'a CancellationToken,
+}
+
+impl Link<'_> {
+    /// Pumps bytes between a client and its leased server connection until the link ends.
+    /// Both directions run concurrently in this one task, so neither can stall the other,
+    /// and they share their view of the protocol state through `Cell`s.
+    async fn run(
+        self,
+        client: &mut TcpStream,
+        server: &mut ServerConn,
+        wanted: &mut Vec<(String, String)>,
+        role_lost: impl std::future::Future<Output = ()>,
+    ) -> LinkEnd {
+        let st = LinkState::new();
+        let state = || st.server_state();
+
+        let (mut client_rd, mut client_wr) = client.split();
+        let ServerConn { stream, params, .. } = server;
+        let (mut server_rd, mut server_wr) = stream.split();
+
+        let client_to_server = async {
+            let mut buf = vec![0u8; LINK_BUFFER];
+            let mut scan = Scanner::new(b"");
+            loop {
+                let n = match client_rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return LinkEnd::ClientGone(state()),
+                    Ok(n) => n,
+                };
+                st.client_data_now();
+                let mut terminate_at = None;
+                let scanned = scan.feed(&buf[..n], |e| {
+                    if let Event::Start { tag, at } = e {
+                        match tag {
+                            b'Q' | b'F' => {
+                                st.pending.fetch_add(1, Relaxed);
+                            }
+                            b'S' => {
+                                st.pending.fetch_add(1, Relaxed);
+                                st.unsynced.store(false, Relaxed);
+                            }
+                            b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => {
+                                st.unsynced.store(true, Relaxed)
+                            }
+                            b'X' => terminate_at = terminate_at.or(Some(at)),
+                            _ => {}
+                        }
+                    }
+                });
+                if let Err(e) = scanned {
+                    return LinkEnd::Failed {
+                        error: e.into(),
+                        tell_client: !st.server_mid_message.load(Relaxed),
+                    };
+                }
+                st.client_mid_message.store(!scan.at_boundary(), Relaxed);
+                // A Terminate is pgvane's to act on; the pooled server connection stays open.
+                let upto = terminate_at.map_or(n, |at: isize| at.max(0) as usize);
+                if server_wr.write_all(&buf[..upto]).await.is_err() {
+                    return LinkEnd::Failed {
+                        error: ClientError::ServerLost("cannot write to the server".into()),
+                        tell_client: !st.server_mid_message.load(Relaxed),
+                    };
+                }
+                if let Some(at) = terminate_at {
+                    st.client_mid_message.store(false, Relaxed);
+                    let s = if at < 0 { ServerState::Broken } else { state() };
+                    return LinkEnd::ClientGone(s);
+                }
+            }
+        };
+
+        let server_to_client = async {
+            let mut buf = vec![0u8; LINK_BUFFER];
+            let mut scan = Scanner::new(b"ZS");
+            loop {
+                let n = match server_rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        return LinkEnd::Failed {
+                            error: ClientError::ServerLost(
+                                "the server closed the connection".into(),
+                            ),
+                            tell_client: scan.at_boundary(),
+                        }
+                    }
+                    Ok(n) => n,
+                };
+                let mut ready_last = false;
+                let scanned = scan.feed(&buf[..n], |e| match e {
+                    Event::Complete { tag: b'Z', body } => {
+                        let _ = st
+                            .pending
+                            .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1));
+                        st.tx_status
+                            .store(body.first().copied().unwrap_or(b'I'), Relaxed);
+                        ready_last = true;
+                    }
+                    Event::Complete { tag: b'S', body } => {
+                        let mut it = cstrings(body);
+                        if let Some(k) = it.next() {
+                            let v = it.next().unwrap_or("").to_owned();
+                            if TRACKED.contains(&k) {
+                                set_param(wanted, k, v.clone());
+                            }
+                            params.insert(k.to_owned(), v);
+                        }
+                    }
+                    Event::Start { tag, .. } if tag != b'Z' => ready_last = false,
+                    _ => {}
+                });
+                if let Err(e) = scanned {
+                    return LinkEnd::Failed {
+                        error: ClientError::ServerLost(e.to_string()),
+                        tell_client: false,
+                    };
+                }
+                st.server_mid_message.store(!scan.at_boundary(), Relaxed);
+                if client_wr.write_all(&buf[..n]).await.is_err() {
+                    return LinkEnd::ClientGone(state());
+                }
+                if self.mode == ListenerMode::Transaction
+                    && ready_last
+                    && scan.at_boundary()
+                    && state() == ServerState::Idle
+                {
+                    return LinkEnd::Idle;
+                }
+            }
+        };
+
+        let idle_in_transaction = async {
+            let limit = self.idle_transaction_timeout;
+            if limit.is_zero() {
+                return std::future::pending().await;
+            }
+            loop {
+                let due = st.last_client_data() + limit;
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due.into()).await;
+                } else if state() == ServerState::InTransaction {
+                    return LinkEnd::Failed {
+                        error: ClientError::IdleTransactionTimeout(limit),
+                        tell_client: !st.server_mid_message.load(Relaxed),
+                    };
+                } else {
+                    tokio::time::sleep(limit).await;
+                }
+            }
+        };
+
+        tokio::select! {
+            end = client_to_server => end,
+            end = server_to_client => end,
+            end = idle_in_transaction => end,
+            _ = role_lost => LinkEnd::Failed {
+                error: ClientError::ServerLost("the backend no longer serves this listener's target".into()),
+                tell_client: !st.server_mid_message.load(Relaxed),
+            },
+            _ = self.kill.cancelled() => LinkEnd::Shutdown,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracked_parameters_take_their_canonical_names() {
+        let mut p = Vec::new();
+        set_param(&mut p, "timezone", "UTC".into());
+        set_param(&mut p, "TimeZone", "Europe/Paris".into());
+        set_param(&mut p, "extra_float_digits", "3".into());
+        assert_eq!(
+            p,
+            [
+                ("TimeZone".to_string(), "Europe/Paris".to_string()),
+                ("extra_float_digits".to_string(), "3".to_string())
+            ]
+        );
+    }
+}

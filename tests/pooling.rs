@@ -1,0 +1,406 @@
+//! Session and transaction pooling against a real PostgreSQL, with real clients.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::future::join_all;
+use tokio_postgres::NoTls;
+
+fn txn_listener(port: u16) -> String {
+    listener("tx", port, "primary", "mode = \"transaction\"")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_clients_share_a_pool_of_ten() {
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let tx = free_port();
+    let extra = "[pool]\ndefault_pool_size = 10\n";
+    let pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+
+    let clients = (0..500).map(|i| async move {
+        let c = connect(tx, SUPERUSER, "app")
+            .await
+            .expect("login through pgvane");
+        c.batch_execute(&format!(
+            "BEGIN; INSERT INTO t VALUES ({i}, 'x'); SELECT pg_sleep(0.01); COMMIT"
+        ))
+        .await
+        .expect("transaction");
+        c
+    });
+    let held = join_all(clients).await;
+    let direct = connect(cluster.primary().port, SUPERUSER, "app")
+        .await
+        .unwrap();
+    let rows: i64 = direct
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 500);
+    // 500 clients are still connected, on at most 10 server connections.
+    let servers = app_backends(cluster.primary()).await - 1; // minus `direct`
+    assert!(servers <= 10 && servers > 0, "{servers} server connections");
+    assert_eq!(held.len(), 500);
+    drop(pgvane);
+}
+
+// Multi-threaded: psql blocks its thread while the dropped client's connection task must
+// still run to say goodbye.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_resets_the_server_before_reuse() {
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let s = free_port();
+    let extra = "[pool]\ndefault_pool_size = 1\n";
+    let _pgvane = Pgvane::start(
+        &pooled_config(
+            &cluster,
+            &listener("s", s, "primary", "mode = \"session\""),
+            extra,
+        ),
+        &[s],
+    );
+
+    let a = connect(s, SUPERUSER, "app").await.unwrap();
+    let pid_a: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    a.batch_execute("SET work_mem = '7MB'; CREATE TEMP TABLE scratch (x int)")
+        .await
+        .unwrap();
+    drop(a);
+
+    // psql, through the same single server connection, sees none of it.
+    let out = eventually(Duration::from_secs(5), "psql through the session listener", || async {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &s.to_string(), "-U", SUPERUSER, "-d", "app", "-XAt"])
+            .args(["-c", "SELECT pg_backend_pid(), current_setting('work_mem'), to_regclass('scratch') IS NULL"])
+            .env("PGPASSWORD", PASSWORD)
+            .output()
+            .unwrap();
+        out.status.success().then_some(out)
+    })
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.trim(), format!("{pid_a}|4MB|t"));
+}
+
+#[tokio::test]
+async fn wrong_password_is_refused_without_a_server_connection() {
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let tx = free_port();
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+
+    let err = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(tx)
+        .user(SUPERUSER)
+        .password("not-the-password")
+        .dbname("app")
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("login must fail");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "28P01");
+    assert_eq!(
+        db.message(),
+        "password authentication failed for user \"postgres\""
+    );
+    // An unknown user gets the same answer.
+    let err = connect(tx, "nobody_here", "app").await.err().unwrap();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "28P01");
+    assert_eq!(app_backends(cluster.primary()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_transaction_leaves_no_lock_behind() {
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let tx = free_port();
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+    let direct = connect(cluster.primary().port, SUPERUSER, "app")
+        .await
+        .unwrap();
+    let locks = || async {
+        direct
+            .query_one("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 't'", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+
+    for script in [
+        // Idle in transaction, holding a lock.
+        "BEGIN;\nLOCK TABLE t IN ACCESS EXCLUSIVE MODE;\n",
+        // Busy: a statement is running when the client dies.
+        "BEGIN;\nLOCK TABLE t IN ACCESS EXCLUSIVE MODE;\nSELECT pg_sleep(60);\n",
+    ] {
+        let mut psql = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &tx.to_string(),
+                "-U",
+                SUPERUSER,
+                "-d",
+                "app",
+                "-X",
+            ])
+            .env("PGPASSWORD", PASSWORD)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        psql.stdin
+            .as_mut()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        eventually(Duration::from_secs(5), "the lock to be taken", || async {
+            (locks().await > 0).then_some(())
+        })
+        .await;
+        psql.kill().unwrap(); // SIGKILL: no Terminate message
+        psql.wait().unwrap();
+        eventually(
+            Duration::from_secs(5),
+            "the lock to be released",
+            || async { (locks().await == 0).then_some(()) },
+        )
+        .await;
+        let open: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(open, 0, "no transaction left open after: {script}");
+    }
+    // The pool still works.
+    let c = connect(tx, SUPERUSER, "app").await.unwrap();
+    c.batch_execute("BEGIN; LOCK TABLE t; COMMIT")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_running_query() {
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let tx = free_port();
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+
+    let c = connect(tx, SUPERUSER, "app").await.unwrap();
+    let token = c.cancel_token();
+    let started = Instant::now();
+    let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let err = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "57014", "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // A cancel for an idle client is dropped and harms nothing.
+    let idle = connect(tx, SUPERUSER, "app").await.unwrap();
+    idle.cancel_token().cancel_query(NoTls).await.unwrap();
+    assert_eq!(server_port(&idle).await, cluster.primary().port);
+}
+
+#[tokio::test]
+async fn copy_in_and_out_in_transaction_mode() {
+    use futures_util::{SinkExt, StreamExt};
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let tx = free_port();
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+    let c = connect(tx, SUPERUSER, "app").await.unwrap();
+
+    let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    let mut data = String::new();
+    for i in 0..20_000 {
+        data += &format!("{i}\trow number {i}\n");
+    }
+    sink.send(bytes::Bytes::from(data.clone())).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 20_000);
+
+    let stream = c
+        .copy_out("COPY (SELECT * FROM t ORDER BY id) TO STDOUT")
+        .await
+        .unwrap();
+    let chunks: Vec<_> = stream.collect().await;
+    let out: Vec<u8> = chunks
+        .into_iter()
+        .flat_map(|c| c.unwrap().to_vec())
+        .collect();
+    assert_eq!(String::from_utf8(out).unwrap(), data);
+    // The connection is usable afterwards.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 20_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_extended_queries_from_many_clients_stay_apart() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let extra = "[pool]\ndefault_pool_size = 2\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+
+    let clients = (0..20).map(|client| async move {
+        let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+        // tokio-postgres pipelines concurrent queries on one connection: each query_typed
+        // is an unnamed Parse/Bind/Describe/Execute/Sync, all sent before the first answer.
+        let queries = (0..50).map(|q| {
+            let c = &c;
+            async move {
+                let v = client * 1000 + q;
+                let rows = c
+                    .query_typed(
+                        "SELECT $1::int + 0",
+                        &[(&v, tokio_postgres::types::Type::INT4)],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(rows[0].get::<_, i32>(0), v);
+            }
+        });
+        join_all(queries).await;
+    });
+    join_all(clients).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_follow_the_client_to_another_server_connection() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let extra = "[pool]\ndefault_pool_size = 2\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+
+    // Simple-protocol statements only: each is one round trip on one server connection.
+    async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
+        let rows = c.simple_query(sql).await.unwrap();
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_owned()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no row from {sql}"))
+    }
+    let a = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    let b = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    let default_tz = one(&b, "SHOW TimeZone").await;
+    a.batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    let pid_set = one(&a, "SELECT pg_backend_pid()").await;
+
+    // B takes the connection A just used (the pool reuses the most recent one first) and
+    // keeps it inside a transaction, so A's next statement lands on another connection.
+    b.batch_execute("BEGIN").await.unwrap();
+    let pid_b = one(&b, "SELECT pg_backend_pid()").await;
+    let tz_b = one(&b, "SHOW TimeZone").await;
+    let pid_a = one(&a, "SELECT pg_backend_pid()").await;
+    let tz_a = one(&a, "SHOW TimeZone").await;
+    b.batch_execute("COMMIT").await.unwrap();
+
+    assert_eq!(pid_b, pid_set, "B reused A's server connection");
+    assert_ne!(pid_a, pid_set, "A moved to another server connection");
+    assert_eq!(tz_a, "Asia/Tokyo", "A's setting followed it");
+    assert_eq!(tz_b, default_tz, "A's setting did not leak to B");
+}
+
+#[tokio::test]
+async fn query_wait_timeout_gives_a_clear_error() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let extra = "[pool]\ndefault_pool_size = 1\nquery_wait_timeout = \"500ms\"\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+
+    let holder = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    // Login needs no server connection once the pool knows the server's parameters.
+    let waiter = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    let started = Instant::now();
+    let err = waiter.simple_query("SELECT 1").await.unwrap_err();
+    let db = err.as_db_error().expect("an ErrorResponse, not a hang");
+    assert_eq!(db.code().code(), "53300");
+    assert_eq!(db.message(), "query_wait_timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn md5_auth_and_auth_file() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("userlist.txt");
+    std::fs::write(&file, format!("\"{SUPERUSER}\" \"{PASSWORD}\"\n")).unwrap();
+    let text = format!(
+        "{}\n[auth]\ntype = \"md5\"\nfile = \"{}\"\n",
+        config(&cluster, "interval = \"200ms\"", &txn_listener(tx)),
+        file.display()
+    );
+    let _pgvane = Pgvane::start(&text, &[tx]);
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &tx.to_string(),
+            "-U",
+            SUPERUSER,
+            "-XAt",
+            "-c",
+            "SELECT 40 + 2",
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+}
+
+#[tokio::test]
+async fn the_primary_pool_follows_a_failover() {
+    let cluster = Cluster::start(1);
+    let tx = free_port();
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+    let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    c.batch_execute("CREATE TABLE f (x int)").await.unwrap();
+    cluster.wait_replicated().await;
+
+    cluster.primary().kill();
+    cluster.nodes[1].promote();
+    eventually(
+        Duration::from_secs(10),
+        "writes on the new primary",
+        || async {
+            let c = connect(tx, SUPERUSER, "postgres").await.ok()?;
+            c.batch_execute("INSERT INTO f VALUES (1)").await.ok()?;
+            (try_server_port(&c).await? == cluster.nodes[1].port).then_some(())
+        },
+    )
+    .await;
+}
