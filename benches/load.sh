@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# End-to-end load benchmark: pgbench against PostgreSQL directly, through pgvane, and
-# through HAProxy (Debian package) in the same run, on one local primary + replica.
+# End-to-end load benchmark: pgbench against PostgreSQL directly, through pgvane
+# (passthrough and transaction pooling), through HAProxy (tcp) and through PgBouncer
+# (transaction pooling, same pool size), all Debian packages, in the same run, on one local
+# primary + replica. SCRAM-SHA-256 on every hop; PgBouncer's auth_file holds the SCRAM
+# verifier from pg_authid, so neither pooler runs PBKDF2 per client.
 # Reports the median tps of each target and its ratio to the direct connection; the
 # machine is shared and noisy, so only ratios from one run mean anything.
 #
@@ -18,7 +21,7 @@ while getopts "T:r:s:" o; do
 done
 
 ensure_postgres
-ensure_packages pgbench:postgresql-client python3:python3 haproxy:haproxy
+ensure_packages pgbench:postgresql-client python3:python3 haproxy:haproxy pgbouncer:pgbouncer
 cargo build --release --locked --quiet
 PGVANE="$PGVANE_ROOT/target/release/pgvane"
 
@@ -36,7 +39,7 @@ say "cluster: primary + replica, scale $SCALE"
 cluster_start "$WORK" 1
 DIRECT=${NODE_PORTS[0]}
 
-RW_PORT=$(free_port); RO_PORT=$(free_port)
+RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
 pgvane_config "$WORK/pgvane.toml" 1s
 "$PGVANE" --config "$WORK/pgvane.toml" > "$WORK/pgvane.log" 2>&1 &
 PIDS+=($!)
@@ -56,11 +59,38 @@ listen pg
 CFG
 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
-wait_port "$RW_PORT"; wait_port "$HAPROXY_PORT"
+
+BOUNCER_PORT=$(free_port)
+VERIFIER=$(psql -h 127.0.0.1 -p "$DIRECT" -U postgres -XAtc "SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'" postgres)
+printf '"postgres" "%s"\n' "$VERIFIER" > "$WORK/userlist.txt"
+cat > "$WORK/pgbouncer.ini" <<CFG
+[databases]
+postgres = host=127.0.0.1 port=$DIRECT dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 20000
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+CFG
+chmod 644 "$WORK/userlist.txt" "$WORK/pgbouncer.ini"
+[ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$WORK"
+if [ "$(id -u)" -eq 0 ]; then
+    runuser -u "$PG_USER" -- pgbouncer "$WORK/pgbouncer.ini" > /dev/null 2>&1 &
+else
+    pgbouncer "$WORK/pgbouncer.ini" > /dev/null 2>&1 &
+fi
+PIDS+=($!)
+wait_port "$RW_PORT"; wait_port "$TX_PORT"; wait_port "$HAPROXY_PORT"; wait_port "$BOUNCER_PORT"
 
 pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/null 2>&1
 
-TARGETS=("direct:$DIRECT" "pgvane:$RW_PORT" "haproxy:$HAPROXY_PORT")
+TARGETS=("direct:$DIRECT" "pgvane-pass:$RW_PORT" "haproxy:$HAPROXY_PORT" "pgvane-txn:$TX_PORT" "pgbouncer-txn:$BOUNCER_PORT")
 WORKLOADS=("-S -c 32" "-S -c 256" "-c 32" "-C -S -c 16")
 NAMES=("-S, 32 clients" "-S, 256 clients" "TPC-B-like, 32 clients" "-C -S (new connection per txn), 16 clients")
 
@@ -74,7 +104,7 @@ for w in "${!WORKLOADS[@]}"; do
             tps=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -M simple -j 2 -T "$DURATION" \
                   ${WORKLOADS[$w]} postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
             echo "$w $name ${tps:-0}" >> "$RESULTS"
-            printf '  %-45s %-8s rep %s: %s tps\n' "${NAMES[$w]}" "$name" "$rep" "${tps:-failed}"
+            printf '  %-45s %-14s rep %s: %s tps\n' "${NAMES[$w]}" "$name" "$rep" "${tps:-failed}"
         done
     done
 done

@@ -113,17 +113,21 @@ cluster_stop() {
     return 0
 }
 
-# pgvane_config FILE INTERVAL: backends from NODE_PORTS; listeners on RW_PORT and RO_PORT.
+# pgvane_config FILE INTERVAL: backends from NODE_PORTS; a passthrough listener on RW_PORT
+# (primary), one on RO_PORT (replicas) and a transaction-pooling listener on TX_PORT (primary).
 pgvane_config() {
     local file=$1 interval=${2:-1s}
     {
+        printf '[general]\nmax_client_conn = 20000\n\n'
         printf '[health]\nmethod = "sql"\ninterval = "%s"\n\n[health.sql]\nuser = "postgres"\npassword = "%s"\n' \
             "$interval" "$PGPASSWORD"
+        printf '\n[pool]\ndefault_pool_size = 20\n\n[[user]]\nname = "postgres"\npassword = "%s"\n' "$PGPASSWORD"
         for i in "${!NODE_PORTS[@]}"; do
             printf '\n[[backend]]\nname = "pg%s"\nhost = "127.0.0.1"\nport = %s\n' "$i" "${NODE_PORTS[$i]}"
         done
         printf '\n[[listener]]\nname = "rw"\naddress = "127.0.0.1"\nport = %s\ntarget = "primary"\n' "$RW_PORT"
         printf '\n[[listener]]\nname = "ro"\naddress = "127.0.0.1"\nport = %s\ntarget = "replica"\nfallback_to_primary = true\n' "$RO_PORT"
+        printf '\n[[listener]]\nname = "tx"\naddress = "127.0.0.1"\nport = %s\ntarget = "primary"\nmode = "transaction"\n' "$TX_PORT"
     } > "$file"
 }
 

@@ -48,11 +48,29 @@ impl From<std::io::Error> for PoolError {
     }
 }
 
+/// Parameters pgvane keeps in step across server connections, with their canonical spelling.
+pub const TRACKED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "search_path",
+    "standard_conforming_strings",
+    "TimeZone",
+];
+
+/// What a server reported at login, as shown to the pool's clients at theirs.
+#[derive(Debug, Default)]
+pub struct LoginParams {
+    pub all: Vec<(String, String)>,
+    /// The subset named in [`TRACKED`]: the values a client has unless it sets its own.
+    pub tracked: Vec<(String, String)>,
+}
+
 /// Where to send a CancelRequest for the query running on a server connection.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
-    pub host: String,
-    pub port: u16,
+    pub backend: Arc<Backend>,
     pub process_id: u32,
     pub secret_key: u32,
 }
@@ -105,18 +123,30 @@ impl ServerConn {
         }
     }
 
-    /// Brings the server's parameters to the client's values with one round trip of SETs.
-    pub async fn apply_params(&mut self, wanted: &[(String, String)]) -> Result<(), PoolError> {
-        let sets: Vec<String> = wanted
+    /// Brings the server's parameters to a client's values (its `overrides`, else the
+    /// `defaults`) with one round trip of SETs, so that no value leaks from one client to
+    /// the next.
+    pub async fn apply_params(
+        &mut self,
+        defaults: &[(String, String)],
+        overrides: &[(String, String)],
+    ) -> Result<(), PoolError> {
+        let not_overridden = defaults
             .iter()
+            .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k));
+        let changes: Vec<&(String, String)> = not_overridden
+            .chain(overrides)
             .filter(|(k, v)| self.params.get(k) != Some(v))
-            .map(|(k, v)| format!("SET {k} TO {}", quote_literal(v)))
             .collect();
-        if sets.is_empty() {
+        if changes.is_empty() {
             return Ok(());
         }
+        let sets: Vec<String> = changes
+            .iter()
+            .map(|(k, v)| format!("SET {k} TO {}", quote_literal(v)))
+            .collect();
         self.run(&sets.join("; ")).await?;
-        for (k, v) in wanted {
+        for (k, v) in changes {
             self.params.insert(k.clone(), v.clone());
         }
         Ok(())
@@ -155,8 +185,8 @@ pub struct Pool {
     slots: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
     caps: Vec<Arc<Semaphore>>,
-    /// ParameterStatus values of the latest login, shown to clients at their login.
-    login_params: Mutex<Option<Vec<(String, String)>>>,
+    /// ParameterStatus values of the first login, shown to clients at their login.
+    login_params: Mutex<Option<Arc<LoginParams>>>,
     open: AtomicUsize,
     waiting: AtomicUsize,
 }
@@ -203,6 +233,10 @@ impl Drop for Lease {
 }
 
 impl Pool {
+    pub fn user(&self) -> &Arc<User> {
+        &self.user
+    }
+
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
     }
@@ -221,7 +255,7 @@ impl Pool {
 
     /// The server's ParameterStatus values for a client's login, logging in once if this
     /// pool has never had a connection.
-    pub async fn login_params(self: &Arc<Self>) -> Result<Vec<(String, String)>, PoolError> {
+    pub async fn login_params(self: &Arc<Self>) -> Result<Arc<LoginParams>, PoolError> {
         if let Some(p) = self.login_params.lock().expect("pool lock").clone() {
             return Ok(p);
         }
@@ -352,7 +386,20 @@ impl Pool {
                     self.settings.server_connect_timeout
                 ),
             })??;
-        *self.login_params.lock().expect("pool lock") = Some(hello.params.clone());
+        self.login_params
+            .lock()
+            .expect("pool lock")
+            .get_or_insert_with(|| {
+                Arc::new(LoginParams {
+                    all: hello.params.clone(),
+                    tracked: hello
+                        .params
+                        .iter()
+                        .filter(|(k, _)| TRACKED.contains(&k.as_str()))
+                        .cloned()
+                        .collect(),
+                })
+            });
         self.open.fetch_add(1, Ordering::Relaxed);
         debug!(pool = ?self.key, server_pid = hello.process_id, "server connection opened");
         let now = Instant::now();
@@ -360,8 +407,7 @@ impl Pool {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
             params: hello.params.into_iter().collect(),
             cancel: CancelTarget {
-                host: backend.host.clone(),
-                port: backend.port,
+                backend: backend.clone(),
                 process_id: hello.process_id,
                 secret_key: hello.secret_key,
             },

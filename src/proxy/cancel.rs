@@ -15,25 +15,28 @@ use tracing::debug;
 
 use crate::pool::CancelTarget;
 
-type Slot = Arc<Mutex<Option<CancelTarget>>>;
-
+/// Client key to the server its client holds right now (`None`: it holds none). One map
+/// under one lock: an entry is a few bytes per idle client, and the lock is taken twice per
+/// transaction, briefly.
 #[derive(Default)]
 pub struct CancelRegistry {
-    clients: Mutex<HashMap<(u32, u32), Slot>>,
+    clients: Mutex<HashMap<(u32, u32), Option<CancelTarget>>>,
 }
 
 /// A client's registration; removed when dropped.
 pub struct CancelKey {
     pub process_id: u32,
     pub secret_key: u32,
-    slot: Slot,
     registry: Arc<CancelRegistry>,
 }
 
 impl CancelKey {
     /// Points cancels at the server the client holds now (`None`: it holds none).
     pub fn set_target(&self, target: Option<CancelTarget>) {
-        *self.slot.lock().expect("cancel slot") = target;
+        let mut clients = self.registry.clients.lock().expect("cancel registry");
+        if let Some(slot) = clients.get_mut(&(self.process_id, self.secret_key)) {
+            *slot = target;
+        }
     }
 }
 
@@ -54,12 +57,10 @@ impl CancelRegistry {
         loop {
             let key: (u32, u32) = rand::random();
             if let std::collections::hash_map::Entry::Vacant(e) = clients.entry(key) {
-                let slot = Slot::default();
-                e.insert(slot.clone());
+                e.insert(None);
                 return CancelKey {
                     process_id: key.0,
                     secret_key: key.1,
-                    slot,
                     registry: self.clone(),
                 };
             }
@@ -73,7 +74,8 @@ impl CancelRegistry {
             .lock()
             .expect("cancel registry")
             .get(&(process_id, secret_key))
-            .and_then(|slot| slot.lock().expect("cancel slot").clone());
+            .cloned()
+            .flatten();
         match target {
             Some(t) => send_cancel(&t).await,
             None => debug!("cancel request for an idle or unknown client ignored"),
@@ -89,7 +91,8 @@ pub async fn send_cancel(target: &CancelTarget) {
         target.secret_key as i32,
         &mut buf,
     );
-    match TcpStream::connect((target.host.as_str(), target.port)).await {
+    let backend = &target.backend;
+    match TcpStream::connect((backend.host.as_str(), backend.port)).await {
         Ok(mut s) => {
             let _ = s.write_all(&buf).await;
             debug!(server_pid = target.process_id, "cancel request forwarded");

@@ -9,6 +9,7 @@ mod cancel;
 mod passthrough;
 mod pooled;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,18 +121,22 @@ pub async fn serve(
             },
         };
         let _ = client.set_nodelay(true);
-        let span = tracing::info_span!("session", listener = %name, client = %peer);
+        // A debug-level span: at the default level it costs an idle client nothing, and the
+        // info-level events name the client themselves.
+        let span = tracing::debug_span!("session", listener = %name, client = %peer);
         let (route, shared) = (route.clone(), shared.clone());
         sessions.spawn(
             async move {
                 let Ok(_slot) = shared.client_slots.clone().try_acquire_owned() else {
                     let err = ClientError::TooManyClients(shared.max_client_conn);
-                    return refuse(client, err, shared.client_login_timeout).await;
+                    return Box::pin(refuse(client, peer, err, shared.client_login_timeout)).await;
                 };
+                // Boxed apart: a task is as large as its largest state, and an idle pooled
+                // client should not pay for a passthrough session's buffers and timers.
                 if route.config.mode.is_pooled() {
-                    pooled::handle(client, &route, &shared).await
+                    Box::pin(pooled::handle(client, peer, &route, &shared)).await
                 } else {
-                    passthrough::handle(client, &route, &shared).await
+                    Box::pin(passthrough::handle(client, peer, &route, &shared)).await
                 }
             }
             .instrument(span),
@@ -156,17 +161,19 @@ async fn read_client_startup(client: &mut TcpStream) -> Result<StartupPacket, Pr
 
 /// Answers like a PostgreSQL server that cannot take the connection: decline encryption,
 /// read the StartupMessage, send a FATAL ErrorResponse and close.
-async fn refuse(mut client: TcpStream, err: ClientError, login_timeout: Duration) {
+async fn refuse(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    err: ClientError,
+    login_timeout: Duration,
+) {
     let answer = tokio::time::timeout(login_timeout, read_client_startup(&mut client)).await;
     match answer {
         Ok(Ok(StartupPacket::Startup { major, minor, .. })) if major != PROTOCOL_MAJOR_3 => {
-            send_error(
-                &mut client,
-                &ClientError::UnsupportedProtocol { major, minor },
-            )
-            .await
+            let err = ClientError::UnsupportedProtocol { major, minor };
+            send_error(&mut client, peer, &err).await
         }
-        Ok(Ok(StartupPacket::Startup { .. })) => send_error(&mut client, &err).await,
+        Ok(Ok(StartupPacket::Startup { .. })) => send_error(&mut client, peer, &err).await,
         // Nothing of ours to cancel: PostgreSQL closes silently too.
         Ok(Ok(_)) => {}
         Ok(Err(e)) => debug!(error = %e, "bad startup from refused client"),
@@ -175,8 +182,8 @@ async fn refuse(mut client: TcpStream, err: ClientError, login_timeout: Duration
 }
 
 /// Sends `err` as an ErrorResponse and closes the client's side of the connection.
-async fn send_error(client: &mut TcpStream, err: &ClientError) {
-    info!(error = %err, "client refused");
+async fn send_error(client: &mut TcpStream, peer: SocketAddr, err: &ClientError) {
+    info!(client = %peer, error = %err, "client refused");
     let mut buf = BytesMut::new();
     err.encode(&mut buf);
     let _ = client.write_all(&buf).await;

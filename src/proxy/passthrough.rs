@@ -2,6 +2,8 @@
 //! them. A session ends when either side closes, when its backend stops serving the
 //! listener's target (with `on_role_loss = "shutdown-sessions"`), or at shutdown.
 
+use std::net::SocketAddr;
+
 use tokio::io::copy_bidirectional;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -10,13 +12,19 @@ use super::{refuse, Route, Shared};
 use crate::config::OnRoleLoss;
 use crate::error::ClientError;
 
-pub async fn handle(mut client: TcpStream, route: &Route, shared: &Shared) {
+pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shared: &Shared) {
     let cfg = &route.config;
     let table = shared.topology.snapshot();
     let order = route.attempt_order(&table);
     if order.is_empty() {
         debug!(target_role = %cfg.target, "no backend for target");
-        return refuse(client, route.no_backend(), shared.client_login_timeout).await;
+        return refuse(
+            client,
+            peer,
+            route.no_backend(),
+            shared.client_login_timeout,
+        )
+        .await;
     }
 
     let mut last_error = None;
@@ -31,7 +39,7 @@ pub async fn handle(mut client: TcpStream, route: &Route, shared: &Shared) {
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("timed out after {:?}", cfg.connect_timeout),
                 };
-                warn!(backend = %backend.name, error = %reason, "connect to backend failed");
+                warn!(client = %peer, backend = %backend.name, error = %reason, "connect to backend failed");
                 last_error = Some(ClientError::BackendUnreachable {
                     backend: backend.name.clone(),
                     addr: backend.addr(),
@@ -52,15 +60,15 @@ pub async fn handle(mut client: TcpStream, route: &Route, shared: &Shared) {
                 Err(e) => debug!(backend = %backend.name, error = %e, "session ended"),
             },
             _ = route.until_role_lost(&shared.topology, i, lost), if cut_on_loss => {
-                info!(backend = %backend.name, target_role = %cfg.target, "backend no longer serves this listener's target; session shut down");
+                info!(client = %peer, listener = %cfg.name, backend = %backend.name, target_role = %cfg.target, "backend no longer serves this listener's target; session shut down");
             }
             _ = shared.kill_sessions.cancelled() => {
-                info!(backend = %backend.name, "session closed by shutdown");
+                info!(client = %peer, backend = %backend.name, "session closed by shutdown");
             }
         }
         return;
     }
     if let Some(err) = last_error {
-        refuse(client, err, shared.client_login_timeout).await;
+        refuse(client, peer, err, shared.client_login_timeout).await;
     }
 }

@@ -13,12 +13,13 @@
 //! client sent has been answered; in session mode only when the client leaves. A link that
 //! ends any other way closes its server connection instead of returning it.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -28,52 +29,57 @@ use super::{read_client_startup, send_error, Route, Shared};
 use crate::auth::{authenticate_client, User};
 use crate::config::{ListenerMode, OnRoleLoss};
 use crate::error::ClientError;
-use crate::pool::ServerConn;
+use crate::pool::{LoginParams, Pool, ServerConn, TRACKED};
 use crate::protocol::{backend, cstrings, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3};
 
 /// Per-direction read buffer while linked (PgBouncer's pkt_buf is 4 KiB).
 const LINK_BUFFER: usize = 8192;
 
-/// Parameters pgvane keeps in step across server connections, with their canonical spelling.
-const TRACKED: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "DateStyle",
-    "IntervalStyle",
-    "search_path",
-    "standard_conforming_strings",
-    "TimeZone",
-];
-
-pub async fn handle(mut client: TcpStream, route: &Route, shared: &Shared) {
-    let login = tokio::time::timeout(
-        shared.client_login_timeout,
-        login(&mut client, route, shared),
-    );
-    let session = match login.await {
-        Ok(Ok(Some(s))) => s,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => return send_error(&mut client, &e).await,
-        Err(_) => {
-            let e = ClientError::LoginTimeout(shared.client_login_timeout);
-            return send_error(&mut client, &e).await;
-        }
+pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shared: &Shared) {
+    // Boxed: a logged-in session should not keep carrying the login's state.
+    let Some(session) = Box::pin(login_or_refuse(&mut client, peer, route, shared)).await else {
+        return;
     };
-    info!(user = %session.user.name, database = %session.database, "client logged in");
+    info!(client = %peer, listener = %route.config.name, user = %session.home.key.user, database = %session.home.key.database, "client logged in");
     session.run(client, route, shared).await;
 }
 
+/// Logs the client in within `client_login_timeout`, or tells it why not.
+async fn login_or_refuse(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    route: &Route,
+    shared: &Shared,
+) -> Option<Session> {
+    let error = match tokio::time::timeout(
+        shared.client_login_timeout,
+        login(client, peer, route, shared),
+    )
+    .await
+    {
+        Ok(Ok(session)) => return session,
+        Ok(Err(e)) => e,
+        Err(_) => ClientError::LoginTimeout(shared.client_login_timeout),
+    };
+    send_error(client, peer, &error).await;
+    None
+}
+
 struct Session {
-    user: Arc<User>,
-    database: String,
-    /// Parameter values the client has been told are in effect.
-    wanted: Vec<(String, String)>,
+    /// The pool the client logged in through: its user and database.
+    home: Arc<Pool>,
+    /// The server's parameter values shown at login, shared by all clients of the pool.
+    defaults: Arc<LoginParams>,
+    /// The client's own values: from its startup packet and its SETs since.
+    overrides: Vec<(String, String)>,
     cancel_key: CancelKey,
+    peer: SocketAddr,
 }
 
 /// Startup and authentication. `None`: the connection was a CancelRequest.
 async fn login(
     client: &mut TcpStream,
+    peer: SocketAddr,
     route: &Route,
     shared: &Shared,
 ) -> Result<Option<Session>, ClientError> {
@@ -93,7 +99,7 @@ async fn login(
     };
     let mut user = None;
     let mut database = None;
-    let mut wanted: Vec<(String, String)> = Vec::new();
+    let mut overrides: Vec<(String, String)> = Vec::new();
     let ignored = &shared.pools.settings().ignore_startup_parameters;
     for (k, v) in params {
         match k.as_str() {
@@ -108,7 +114,7 @@ async fn login(
             {
                 return Err(ClientError::UnsupportedParameter(k))
             }
-            _ => set_param(&mut wanted, &k, v),
+            _ => set_param(&mut overrides, &k, v),
         }
     }
     let user = user.filter(|u| !u.is_empty()).ok_or(ClientError::NoUser)?;
@@ -131,19 +137,14 @@ async fn login(
         .pools
         .get(&table.backends[first].backend, &user, &database);
     drop(table);
-    let server_params = pool.login_params().await?;
-    // Tracked parameters the client did not set are the server defaults it is shown now;
-    // they are re-applied like its own, so no value leaks in from a previous user.
-    for (k, v) in &server_params {
-        if TRACKED.contains(&k.as_str()) && !wanted.iter().any(|(w, _)| w == k) {
-            wanted.push((k.clone(), v.clone()));
-        }
-    }
+    let defaults = Box::pin(pool.login_params()).await?;
+    // A value the server has anyway need not be remembered per client.
+    overrides.retain(|(k, v)| !defaults.all.iter().any(|(dk, dv)| dk == k && dv == v));
 
     let cancel_key = shared.cancels.register();
     let mut buf = BytesMut::new();
-    for (k, v) in &server_params {
-        let v = wanted.iter().find(|(w, _)| w == k).map_or(v, |(_, w)| w);
+    for (k, v) in &defaults.all {
+        let v = overrides.iter().find(|(w, _)| w == k).map_or(v, |(_, w)| w);
         backend::parameter_status(&mut buf, k, v);
     }
     backend::backend_key_data(&mut buf, cancel_key.process_id, cancel_key.secret_key);
@@ -153,10 +154,11 @@ async fn login(
         .await
         .map_err(crate::protocol::ProtocolError::from)?;
     Ok(Some(Session {
-        user,
-        database,
-        wanted,
+        home: pool,
+        defaults,
+        overrides,
         cancel_key,
+        peer,
     }))
 }
 
@@ -174,12 +176,17 @@ fn set_param(params: &mut Vec<(String, String)>, name: &str, value: String) {
 
 impl Session {
     async fn run(mut self, mut client: TcpStream, route: &Route, shared: &Shared) {
-        let cfg = &route.config;
         loop {
             // Idle: wait for the client's next request, holding neither buffer nor server.
+            // poll_peek parks on the socket's own waker slot: a much smaller future than
+            // `peek()`, and idle clients are what a pooler has most of.
             let mut first = [0u8; 1];
+            let peek = std::future::poll_fn(|cx| {
+                let mut buf = ReadBuf::new(&mut first);
+                client.poll_peek(cx, &mut buf)
+            });
             let peeked = tokio::select! {
-                r = client.peek(&mut first) => r,
+                r = peek => r,
                 _ = shared.kill_sessions.cancelled() => return,
             };
             match peeked {
@@ -187,67 +194,96 @@ impl Session {
                 // Gone, or a Terminate: nothing to do on any server.
                 _ => return,
             }
+            // Everything a request needs lives in its own boxed future, so that an idle
+            // session costs no more than the state above.
+            if !Box::pin(self.serve_request(&mut client, route, shared)).await {
+                return;
+            }
+        }
+    }
 
-            let table = shared.topology.snapshot();
-            let Some(&i) = route.attempt_order(&table).first() else {
-                return send_error(&mut client, &route.no_backend()).await;
-            };
-            let view = &table.backends[i];
-            let (backend, lost) = (view.backend.clone(), view.lost.clone());
-            drop(table);
-            let pool = shared.pools.get(&backend, &self.user, &self.database);
-            let mut lease = match pool.acquire().await {
-                Ok(l) => l,
-                Err(e) => return send_error(&mut client, &e.into()).await,
-            };
-            if let Err(e) = lease.conn().apply_params(&self.wanted).await {
-                return send_error(&mut client, &e.into()).await;
+    /// Leases a server connection and links the client to it until the transaction (or, in
+    /// session mode, the session) is over. Returns whether the session goes on.
+    async fn serve_request(
+        &mut self,
+        client: &mut TcpStream,
+        route: &Route,
+        shared: &Shared,
+    ) -> bool {
+        let cfg = &route.config;
+        let table = shared.topology.snapshot();
+        let Some(&i) = route.attempt_order(&table).first() else {
+            send_error(client, self.peer, &route.no_backend()).await;
+            return false;
+        };
+        let view = &table.backends[i];
+        let (backend, lost) = (view.backend.clone(), view.lost.clone());
+        drop(table);
+        let pool = shared
+            .pools
+            .get(&backend, self.home.user(), &self.home.key.database);
+        let mut lease = match pool.acquire().await {
+            Ok(l) => l,
+            Err(e) => {
+                send_error(client, self.peer, &e.into()).await;
+                return false;
             }
-            self.cancel_key
-                .set_target(Some(lease.conn().cancel_target()));
-            let _active = backend.track_session();
-            let role_lost = async {
-                if cfg.on_role_loss == OnRoleLoss::ShutdownSessions {
-                    route.until_role_lost(&shared.topology, i, lost).await
-                } else {
-                    std::future::pending().await
-                }
-            };
-            let link = Link {
-                mode: cfg.mode,
-                idle_transaction_timeout: shared.pools.settings().idle_transaction_timeout,
-                kill: &shared.kill_sessions,
-            };
-            let end =
-                Box::pin(link.run(&mut client, lease.conn(), &mut self.wanted, role_lost)).await;
-            self.cancel_key.set_target(None);
-            match end {
-                LinkEnd::Idle => lease.release(),
-                LinkEnd::ClientGone(state) => {
-                    match state {
-                        ServerState::Idle if cfg.mode == ListenerMode::Session => {
-                            lease
-                                .reset_and_release(&shared.pools.settings().server_reset_query)
-                                .await
-                        }
-                        ServerState::Idle => lease.release(),
-                        // Whatever the client left open dies with the connection: the server
-                        // rolls it back and frees its locks.
-                        ServerState::Busy => send_cancel(&lease.conn().cancel_target()).await,
-                        ServerState::InTransaction | ServerState::Broken => {}
-                    }
-                    debug!(?state, "client left");
-                    return;
-                }
-                LinkEnd::Failed { error, tell_client } => {
-                    info!(backend = %backend.name, error = %error, "session ended");
-                    if tell_client {
-                        send_error(&mut client, &error).await;
-                    }
-                    return;
-                }
-                LinkEnd::Shutdown => return,
+        };
+        if let Err(e) = lease
+            .conn()
+            .apply_params(&self.defaults.tracked, &self.overrides)
+            .await
+        {
+            send_error(client, self.peer, &e.into()).await;
+            return false;
+        }
+        self.cancel_key
+            .set_target(Some(lease.conn().cancel_target()));
+        let _active = backend.track_session();
+        let role_lost = async {
+            if cfg.on_role_loss == OnRoleLoss::ShutdownSessions {
+                route.until_role_lost(&shared.topology, i, lost).await
+            } else {
+                std::future::pending().await
             }
+        };
+        let link = Link {
+            mode: cfg.mode,
+            idle_transaction_timeout: shared.pools.settings().idle_transaction_timeout,
+            kill: &shared.kill_sessions,
+        };
+        let end = link
+            .run(client, lease.conn(), &mut self.overrides, role_lost)
+            .await;
+        self.cancel_key.set_target(None);
+        match end {
+            LinkEnd::Idle => {
+                lease.release();
+                true
+            }
+            LinkEnd::ClientGone(state) => {
+                match state {
+                    ServerState::Idle if cfg.mode == ListenerMode::Session => {
+                        let reset = &shared.pools.settings().server_reset_query;
+                        lease.reset_and_release(reset).await
+                    }
+                    ServerState::Idle => lease.release(),
+                    // Whatever the client left open dies with the connection: the server
+                    // rolls it back and frees its locks.
+                    ServerState::Busy => send_cancel(&lease.conn().cancel_target()).await,
+                    ServerState::InTransaction | ServerState::Broken => {}
+                }
+                debug!(?state, "client left");
+                false
+            }
+            LinkEnd::Failed { error, tell_client } => {
+                info!(client = %self.peer, backend = %backend.name, error = %error, "session ended");
+                if tell_client {
+                    send_error(client, self.peer, &error).await;
+                }
+                false
+            }
+            LinkEnd::Shutdown => false,
         }
     }
 }
@@ -344,7 +380,7 @@ impl Link<'_> {
         self,
         client: &mut TcpStream,
         server: &mut ServerConn,
-        wanted: &mut Vec<(String, String)>,
+        overrides: &mut Vec<(String, String)>,
         role_lost: impl std::future::Future<Output = ()>,
     ) -> LinkEnd {
         let st = LinkState::new();
@@ -435,7 +471,7 @@ impl Link<'_> {
                         if let Some(k) = it.next() {
                             let v = it.next().unwrap_or("").to_owned();
                             if TRACKED.contains(&k) {
-                                set_param(wanted, k, v.clone());
+                                set_param(overrides, k, v.clone());
                             }
                             params.insert(k.to_owned(), v);
                         }

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Memory per idle client: pgvane (transaction pooling) against PgBouncer (Debian package,
+# transaction pooling), each holding N logged-in idle clients, in the same run.
+#
+#   benches/idle_rss.sh [N]        (default 10000)
+set -euo pipefail
+. "$(dirname "$0")/../scripts/lib.sh"
+cd "$PGVANE_ROOT"
+N=${1:-10000}
+
+ensure_postgres
+ensure_packages python3:python3 psql:postgresql-client pgbouncer:pgbouncer
+cargo build --release --locked --quiet
+cargo bench --locked --no-run --bench idle_clients 2>/dev/null
+CLIENTS=$(ls -t target/release/deps/idle_clients-* | grep -v '\.d$' | head -n 1)
+# Each process needs about N descriptors; raise the soft limit as far as allowed.
+WANT=$((N + 1000)); HARD=$(ulimit -Hn)
+[ "$HARD" != unlimited ] && [ "$HARD" -lt "$WANT" ] && WANT=$HARD
+ulimit -n "$WANT"
+
+WORK=$(mktemp -d /tmp/pgvane-rss.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null
+    wait 2>/dev/null || true
+    cluster_stop
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+cluster_start "$WORK" 0
+RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
+pgvane_config "$WORK/pgvane.toml" 1s
+"$PWD/target/release/pgvane" --config "$WORK/pgvane.toml" > "$WORK/pgvane.log" 2>&1 &
+PGVANE_PID=$!
+PIDS+=($PGVANE_PID)
+
+BOUNCER_PORT=$(free_port)
+# The SCRAM verifier from pg_authid, so PgBouncer runs no PBKDF2 per client login.
+VERIFIER=$(psql -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -XAtc "SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'" postgres)
+printf '"postgres" "%s"\n' "$VERIFIER" > "$WORK/userlist.txt"
+cat > "$WORK/pgbouncer.ini" <<CFG
+[databases]
+postgres = host=127.0.0.1 port=${NODE_PORTS[0]} dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = $((N + 100))
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+CFG
+chmod 644 "$WORK/userlist.txt" "$WORK/pgbouncer.ini"
+if [ "$(id -u)" -eq 0 ]; then
+    chown "$PG_USER" "$WORK"
+    runuser -u "$PG_USER" -- bash -c "ulimit -n $WANT; exec pgbouncer $WORK/pgbouncer.ini" > /dev/null 2>&1 &
+else
+    pgbouncer "$WORK/pgbouncer.ini" > /dev/null 2>&1 &
+fi
+PIDS+=($!)
+wait_port "$TX_PORT"; wait_port "$BOUNCER_PORT"
+sleep 0.5
+BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
+
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+measure() {
+    local name=$1 pid=$2 port=$3 before after
+    before=$(rss "$pid")
+    "$CLIENTS" "$port" "$N" postgres "$PGPASSWORD" postgres 600 > "$WORK/clients.out" 2>&1 &
+    local cpid=$!
+    for _ in $(seq 1 1200); do grep -q connected "$WORK/clients.out" 2>/dev/null && break; sleep 0.1; done
+    grep -q connected "$WORK/clients.out" || { echo "clients failed:"; cat "$WORK/clients.out"; exit 1; }
+    sleep 1
+    after=$(rss "$pid")
+    kill "$cpid"; wait "$cpid" 2>/dev/null || true
+    echo "$name $before $after"
+}
+
+say "$N idle clients each"
+{
+    measure pgvane "$PGVANE_PID" "$TX_PORT"
+    sleep 2
+    measure pgbouncer "$BOUNCER_PID" "$BOUNCER_PORT"
+} | tee "$WORK/rss"
+python3 - "$WORK/rss" "$N" <<'PY'
+import sys
+n = int(sys.argv[2])
+rows = {l.split()[0]: (int(l.split()[1]), int(l.split()[2])) for l in open(sys.argv[1])}
+per = {k: (a - b) * 1024 / n for k, (b, a) in rows.items()}
+print("| proxy | RSS before (KiB) | RSS with %d idle clients (KiB) | per client (bytes) |" % n)
+print("|---|---:|---:|---:|")
+for k, (b, a) in rows.items():
+    print(f"| {k} | {b} | {a} | {per[k]:.0f} |")
+print(f"pgvane / pgbouncer per idle client: {per['pgvane'] / per['pgbouncer']:.2f}x")
+PY
