@@ -124,23 +124,32 @@ pub async fn serve(
         // A debug-level span: at the default level it costs an idle client nothing, and the
         // info-level events name the client themselves.
         let span = tracing::debug_span!("session", listener = %name, client = %peer);
+        let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
+            let err = ClientError::TooManyClients(shared.max_client_conn);
+            let timeout = shared.client_login_timeout;
+            sessions.spawn(refuse(client, peer, err, timeout).instrument(span));
+            continue;
+        };
+        // One task type per mode: a task is as large as its largest state, and an idle
+        // pooled client should not pay for a passthrough session's buffers and timers.
         let (route, shared) = (route.clone(), shared.clone());
-        sessions.spawn(
-            async move {
-                let Ok(_slot) = shared.client_slots.clone().try_acquire_owned() else {
-                    let err = ClientError::TooManyClients(shared.max_client_conn);
-                    return Box::pin(refuse(client, peer, err, shared.client_login_timeout)).await;
-                };
-                // Boxed apart: a task is as large as its largest state, and an idle pooled
-                // client should not pay for a passthrough session's buffers and timers.
-                if route.config.mode.is_pooled() {
-                    Box::pin(pooled::handle(client, peer, &route, &shared)).await
-                } else {
-                    Box::pin(passthrough::handle(client, peer, &route, &shared)).await
-                }
+        if route.config.mode.is_pooled() {
+            let session = async move {
+                pooled::handle(client, peer, &route, &shared).await;
+                drop(slot);
+            };
+            if span.is_disabled() {
+                sessions.spawn(session);
+            } else {
+                sessions.spawn(session.instrument(span));
             }
-            .instrument(span),
-        );
+        } else {
+            let session = async move {
+                passthrough::handle(client, peer, &route, &shared).await;
+                drop(slot);
+            };
+            sessions.spawn(session.instrument(span));
+        }
     }
 }
 
