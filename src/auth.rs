@@ -552,6 +552,13 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// The SQLSTATE ('C' field) of an ErrorResponse body.
+pub fn error_code(body: &[u8]) -> Option<String> {
+    body.split(|&c| c == 0)
+        .find_map(|f| f.strip_prefix(b"C"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+}
+
 /// The 'M' field of an ErrorResponse/NoticeResponse body.
 pub fn error_message(body: &[u8]) -> String {
     body.split(|&c| c == 0)

@@ -46,6 +46,10 @@ pub struct GeneralConfig {
     pub client_login_timeout: Duration,
     /// Client connections accepted at once, over all listeners; more get FATAL 53300.
     pub max_client_conn: u32,
+    /// While a listener's target has no backend (or its backend cannot be reached), new
+    /// connections and transactions wait this long for one to appear (0 = refuse at once).
+    #[serde(with = "duration")]
+    pub failover_hold_timeout: Duration,
 }
 
 impl Default for GeneralConfig {
@@ -54,6 +58,7 @@ impl Default for GeneralConfig {
             shutdown_timeout: Duration::from_secs(30),
             client_login_timeout: Duration::from_secs(60),
             max_client_conn: 100,
+            failover_hold_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -181,6 +186,9 @@ pub struct HealthConfig {
     /// Time between the starts of two checks of the same backend.
     #[serde(with = "duration")]
     pub interval: Duration,
+    /// Time between checks after a failed one, until one succeeds (HAProxy's fastinter).
+    #[serde(with = "duration")]
+    pub fast_interval: Duration,
     /// A check (connect included) that takes longer than this has failed.
     #[serde(with = "duration")]
     pub timeout: Duration,
@@ -195,6 +203,7 @@ impl Default for HealthConfig {
         Self {
             method: CheckMethod::Sql,
             interval: Duration::from_secs(1),
+            fast_interval: Duration::from_millis(250),
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
@@ -445,6 +454,12 @@ impl Config {
             bad(
                 "health.interval".into(),
                 "must be greater than 0, e.g. \"1s\"".into(),
+            );
+        }
+        if h.fast_interval.is_zero() {
+            bad(
+                "health.fast_interval".into(),
+                "must be greater than 0, e.g. \"250ms\"".into(),
             );
         }
         if h.timeout.is_zero() {

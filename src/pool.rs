@@ -23,10 +23,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::auth::{error_message, login_to_server, ServerLoginError, User};
+use crate::auth::{error_code, error_message, login_to_server, ServerLoginError, User};
 use crate::config::PoolConfig;
 use crate::protocol::{read_message, ProtocolError};
-use crate::topology::Backend;
+use crate::topology::{Backend, Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -40,6 +40,24 @@ pub enum PoolError {
     Server(#[from] ProtocolError),
     #[error("server answered \"{0}\"")]
     Query(String),
+}
+
+impl PoolError {
+    /// The backend cannot be reached or is not taking connections right now (down,
+    /// starting, shutting down): another backend, or the same one later, may do.
+    pub fn backend_unreachable(&self) -> bool {
+        match self {
+            PoolError::Connect { .. } | PoolError::Server(_) => true,
+            PoolError::Login(ServerLoginError::Refused { body, .. }) => {
+                // admin_shutdown, crash_shutdown, cannot_connect_now
+                matches!(
+                    error_code(body).as_deref(),
+                    Some("57P01" | "57P02" | "57P03")
+                )
+            }
+            _ => false,
+        }
+    }
 }
 
 impl From<std::io::Error> for PoolError {
@@ -326,6 +344,16 @@ impl Pool {
 
     /// A connection idle for longer than `server_check_delay` must answer the check query.
     async fn usable(&self, conn: &mut ServerConn) -> bool {
+        // An idle server says nothing; readable means it closed or sent a FATAL (its
+        // server was shut down or crashed). Checking costs no system call when quiet.
+        let mut probe = [0u8; 1];
+        match conn.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            _ => {
+                debug!(pool = ?self.key, "idle server connection was closed by the server");
+                return false;
+            }
+        }
         if conn.created.elapsed() > self.settings.server_lifetime
             && !self.settings.server_lifetime.is_zero()
         {
@@ -544,6 +572,42 @@ impl Pools {
         });
         pools.insert(key, pool.clone());
         pool
+    }
+
+    /// Closes the idle connections of every pool on `backend`.
+    pub fn close_idle(&self, backend: &str) -> usize {
+        let mut closed = 0;
+        for pool in self.all().iter().filter(|p| p.key.backend == backend) {
+            let conns = std::mem::take(&mut *pool.idle.lock().expect("pool lock"));
+            pool.open.fetch_sub(conns.len(), Ordering::Relaxed);
+            closed += conns.len();
+        }
+        closed
+    }
+
+    /// Drains a backend's idle connections the moment its role in the routing table
+    /// changes: they were opened for what it no longer is (or it is gone).
+    pub async fn follow_topology(
+        self: Arc<Self>,
+        topology: Arc<Topology>,
+        stop: CancellationToken,
+    ) {
+        let mut changes = topology.subscribe();
+        let mut prev = topology.snapshot();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            let next = topology.snapshot();
+            for (old, new) in prev.backends.iter().zip(&next.backends) {
+                if old.serving != new.serving {
+                    let closed = self.close_idle(&new.backend.name);
+                    info!(backend = %new.backend.name, from = ?old.serving, to = ?new.serving, closed, "backend changed role; idle server connections closed");
+                }
+            }
+            prev = next;
+        }
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {

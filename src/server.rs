@@ -5,11 +5,12 @@
 //! `general.shutdown_timeout` for open sessions to end on their own before closing them.
 //! A second signal closes them immediately.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -40,6 +41,27 @@ pub fn load_users(config: &Config) -> Result<UserStore, ConfigError> {
     UserStore::load(config).map_err(|p| ConfigError::Invalid(vec![p]))
 }
 
+/// PAUSE: hold new transactions and connections; log when the running ones are done, which
+/// is when a planned switchover can start without failing any of them.
+fn pause(shared: &Arc<Shared>) {
+    if shared.paused.send_replace(true) {
+        return;
+    }
+    info!(
+        running = shared.active_links.load(Ordering::Relaxed),
+        "PAUSE: new transactions are held"
+    );
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        while *shared.paused.borrow() && shared.active_links.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if *shared.paused.borrow() {
+            info!("PAUSE complete: no transaction running");
+        }
+    });
+}
+
 /// Runs pgvane until a shutdown signal has been handled.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let users = Arc::new(load_users(&config)?);
@@ -64,6 +86,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     topology.spawn_checks(&config, stop_background.clone());
     let pools = Pools::new(config.pool.clone(), &config.users);
     tokio::spawn(pools.clone().maintain(stop_background.clone()));
+    tokio::spawn(
+        pools
+            .clone()
+            .follow_topology(topology.clone(), stop_background.clone()),
+    );
     // Routing before the first checks would refuse clients for no reason.
     topology
         .wait_first_checks(config.health.timeout + config.health.interval)
@@ -77,6 +104,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         client_slots: Arc::new(Semaphore::new(config.general.max_client_conn as usize)),
         max_client_conn: config.general.max_client_conn,
         client_login_timeout: config.general.client_login_timeout,
+        failover_hold_timeout: config.general.failover_hold_timeout,
+        paused: watch::channel(false).0,
+        active_links: AtomicUsize::new(0),
         kill_sessions: CancellationToken::new(),
     });
     let stop_accepting = CancellationToken::new();
@@ -94,9 +124,19 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     listeners.close();
 
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
-        _ = sigint.recv() => info!("SIGINT: shutting down"),
+    let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(StartError::Signal)?;
+    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break }
+            // PgBouncer's signals: SIGUSR1 = PAUSE, SIGUSR2 = RESUME.
+            _ = sigusr1.recv() => pause(&shared),
+            _ = sigusr2.recv() => {
+                shared.paused.send_replace(false);
+                info!("RESUME: held clients proceed");
+            }
+        }
     }
     stop_accepting.cancel();
     listeners.wait().await;

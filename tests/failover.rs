@@ -115,3 +115,178 @@ async fn a_promoted_replica_fences_the_old_primary_and_its_sessions_are_cut() {
     assert!(log.contains("fenced"), "{log}");
     assert!(log.contains("session shut down"), "{log}");
 }
+
+/// Writers loop on short write transactions through `port`, each on its own connection,
+/// reconnecting when theirs is closed; they count successes and failures.
+struct Writers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u32, u32)>>,
+}
+
+impl Writers {
+    fn start(port: u16, n: usize) -> Writers {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|w| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let (mut ok, mut failed) = (0, 0);
+                    let mut conn = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        if conn.is_none() {
+                            conn = connect(port, SUPERUSER, "postgres").await.ok();
+                        }
+                        let Some(c) = &conn else {
+                            failed += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        };
+                        match c
+                            .batch_execute(&format!("INSERT INTO w VALUES ({w})"))
+                            .await
+                        {
+                            Ok(()) => ok += 1,
+                            Err(e) => {
+                                eprintln!("writer {w}: {e}");
+                                failed += 1;
+                                conn = None;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Writers { stop, tasks }
+    }
+
+    async fn stop(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = (0, 0);
+        for t in self.tasks {
+            let (ok, failed) = t.await.unwrap();
+            total = (total.0 + ok, total.1 + failed);
+        }
+        total
+    }
+}
+
+fn pooled_failover_config(cluster: &Cluster, port: u16, hold: &str) -> String {
+    let health = "interval = \"500ms\"\nfast_interval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 3\n";
+    format!(
+        "{}\n[general]\nfailover_hold_timeout = \"{hold}\"\n\n[[user]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n",
+        config(cluster, health, &listener("tx", port, "primary", "mode = \"transaction\""))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_costs_idle_transaction_clients_nothing() {
+    let cluster = Cluster::start(2);
+    let tx = free_port();
+    let pgvane = Pgvane::start(&pooled_failover_config(&cluster, tx, "15s"), &[tx]);
+    let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    setup
+        .batch_execute("CREATE TABLE w (writer int)")
+        .await
+        .unwrap();
+    cluster.wait_replicated().await;
+
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+        c.batch_execute("INSERT INTO w VALUES (-1)").await.unwrap();
+        idle.push(c);
+    }
+    let writers = Writers::start(tx, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    cluster.primary().kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new = &cluster.nodes[1];
+    new.promote();
+    let promoted = Instant::now();
+
+    // Clients that were idle at the crash just go on, held until the new primary is there.
+    for c in &idle {
+        c.batch_execute("INSERT INTO w VALUES (-2)")
+            .await
+            .unwrap_or_else(|e| panic!("idle client saw {e}\n{}", pgvane.log()));
+        assert_eq!(server_port(c).await, new.port);
+    }
+    eprintln!(
+        "promotion -> idle clients' writes done: {:?}",
+        promoted.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, failed) = writers.stop().await;
+    eprintln!("writers: {ok} ok, {failed} failed");
+    // Only a transaction in flight at the crash may fail: at most one per writer.
+    assert!(failed <= 4, "{failed} failed writes\n{}", pgvane.log());
+    assert!(pgvane.log().contains("held until a backend was available"));
+}
+
+#[tokio::test]
+async fn no_primary_past_the_hold_timeout_is_a_clean_error() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let pgvane = Pgvane::start(&pooled_failover_config(&cluster, tx, "1s"), &[tx]);
+    let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    c.batch_execute("SELECT 1").await.unwrap();
+
+    cluster.primary().stop();
+    pgvane
+        .wait_log("no primary available", Duration::from_secs(5))
+        .await;
+    let started = Instant::now();
+    let err = c.batch_execute("SELECT 1").await.unwrap_err();
+    let waited = started.elapsed();
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "57P03");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "held {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_make_a_switchover_lossless() {
+    let cluster = Cluster::start(1);
+    let tx = free_port();
+    let pgvane = Pgvane::start(&pooled_failover_config(&cluster, tx, "15s"), &[tx]);
+    let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    setup
+        .batch_execute("CREATE TABLE w (writer int)")
+        .await
+        .unwrap();
+    cluster.wait_replicated().await;
+    let writers = Writers::start(tx, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    pgvane.signal("USR1");
+    pgvane
+        .wait_log("PAUSE complete", Duration::from_secs(5))
+        .await;
+    cluster.wait_replicated().await;
+    cluster.primary().stop();
+    cluster.nodes[1].promote();
+    pgvane
+        .wait_log("primary=\"pg1\"", Duration::from_secs(5))
+        .await;
+    pgvane.signal("USR2");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (ok, failed) = writers.stop().await;
+    assert_eq!(failed, 0, "\n{}", pgvane.log());
+    let c = cluster.nodes[1].connect().await;
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM w", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows, ok as i64,
+        "every acknowledged write is on the new primary"
+    );
+}

@@ -90,7 +90,10 @@ async fn no_primary_gives_a_postgres_fatal_error() {
     let (rw, ro) = (free_port(), free_port());
     let listeners = listener("rw", rw, "primary", "")
         + &listener("ro", ro, "replica", "fallback_to_primary = false");
-    let pgvane = Pgvane::start(&config(&cluster, FAST_HEALTH, &listeners), &[rw, ro]);
+    // No failover hold: refuse at once when the target has no backend.
+    let text =
+        config(&cluster, FAST_HEALTH, &listeners) + "\n[general]\nfailover_hold_timeout = 0\n";
+    let pgvane = Pgvane::start(&text, &[rw, ro]);
 
     cluster.primary().stop();
     // Until the checks mark it down, the stopped primary is still routed to and the
@@ -155,7 +158,10 @@ async fn hostile_startup_bytes_are_refused_without_harm() {
     let cluster = Cluster::start(0);
     let (rw, ro) = (free_port(), free_port());
     let listeners = listener("rw", rw, "primary", "") + &listener("ro", ro, "replica", "");
-    let pgvane = Pgvane::start(&config(&cluster, FAST_HEALTH, &listeners), &[rw, ro]);
+    // No failover hold: refuse at once when the target has no backend.
+    let text =
+        config(&cluster, FAST_HEALTH, &listeners) + "\n[general]\nfailover_hold_timeout = 0\n";
+    let pgvane = Pgvane::start(&text, &[rw, ro]);
 
     // No replica: pgvane itself parses the startup packet. A 4 GiB length must be refused
     // without allocating, SSL must be declined with 'N', and none of it disturbs others.

@@ -9,15 +9,16 @@ mod cancel;
 mod passthrough;
 mod pooled;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -29,7 +30,7 @@ use crate::config::{Balance, ListenerConfig};
 use crate::error::ClientError;
 use crate::pool::Pools;
 use crate::protocol::{read_startup, ProtocolError, StartupPacket, PROTOCOL_MAJOR_3};
-use crate::topology::{RoutingTable, Topology};
+use crate::topology::{Backend, RoutingTable, Topology};
 
 /// A listener's routing policy plus its round-robin cursor.
 pub struct Route {
@@ -84,6 +85,78 @@ impl Route {
     }
 }
 
+/// How one attempt on a backend failed.
+enum Attempt {
+    /// The backend could not be reached or is not taking connections: report it, and try
+    /// another one or wait for the routing table to change.
+    Unreachable(ClientError),
+    /// Any other failure: give up.
+    Fatal(ClientError),
+}
+
+/// A backend an attempt succeeded on, with what the attempt produced.
+struct Chosen<T> {
+    index: usize,
+    backend: Arc<Backend>,
+    /// Fires when the backend's role in the routing table changes.
+    lost: CancellationToken,
+    value: T,
+}
+
+impl Route {
+    /// Runs `attempt` on the backends this route offers, in order, until one succeeds. While
+    /// the target has no backend, or every backend offered failed, waits for the routing
+    /// table to change, up to `hold` in all (`failover_hold_timeout`): a failover then costs
+    /// clients a pause instead of an error.
+    async fn with_backend<T, F, Fut>(
+        &self,
+        topology: &Topology,
+        hold: Duration,
+        mut attempt: F,
+    ) -> Result<Chosen<T>, ClientError>
+    where
+        F: FnMut(Arc<Backend>) -> Fut,
+        Fut: Future<Output = Result<T, Attempt>>,
+    {
+        let started = Instant::now();
+        let deadline = started + hold;
+        let mut changes = topology.subscribe();
+        let mut last_error = None;
+        loop {
+            changes.borrow_and_update();
+            let table = topology.snapshot();
+            for i in self.attempt_order(&table) {
+                let view = &table.backends[i];
+                match attempt(view.backend.clone()).await {
+                    Ok(value) => {
+                        let waited = started.elapsed();
+                        if waited > Duration::from_millis(10) {
+                            info!(listener = %self.config.name, backend = %view.backend.name, ?waited, "held until a backend was available");
+                        }
+                        return Ok(Chosen {
+                            index: i,
+                            backend: view.backend.clone(),
+                            lost: view.lost.clone(),
+                            value,
+                        });
+                    }
+                    Err(Attempt::Fatal(e)) => return Err(e),
+                    Err(Attempt::Unreachable(e)) => {
+                        warn!(listener = %self.config.name, backend = %view.backend.name, error = %e, "backend unreachable");
+                        topology.report_failure(i);
+                        last_error = Some(e);
+                    }
+                }
+            }
+            drop(table);
+            let changed = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
+                return Err(last_error.unwrap_or_else(|| self.no_backend()));
+            }
+        }
+    }
+}
+
 /// What every client handler needs, shared by all listeners.
 pub struct Shared {
     pub topology: Arc<Topology>,
@@ -94,8 +167,25 @@ pub struct Shared {
     pub client_slots: Arc<Semaphore>,
     pub max_client_conn: u32,
     pub client_login_timeout: Duration,
+    pub failover_hold_timeout: Duration,
+    /// PAUSE (true) holds new passthrough connections and new pooled transactions until
+    /// RESUME (false); running ones go on.
+    pub paused: watch::Sender<bool>,
+    /// Pooled clients linked to a server connection right now.
+    pub active_links: AtomicUsize,
     /// Fired when shutdown stops waiting for sessions to end.
     pub kill_sessions: CancellationToken,
+}
+
+impl Shared {
+    /// Waits while pgvane is paused. False when shutdown comes first.
+    async fn wait_resumed(&self) -> bool {
+        let mut paused = self.paused.subscribe();
+        tokio::select! {
+            r = paused.wait_for(|p| !p) => r.is_ok(),
+            _ = self.kill_sessions.cancelled() => false,
+        }
+    }
 }
 
 /// Accepts clients until `stop_accepting` fires; sessions run on `sessions`.

@@ -25,12 +25,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::cancel::{send_cancel, CancelKey};
-use super::{read_client_startup, send_error, Route, Shared};
+use super::{read_client_startup, send_error, Attempt, Chosen, Route, Shared};
 use crate::auth::{authenticate_client, User};
 use crate::config::{ListenerMode, OnRoleLoss};
 use crate::error::ClientError;
-use crate::pool::{LoginParams, Pool, ServerConn, TRACKED};
+use crate::pool::{LoginParams, Pool, PoolError, ServerConn, TRACKED};
 use crate::protocol::{backend, cstrings, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3};
+use crate::topology::Backend;
 
 /// Per-direction read buffer while linked (PgBouncer's pkt_buf is 4 KiB).
 const LINK_BUFFER: usize = 8192;
@@ -129,15 +130,17 @@ async fn login(
         .unwrap_or_else(|| Arc::new(User::without_secret(user)));
 
     // The client is shown the parameters of a server of its target, with its own values.
-    let table = shared.topology.snapshot();
-    let Some(&first) = route.attempt_order(&table).first() else {
-        return Err(route.no_backend());
+    let login_params = |backend: Arc<Backend>| {
+        let pool = shared.pools.get(&backend, &user, &database);
+        async move {
+            let params = Box::pin(pool.login_params()).await.map_err(classify)?;
+            Ok((pool, params))
+        }
     };
-    let pool = shared
-        .pools
-        .get(&table.backends[first].backend, &user, &database);
-    drop(table);
-    let defaults = Box::pin(pool.login_params()).await?;
+    let chosen = route
+        .with_backend(&shared.topology, shared.failover_hold_timeout, login_params)
+        .await?;
+    let (pool, defaults) = chosen.value;
     // A value the server has anyway need not be remembered per client.
     overrides.retain(|(k, v)| !defaults.all.iter().any(|(dk, dv)| dk == k && dv == v));
 
@@ -160,6 +163,16 @@ async fn login(
         cancel_key,
         peer,
     }))
+}
+
+/// Whether a failure to get a server connection is the backend's (try elsewhere or wait
+/// for the routing table) or final.
+fn classify(e: PoolError) -> Attempt {
+    if e.backend_unreachable() {
+        Attempt::Unreachable(e.into())
+    } else {
+        Attempt::Fatal(e.into())
+    }
 }
 
 /// Records a parameter value, using the canonical spelling of tracked names.
@@ -211,21 +224,26 @@ impl Session {
         shared: &Shared,
     ) -> bool {
         let cfg = &route.config;
-        let table = shared.topology.snapshot();
-        let Some(&i) = route.attempt_order(&table).first() else {
-            send_error(client, self.peer, &route.no_backend()).await;
+        if !shared.wait_resumed().await {
             return false;
+        }
+        let home = &self.home;
+        let acquire = |backend: Arc<Backend>| {
+            let pool = shared.pools.get(&backend, home.user(), &home.key.database);
+            async move { Box::pin(pool.acquire()).await.map_err(classify) }
         };
-        let view = &table.backends[i];
-        let (backend, lost) = (view.backend.clone(), view.lost.clone());
-        drop(table);
-        let pool = shared
-            .pools
-            .get(&backend, self.home.user(), &self.home.key.database);
-        let mut lease = match pool.acquire().await {
-            Ok(l) => l,
+        let chosen = route
+            .with_backend(&shared.topology, shared.failover_hold_timeout, acquire)
+            .await;
+        let Chosen {
+            index: i,
+            backend,
+            lost,
+            value: mut lease,
+        } = match chosen {
+            Ok(c) => c,
             Err(e) => {
-                send_error(client, self.peer, &e.into()).await;
+                send_error(client, self.peer, &e).await;
                 return false;
             }
         };
@@ -240,9 +258,15 @@ impl Session {
         self.cancel_key
             .set_target(Some(lease.conn().cancel_target()));
         let _active = backend.track_session();
+        // A session-mode session is its link: it ends when the backend stops serving the
+        // target, as a passthrough session does. A transaction is let finish (or fail on a
+        // dead server); its connection is then closed instead of returned.
         let role_lost = async {
-            if cfg.on_role_loss == OnRoleLoss::ShutdownSessions {
-                route.until_role_lost(&shared.topology, i, lost).await
+            if cfg.on_role_loss == OnRoleLoss::ShutdownSessions && cfg.mode == ListenerMode::Session
+            {
+                route
+                    .until_role_lost(&shared.topology, i, lost.clone())
+                    .await
             } else {
                 std::future::pending().await
             }
@@ -252,17 +276,25 @@ impl Session {
             idle_transaction_timeout: shared.pools.settings().idle_transaction_timeout,
             kill: &shared.kill_sessions,
         };
+        shared.active_links.fetch_add(1, Relaxed);
         let end = link
             .run(client, lease.conn(), &mut self.overrides, role_lost)
             .await;
+        shared.active_links.fetch_sub(1, Relaxed);
         self.cancel_key.set_target(None);
+        let drained = lost.is_cancelled();
         match end {
+            LinkEnd::Idle if drained => {
+                debug!(backend = %backend.name, "backend changed role; server connection closed");
+                true
+            }
             LinkEnd::Idle => {
                 lease.release();
                 true
             }
             LinkEnd::ClientGone(state) => {
                 match state {
+                    ServerState::Idle if drained => {}
                     ServerState::Idle if cfg.mode == ListenerMode::Session => {
                         let reset = &shared.pools.settings().server_reset_query;
                         lease.reset_and_release(reset).await

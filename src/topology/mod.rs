@@ -14,15 +14,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub use health::{Observation, Role};
 pub use table::{Backend, BackendView, Election, RoutingTable, Serving, SessionGuard};
 
-use crate::config::Config;
+use crate::config::{Config, HealthConfig};
 use check::Probe;
 use health::HealthState;
 
@@ -31,6 +32,8 @@ pub struct Topology {
     table: ArcSwap<RoutingTable>,
     /// Carries the generation of each published table, for tasks that wait for a change.
     published: watch::Sender<u64>,
+    /// One per backend: wakes its check task for an immediate check.
+    recheck: Vec<Notify>,
 }
 
 impl Topology {
@@ -43,6 +46,7 @@ impl Topology {
             .collect();
         let table = RoutingTable::initial(&backends);
         Arc::new(Self {
+            recheck: backends.iter().map(|_| Notify::new()).collect(),
             backends,
             table: ArcSwap::from_pointee(table),
             published: watch::channel(0).0,
@@ -56,6 +60,14 @@ impl Topology {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.published.subscribe()
+    }
+
+    /// Passive health: the data path failed to reach backend `i`, so check it now rather
+    /// than at its next interval.
+    pub fn report_failure(&self, i: usize) {
+        if let Some(n) = self.recheck.get(i) {
+            n.notify_one();
+        }
     }
 
     /// Waits until every backend has been checked once, or `limit` has passed.
@@ -78,11 +90,10 @@ impl Topology {
         let mut tasks = JoinSet::new();
         for (i, b) in config.backends.iter().enumerate() {
             let probe = Probe::new(b, &config.health);
-            tasks.spawn(check_loop(
+            tasks.spawn(self.clone().check_loop(
                 i,
                 probe,
-                config.health.interval,
-                config.health.timeout,
+                config.health.clone(),
                 tx.clone(),
                 shutdown.clone(),
             ));
@@ -90,6 +101,40 @@ impl Topology {
         tasks.detach_all();
         let (rise, fall) = (config.health.rise, config.health.fall);
         tokio::spawn(self.clone().publish_loop(rx, rise, fall));
+    }
+
+    /// Checks backend `index` every `interval`; after a failed check or while no primary is
+    /// elected, every `fast_interval` (HAProxy's fastinter); and at once when the data path
+    /// reports a failure.
+    async fn check_loop(
+        self: Arc<Self>,
+        index: usize,
+        mut probe: Probe,
+        health: HealthConfig,
+        tx: mpsc::Sender<(usize, Observation)>,
+        shutdown: CancellationToken,
+    ) {
+        let mut next = Instant::now();
+        loop {
+            let obs = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(next) => probe.check(health.timeout).await,
+                _ = self.recheck[index].notified() => probe.check(health.timeout).await,
+            };
+            // Faster while this backend fails, and while there is no primary: then a
+            // promoted replica is found within fast_interval.
+            let hurry =
+                matches!(obs, Observation::Failed(_)) || self.snapshot().primary().is_none();
+            let pause = if hurry {
+                health.fast_interval
+            } else {
+                health.interval
+            };
+            next = Instant::now() + pause;
+            if tx.send((index, obs)).await.is_err() {
+                return;
+            }
+        }
     }
 
     async fn publish_loop(
@@ -157,27 +202,6 @@ fn log_election(prev: &RoutingTable, next: &RoutingTable) {
         Election::Ambiguous(claimants) => {
             let names: Vec<&str> = claimants.iter().map(name).collect();
             error!(claimants = ?names, "several backends claim primary and none is clearly newer; writes are held until this resolves");
-        }
-    }
-}
-
-async fn check_loop(
-    index: usize,
-    mut probe: Probe,
-    interval: Duration,
-    timeout: Duration,
-    tx: mpsc::Sender<(usize, Observation)>,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let obs = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            obs = async { ticker.tick().await; probe.check(timeout).await } => obs,
-        };
-        if tx.send((index, obs)).await.is_err() {
-            return;
         }
     }
 }

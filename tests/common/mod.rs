@@ -443,6 +443,21 @@ impl Pgvane {
         self.child.id()
     }
 
+    /// Sends a signal, e.g. "USR1".
+    pub fn signal(&self, name: &str) {
+        run(Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string()));
+    }
+
+    /// Waits until the log contains `text`.
+    pub async fn wait_log(&self, text: &str, limit: Duration) {
+        eventually(limit, text, || async {
+            self.log().contains(text).then_some(())
+        })
+        .await
+    }
+
     /// Waits for the process to exit, up to `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
