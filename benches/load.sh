@@ -7,7 +7,9 @@
 # Reports the median tps of each target and its ratio to the direct connection; the
 # machine is shared and noisy, so only ratios from one run mean anything.
 #
-#   benches/load.sh [-T seconds] [-r repetitions] [-s scale]
+#   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"]
+#
+# -w picks workloads by number (0-3, in the order below), -t targets by name.
 #
 # Workloads: -S (select-only) at 32 and 256 clients, TPC-B-like at 32 clients, and
 # connection churn (-C -S, a new connection per transaction) at 16 clients.
@@ -15,9 +17,12 @@ set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
 
-DURATION=10 REPS=3 SCALE=10
-while getopts "T:r:s:" o; do
-    case $o in T) DURATION=$OPTARG ;; r) REPS=$OPTARG ;; s) SCALE=$OPTARG ;; *) exit 2 ;; esac
+DURATION=10 REPS=3 SCALE=10 ONLY_W="" ONLY_T=""
+while getopts "T:r:s:w:t:" o; do
+    case $o in
+        T) DURATION=$OPTARG ;; r) REPS=$OPTARG ;; s) SCALE=$OPTARG ;;
+        w) ONLY_W=$OPTARG ;; t) ONLY_T=$OPTARG ;; *) exit 2 ;;
+    esac
 done
 
 ensure_postgres
@@ -97,10 +102,12 @@ NAMES=("-S, 32 clients" "-S, 256 clients" "TPC-B-like, 32 clients" "-C -S (new c
 RESULTS="$WORK/results"
 : > "$RESULTS"
 for w in "${!WORKLOADS[@]}"; do
+    [ -n "$ONLY_W" ] && [[ " $ONLY_W " != *" $w "* ]] && continue
     for rep in $(seq 1 "$REPS"); do
         # Interleave targets within a repetition so drift hits all of them alike.
         for t in "${TARGETS[@]}"; do
             name=${t%%:*} port=${t#*:}
+            [ -n "$ONLY_T" ] && [ "$name" != direct ] && [[ " $ONLY_T " != *" $name "* ]] && continue
             tps=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -M simple -j 2 -T "$DURATION" \
                   ${WORKLOADS[$w]} postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
             echo "$w $name ${tps:-0}" >> "$RESULTS"
@@ -122,9 +129,14 @@ for w, t, v in rows:
 print("| workload | " + " | ".join(order) + " |")
 print("|---|" + "---:|" * len(order))
 for w, n in enumerate(names):
+    if (w, "direct") not in tps:
+        continue
     direct = statistics.median(tps[(w, "direct")])
     cells = []
     for t in order:
+        if (w, t) not in tps:
+            cells.append("")
+            continue
         m = statistics.median(tps[(w, t)])
         cells.append(f"{m:.0f}" if t == "direct" else f"{m/direct:.2f}x" if direct else "n/a")
     print(f"| {n} | " + " | ".join(cells) + " |")

@@ -493,10 +493,15 @@ impl Pool {
     }
 }
 
+/// database → user → pool.
+type PoolsOfBackend = HashMap<String, HashMap<String, Arc<Pool>>>;
+
 /// Every pool, created on first use.
 pub struct Pools {
     settings: Arc<PoolConfig>,
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// backend → database → user → pool: looked up by `&str` per transaction, without
+    /// building a key.
+    pools: Mutex<HashMap<String, PoolsOfBackend>>,
     db_caps: Mutex<HashMap<String, Arc<Semaphore>>>,
     user_caps: Mutex<HashMap<String, Arc<Semaphore>>>,
     user_settings: HashMap<String, (Option<u32>, Option<u32>)>,
@@ -522,15 +527,19 @@ impl Pools {
 
     /// The pool of `user` on `database` at `backend`.
     pub fn get(&self, backend: &Arc<Backend>, user: &Arc<User>, database: &str) -> Arc<Pool> {
+        let mut pools = self.pools.lock().expect("pools lock");
+        let found = pools
+            .get(&backend.name)
+            .and_then(|dbs| dbs.get(database))
+            .and_then(|users| users.get(&user.name));
+        if let Some(p) = found {
+            return p.clone();
+        }
         let key = PoolKey {
             backend: backend.name.clone(),
             database: database.to_owned(),
             user: user.name.clone(),
         };
-        let mut pools = self.pools.lock().expect("pools lock");
-        if let Some(p) = pools.get(&key) {
-            return p.clone();
-        }
         let (user_pool_size, user_max) = self
             .user_settings
             .get(&user.name)
@@ -570,7 +579,12 @@ impl Pools {
             open: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
         });
-        pools.insert(key, pool.clone());
+        pools
+            .entry(key.backend)
+            .or_default()
+            .entry(key.database)
+            .or_default()
+            .insert(key.user, pool.clone());
         pool
     }
 
@@ -611,10 +625,11 @@ impl Pools {
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools
-            .lock()
-            .expect("pools lock")
+        let pools = self.pools.lock().expect("pools lock");
+        pools
             .values()
+            .flat_map(|dbs| dbs.values())
+            .flat_map(|users| users.values())
             .cloned()
             .collect()
     }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -191,21 +191,15 @@ impl Session {
     async fn run(mut self, mut client: TcpStream, route: &Route, shared: &Shared) {
         loop {
             // Idle: wait for the client's next request, holding neither buffer nor server.
-            // poll_peek parks on the socket's own waker slot: a much smaller future than
-            // `peek()`, and idle clients are what a pooler has most of.
-            let mut first = [0u8; 1];
-            let peek = std::future::poll_fn(|cx| {
-                let mut buf = ReadBuf::new(&mut first);
-                client.poll_peek(cx, &mut buf)
-            });
-            let peeked = tokio::select! {
-                r = peek => r,
+            // poll_read_ready parks on the socket's own waker slot: a much smaller future
+            // than `readable()`, and idle clients are what a pooler has most of.
+            let ready = std::future::poll_fn(|cx| client.poll_read_ready(cx));
+            let ready = tokio::select! {
+                r = ready => r,
                 _ = shared.kill_sessions.cancelled() => return,
             };
-            match peeked {
-                Ok(1) if first[0] != b'X' => {}
-                // Gone, or a Terminate: nothing to do on any server.
-                _ => return,
+            if ready.is_err() {
+                return;
             }
             // Everything a request needs lives in its own boxed future, so that an idle
             // session costs no more than the state above.
@@ -223,6 +217,18 @@ impl Session {
         route: &Route,
         shared: &Shared,
     ) -> bool {
+        // The request's first bytes, read before a server is chosen: one system call where a
+        // peek and a read would take two, and a Terminate or a hang-up needs no server.
+        let mut first = BytesMut::with_capacity(LINK_BUFFER);
+        match client.try_read_buf(&mut first) {
+            // Hung up, or a Terminate: nothing to do on any server.
+            Ok(0) => return false,
+            Ok(_) if first[0] == b'X' => return false,
+            Ok(_) => {}
+            // The readiness was stale: back to waiting.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
         let cfg = &route.config;
         if !shared.wait_resumed().await {
             return false;
@@ -278,7 +284,7 @@ impl Session {
         };
         shared.active_links.fetch_add(1, Relaxed);
         let end = link
-            .run(client, lease.conn(), &mut self.overrides, role_lost)
+            .run(client, first, lease.conn(), &mut self.overrides, role_lost)
             .await;
         shared.active_links.fetch_sub(1, Relaxed);
         self.cancel_key.set_target(None);
@@ -411,6 +417,7 @@ impl Link<'_> {
     async fn run(
         self,
         client: &mut TcpStream,
+        first: BytesMut,
         server: &mut ServerConn,
         overrides: &mut Vec<(String, String)>,
         role_lost: impl std::future::Future<Output = ()>,
@@ -423,13 +430,17 @@ impl Link<'_> {
         let (mut server_rd, mut server_wr) = stream.split();
 
         let client_to_server = async {
-            let mut buf = vec![0u8; LINK_BUFFER];
+            // read_buf fills spare capacity: no zeroing of a fresh buffer per transaction.
+            let mut buf = first;
             let mut scan = Scanner::new(b"");
             loop {
-                let n = match client_rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => return LinkEnd::ClientGone(state()),
-                    Ok(n) => n,
-                };
+                if buf.is_empty() {
+                    match client_rd.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return LinkEnd::ClientGone(state()),
+                        Ok(_) => {}
+                    }
+                }
+                let n = buf.len();
                 st.client_data_now();
                 let mut terminate_at = None;
                 let scanned = scan.feed(&buf[..n], |e| {
@@ -470,14 +481,16 @@ impl Link<'_> {
                     let s = if at < 0 { ServerState::Broken } else { state() };
                     return LinkEnd::ClientGone(s);
                 }
+                buf.clear();
             }
         };
 
         let server_to_client = async {
-            let mut buf = vec![0u8; LINK_BUFFER];
+            let mut buf = BytesMut::with_capacity(LINK_BUFFER);
             let mut scan = Scanner::new(b"ZS");
             loop {
-                let n = match server_rd.read(&mut buf).await {
+                buf.clear();
+                let n = match server_rd.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => {
                         return LinkEnd::Failed {
                             error: ClientError::ServerLost(
