@@ -224,7 +224,6 @@ async fn a_crash_costs_idle_transaction_clients_nothing() {
     eprintln!("writers: {ok} ok, {failed} failed");
     // Only a transaction in flight at the crash may fail: at most one per writer.
     assert!(failed <= 4, "{failed} failed writes\n{}", pgvane.log());
-    assert!(pgvane.log().contains("held until a backend was available"));
 }
 
 #[tokio::test]

@@ -118,8 +118,9 @@ impl Route {
         F: FnMut(Arc<Backend>) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
-        let started = Instant::now();
-        let deadline = started + hold;
+        let deadline = Instant::now() + hold;
+        // Only waits for the routing table count as holding (not, say, a pool's queue).
+        let mut held: Option<Instant> = None;
         let mut changes = topology.subscribe();
         let mut last_error = None;
         loop {
@@ -129,8 +130,8 @@ impl Route {
                 let view = &table.backends[i];
                 match attempt(view.backend.clone()).await {
                     Ok(value) => {
-                        let waited = started.elapsed();
-                        if waited > Duration::from_millis(10) {
+                        if let Some(since) = held {
+                            let waited = since.elapsed();
                             info!(listener = %self.config.name, backend = %view.backend.name, ?waited, "held until a backend was available");
                         }
                         return Ok(Chosen {
@@ -149,6 +150,7 @@ impl Route {
                 }
             }
             drop(table);
+            held.get_or_insert_with(Instant::now);
             let changed = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
             if !matches!(changed, Ok(Ok(()))) {
                 return Err(last_error.unwrap_or_else(|| self.no_backend()));

@@ -527,10 +527,14 @@ pub async fn server_port(c: &Client) -> u16 {
     try_server_port(c).await.expect("SELECT inet_server_port()")
 }
 
-/// As [`server_port`], for connections that may be cut meanwhile.
+/// As [`server_port`], for connections that may be cut meanwhile. Simple protocol: one
+/// statement, one round trip, so it works the same through a transaction pooler.
 pub async fn try_server_port(c: &Client) -> Option<u16> {
-    let row = c.query_one("SELECT inet_server_port()", &[]).await.ok()?;
-    Some(row.get::<_, i32>(0) as u16)
+    let messages = c.simple_query("SELECT inet_server_port()").await.ok()?;
+    messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+        _ => None,
+    })
 }
 
 /// A config with the cluster's backends, `listeners`, and `extra` TOML (pool, auth, users)
