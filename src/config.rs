@@ -194,6 +194,10 @@ pub struct HealthConfig {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// A replica whose replayed WAL is more than this many bytes behind the primary's
+    /// leaves the replica target (after `fall` such checks) until it catches up (`rise`).
+    /// 0 = never; needs `method = "sql"`.
+    pub max_replica_lag: u64,
     pub sql: SqlCheckConfig,
     pub patroni: PatroniCheckConfig,
 }
@@ -207,6 +211,7 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
+            max_replica_lag: 0,
             sql: SqlCheckConfig::default(),
             patroni: PatroniCheckConfig::default(),
         }
@@ -473,6 +478,12 @@ impl Config {
         }
         if h.fall == 0 {
             bad("health.fall".into(), "must be at least 1".into());
+        }
+        if h.method == CheckMethod::Patroni && h.max_replica_lag > 0 {
+            bad(
+                "health.max_replica_lag".into(),
+                "needs method = \"sql\" (Patroni's checks do not report WAL positions)".into(),
+            );
         }
         if h.method == CheckMethod::Sql && h.sql.user.is_empty() {
             bad(

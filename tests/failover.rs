@@ -289,3 +289,44 @@ async fn pause_and_resume_make_a_switchover_lossless() {
         "every acknowledged write is on the new primary"
     );
 }
+
+#[tokio::test]
+async fn a_lagging_replica_leaves_the_replica_target_and_returns() {
+    let cluster = Cluster::start(1);
+    let ro = free_port();
+    let health = "interval = \"200ms\"\nfast_interval = \"100ms\"\nrise = 2\nfall = 2\nmax_replica_lag = 1048576\n";
+    let text = config(&cluster, health, &listener("ro", ro, "replica", ""))
+        + "\n[general]\nfailover_hold_timeout = 0\n";
+    let pgvane = Pgvane::start(&text, &[ro]);
+    let replica = &cluster.nodes[1];
+    let c = connect(ro, SUPERUSER, "postgres").await.unwrap();
+    assert_eq!(server_port(&c).await, replica.port);
+
+    // Replay stops while the primary writes several MB of WAL.
+    let r = replica.connect().await;
+    r.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let p = cluster.primary().connect().await;
+    p.batch_execute(
+        "CREATE TABLE big AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 50000) g",
+    )
+    .await
+    .unwrap();
+    let err = eventually(Duration::from_secs(5), "the replica to leave", || async {
+        connect(ro, SUPERUSER, "postgres").await.err()
+    })
+    .await;
+    assert_eq!(err.code().unwrap().code(), "57P03", "{err}");
+    assert!(pgvane.log().contains("replica too far behind"));
+
+    r.batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the replica to return", || async {
+        let c = connect(ro, SUPERUSER, "postgres").await.ok()?;
+        (try_server_port(&c).await? == replica.port).then_some(())
+    })
+    .await;
+    assert!(pgvane.log().contains("replica caught up"));
+}

@@ -19,10 +19,13 @@ use super::health::Observation;
 use crate::config::{BackendConfig, CheckMethod, HealthConfig};
 
 /// On a primary the current WAL file name starts with the timeline in 8 hex digits; that is
-/// up to date right after a promotion, unlike the checkpoint's timeline.
+/// up to date right after a promotion, unlike the checkpoint's timeline. The third column is
+/// the WAL position in bytes (written on a primary, replayed on a replica), for replica lag.
 const SQL_CHECK: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN NULL \
-     ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END";
+     ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+     ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint";
 
 pub enum Probe {
     Sql(Box<SqlProbe>),
@@ -55,8 +58,9 @@ impl Probe {
         }
     }
 
-    /// One check, bounded by `timeout` (connect included).
-    pub async fn check(&mut self, timeout: Duration) -> Observation {
+    /// One check, bounded by `timeout` (connect included), with the backend's WAL position
+    /// when the method can tell.
+    pub async fn check(&mut self, timeout: Duration) -> (Observation, Option<u64>) {
         let result = tokio::time::timeout(timeout, async {
             match self {
                 Probe::Sql(p) => p.check().await,
@@ -65,14 +69,15 @@ impl Probe {
         })
         .await;
         match result {
-            Ok(Ok(obs)) => obs,
+            Ok(Ok(checked)) => checked,
             Ok(Err(e)) => {
                 self.reset();
-                Observation::Failed(e)
+                (Observation::Failed(e), None)
             }
             Err(_) => {
                 self.reset();
-                Observation::Failed(format!("check timed out after {timeout:?}"))
+                let e = format!("check timed out after {timeout:?}");
+                (Observation::Failed(e), None)
             }
         }
     }
@@ -90,7 +95,7 @@ pub struct SqlProbe {
 }
 
 impl SqlProbe {
-    async fn check(&mut self) -> Result<Observation, String> {
+    async fn check(&mut self) -> Result<(Observation, Option<u64>), String> {
         let client = match &self.client {
             Some(c) if !c.is_closed() => c,
             _ => {
@@ -114,11 +119,13 @@ impl SqlProbe {
                 _ => None,
             })
             .ok_or("query returned no row")?;
+        let wal = row.get(2).and_then(|w| w.parse().ok());
         match row.get(0) {
-            Some("t") => Ok(Observation::Replica),
-            Some("f") => Ok(Observation::Primary {
-                timeline: row.get(1).and_then(|t| t.parse().ok()),
-            }),
+            Some("t") => Ok((Observation::Replica, wal)),
+            Some("f") => {
+                let timeline = row.get(1).and_then(|t| t.parse().ok());
+                Ok((Observation::Primary { timeline }, wal))
+            }
             other => Err(format!("unexpected pg_is_in_recovery() value {other:?}")),
         }
     }
@@ -130,14 +137,14 @@ pub struct PatroniProbe {
 }
 
 impl PatroniProbe {
-    async fn check(&self) -> Result<Observation, String> {
+    async fn check(&self) -> Result<(Observation, Option<u64>), String> {
         let primary = self.status("/primary").await?;
         if primary == StatusCode::OK {
-            return Ok(Observation::Primary { timeline: None });
+            return Ok((Observation::Primary { timeline: None }, None));
         }
         let replica = self.status("/replica").await?;
         if replica == StatusCode::OK {
-            return Ok(Observation::Replica);
+            return Ok((Observation::Replica, None));
         }
         Err(format!(
             "patroni: /primary answered {}, /replica answered {}",

@@ -69,6 +69,11 @@ pub struct HealthState {
     fall_count: u32,
     timeline: Option<u32>,
     last_error: Option<String>,
+    /// WAL position in bytes: written (primary) or replayed (replica), at the last check.
+    wal: Option<u64>,
+    /// A replica too far behind the primary: up, but not routed to.
+    lagging: bool,
+    lag_count: u32,
 }
 
 impl Default for HealthState {
@@ -79,6 +84,9 @@ impl Default for HealthState {
             fall_count: 0,
             timeline: None,
             last_error: None,
+            wal: None,
+            lagging: false,
+            lag_count: 0,
         }
     }
 }
@@ -99,6 +107,35 @@ impl HealthState {
 
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
+    }
+
+    pub fn wal(&self) -> Option<u64> {
+        self.wal
+    }
+
+    pub fn set_wal(&mut self, wal: Option<u64>) {
+        self.wal = wal;
+    }
+
+    pub fn is_lagging(&self) -> bool {
+        self.lagging
+    }
+
+    /// Feeds whether this replica is further behind than allowed. Like health itself it
+    /// takes `fall` consecutive answers to leave and `rise` to come back; returns the new
+    /// state when it changes.
+    pub fn observe_lag(&mut self, behind: bool, rise: u32, fall: u32) -> Option<bool> {
+        if behind == self.lagging {
+            self.lag_count = 0;
+            return None;
+        }
+        self.lag_count += 1;
+        if self.lag_count < if behind { fall } else { rise } {
+            return None;
+        }
+        self.lagging = behind;
+        self.lag_count = 0;
+        Some(behind)
     }
 
     /// Feeds one check result; returns the role change it caused, if any.
@@ -235,6 +272,23 @@ mod tests {
         assert_eq!(t.to, Role::Down);
         assert!(t.reason.contains("connection refused"), "{}", t.reason);
         assert!(h.observe(fail(), 2, 1).is_none());
+    }
+
+    #[test]
+    fn lag_leaves_after_fall_and_returns_after_rise() {
+        let mut h = HealthState::default();
+        let seq = [true, false, true, true, true, false, true, false, false];
+        let states: Vec<bool> = seq
+            .iter()
+            .map(|&b| {
+                h.observe_lag(b, 2, 3);
+                h.is_lagging()
+            })
+            .collect();
+        assert_eq!(
+            states,
+            [false, false, false, false, true, true, true, true, false]
+        );
     }
 
     #[test]

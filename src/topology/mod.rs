@@ -99,8 +99,7 @@ impl Topology {
             ));
         }
         tasks.detach_all();
-        let (rise, fall) = (config.health.rise, config.health.fall);
-        tokio::spawn(self.clone().publish_loop(rx, rise, fall));
+        tokio::spawn(self.clone().publish_loop(rx, config.health.clone()));
     }
 
     /// Checks backend `index` every `interval`; after a failed check or while no primary is
@@ -111,12 +110,12 @@ impl Topology {
         index: usize,
         mut probe: Probe,
         health: HealthConfig,
-        tx: mpsc::Sender<(usize, Observation)>,
+        tx: mpsc::Sender<Checked>,
         shutdown: CancellationToken,
     ) {
         let mut next = Instant::now();
         loop {
-            let obs = tokio::select! {
+            let (obs, wal) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => probe.check(health.timeout).await,
                 _ = self.recheck[index].notified() => probe.check(health.timeout).await,
@@ -131,27 +130,25 @@ impl Topology {
                 health.interval
             };
             next = Instant::now() + pause;
-            if tx.send((index, obs)).await.is_err() {
+            if tx.send((index, obs, wal)).await.is_err() {
                 return;
             }
         }
     }
 
-    async fn publish_loop(
-        self: Arc<Self>,
-        mut rx: mpsc::Receiver<(usize, Observation)>,
-        rise: u32,
-        fall: u32,
-    ) {
+    async fn publish_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Checked>, health: HealthConfig) {
+        let (rise, fall) = (health.rise, health.fall);
         let mut states = vec![HealthState::default(); self.backends.len()];
+        let snapshot = |s: &HealthState| (s.role(), s.is_suspect(), s.timeline(), s.is_lagging());
         // Ends when every check task has stopped (shutdown).
-        while let Some((i, obs)) = rx.recv().await {
+        while let Some((i, obs, wal)) = rx.recv().await {
             let name = &self.backends[i].name;
             if let Observation::Failed(e) = &obs {
                 debug!(backend = %name, error = %e, "health check failed");
             }
+            let before = snapshot(&states[i]);
             let state = &mut states[i];
-            let before = (state.role(), state.is_suspect(), state.timeline());
+            state.set_wal(wal);
             if let Some(t) = state.observe(obs, rise, fall) {
                 if t.to == Role::Down {
                     warn!(backend = %name, from = %t.from, to = %t.to, reason = %t.reason, "backend role changed");
@@ -159,7 +156,10 @@ impl Topology {
                     info!(backend = %name, from = %t.from, to = %t.to, reason = %t.reason, "backend role changed");
                 }
             }
-            if before == (state.role(), state.is_suspect(), state.timeline()) {
+            if state.role() == Role::Replica && health.max_replica_lag > 0 {
+                self.judge_lag(&mut states, i, &health);
+            }
+            if before == snapshot(&states[i]) {
                 continue;
             }
             let prev = self.table.load_full();
@@ -172,6 +172,36 @@ impl Topology {
         }
     }
 }
+
+impl Topology {
+    /// Compares replica `i`'s replayed WAL position with the primary's written one and
+    /// takes the replica out of (or back into) the replica target, with rise/fall.
+    fn judge_lag(&self, states: &mut [HealthState], i: usize, health: &HealthConfig) {
+        let table = self.table.load();
+        let primary_wal = match table.election {
+            Election::Elected(p) => states[p].wal(),
+            _ => None,
+        };
+        // Without both positions there is nothing to judge: keep the last verdict.
+        let (Some(primary_wal), Some(replica_wal)) = (primary_wal, states[i].wal()) else {
+            return;
+        };
+        let lag = primary_wal.saturating_sub(replica_wal);
+        let behind = lag > health.max_replica_lag;
+        if let Some(lagging) = states[i].observe_lag(behind, health.rise, health.fall) {
+            let name = &self.backends[i].name;
+            let max = health.max_replica_lag;
+            if lagging {
+                warn!(backend = %name, lag_bytes = lag, max_replica_lag = max, "replica too far behind; out of the replica target");
+            } else {
+                info!(backend = %name, lag_bytes = lag, max_replica_lag = max, "replica caught up; back in the replica target");
+            }
+        }
+    }
+}
+
+/// A check result: backend index, what it said, its WAL position.
+type Checked = (usize, Observation, Option<u64>);
 
 fn log_election(prev: &RoutingTable, next: &RoutingTable) {
     if prev.election == next.election {

@@ -61,7 +61,7 @@ impl Drop for SessionGuard {
 pub enum Serving {
     Primary,
     Replica,
-    /// Down, unknown, or a primary that lost the election (fenced).
+    /// Down, unknown, a primary that lost the election (fenced), or a lagging replica.
     Nothing,
 }
 
@@ -150,7 +150,7 @@ impl RoutingTable {
             .map(|(i, (backend, state))| {
                 let serving = match state.role() {
                     Role::Primary if primary == Some(i) => Serving::Primary,
-                    Role::Replica => Serving::Replica,
+                    Role::Replica if !state.is_lagging() => Serving::Replica,
                     _ => Serving::Nothing,
                 };
                 let lost = match prev.map(|p| &p.backends[i]) {
