@@ -262,11 +262,17 @@ impl fmt::Debug for SqlCheckConfig {
 pub struct PatroniCheckConfig {
     /// Patroni REST API port, unless a backend sets its own `patroni_port`.
     pub port: u16,
+    /// Also log in with [health.sql]: a node Patroni calls primary takes writes only once
+    /// `pg_is_in_recovery()` is false, and replica lag becomes measurable.
+    pub cross_check: bool,
 }
 
 impl Default for PatroniCheckConfig {
     fn default() -> Self {
-        Self { port: 8008 }
+        Self {
+            port: 8008,
+            cross_check: true,
+        }
     }
 }
 
@@ -479,13 +485,14 @@ impl Config {
         if h.fall == 0 {
             bad("health.fall".into(), "must be at least 1".into());
         }
-        if h.method == CheckMethod::Patroni && h.max_replica_lag > 0 {
+        if h.method == CheckMethod::Patroni && !h.patroni.cross_check && h.max_replica_lag > 0 {
             bad(
                 "health.max_replica_lag".into(),
-                "needs method = \"sql\" (Patroni's checks do not report WAL positions)".into(),
+                "needs WAL positions: method = \"sql\", or health.patroni.cross_check = true"
+                    .into(),
             );
         }
-        if h.method == CheckMethod::Sql && h.sql.user.is_empty() {
+        if (h.method == CheckMethod::Sql || h.patroni.cross_check) && h.sql.user.is_empty() {
             bad(
                 "health.sql.user".into(),
                 "must name the monitor role".into(),

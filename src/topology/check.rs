@@ -15,6 +15,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
+use tracing::debug;
+
 use super::health::Observation;
 use crate::config::{BackendConfig, CheckMethod, HealthConfig};
 
@@ -35,25 +37,14 @@ pub enum Probe {
 impl Probe {
     pub fn new(backend: &BackendConfig, health: &HealthConfig) -> Self {
         match health.method {
-            CheckMethod::Sql => {
-                let mut pg = tokio_postgres::Config::new();
-                pg.host(&backend.host)
-                    .port(backend.port)
-                    .user(&health.sql.user)
-                    .dbname(&health.sql.dbname)
-                    .application_name("pgvane-health")
-                    .connect_timeout(health.timeout);
-                if let Some(pw) = &health.sql.password {
-                    pg.password(pw);
-                }
-                Probe::Sql(Box::new(SqlProbe {
-                    config: pg,
-                    client: None,
-                }))
-            }
+            CheckMethod::Sql => Probe::Sql(SqlProbe::new(backend, health)),
             CheckMethod::Patroni => Probe::Patroni(PatroniProbe {
                 host: backend.host.clone(),
                 port: backend.patroni_port(health),
+                sql: health
+                    .patroni
+                    .cross_check
+                    .then(|| SqlProbe::new(backend, health)),
             }),
         }
     }
@@ -83,8 +74,10 @@ impl Probe {
     }
 
     fn reset(&mut self) {
-        if let Probe::Sql(p) = self {
-            p.client = None;
+        match self {
+            Probe::Sql(p) => p.client = None,
+            Probe::Patroni(PatroniProbe { sql: Some(p), .. }) => p.client = None,
+            Probe::Patroni(_) => {}
         }
     }
 }
@@ -95,6 +88,23 @@ pub struct SqlProbe {
 }
 
 impl SqlProbe {
+    fn new(backend: &BackendConfig, health: &HealthConfig) -> Box<Self> {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&backend.host)
+            .port(backend.port)
+            .user(&health.sql.user)
+            .dbname(&health.sql.dbname)
+            .application_name("pgvane-health")
+            .connect_timeout(health.timeout);
+        if let Some(pw) = &health.sql.password {
+            pg.password(pw);
+        }
+        Box::new(SqlProbe {
+            config: pg,
+            client: None,
+        })
+    }
+
     async fn check(&mut self) -> Result<(Observation, Option<u64>), String> {
         let client = match &self.client {
             Some(c) if !c.is_closed() => c,
@@ -134,17 +144,37 @@ impl SqlProbe {
 pub struct PatroniProbe {
     host: String,
     port: u16,
+    /// Cross-check over SQL: Patroni can report leader while PostgreSQL is still in
+    /// recovery during a slow promotion; such a node takes no writes from pgvane.
+    sql: Option<Box<SqlProbe>>,
 }
 
 impl PatroniProbe {
-    async fn check(&self) -> Result<(Observation, Option<u64>), String> {
+    async fn check(&mut self) -> Result<(Observation, Option<u64>), String> {
         let primary = self.status("/primary").await?;
         if primary == StatusCode::OK {
-            return Ok((Observation::Primary { timeline: None }, None));
+            let Some(sql) = &mut self.sql else {
+                return Ok((Observation::Primary { timeline: None }, None));
+            };
+            return match sql.check().await? {
+                (Observation::Primary { timeline }, wal) => {
+                    Ok((Observation::Primary { timeline }, wal))
+                }
+                (_, wal) => {
+                    debug!(host = %self.host, "patroni reports primary, PostgreSQL is still in recovery");
+                    Ok((Observation::Replica, wal))
+                }
+            };
         }
         let replica = self.status("/replica").await?;
         if replica == StatusCode::OK {
-            return Ok((Observation::Replica, None));
+            // Without the leader lock a node is a replica, whatever PostgreSQL says; SQL
+            // only adds its WAL position.
+            let wal = match &mut self.sql {
+                Some(sql) => sql.check().await.ok().and_then(|(_, wal)| wal),
+                None => None,
+            };
+            return Ok((Observation::Replica, wal));
         }
         Err(format!(
             "patroni: /primary answered {}, /replica answered {}",
