@@ -36,35 +36,8 @@ pgvane_config "$WORK/pgvane.toml" 1s
 PGVANE_PID=$!
 PIDS+=($PGVANE_PID)
 
-BOUNCER_PORT=$(free_port)
-# The SCRAM verifier from pg_authid, so PgBouncer runs no PBKDF2 per client login.
-VERIFIER=$(psql -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -XAtc "SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'" postgres)
-printf '"postgres" "%s"\n' "$VERIFIER" > "$WORK/userlist.txt"
-cat > "$WORK/pgbouncer.ini" <<CFG
-[databases]
-postgres = host=127.0.0.1 port=${NODE_PORTS[0]} dbname=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = transaction
-default_pool_size = 20
-max_client_conn = $((N + 100))
-logfile = $WORK/pgbouncer.log
-pidfile = $WORK/pgbouncer.pid
-CFG
-chmod 644 "$WORK/userlist.txt" "$WORK/pgbouncer.ini"
-if [ "$(id -u)" -eq 0 ]; then
-    chown "$PG_USER" "$WORK"
-    runuser -u "$PG_USER" -- bash -c "ulimit -n $WANT; exec pgbouncer $WORK/pgbouncer.ini" > /dev/null 2>&1 &
-else
-    pgbouncer "$WORK/pgbouncer.ini" > /dev/null 2>&1 &
-fi
-PIDS+=($!)
-wait_port "$TX_PORT"; wait_port "$BOUNCER_PORT"
-sleep 0.5
+pgbouncer_start "$WORK" $((N + 100))
+wait_port "$TX_PORT"
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }

@@ -34,6 +34,7 @@ WORK=$(mktemp -d /tmp/pgvane-bench.XXXXXX)
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null
     wait 2>/dev/null || true
     cluster_stop
     rm -rf "$WORK"
@@ -65,32 +66,7 @@ CFG
 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
 
-BOUNCER_PORT=$(free_port)
-VERIFIER=$(psql -h 127.0.0.1 -p "$DIRECT" -U postgres -XAtc "SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'" postgres)
-printf '"postgres" "%s"\n' "$VERIFIER" > "$WORK/userlist.txt"
-cat > "$WORK/pgbouncer.ini" <<CFG
-[databases]
-postgres = host=127.0.0.1 port=$DIRECT dbname=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = transaction
-default_pool_size = 20
-max_client_conn = 20000
-logfile = $WORK/pgbouncer.log
-pidfile = $WORK/pgbouncer.pid
-CFG
-chmod 644 "$WORK/userlist.txt" "$WORK/pgbouncer.ini"
-[ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$WORK"
-if [ "$(id -u)" -eq 0 ]; then
-    runuser -u "$PG_USER" -- pgbouncer "$WORK/pgbouncer.ini" > /dev/null 2>&1 &
-else
-    pgbouncer "$WORK/pgbouncer.ini" > /dev/null 2>&1 &
-fi
-PIDS+=($!)
+pgbouncer_start "$WORK" 20000
 wait_port "$RW_PORT"; wait_port "$TX_PORT"; wait_port "$HAPROXY_PORT"; wait_port "$BOUNCER_PORT"
 
 pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/null 2>&1

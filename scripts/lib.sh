@@ -131,6 +131,41 @@ pgvane_config() {
     } > "$file"
 }
 
+# pgbouncer_start WORK MAX_CLIENTS: PgBouncer in transaction mode, pool of 20, in front of
+# NODE_PORTS[0], on a free port. Its auth_file holds the SCRAM verifier from pg_authid, so it
+# runs no PBKDF2 per client login. Sets BOUNCER_PORT; the pid is in WORK/pgbouncer.pid.
+pgbouncer_start() {
+    local work=$1 max_clients=$2 verifier
+    BOUNCER_PORT=$(free_port)
+    verifier=$(psql -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -XAtc \
+        "SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'" postgres)
+    printf '"postgres" "%s"\n' "$verifier" > "$work/userlist.txt"
+    cat > "$work/pgbouncer.ini" <<CFG
+[databases]
+postgres = host=127.0.0.1 port=${NODE_PORTS[0]} dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $work/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = $max_clients
+logfile = $work/pgbouncer.log
+pidfile = $work/pgbouncer.pid
+CFG
+    chmod 644 "$work/userlist.txt" "$work/pgbouncer.ini"
+    # PgBouncer refuses to run as root; -d daemonizes once it listens.
+    if [ "$(id -u)" -eq 0 ]; then
+        chown "$PG_USER" "$work"
+        runuser -u "$PG_USER" -- bash -c "ulimit -n $(ulimit -n); exec pgbouncer -d $work/pgbouncer.ini" > /dev/null 2>&1
+    else
+        pgbouncer -d "$work/pgbouncer.ini" > /dev/null 2>&1
+    fi
+    wait_port "$BOUNCER_PORT"
+}
+
 wait_port() {
     for _ in $(seq 1 200); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0

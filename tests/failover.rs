@@ -181,9 +181,10 @@ fn pooled_failover_config(cluster: &Cluster, port: u16, hold: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_costs_idle_transaction_clients_nothing() {
-    let cluster = Cluster::start(2);
+/// A cluster behind a transaction listener (hold 15 s), with the writers' table in place on
+/// every node.
+async fn writers_cluster(replicas: usize) -> (Cluster, u16, Pgvane) {
+    let cluster = Cluster::start(replicas);
     let tx = free_port();
     let pgvane = Pgvane::start(&pooled_failover_config(&cluster, tx, "15s"), &[tx]);
     let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
@@ -192,6 +193,12 @@ async fn a_crash_costs_idle_transaction_clients_nothing() {
         .await
         .unwrap();
     cluster.wait_replicated().await;
+    (cluster, tx, pgvane)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_costs_idle_transaction_clients_nothing() {
+    let (cluster, tx, pgvane) = writers_cluster(2).await;
 
     let mut idle = Vec::new();
     for _ in 0..8 {
@@ -251,15 +258,7 @@ async fn no_primary_past_the_hold_timeout_is_a_clean_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_and_resume_make_a_switchover_lossless() {
-    let cluster = Cluster::start(1);
-    let tx = free_port();
-    let pgvane = Pgvane::start(&pooled_failover_config(&cluster, tx, "15s"), &[tx]);
-    let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
-    setup
-        .batch_execute("CREATE TABLE w (writer int)")
-        .await
-        .unwrap();
-    cluster.wait_replicated().await;
+    let (cluster, tx, pgvane) = writers_cluster(1).await;
     let writers = Writers::start(tx, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
