@@ -18,16 +18,7 @@ WANT=$((N + 1000)); HARD=$(ulimit -Hn)
 [ "$HARD" != unlimited ] && [ "$HARD" -lt "$WANT" ] && WANT=$HARD
 ulimit -n "$WANT"
 
-WORK=$(mktemp -d /tmp/pgvane-rss.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null
-    wait 2>/dev/null || true
-    cluster_stop
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+work_dir pgvane-rss
 
 cluster_start "$WORK" 0
 RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)

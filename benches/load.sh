@@ -30,16 +30,7 @@ ensure_packages pgbench:postgresql-client python3:python3 haproxy:haproxy pgboun
 cargo build --release --locked --quiet
 PGVANE="$PGVANE_ROOT/target/release/pgvane"
 
-WORK=$(mktemp -d /tmp/pgvane-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null
-    wait 2>/dev/null || true
-    cluster_stop
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+work_dir pgvane-bench
 
 say "cluster: primary + replica, scale $SCALE"
 cluster_start "$WORK" 1

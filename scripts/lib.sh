@@ -51,6 +51,24 @@ ensure_packages() {
     fi
 }
 
+# work_dir PREFIX: a temp dir in WORK, removed on exit together with everything started
+# for it: the processes in PIDS, a PgBouncer of pgbouncer_start, the cluster.
+work_dir() {
+    WORK=$(mktemp -d "/tmp/$1.XXXXXX")
+    PIDS=()
+    trap work_cleanup EXIT
+}
+
+work_cleanup() {
+    # Best effort: a node that was killed, say, makes pg_ctl stop fail; carry on regardless.
+    set +e
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null
+    wait 2>/dev/null || true
+    cluster_stop
+    rm -rf "$WORK"
+}
+
 # A free loopback port from the kernel.
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -107,8 +125,8 @@ CONF
 }
 
 cluster_stop() {
-    for d in "${NODE_DIRS[@]}"; do
-        [ -f "$d/postmaster.pid" ] && pg_run pg_ctl -D "$d" -m immediate -w stop >/dev/null 2>&1
+    for d in "${NODE_DIRS[@]+"${NODE_DIRS[@]}"}"; do
+        [ -f "$d/postmaster.pid" ] && { pg_run pg_ctl -D "$d" -m immediate -w stop >/dev/null 2>&1 || true; }
     done
     return 0
 }

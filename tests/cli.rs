@@ -11,6 +11,16 @@ fn pgvane() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pgvane"))
 }
 
+/// `pgvane check --config PATH`.
+fn check(path: &std::path::Path) -> std::process::Output {
+    pgvane()
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_prints_the_resolved_example_config() {
     let out = pgvane()
@@ -44,12 +54,7 @@ fn check_names_every_bad_key() {
          [[listener]]\nname = \"l\"\naddress = \"nowhere\"\nport = 5\ntarget = \"any\"\n",
     )
     .unwrap();
-    let out = pgvane()
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for key in ["health.fall", "backend[0].port", "listener[0].address"] {
@@ -57,12 +62,7 @@ fn check_names_every_bad_key() {
     }
 
     std::fs::write(&path, "[helth]\ninterval = \"1s\"\n").unwrap();
-    let out = pgvane()
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown field `helth`"), "{stderr}");

@@ -13,13 +13,18 @@ fn txn_listener(port: u16) -> String {
     listener("tx", port, "primary", "mode = \"transaction\"")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_hundred_clients_share_a_pool_of_ten() {
+/// A primary with database `app`, behind a transaction listener configured with `extra`.
+async fn app_behind_txn_listener(extra: &str) -> (Cluster, u16, Pgvane) {
     let cluster = Cluster::start(0);
     create_app_db(&cluster).await;
     let tx = free_port();
-    let extra = "[pool]\ndefault_pool_size = 10\n";
     let pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    (cluster, tx, pgvane)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_clients_share_a_pool_of_ten() {
+    let (cluster, tx, pgvane) = app_behind_txn_listener("[pool]\ndefault_pool_size = 10\n").await;
 
     let clients = (0..500).map(|i| async move {
         let c = connect(tx, SUPERUSER, "app")
@@ -94,10 +99,7 @@ async fn session_mode_resets_the_server_before_reuse() {
 
 #[tokio::test]
 async fn wrong_password_is_refused_without_a_server_connection() {
-    let cluster = Cluster::start(0);
-    create_app_db(&cluster).await;
-    let tx = free_port();
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+    let (cluster, tx, _pgvane) = app_behind_txn_listener("").await;
 
     let err = tokio_postgres::Config::new()
         .host("127.0.0.1")
@@ -123,10 +125,7 @@ async fn wrong_password_is_refused_without_a_server_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_killed_mid_transaction_leaves_no_lock_behind() {
-    let cluster = Cluster::start(0);
-    create_app_db(&cluster).await;
-    let tx = free_port();
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+    let (cluster, tx, _pgvane) = app_behind_txn_listener("").await;
     let direct = connect(cluster.primary().port, SUPERUSER, "app")
         .await
         .unwrap();
@@ -198,10 +197,7 @@ async fn a_client_killed_mid_transaction_leaves_no_lock_behind() {
 
 #[tokio::test]
 async fn cancel_reaches_the_running_query() {
-    let cluster = Cluster::start(0);
-    create_app_db(&cluster).await;
-    let tx = free_port();
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+    let (cluster, tx, _pgvane) = app_behind_txn_listener("").await;
 
     let c = connect(tx, SUPERUSER, "app").await.unwrap();
     let token = c.cancel_token();
@@ -222,10 +218,7 @@ async fn cancel_reaches_the_running_query() {
 #[tokio::test]
 async fn copy_in_and_out_in_transaction_mode() {
     use futures_util::{SinkExt, StreamExt};
-    let cluster = Cluster::start(0);
-    create_app_db(&cluster).await;
-    let tx = free_port();
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+    let (_cluster, tx, _pgvane) = app_behind_txn_listener("").await;
     let c = connect(tx, SUPERUSER, "app").await.unwrap();
 
     let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
