@@ -329,3 +329,34 @@ async fn a_lagging_replica_leaves_the_replica_target_and_returns() {
     .await;
     assert!(pgvane.log().contains("replica caught up"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_passthrough_connection_is_held_until_a_primary_appears() {
+    let cluster = Cluster::start(1);
+    let rw = free_port();
+    let health = "interval = \"200ms\"\nfast_interval = \"100ms\"\n";
+    let text = config(&cluster, health, &listener("rw", rw, "primary", ""))
+        + "\n[general]\nfailover_hold_timeout = \"10s\"\n";
+    let pgvane = Pgvane::start(&text, &[rw]);
+    cluster.primary().stop();
+    pgvane
+        .wait_log("no primary available", Duration::from_secs(5))
+        .await;
+
+    // The client connects while there is no primary; it must wait, not fail.
+    let started = Instant::now();
+    let client = tokio::spawn(async move { connect(rw, SUPERUSER, "postgres").await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !client.is_finished(),
+        "the connection was answered without a primary"
+    );
+    cluster.nodes[1].promote();
+    let c = client
+        .await
+        .unwrap()
+        .expect("held, then served by the new primary");
+    assert_eq!(server_port(&c).await, cluster.nodes[1].port);
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert!(pgvane.log().contains("held until a backend was available"));
+}
