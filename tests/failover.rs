@@ -243,7 +243,7 @@ async fn no_primary_past_the_hold_timeout_is_a_clean_error() {
 
     cluster.primary().stop();
     pgvane
-        .wait_log("no primary available", Duration::from_secs(5))
+        .wait_log("no primary available", Duration::from_secs(15))
         .await;
     let started = Instant::now();
     let err = c.batch_execute("SELECT 1").await.unwrap_err();
@@ -338,9 +338,13 @@ async fn a_new_passthrough_connection_is_held_until_a_primary_appears() {
     let text = config(&cluster, health, &listener("rw", rw, "primary", ""))
         + "\n[general]\nfailover_hold_timeout = \"10s\"\n";
     let pgvane = Pgvane::start(&text, &[rw]);
+    // The listener accepts before the first checks are done: know the primary first.
+    pgvane
+        .wait_log("primary elected", Duration::from_secs(15))
+        .await;
     cluster.primary().stop();
     pgvane
-        .wait_log("no primary available", Duration::from_secs(5))
+        .wait_log("no primary available", Duration::from_secs(15))
         .await;
 
     // The client connects while there is no primary; it must wait, not fail.

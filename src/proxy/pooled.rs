@@ -52,15 +52,11 @@ async fn login_or_refuse(
     route: &Route,
     shared: &Shared,
 ) -> Option<Session> {
-    let error = match tokio::time::timeout(
-        shared.client_login_timeout,
-        login(client, peer, route, shared),
-    )
-    .await
-    {
+    let limit = shared.client_login_timeout;
+    let error = match tokio::time::timeout(limit, login(client, route, shared)).await {
         Ok(Ok(session)) => return session,
         Ok(Err(e)) => e,
-        Err(_) => ClientError::LoginTimeout(shared.client_login_timeout),
+        Err(_) => ClientError::LoginTimeout(limit),
     };
     send_error(client, peer, &error).await;
     None
@@ -74,13 +70,11 @@ struct Session {
     /// The client's own values: from its startup packet and its SETs since.
     overrides: Vec<(String, String)>,
     cancel_key: CancelKey,
-    peer: SocketAddr,
 }
 
 /// Startup and authentication. `None`: the connection was a CancelRequest.
 async fn login(
     client: &mut TcpStream,
-    peer: SocketAddr,
     route: &Route,
     shared: &Shared,
 ) -> Result<Option<Session>, ClientError> {
@@ -161,8 +155,15 @@ async fn login(
         defaults,
         overrides,
         cancel_key,
-        peer,
     }))
+}
+
+/// The client's address, for the log. Asked of the socket rather than kept per session:
+/// idle sessions are what a pooler has most of, and it is only needed when one ends badly.
+fn peer_of(client: &TcpStream) -> SocketAddr {
+    client
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// Whether a failure to get a server connection is the backend's (try elsewhere or wait
@@ -249,7 +250,7 @@ impl Session {
         } = match chosen {
             Ok(c) => c,
             Err(e) => {
-                send_error(client, self.peer, &e).await;
+                send_error(client, peer_of(client), &e).await;
                 return false;
             }
         };
@@ -258,7 +259,7 @@ impl Session {
             .apply_params(&self.defaults.tracked, &self.overrides)
             .await
         {
-            send_error(client, self.peer, &e.into()).await;
+            send_error(client, peer_of(client), &e.into()).await;
             return false;
         }
         self.cancel_key
@@ -315,9 +316,9 @@ impl Session {
                 false
             }
             LinkEnd::Failed { error, tell_client } => {
-                info!(client = %self.peer, backend = %backend.name, error = %error, "session ended");
+                info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended");
                 if tell_client {
-                    send_error(client, self.peer, &error).await;
+                    send_error(client, peer_of(client), &error).await;
                 }
                 false
             }
