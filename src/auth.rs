@@ -160,10 +160,6 @@ impl UserStore {
     pub fn get(&self, name: &str) -> Option<Arc<User>> {
         self.users.get(name).cloned()
     }
-
-    pub fn method(&self) -> AuthMethod {
-        self.method
-    }
 }
 
 /// Parses a PgBouncer `auth_file`: `"user" "secret"` per line, `""` escapes a quote, lines

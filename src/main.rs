@@ -35,11 +35,12 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config).and_then(|c| {
-        pgvane::server::load_users(&c)?;
-        Ok(c)
-    }) {
-        Ok(c) => c,
+    let loaded = Config::load(&cli.config).and_then(|c| {
+        let users = pgvane::server::load_users(&c)?;
+        Ok((c, users))
+    });
+    let (config, users) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("pgvane: {e}");
             return ExitCode::from(2);
@@ -69,7 +70,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(pgvane::server::run(config)) {
+    match runtime.block_on(pgvane::server::run(config, users)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

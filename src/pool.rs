@@ -206,7 +206,6 @@ pub struct Pool {
     /// ParameterStatus values of the first login, shown to clients at their login.
     login_params: Mutex<Option<Arc<LoginParams>>>,
     open: AtomicUsize,
-    waiting: AtomicUsize,
 }
 
 /// A server connection lent to one client.
@@ -255,20 +254,8 @@ impl Pool {
         &self.user
     }
 
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.backend
-    }
-
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
-    }
-
-    pub fn idle_connections(&self) -> usize {
-        self.idle.lock().expect("pool lock").len()
-    }
-
-    pub fn waiting_clients(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
     }
 
     /// The server's ParameterStatus values for a client's login, logging in once if this
@@ -291,10 +278,10 @@ impl Pool {
     pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
         let started = Instant::now();
         let wait = self.settings.query_wait_timeout;
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let slot = self.wait_for_slot().await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let slot = slot.ok_or(PoolError::WaitTimeout(wait))?;
+        let slot = self
+            .wait_for_slot()
+            .await
+            .ok_or(PoolError::WaitTimeout(wait))?;
         loop {
             let candidate = self.idle.lock().expect("pool lock").pop();
             let Some(mut conn) = candidate else { break };
@@ -577,7 +564,6 @@ impl Pools {
             caps,
             login_params: Mutex::default(),
             open: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
         });
         pools
             .entry(key.backend)

@@ -23,8 +23,6 @@ use crate::topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     #[error("listener \"{name}\": cannot listen on {addr}: {source}")]
     Bind {
         name: String,
@@ -62,9 +60,10 @@ fn pause(shared: &Arc<Shared>) {
     });
 }
 
-/// Runs pgvane until a shutdown signal has been handled.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let users = Arc::new(load_users(&config)?);
+/// Runs pgvane until a shutdown signal has been handled. `users` comes from
+/// [`load_users`], which start-up has already called to validate the config.
+pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
+    let users = Arc::new(users);
     // Bind everything first so a taken port fails start-up before any work begins.
     let mut bound = Vec::new();
     for l in &config.listeners {
