@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -84,10 +84,8 @@ async fn session_mode_resets_the_server_before_reuse() {
 
     // psql, through the same single server connection, sees none of it.
     let out = eventually(Duration::from_secs(5), "psql through the session listener", || async {
-        let out = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-p", &s.to_string(), "-U", SUPERUSER, "-d", "app", "-XAt"])
-            .args(["-c", "SELECT pg_backend_pid(), current_setting('work_mem'), to_regclass('scratch') IS NULL"])
-            .env("PGPASSWORD", PASSWORD)
+        let out = psql(s, "app")
+            .args(["-At", "-c", "SELECT pg_backend_pid(), current_setting('work_mem'), to_regclass('scratch') IS NULL"])
             .output()
             .unwrap();
         out.status.success().then_some(out)
@@ -143,25 +141,14 @@ async fn a_client_killed_mid_transaction_leaves_no_lock_behind() {
         // Busy: a statement is running when the client dies.
         "BEGIN;\nLOCK TABLE t IN ACCESS EXCLUSIVE MODE;\nSELECT pg_sleep(60);\n",
     ] {
-        let mut psql = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &tx.to_string(),
-                "-U",
-                SUPERUSER,
-                "-d",
-                "app",
-                "-X",
-            ])
-            .env("PGPASSWORD", PASSWORD)
+        let mut client = psql(tx, "app")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
         use std::io::Write;
-        psql.stdin
+        client
+            .stdin
             .as_mut()
             .unwrap()
             .write_all(script.as_bytes())
@@ -170,8 +157,8 @@ async fn a_client_killed_mid_transaction_leaves_no_lock_behind() {
             (locks().await > 0).then_some(())
         })
         .await;
-        psql.kill().unwrap(); // SIGKILL: no Terminate message
-        psql.wait().unwrap();
+        client.kill().unwrap(); // SIGKILL: no Terminate message
+        client.wait().unwrap();
         eventually(
             Duration::from_secs(5),
             "the lock to be released",
@@ -352,19 +339,8 @@ async fn md5_auth_and_auth_file() {
         file.display()
     );
     let _pgvane = Pgvane::start(&text, &[tx]);
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &tx.to_string(),
-            "-U",
-            SUPERUSER,
-            "-XAt",
-            "-c",
-            "SELECT 40 + 2",
-        ])
-        .env("PGPASSWORD", PASSWORD)
+    let out = psql(tx, "postgres")
+        .args(["-At", "-c", "SELECT 40 + 2"])
         .output()
         .unwrap();
     assert!(

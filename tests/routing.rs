@@ -111,18 +111,8 @@ async fn no_primary_gives_a_postgres_fatal_error() {
     assert!(db.detail().unwrap().contains("listener \"rw\""), "{db:?}");
 
     // psql prints it the way PostgreSQL's own refusals look.
-    let out = std::process::Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &rw.to_string(),
-            "-U",
-            SUPERUSER,
-            "-c",
-            "SELECT 1",
-        ])
-        .env("PGPASSWORD", PASSWORD)
+    let out = psql(rw, "postgres")
+        .args(["-c", "SELECT 1"])
         .env("PGCONNECT_TIMEOUT", "5")
         .output()
         .expect("psql");

@@ -280,6 +280,25 @@ pub async fn connect(port: u16, user: &str, dbname: &str) -> Result<Client, toki
     Ok(client)
 }
 
+/// `psql -X` on 127.0.0.1:`port`, database `dbname`, as the harness superuser with its
+/// password; add arguments such as `-c`.
+pub fn psql(port: u16, dbname: &str) -> Command {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        SUPERUSER,
+        "-d",
+        dbname,
+        "-X",
+    ])
+    .env("PGPASSWORD", PASSWORD);
+    cmd
+}
+
 /// A primary (`nodes[0]`) and its streaming replicas.
 pub struct Cluster {
     pub nodes: Vec<PgNode>,
