@@ -44,6 +44,7 @@ ensure_packages() {
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -eq 0 ]; then
         say "installing ${missing[*]}"
+        apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
         echo "missing: ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2

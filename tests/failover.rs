@@ -116,63 +116,6 @@ async fn a_promoted_replica_fences_the_old_primary_and_its_sessions_are_cut() {
     assert!(log.contains("session shut down"), "{log}");
 }
 
-/// Writers loop on short write transactions through `port`, each on its own connection,
-/// reconnecting when theirs is closed; they count successes and failures.
-struct Writers {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<(u32, u32)>>,
-}
-
-impl Writers {
-    fn start(port: u16, n: usize) -> Writers {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let tasks = (0..n)
-            .map(|w| {
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let (mut ok, mut failed) = (0, 0);
-                    let mut conn = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        if conn.is_none() {
-                            conn = connect(port, SUPERUSER, "postgres").await.ok();
-                        }
-                        let Some(c) = &conn else {
-                            failed += 1;
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        };
-                        match c
-                            .batch_execute(&format!("INSERT INTO w VALUES ({w})"))
-                            .await
-                        {
-                            Ok(()) => ok += 1,
-                            Err(e) => {
-                                eprintln!("writer {w}: {e}");
-                                failed += 1;
-                                conn = None;
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    (ok, failed)
-                })
-            })
-            .collect();
-        Writers { stop, tasks }
-    }
-
-    async fn stop(self) -> (u32, u32) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let mut total = (0, 0);
-        for t in self.tasks {
-            let (ok, failed) = t.await.unwrap();
-            total = (total.0 + ok, total.1 + failed);
-        }
-        total
-    }
-}
-
 fn pooled_failover_config(cluster: &Cluster, port: u16, hold: &str) -> String {
     let health = "interval = \"500ms\"\nfast_interval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 3\n";
     format!(

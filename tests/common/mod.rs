@@ -7,6 +7,8 @@
 //! when a test fails. [`Pgvane`] runs the built binary with a generated config.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod patroni;
+
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -519,19 +521,33 @@ where
     }
 }
 
+/// A set of servers pgvane can be pointed at.
+pub trait Backends {
+    /// One `[[backend]]` table per server.
+    fn backends_toml(&self) -> String;
+}
+
+impl Backends for Cluster {
+    fn backends_toml(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "\n[[backend]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n",
+                    n.name, n.port
+                )
+            })
+            .collect()
+    }
+}
+
 /// The pgvane config a test needs: backends from the cluster, health with the given method
 /// and timings, and listeners given as TOML.
-pub fn config(cluster: &Cluster, health: &str, listeners: &str) -> String {
-    let mut s = format!(
-        "[health]\n{health}\n[health.sql]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n"
-    );
-    for n in &cluster.nodes {
-        s += &format!(
-            "\n[[backend]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n",
-            n.name, n.port
-        );
-    }
-    s + listeners
+pub fn config(cluster: &impl Backends, health: &str, listeners: &str) -> String {
+    format!(
+        "[health]\n{health}\n[health.sql]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n{}{listeners}",
+        cluster.backends_toml()
+    )
 }
 
 /// A `[[listener]]` table.
@@ -558,7 +574,7 @@ pub async fn try_server_port(c: &Client) -> Option<u16> {
 
 /// A config with the cluster's backends, `listeners`, and `extra` TOML (pool, auth, users)
 /// for pooled listeners; the harness superuser is a pgvane user with its password.
-pub fn pooled_config(cluster: &Cluster, listeners: &str, extra: &str) -> String {
+pub fn pooled_config(cluster: &impl Backends, listeners: &str, extra: &str) -> String {
     let health = "interval = \"200ms\"\n";
     format!(
         "{}\n{extra}\n[general]\nmax_client_conn = 2000\n\n[[user]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n",
@@ -588,4 +604,61 @@ pub async fn app_backends(node: &PgNode) -> i64 {
     .await
     .unwrap()
     .get(0)
+}
+
+/// Writers loop on short write transactions through `port`, each on its own connection,
+/// reconnecting when theirs is closed; they count successes and failures.
+pub struct Writers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u32, u32)>>,
+}
+
+impl Writers {
+    pub fn start(port: u16, n: usize) -> Writers {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|w| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let (mut ok, mut failed) = (0, 0);
+                    let mut conn = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        if conn.is_none() {
+                            conn = connect(port, SUPERUSER, "postgres").await.ok();
+                        }
+                        let Some(c) = &conn else {
+                            failed += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        };
+                        match c
+                            .batch_execute(&format!("INSERT INTO w VALUES ({w})"))
+                            .await
+                        {
+                            Ok(()) => ok += 1,
+                            Err(e) => {
+                                eprintln!("writer {w}: {e}");
+                                failed += 1;
+                                conn = None;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Writers { stop, tasks }
+    }
+
+    pub async fn stop(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = (0, 0);
+        for t in self.tasks {
+            let (ok, failed) = t.await.unwrap();
+            total = (total.0 + ok, total.1 + failed);
+        }
+        total
+    }
 }
