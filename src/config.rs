@@ -31,6 +31,16 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The HTTP admin API: `/metrics` (Prometheus), `/status`, `/pause`, `/resume`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address and port of the admin API, e.g. "127.0.0.1:9930". Unset: no admin API.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Process-wide settings.
@@ -638,6 +648,14 @@ impl Config {
                 bad(
                     format!("listener[{i}].connect_timeout"),
                     "must be greater than 0, e.g. \"3s\"".into(),
+                );
+            }
+        }
+        if let Some(addr) = self.admin.listen {
+            if addrs.contains(&addr) {
+                bad(
+                    "admin.listen".into(),
+                    format!("{addr} is already used by a listener; pick another port"),
                 );
             }
         }

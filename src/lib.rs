@@ -8,11 +8,15 @@
 //! - [`auth`]: client authentication (SCRAM, md5, trust) and server login.
 //! - [`protocol`]: the bits of the PostgreSQL wire protocol pgvane speaks itself.
 //! - [`error`]: client-facing failures and their PostgreSQL ErrorResponses.
+//! - [`admin`]: PAUSE/RESUME and the HTTP admin API (metrics, status).
+//! - [`metrics`]: the Prometheus registry.
 //! - [`server`]: process lifecycle (bind, start, signals, drain).
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;

@@ -258,6 +258,16 @@ impl Pool {
         self.open.load(Ordering::Relaxed)
     }
 
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().expect("pool lock").len()
+    }
+
+    /// Connections lent to clients (or being opened for one).
+    pub fn busy_connections(&self) -> usize {
+        self.open_connections()
+            .saturating_sub(self.idle_connections())
+    }
+
     /// The server's ParameterStatus values for a client's login, logging in once if this
     /// pool has never had a connection.
     pub async fn login_params(self: &Arc<Self>) -> Result<Arc<LoginParams>, PoolError> {

@@ -5,7 +5,6 @@
 //! `general.shutdown_timeout` for open sessions to end on their own before closing them.
 //! A second signal closes them immediately.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -15,10 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin;
 use crate::auth::UserStore;
 use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 use crate::pool::Pools;
-use crate::proxy::{self, CancelRegistry, Route, Shared};
+use crate::proxy::{self, CancelRegistry, Pause, Route, Shared};
 use crate::topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,27 +40,6 @@ pub fn load_users(config: &Config) -> Result<UserStore, ConfigError> {
     UserStore::load(config).map_err(|p| ConfigError::Invalid(vec![p]))
 }
 
-/// PAUSE: hold new transactions and connections; log when the running ones are done, which
-/// is when a planned switchover can start without failing any of them.
-fn pause(shared: &Arc<Shared>) {
-    if shared.paused.send_replace(true) {
-        return;
-    }
-    info!(
-        running = shared.active_links.load(Ordering::Relaxed),
-        "PAUSE: new transactions are held"
-    );
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        while *shared.paused.borrow() && shared.active_links.load(Ordering::Relaxed) > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        if *shared.paused.borrow() {
-            info!("PAUSE complete: no transaction running");
-        }
-    });
-}
-
 /// Runs pgvane until a shutdown signal has been handled. `users` comes from
 /// [`load_users`], which start-up has already called to validate the config.
 pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
@@ -77,11 +57,24 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
             })?;
         bound.push((socket, Arc::new(Route::new(l.clone()))));
     }
+    let admin_socket = match config.admin.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    name: "admin".into(),
+                    addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
 
     let stop_background = CancellationToken::new();
-    let topology = Topology::new(&config);
+    let metrics = Arc::new(Metrics::new());
+    let topology = Topology::new(&config, metrics.clone());
     topology.spawn_checks(&config, stop_background.clone());
     let pools = Pools::new(config.pool.clone(), &config.users);
     tokio::spawn(pools.clone().maintain(stop_background.clone()));
@@ -104,8 +97,8 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         max_client_conn: config.general.max_client_conn,
         client_login_timeout: config.general.client_login_timeout,
         failover_hold_timeout: config.general.failover_hold_timeout,
-        paused: watch::channel(false).0,
-        active_links: AtomicUsize::new(0),
+        paused: watch::channel(Pause::Off).0,
+        metrics,
         kill_sessions: CancellationToken::new(),
     });
     let stop_accepting = CancellationToken::new();
@@ -122,6 +115,14 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         ));
     }
     listeners.close();
+    if let Some(socket) = admin_socket {
+        info!(addr = %config.admin.listen.expect("bound"), "admin API listening");
+        tokio::spawn(admin::serve(
+            socket,
+            shared.clone(),
+            stop_background.clone(),
+        ));
+    }
 
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(StartError::Signal)?;
     let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
@@ -130,10 +131,9 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break }
             // PgBouncer's signals: SIGUSR1 = PAUSE, SIGUSR2 = RESUME.
-            _ = sigusr1.recv() => pause(&shared),
+            _ = sigusr1.recv() => admin::pause(&shared, None),
             _ = sigusr2.recv() => {
-                shared.paused.send_replace(false);
-                info!("RESUME: held clients proceed");
+                let _ = admin::resume(&shared, None);
             }
         }
     }

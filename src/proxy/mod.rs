@@ -9,6 +9,7 @@ mod cancel;
 mod passthrough;
 mod pooled;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +29,7 @@ pub use cancel::CancelRegistry;
 use crate::auth::UserStore;
 use crate::config::{Balance, ListenerConfig};
 use crate::error::ClientError;
+use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::protocol::{read_startup, ProtocolError, StartupPacket, PROTOCOL_MAJOR_3};
 use crate::topology::{Backend, RoutingTable, Topology};
@@ -110,17 +112,17 @@ impl Route {
     /// clients a pause instead of an error.
     async fn with_backend<T, F, Fut>(
         &self,
-        topology: &Topology,
-        hold: Duration,
+        shared: &Shared,
         mut attempt: F,
     ) -> Result<Chosen<T>, ClientError>
     where
         F: FnMut(Arc<Backend>) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
-        let deadline = Instant::now() + hold;
+        let topology = &shared.topology;
+        let deadline = Instant::now() + shared.failover_hold_timeout;
         // Only waits for the routing table count as holding (not, say, a pool's queue).
-        let mut held: Option<Instant> = None;
+        let mut held: Option<Held> = None;
         let mut changes = topology.subscribe();
         let mut last_error = None;
         loop {
@@ -130,8 +132,8 @@ impl Route {
                 let view = &table.backends[i];
                 match attempt(view.backend.clone()).await {
                     Ok(value) => {
-                        if let Some(since) = held {
-                            let waited = since.elapsed();
+                        if let Some(h) = held {
+                            let waited = h.since.elapsed();
                             info!(listener = %self.config.name, backend = %view.backend.name, ?waited, "held until a backend was available");
                         }
                         return Ok(Chosen {
@@ -150,11 +152,60 @@ impl Route {
                 }
             }
             drop(table);
-            held.get_or_insert_with(Instant::now);
+            held.get_or_insert_with(|| Held::new(&shared.metrics));
             let changed = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
             if !matches!(changed, Ok(Ok(()))) {
+                shared.metrics.hold_timeouts.inc();
                 return Err(last_error.unwrap_or_else(|| self.no_backend()));
             }
+        }
+    }
+}
+
+/// A client waiting for a backend, counted in the metrics while it waits (also when it
+/// hangs up meanwhile: the guard is dropped with the future).
+struct Held<'a> {
+    since: Instant,
+    metrics: &'a Metrics,
+}
+
+impl<'a> Held<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.held_clients.inc();
+        metrics.held_total.inc();
+        Self {
+            since: Instant::now(),
+            metrics,
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.metrics.held_clients.dec();
+        let waited = self.since.elapsed().as_secs_f64();
+        self.metrics.hold_seconds.observe(waited);
+    }
+}
+
+/// PgBouncer's PAUSE: while it holds a database, new transactions (and new passthrough
+/// connections, for a global pause) wait; running ones go on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Pause {
+    #[default]
+    Off,
+    All,
+    Databases(BTreeSet<String>),
+}
+
+impl Pause {
+    /// Whether new work on `database` waits. Passthrough sessions pass `None`: pgvane does
+    /// not read their database, so only a global pause holds them.
+    pub fn holds(&self, database: Option<&str>) -> bool {
+        match self {
+            Pause::Off => false,
+            Pause::All => true,
+            Pause::Databases(dbs) => database.is_some_and(|d| dbs.contains(d)),
         }
     }
 }
@@ -170,21 +221,22 @@ pub struct Shared {
     pub max_client_conn: u32,
     pub client_login_timeout: Duration,
     pub failover_hold_timeout: Duration,
-    /// PAUSE (true) holds new passthrough connections and new pooled transactions until
-    /// RESUME (false); running ones go on.
-    pub paused: watch::Sender<bool>,
-    /// Pooled clients linked to a server connection right now.
-    pub active_links: AtomicUsize,
+    /// Set by PAUSE and RESUME (admin API, signals).
+    pub paused: watch::Sender<Pause>,
+    pub metrics: Arc<Metrics>,
     /// Fired when shutdown stops waiting for sessions to end.
     pub kill_sessions: CancellationToken,
 }
 
 impl Shared {
-    /// Waits while pgvane is paused. False when shutdown comes first.
-    async fn wait_resumed(&self) -> bool {
+    /// Waits while a PAUSE holds `database`. False when shutdown comes first.
+    async fn wait_resumed(&self, database: Option<&str>) -> bool {
+        if !self.paused.borrow().holds(database) {
+            return true;
+        }
         let mut paused = self.paused.subscribe();
         tokio::select! {
-            r = paused.wait_for(|p| !p) => r.is_ok(),
+            r = paused.wait_for(|p| !p.holds(database)) => r.is_ok(),
             _ = self.kill_sessions.cancelled() => false,
         }
     }
@@ -199,6 +251,7 @@ pub async fn serve(
     sessions: TaskTracker,
 ) {
     let name = route.config.name.clone();
+    let clients = shared.metrics.clients.with_label_values(&[&name]);
     loop {
         let (client, peer) = tokio::select! {
             _ = stop_accepting.cancelled() => return,
@@ -225,10 +278,11 @@ pub async fn serve(
         // One task type per mode: a task is as large as its largest state, and an idle
         // pooled client should not pay for a passthrough session's buffers and timers.
         let (route, shared) = (route.clone(), shared.clone());
+        let open = ClientGauge::open(&clients);
         if route.config.mode.is_pooled() {
             let session = async move {
                 pooled::handle(client, peer, &route, &shared).await;
-                drop(slot);
+                drop((slot, open));
             };
             if span.is_disabled() {
                 sessions.spawn(session);
@@ -238,10 +292,26 @@ pub async fn serve(
         } else {
             let session = async move {
                 passthrough::handle(client, peer, &route, &shared).await;
-                drop(slot);
+                drop((slot, open));
             };
             sessions.spawn(session.instrument(span));
         }
+    }
+}
+
+/// Counts an open client connection in its listener's gauge until dropped.
+struct ClientGauge(prometheus::IntGauge);
+
+impl ClientGauge {
+    fn open(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for ClientGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

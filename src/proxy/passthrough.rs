@@ -16,7 +16,7 @@ use crate::topology::Backend;
 
 pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shared: &Shared) {
     let cfg = &route.config;
-    if !shared.wait_resumed().await {
+    if !shared.wait_resumed(None).await {
         return;
     }
     // Nothing has been read from the client yet, so a failed connect can be retried on
@@ -35,9 +35,7 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
             })),
         }
     };
-    let chosen = route
-        .with_backend(&shared.topology, shared.failover_hold_timeout, connect)
-        .await;
+    let chosen = route.with_backend(shared, connect).await;
     let Chosen {
         index,
         backend,

@@ -131,9 +131,7 @@ async fn login(
             Ok((pool, params))
         }
     };
-    let chosen = route
-        .with_backend(&shared.topology, shared.failover_hold_timeout, login_params)
-        .await?;
+    let chosen = route.with_backend(shared, login_params).await?;
     let (pool, defaults) = chosen.value;
     // A value the server has anyway need not be remembered per client.
     overrides.retain(|(k, v)| !defaults.all.iter().any(|(dk, dv)| dk == k && dv == v));
@@ -231,7 +229,7 @@ impl Session {
             Err(_) => return false,
         }
         let cfg = &route.config;
-        if !shared.wait_resumed().await {
+        if !shared.wait_resumed(Some(&self.home.key.database)).await {
             return false;
         }
         let home = &self.home;
@@ -239,9 +237,7 @@ impl Session {
             let pool = shared.pools.get(&backend, home.user(), &home.key.database);
             async move { Box::pin(pool.acquire()).await.map_err(classify) }
         };
-        let chosen = route
-            .with_backend(&shared.topology, shared.failover_hold_timeout, acquire)
-            .await;
+        let chosen = route.with_backend(shared, acquire).await;
         let Chosen {
             index: i,
             backend,
@@ -283,11 +279,9 @@ impl Session {
             idle_transaction_timeout: shared.pools.settings().idle_transaction_timeout,
             kill: &shared.kill_sessions,
         };
-        shared.active_links.fetch_add(1, Relaxed);
         let end = link
             .run(client, first, lease.conn(), &mut self.overrides, role_lost)
             .await;
-        shared.active_links.fetch_sub(1, Relaxed);
         self.cancel_key.set_target(None);
         let drained = lost.is_cancelled();
         match end {

@@ -20,14 +20,22 @@ pub enum Role {
     Replica,
 }
 
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Unknown, Role::Down, Role::Primary, Role::Replica];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
             Role::Unknown => "unknown",
             Role::Down => "down",
             Role::Primary => "primary",
             Role::Replica => "replica",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -10,8 +10,8 @@ mod check;
 mod health;
 mod table;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
@@ -24,6 +24,7 @@ pub use health::{Observation, Role};
 pub use table::{Backend, BackendView, Election, RoutingTable, Serving, SessionGuard};
 
 use crate::config::{Config, HealthConfig};
+use crate::metrics::Metrics;
 use check::Probe;
 use health::HealthState;
 
@@ -34,11 +35,57 @@ pub struct Topology {
     published: watch::Sender<u64>,
     /// One per backend: wakes its check task for an immediate check.
     recheck: Vec<Notify>,
+    metrics: Arc<Metrics>,
+    /// What the admin API shows beyond the routing table; written by the publisher only.
+    details: Mutex<Details>,
+}
+
+/// Per-check details that do not change routing, and the last completed failover.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Details {
+    /// Per backend, in config order.
+    pub backends: Vec<BackendDetails>,
+    pub last_failover: Option<Failover>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BackendDetails {
+    /// Why the last failed check failed; None after a successful one.
+    pub last_error: Option<String>,
+    /// Replicas: WAL bytes not yet replayed, as of the last check (needs WAL positions).
+    pub lag_bytes: Option<u64>,
+}
+
+/// One change of primary, as the admin API reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failover {
+    pub previous: Option<String>,
+    pub primary: String,
+    /// When the new primary was elected.
+    #[serde(with = "unix_seconds")]
+    pub at: SystemTime,
+    /// How long no primary was elected (0 when one table replaced the old primary with the
+    /// new one).
+    pub no_primary_ms: u64,
+    /// Clients waiting for a primary (or any backend) at the moment of the election.
+    pub clients_held: i64,
+}
+
+mod unix_seconds {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let secs = t
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        s.serialize_f64(secs)
+    }
 }
 
 impl Topology {
     /// A topology with nothing routable yet; [`Topology::spawn_checks`] brings it to life.
-    pub fn new(config: &Config) -> Arc<Self> {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Arc<Self> {
         let backends: Vec<Arc<Backend>> = config
             .backends
             .iter()
@@ -50,7 +97,17 @@ impl Topology {
             backends,
             table: ArcSwap::from_pointee(table),
             published: watch::channel(0).0,
+            metrics,
+            details: Mutex::new(Details {
+                backends: vec![BackendDetails::default(); config.backends.len()],
+                last_failover: None,
+            }),
         })
+    }
+
+    /// Per-check details and the last failover, for the admin API.
+    pub fn details(&self) -> Details {
+        self.details.lock().expect("details lock").clone()
     }
 
     /// The current routing table. Cheap: one atomic load and a reference count.
@@ -140,6 +197,7 @@ impl Topology {
         let (rise, fall) = (health.rise, health.fall);
         let mut states = vec![HealthState::default(); self.backends.len()];
         let snapshot = |s: &HealthState| (s.role(), s.is_suspect(), s.timeline(), s.is_lagging());
+        let mut outage = Outage::default();
         // Ends when every check task has stopped (shutdown).
         while let Some((i, obs, wal)) = rx.recv().await {
             let name = &self.backends[i].name;
@@ -155,10 +213,17 @@ impl Topology {
                 } else {
                     info!(backend = %name, from = %t.from, to = %t.to, reason = %t.reason, "backend role changed");
                 }
+                self.metrics
+                    .role_changes
+                    .with_label_values(&[name, t.from.as_str(), t.to.as_str()])
+                    .inc();
             }
-            if state.role() == Role::Replica && health.max_replica_lag > 0 {
-                self.judge_lag(&mut states, i, &health);
-            }
+            let lag = if state.role() == Role::Replica {
+                self.judge_lag(&mut states, i, &health)
+            } else {
+                None
+            };
+            self.record_details(i, &states[i], lag);
             if before == snapshot(&states[i]) {
                 continue;
             }
@@ -166,17 +231,106 @@ impl Topology {
             let next =
                 RoutingTable::build(prev.generation + 1, &self.backends, &states, Some(&prev));
             log_election(&prev, &next);
+            self.record_table(&prev, &next, &mut outage);
             let generation = next.generation;
             self.table.store(Arc::new(next));
             self.published.send_replace(generation);
         }
     }
+
+    fn record_details(&self, i: usize, state: &HealthState, lag: Option<u64>) {
+        let mut details = self.details.lock().expect("details lock");
+        let d = &mut details.backends[i];
+        d.last_error = state.last_error().map(str::to_owned);
+        d.lag_bytes = lag;
+        let name = self.backends[i].name.as_str();
+        match lag {
+            Some(l) => self
+                .metrics
+                .replica_lag_bytes
+                .with_label_values(&[name])
+                .set(l as i64),
+            None => {
+                let _ = self.metrics.replica_lag_bytes.remove_label_values(&[name]);
+            }
+        }
+    }
+
+    /// Updates the role gauges and, when the primary changed, the failover record.
+    fn record_table(&self, prev: &RoutingTable, next: &RoutingTable, outage: &mut Outage) {
+        let m = &self.metrics;
+        for b in &next.backends {
+            let name = b.backend.name.as_str();
+            for r in Role::ALL {
+                let on = (r == b.role) as i64;
+                m.backend_role
+                    .with_label_values(&[name, r.as_str()])
+                    .set(on);
+            }
+            for s in Serving::ALL {
+                let on = (s == b.serving) as i64;
+                m.backend_serving
+                    .with_label_values(&[name, s.as_str()])
+                    .set(on);
+            }
+        }
+        let claimants = next
+            .backends
+            .iter()
+            .filter(|b| b.role == Role::Primary)
+            .count();
+        if claimants > 1 && prev.election != next.election {
+            m.split_brain.inc();
+        }
+        let (was, now) = (prev.primary(), next.primary());
+        m.no_primary.set(now.is_none() as i64);
+        let name = |b: Option<&BackendView>| b.map(|b| b.backend.name.clone());
+        match (was, now) {
+            (Some(_), None) => {
+                outage.since = Some(Instant::now());
+                outage.previous = name(was);
+            }
+            (_, Some(p)) if name(was) != name(now) => {
+                let lasted = outage.since.take().map(|t| t.elapsed()).unwrap_or_default();
+                let previous = name(was).or(outage.previous.take());
+                // The first election since start-up is not a failover.
+                if previous.is_none() {
+                    return;
+                }
+                m.primary_changes.inc();
+                m.failover_seconds.observe(lasted.as_secs_f64());
+                let record = Failover {
+                    previous,
+                    primary: p.backend.name.clone(),
+                    at: SystemTime::now(),
+                    no_primary_ms: lasted.as_millis() as u64,
+                    clients_held: m.held_clients.get(),
+                };
+                info!(primary = %record.primary, previous = record.previous.as_deref().unwrap_or("none"), no_primary_ms = record.no_primary_ms, clients_held = record.clients_held, "failover complete");
+                self.details.lock().expect("details lock").last_failover = Some(record);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Since when no primary has been elected, and which one was last.
+#[derive(Default)]
+struct Outage {
+    since: Option<Instant>,
+    previous: Option<String>,
 }
 
 impl Topology {
-    /// Compares replica `i`'s replayed WAL position with the primary's written one and
-    /// takes the replica out of (or back into) the replica target, with rise/fall.
-    fn judge_lag(&self, states: &mut [HealthState], i: usize, health: &HealthConfig) {
+    /// Compares replica `i`'s replayed WAL position with the primary's written one and, with
+    /// `max_replica_lag` set, takes the replica out of (or back into) the replica target,
+    /// with rise/fall. Returns the lag in bytes when both positions are known.
+    fn judge_lag(
+        &self,
+        states: &mut [HealthState],
+        i: usize,
+        health: &HealthConfig,
+    ) -> Option<u64> {
         let table = self.table.load();
         let primary_wal = match table.election {
             Election::Elected(p) => states[p].wal(),
@@ -184,9 +338,12 @@ impl Topology {
         };
         // Without both positions there is nothing to judge: keep the last verdict.
         let (Some(primary_wal), Some(replica_wal)) = (primary_wal, states[i].wal()) else {
-            return;
+            return None;
         };
         let lag = primary_wal.saturating_sub(replica_wal);
+        if health.max_replica_lag == 0 {
+            return Some(lag);
+        }
         let behind = lag > health.max_replica_lag;
         if let Some(lagging) = states[i].observe_lag(behind, health.rise, health.fall) {
             let name = &self.backends[i].name;
@@ -197,6 +354,7 @@ impl Topology {
                 info!(backend = %name, lag_bytes = lag, max_replica_lag = max, "replica caught up; back in the replica target");
             }
         }
+        Some(lag)
     }
 }
 

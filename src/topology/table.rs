@@ -65,6 +65,18 @@ pub enum Serving {
     Nothing,
 }
 
+impl Serving {
+    pub const ALL: [Serving; 3] = [Serving::Primary, Serving::Replica, Serving::Nothing];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Serving::Primary => "primary",
+            Serving::Replica => "replica",
+            Serving::Nothing => "nothing",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct BackendView {
     pub backend: Arc<Backend>,

@@ -502,6 +502,29 @@ impl Drop for Pgvane {
     }
 }
 
+/// An HTTP/1.0 request to 127.0.0.1:`port`: the status and body, or None if nothing
+/// answers. Blocking; see [`http_async`] in async tests.
+pub fn http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.get(9..12)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// [`http`] off the async runtime's threads; panics if nothing answers.
+pub async fn http_async(port: u16, method: &'static str, path: &str) -> (u16, String) {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || http(port, method, &path))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no HTTP answer on port {port}"))
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, or panics after `limit`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
 where

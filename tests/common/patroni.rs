@@ -6,7 +6,6 @@
 //! (12 s here); with one healthy local etcd the shorter ttl is safe and halves the wait for a
 //! crashed leader's lock to expire.
 
-use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{free_port, hand_over, pg_bindir, run, run_as, Backends, PASSWORD, SUPERUSER};
+use super::{free_port, hand_over, http, pg_bindir, run, run_as, Backends, PASSWORD, SUPERUSER};
 
 const SCOPE: &str = "pgvane-test";
 
@@ -34,16 +33,6 @@ fn stack_command(program: &str) -> Command {
     cmd
 }
 
-/// `GET path` on 127.0.0.1:`port`; the HTTP status, or None if nothing answers.
-pub fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
 pub struct PatroniNode {
     pub name: String,
     pub pg_port: u16,
@@ -60,11 +49,11 @@ impl PatroniNode {
     }
 
     pub fn is_primary(&self) -> bool {
-        http_status(self.api_port, "/primary") == Some(200)
+        http(self.api_port, "GET", "/primary").map(|r| r.0) == Some(200)
     }
 
     pub fn is_replica(&self) -> bool {
-        http_status(self.api_port, "/replica") == Some(200)
+        http(self.api_port, "GET", "/replica").map(|r| r.0) == Some(200)
     }
 }
 

@@ -1,0 +1,295 @@
+//! Admin: operator controls (PAUSE, RESUME) and the HTTP admin API.
+//!
+//! The HTTP API (`[admin] listen`) serves:
+//! - `GET /metrics`: Prometheus text exposition.
+//! - `GET /status`: JSON with the routing table, each backend's health details, the last
+//!   failover, PAUSE state and pools.
+//! - `POST /pause[?database=NAME]`: PgBouncer's PAUSE, global or for one database. Answers
+//!   once no server connection of the paused databases is in use (200), or after
+//!   [`PAUSE_WAIT`] with the count still running (202).
+//! - `POST /resume[?database=NAME]`: RESUME.
+//!
+//! Signals reach the same controls: SIGUSR1 = PAUSE, SIGUSR2 = RESUME (as in PgBouncer).
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::proxy::{Pause, Shared};
+use crate::topology::Election;
+
+/// How long `POST /pause` waits for running transactions before answering 202.
+pub const PAUSE_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("pgvane is paused globally; RESUME without a database")]
+    GloballyPaused,
+}
+
+/// PAUSE `database`, or everything with `None`. Logs "PAUSE complete" once no server
+/// connection it holds is in use any more, which is when a planned switchover can start
+/// without failing a transaction.
+pub fn pause(shared: &Arc<Shared>, database: Option<String>) {
+    let changed = shared.paused.send_if_modified(|p| {
+        let next = match (&*p, database.clone()) {
+            (Pause::All, _) | (_, None) => Pause::All,
+            (Pause::Off, Some(db)) => Pause::Databases(BTreeSet::from([db])),
+            (Pause::Databases(dbs), Some(db)) => {
+                let mut dbs = dbs.clone();
+                dbs.insert(db);
+                Pause::Databases(dbs)
+            }
+        };
+        let changed = *p != next;
+        *p = next;
+        changed
+    });
+    shared.metrics.paused.set(1);
+    if !changed {
+        return;
+    }
+    let scope = database.as_deref().unwrap_or("all databases");
+    info!(
+        scope,
+        running = running(shared),
+        "PAUSE: new transactions are held"
+    );
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut changes = shared.paused.subscribe();
+        let state = changes.borrow_and_update().clone();
+        loop {
+            if running(&shared) == 0 {
+                info!(scope = ?state, "PAUSE complete: no transaction running");
+                return;
+            }
+            tokio::select! {
+                // Paused differently or resumed meanwhile: that call reports for itself.
+                _ = changes.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    });
+}
+
+/// RESUME `database`, or everything with `None`.
+pub fn resume(shared: &Shared, database: Option<&str>) -> Result<(), AdminError> {
+    let mut refused = false;
+    shared
+        .paused
+        .send_if_modified(|p| match (&mut *p, database) {
+            (Pause::Off, _) => false,
+            (_, None) => {
+                *p = Pause::Off;
+                true
+            }
+            (Pause::All, Some(_)) => {
+                refused = true;
+                false
+            }
+            (Pause::Databases(dbs), Some(db)) => {
+                let removed = dbs.remove(db);
+                if dbs.is_empty() {
+                    *p = Pause::Off;
+                }
+                removed
+            }
+        });
+    if refused {
+        return Err(AdminError::GloballyPaused);
+    }
+    let off = *shared.paused.borrow() == Pause::Off;
+    shared.metrics.paused.set(!off as i64);
+    info!(
+        scope = database.unwrap_or("all databases"),
+        "RESUME: held clients proceed"
+    );
+    Ok(())
+}
+
+/// Server connections in use in pools that the current PAUSE holds.
+fn running(shared: &Shared) -> usize {
+    let pause = shared.paused.borrow().clone();
+    shared
+        .pools
+        .all()
+        .iter()
+        .filter(|p| pause.holds(Some(&p.key.database)))
+        .map(|p| p.busy_connections())
+        .sum()
+}
+
+/// Serves the HTTP admin API on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        let service = service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(handle(req, &shared, peer).await) }
+        });
+        tokio::spawn(async move {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(client = %peer, error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let database = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "database")
+            .map(|(_, v)| v.into_owned())
+    });
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            let text = shared.metrics.render(&shared.pools);
+            reply(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        (&Method::GET, "/status") => json_reply(StatusCode::OK, status(shared)),
+        (&Method::POST, "/pause") => {
+            info!(client = %peer, database = database.as_deref(), "PAUSE requested over HTTP");
+            pause(shared, database);
+            let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+            while running(shared) > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = running(shared);
+            let code = if left == 0 {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            json_reply(
+                code,
+                json!({"paused": pause_json(&shared.paused.borrow()), "complete": left == 0, "running": left}),
+            )
+        }
+        (&Method::POST, "/resume") => {
+            info!(client = %peer, database = database.as_deref(), "RESUME requested over HTTP");
+            match resume(shared, database.as_deref()) {
+                Ok(()) => json_reply(
+                    StatusCode::OK,
+                    json!({"paused": pause_json(&shared.paused.borrow())}),
+                ),
+                Err(e) => json_reply(StatusCode::CONFLICT, json!({"error": e.to_string()})),
+            }
+        }
+        (_, "/metrics" | "/status" | "/pause" | "/resume") => json_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "GET /metrics and /status; POST /pause and /resume"}),
+        ),
+        _ => json_reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "unknown path; try /metrics, /status, /pause, /resume"}),
+        ),
+    }
+}
+
+fn pause_json(p: &Pause) -> Value {
+    match p {
+        Pause::Off => json!(false),
+        Pause::All => json!(true),
+        Pause::Databases(dbs) => json!(dbs),
+    }
+}
+
+/// The routing table and what the admin API knows beyond it.
+fn status(shared: &Shared) -> Value {
+    let table = shared.topology.snapshot();
+    let details = shared.topology.details();
+    let backends: Vec<Value> = table
+        .backends
+        .iter()
+        .zip(&details.backends)
+        .map(|(b, d)| {
+            json!({
+                "name": b.backend.name,
+                "addr": b.backend.addr(),
+                "role": b.role.as_str(),
+                "serving": b.serving.as_str(),
+                "suspect": b.suspect,
+                "timeline": b.timeline,
+                "active_sessions": b.backend.active_sessions(),
+                "last_error": d.last_error,
+                "lag_bytes": d.lag_bytes,
+            })
+        })
+        .collect();
+    let name = |i: &usize| table.backends[*i].backend.name.clone();
+    let election = match &table.election {
+        Election::Elected(i) => json!({"state": "elected", "primary": name(i)}),
+        Election::None => json!({"state": "none"}),
+        Election::Ambiguous(c) => {
+            json!({"state": "ambiguous", "claimants": c.iter().map(name).collect::<Vec<_>>()})
+        }
+    };
+    let pools: Vec<Value> = shared
+        .pools
+        .all()
+        .iter()
+        .map(|p| {
+            json!({
+                "backend": p.key.backend,
+                "database": p.key.database,
+                "user": p.key.user,
+                "active": p.busy_connections(),
+                "idle": p.idle_connections(),
+            })
+        })
+        .collect();
+    json!({
+        "generation": table.generation,
+        "election": election,
+        "backends": backends,
+        "last_failover": details.last_failover,
+        "paused": pause_json(&shared.paused.borrow()),
+        "held_clients": shared.metrics.held_clients.get(),
+        "pools": pools,
+    })
+}
+
+fn json_reply(code: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    reply(code, "application/json", format!("{body:#}\n"))
+}
+
+fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}

@@ -1,0 +1,151 @@
+//! Metrics: every counter and gauge pgvane exports, in one Prometheus registry.
+//!
+//! The parts that change state (topology, data path) update these directly; the admin API
+//! renders them. Pool gauges are read from the pools at scrape time instead, so the data
+//! path pays nothing for them.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::pool::Pools;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Backend role transitions, by backend and old and new role.
+    pub role_changes: IntCounterVec,
+    /// 1 for each backend's current role.
+    pub backend_role: IntGaugeVec,
+    /// 1 for what each backend serves in the current routing table.
+    pub backend_serving: IntGaugeVec,
+    pub replica_lag_bytes: IntGaugeVec,
+    /// Changes of the elected primary after the first election.
+    pub primary_changes: IntCounter,
+    /// 1 while there is no elected primary.
+    pub no_primary: IntGauge,
+    /// From losing the primary to electing the next one.
+    pub failover_seconds: Histogram,
+    /// Tables in which more than one backend claimed primary (fenced or held).
+    pub split_brain: IntCounter,
+    /// Clients waiting right now for their listener's target to have a backend.
+    pub held_clients: IntGauge,
+    pub held_total: IntCounter,
+    pub hold_timeouts: IntCounter,
+    pub hold_seconds: Histogram,
+    /// Open client connections, by listener.
+    pub clients: IntGaugeVec,
+    pub paused: IntGauge,
+    pool_connections: IntGaugeVec,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: T) -> T {
+    registry
+        .register(Box::new(m.clone()))
+        .expect("metric names are unique");
+    m
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new_custom(Some("pgvane".into()), None).expect("valid prefix");
+        let counter = |name: &str, help: &str| register(&r, IntCounter::new(name, help).unwrap());
+        let gauge = |name: &str, help: &str| register(&r, IntGauge::new(name, help).unwrap());
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+            )
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap())
+        };
+        // From a fast switchover (tens of ms) to a crash with Patroni's ttl (tens of seconds).
+        let buckets = vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
+        let histogram = |name: &str, help: &str| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.clone());
+            register(&r, Histogram::with_opts(opts).unwrap())
+        };
+        Self {
+            role_changes: counter_vec(
+                "backend_role_changes_total",
+                "Backend role transitions (after rise/fall).",
+                &["backend", "from", "to"],
+            ),
+            backend_role: gauge_vec(
+                "backend_role",
+                "1 for the backend's current role (primary, replica, down, unknown).",
+                &["backend", "role"],
+            ),
+            backend_serving: gauge_vec(
+                "backend_serving",
+                "1 for what the backend serves in the routing table (primary, replica, nothing).",
+                &["backend", "serving"],
+            ),
+            replica_lag_bytes: gauge_vec(
+                "replica_lag_bytes",
+                "WAL bytes the replica has not replayed yet, at its last check.",
+                &["backend"],
+            ),
+            primary_changes: counter(
+                "primary_changes_total",
+                "Changes of the elected primary, not counting the first election at start-up.",
+            ),
+            no_primary: gauge("no_primary", "1 while no primary is elected."),
+            failover_seconds: histogram(
+                "failover_seconds",
+                "Time from losing the elected primary to electing the next one.",
+            ),
+            split_brain: counter(
+                "split_brain_total",
+                "Routing tables in which several backends claimed primary (one fenced, or writes held).",
+            ),
+            held_clients: gauge(
+                "held_clients",
+                "Clients waiting for their listener's target to have a reachable backend.",
+            ),
+            held_total: counter(
+                "held_total",
+                "Connections and transactions that had to wait for a backend.",
+            ),
+            hold_timeouts: counter(
+                "hold_timeouts_total",
+                "Waits for a backend that ended with an error at failover_hold_timeout.",
+            ),
+            hold_seconds: histogram("hold_seconds", "How long held clients waited for a backend."),
+            clients: gauge_vec("client_connections", "Open client connections.", &["listener"]),
+            paused: gauge("paused", "1 while PAUSE holds new work (global or any database)."),
+            pool_connections: gauge_vec(
+                "pool_server_connections",
+                "Server connections per pool, by state (active = lent to a client).",
+                &["backend", "database", "user", "state"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric, with pool gauges read from `pools`.
+    pub fn render(&self, pools: &Pools) -> String {
+        self.pool_connections.reset();
+        for pool in pools.all() {
+            let k = &pool.key;
+            let (busy, idle) = (pool.busy_connections(), pool.idle_connections());
+            for (state, n) in [("active", busy), ("idle", idle)] {
+                self.pool_connections
+                    .with_label_values(&[&k.backend, &k.database, &k.user, state])
+                    .set(n as i64);
+            }
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("text exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
