@@ -1,13 +1,25 @@
-//! Failover benchmark: writers commit small transactions through pgvane's transaction
-//! listener (default health settings) while the primary crashes or is switched over, on a
-//! real primary + replica made by the test harness.
+//! Failover benchmark: writers commit small transactions through a proxy while the primary
+//! crashes or is switched over, on real clusters made by the test harness.
 //!
-//!   cargo bench --bench failover -- [crash|switchover] [RUNS] [WRITERS]
+//!   cargo bench --bench failover -- MODE [RUNS] [WRITERS]
 //!
-//! Reports per run: promotion -> first committed write through pgvane, failed transactions,
-//! and the longest time any writer went without a commit. `crash` is kill -9 of the
-//! postmaster then `pg_ctl promote`; `switchover` is PAUSE (SIGUSR1), a clean stop of the
-//! primary, promotion, and RESUME (SIGUSR2) once pgvane has elected the new primary.
+//! Plain streaming replication (primary + replica, pgvane only, SQL checks):
+//! - `crash`: kill -9 of the postmaster, then `pg_ctl promote`;
+//! - `switchover`: PAUSE (SIGUSR1), clean stop of the primary, promotion, RESUME (SIGUSR2)
+//!   once pgvane has elected the new primary.
+//!
+//! Patroni (etcd + 3 nodes, ttl 10 / loop_wait 2), pgvane and HAProxy side by side in front
+//! of the same cluster, each with its own writers and 8 idle clients. pgvane: Patroni checks
+//! with default settings, transaction listener. HAProxy: the configuration Patroni ships
+//! (`option httpchk`, `inter 3s fall 3 rise 2 on-marked-down shutdown-sessions`).
+//! - `patroni-crash`: the leader's Patroni and PostgreSQL are frozen, then killed;
+//! - `patroni-switchover`: `patronictl switchover`, inside PAUSE/RESUME over pgvane's admin
+//!   API (HAProxy has no such thing).
+//!
+//! Reported per run: promotion (the new leader answering 200 on `/primary` for Patroni, the
+//! return of `pg_ctl promote` otherwise) -> first committed write, failed attempts, the
+//! longest time any writer went without a commit, and for Patroni how many idle clients
+//! failed their next transaction (15 s after the promotion).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -16,7 +28,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::patroni::PatroniCluster;
 use common::*;
+use std::process::{Child, Command, Stdio};
 
 /// What one writer saw.
 #[derive(Default)]
@@ -51,30 +65,64 @@ struct Outcome {
     longest_stall: Duration,
 }
 
+/// Writers through one proxy, each with what it saw.
+struct WriterGroup {
+    stop: Arc<AtomicBool>,
+    seen: Vec<Arc<Mutex<Seen>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl WriterGroup {
+    fn start(port: u16, writers: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Vec<Arc<Mutex<Seen>>> = (0..writers).map(|_| Arc::default()).collect();
+        let tasks = seen
+            .iter()
+            .map(|s| tokio::spawn(writer(port, stop.clone(), s.clone())))
+            .collect();
+        Self { stop, seen, tasks }
+    }
+
+    /// Stops the writers and sums up what they saw around `promoted`.
+    async fn finish(self, promoted: Instant) -> Outcome {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let mut first_after = None::<Instant>;
+        let mut failed = 0;
+        let mut longest_stall = Duration::ZERO;
+        for s in &self.seen {
+            let s = s.lock().unwrap();
+            failed += s.failed;
+            if let Some(t) = s.commits.iter().find(|t| **t > promoted) {
+                first_after = Some(first_after.map_or(*t, |f| f.min(*t)));
+            }
+            for pair in s.commits.windows(2) {
+                longest_stall = longest_stall.max(pair[1] - pair[0]);
+            }
+        }
+        Outcome {
+            promotion_to_write: first_after.expect("a write after the promotion") - promoted,
+            failed,
+            longest_stall,
+        }
+    }
+}
+
 async fn run_once(mode: &str, writers: usize) -> Outcome {
     let cluster = Cluster::start(1);
     let tx = free_port();
     let text = format!(
-        "[health.sql]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n\
-         [general]\nmax_client_conn = 1000\n[[user]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n{}{}",
-        cluster
-            .nodes
-            .iter()
-            .map(|n| format!("\n[[backend]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n", n.name, n.port))
-            .collect::<String>(),
-        listener("tx", tx, "primary", "mode = \"transaction\"")
+        "{}\n[general]\nmax_client_conn = 1000\n[[user]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n",
+        config(&cluster, "", &listener("tx", tx, "primary", "mode = \"transaction\""))
     );
     let pgvane = Pgvane::start(&text, &[tx]);
     let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
     setup.batch_execute("CREATE TABLE w (x int)").await.unwrap();
     cluster.wait_replicated().await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen: Vec<Arc<Mutex<Seen>>> = (0..writers).map(|_| Arc::default()).collect();
-    let tasks: Vec<_> = seen
-        .iter()
-        .map(|s| tokio::spawn(writer(tx, stop.clone(), s.clone())))
-        .collect();
+    let group = WriterGroup::start(tx, writers);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let promoted = match mode {
@@ -99,29 +147,149 @@ async fn run_once(mode: &str, writers: usize) -> Outcome {
         }
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    group.finish(promoted).await
+}
 
-    let mut first_after = None::<Instant>;
+/// HAProxy as Patroni ships it, in front of `cluster`, on `port`.
+fn start_haproxy(cluster: &PatroniCluster, port: u16, dir: &std::path::Path) -> Child {
+    let mut cfg = format!(
+        "global\n    maxconn 100\ndefaults\n    mode tcp\n    retries 2\n    timeout client 30m\n    \
+         timeout connect 4s\n    timeout server 30m\n    timeout check 5s\n\
+         listen batman\n    bind 127.0.0.1:{port}\n    option httpchk\n    http-check expect status 200\n    \
+         default-server inter 3s fall 3 rise 2 on-marked-down shutdown-sessions\n"
+    );
+    for n in &cluster.nodes {
+        cfg += &format!(
+            "    server {} 127.0.0.1:{} maxconn 100 check port {}\n",
+            n.name, n.pg_port, n.api_port
+        );
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg).unwrap();
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&path)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy (Debian package `haproxy`) is needed for the Patroni modes");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Clients that wrote once and then sat idle through the failover; how many fail their
+/// next write.
+async fn idle_failures(idle: &[tokio_postgres::Client]) -> usize {
     let mut failed = 0;
-    let mut longest_stall = Duration::ZERO;
-    for s in &seen {
-        let s = s.lock().unwrap();
-        failed += s.failed;
-        if let Some(t) = s.commits.iter().find(|t| **t > promoted) {
-            first_after = Some(first_after.map_or(*t, |f| f.min(*t)));
-        }
-        for pair in s.commits.windows(2) {
-            longest_stall = longest_stall.max(pair[1] - pair[0]);
+    for c in idle {
+        if c.batch_execute("INSERT INTO w VALUES (2)").await.is_err() {
+            failed += 1;
         }
     }
-    Outcome {
-        promotion_to_write: first_after.expect("a write after the promotion") - promoted,
-        failed,
-        longest_stall,
+    failed
+}
+
+async fn idle_clients(port: u16) -> Vec<tokio_postgres::Client> {
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let c = connect(port, SUPERUSER, "postgres").await.unwrap();
+        c.batch_execute("INSERT INTO w VALUES (1)").await.unwrap();
+        idle.push(c);
     }
+    idle
+}
+
+/// One Patroni failover, seen through pgvane and HAProxy at once: (event -> new leader,
+/// pgvane's outcome and idle failures, HAProxy's).
+async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize), (Outcome, usize)) {
+    let mut cluster = tokio::task::spawn_blocking(|| PatroniCluster::start(3))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, admin, ha) = (free_port(), free_port(), free_port());
+    let text = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[general]\nmax_client_conn = 1000\n\
+         [[user]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n",
+        config(
+            &cluster,
+            "method = \"patroni\"\n",
+            &listener("tx", tx, "primary", "mode = \"transaction\"")
+        )
+    );
+    let pgvane = Pgvane::start(&text, &[tx, admin]);
+    let mut haproxy = start_haproxy(&cluster, ha, dir.path());
+    pgvane
+        .wait_log("primary elected", Duration::from_secs(10))
+        .await;
+    let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    setup.batch_execute("CREATE TABLE w (x int)").await.unwrap();
+    // HAProxy starts with every server up and takes fall x inter (9 s) to mark the replicas
+    // down: wait until six connections in a row reach the leader.
+    eventually(Duration::from_secs(30), "HAProxy to route to the leader only", || async {
+        for _ in 0..6 {
+            let c = connect(ha, SUPERUSER, "postgres").await.ok()?;
+            if try_server_port(&c).await? != cluster.nodes[0].pg_port {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let (idle_pgvane, idle_haproxy) = (idle_clients(tx).await, idle_clients(ha).await);
+    let (via_pgvane, via_haproxy) = (
+        WriterGroup::start(tx, writers),
+        WriterGroup::start(ha, writers),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let event = Instant::now();
+    let promoted = if mode == "patroni-crash" {
+        cluster.crash(0);
+        cluster.wait_new_leader(0, Duration::from_secs(60)).await;
+        Instant::now()
+    } else {
+        let (code, body) = http_async(admin, "POST", "/pause").await;
+        assert_eq!(code, 200, "{body}");
+        let candidate_api = cluster.nodes[1].api_port;
+        let switch = tokio::task::spawn_blocking(move || {
+            cluster.switchover(0, 1);
+            cluster
+        });
+        // The leader changes while patronictl is still running: watch for it alongside.
+        let promoted = loop {
+            if http_async(candidate_api, "GET", "/primary").await.0 == 200 {
+                break Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        cluster = switch.await.unwrap();
+        eventually(Duration::from_secs(10), "pgvane to elect pt1", || async {
+            let (_, body) = http_async(admin, "GET", "/status").await;
+            body.contains("\"primary\": \"pt1\"").then_some(())
+        })
+        .await;
+        let (code, body) = http_async(admin, "POST", "/resume").await;
+        assert_eq!(code, 200, "{body}");
+        promoted
+    };
+    let to_leader = promoted - event;
+    // Long enough for HAProxy to mark the old leader down (fall 3 x inter 3 s).
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let pgvane_idle = idle_failures(&idle_pgvane).await;
+    let haproxy_idle = idle_failures(&idle_haproxy).await;
+    let pgvane_outcome = via_pgvane.finish(promoted).await;
+    let haproxy_outcome = via_haproxy.finish(promoted).await;
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    drop((pgvane, cluster));
+    (
+        to_leader,
+        (pgvane_outcome, pgvane_idle),
+        (haproxy_outcome, haproxy_idle),
+    )
 }
 
 fn main() {
@@ -136,20 +304,40 @@ fn main() {
         .to_owned();
     let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
     let writers: usize = args.get(2).and_then(|w| w.parse().ok()).unwrap_or(8);
-    assert!(
-        mode == "crash" || mode == "switchover",
-        "mode is crash or switchover"
-    );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    println!("| {mode} run | promotion -> first write | failed transactions | longest stall |");
-    println!("|---|---:|---:|---:|");
-    for run in 1..=runs {
-        let o = rt.block_on(run_once(&mode, writers));
-        println!(
-            "| {run} | {} ms | {} | {} ms |",
-            o.promotion_to_write.as_millis(),
-            o.failed,
-            o.longest_stall.as_millis()
-        );
+    let ms = |d: Duration| d.as_millis();
+    match mode.as_str() {
+        "crash" | "switchover" => {
+            println!(
+                "| {mode} run | promotion -> first write | failed transactions | longest stall |"
+            );
+            println!("|---|---:|---:|---:|");
+            for run in 1..=runs {
+                let o = rt.block_on(run_once(&mode, writers));
+                println!(
+                    "| {run} | {} ms | {} | {} ms |",
+                    ms(o.promotion_to_write),
+                    o.failed,
+                    ms(o.longest_stall)
+                );
+            }
+        }
+        "patroni-crash" | "patroni-switchover" => {
+            println!("| {mode} run | proxy | event -> new leader | promotion -> first write | failed attempts | longest stall | idle clients failed |");
+            println!("|---|---|---:|---:|---:|---:|---:|");
+            for run in 1..=runs {
+                let (to_leader, pgvane, haproxy) = rt.block_on(run_patroni(&mode, writers));
+                for (name, (o, idle)) in [("pgvane", pgvane), ("HAProxy", haproxy)] {
+                    println!(
+                        "| {run} | {name} | {} ms | {} ms | {} | {} ms | {idle} of 8 |",
+                        ms(to_leader),
+                        ms(o.promotion_to_write),
+                        o.failed,
+                        ms(o.longest_stall)
+                    );
+                }
+            }
+        }
+        _ => panic!("mode is crash, switchover, patroni-crash or patroni-switchover"),
     }
 }
