@@ -228,15 +228,19 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize),
     setup.batch_execute("CREATE TABLE w (x int)").await.unwrap();
     // HAProxy starts with every server up and takes fall x inter (9 s) to mark the replicas
     // down: wait until six connections in a row reach the leader.
-    eventually(Duration::from_secs(30), "HAProxy to route to the leader only", || async {
-        for _ in 0..6 {
-            let c = connect(ha, SUPERUSER, "postgres").await.ok()?;
-            if try_server_port(&c).await? != cluster.nodes[0].pg_port {
-                return None;
+    eventually(
+        Duration::from_secs(30),
+        "HAProxy to route to the leader only",
+        || async {
+            for _ in 0..6 {
+                let c = connect(ha, SUPERUSER, "postgres").await.ok()?;
+                if try_server_port(&c).await? != cluster.nodes[0].pg_port {
+                    return None;
+                }
             }
-        }
-        Some(())
-    })
+            Some(())
+        },
+    )
     .await;
     let (idle_pgvane, idle_haproxy) = (idle_clients(tx).await, idle_clients(ha).await);
     let (via_pgvane, via_haproxy) = (

@@ -151,6 +151,10 @@ pub struct PoolConfig {
     pub server_lifetime: Duration,
     #[serde(with = "duration")]
     pub server_connect_timeout: Duration,
+    /// Server connections being opened (connect and login) at once per backend, over all
+    /// pools: after a failover every pool refills toward the new primary, and this keeps
+    /// that from becoming a login storm on it.
+    pub server_connect_concurrency: u32,
     /// A client idle inside a transaction this long is disconnected (0 = never).
     #[serde(with = "duration")]
     pub idle_transaction_timeout: Duration,
@@ -178,6 +182,7 @@ impl Default for PoolConfig {
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             server_connect_timeout: Duration::from_secs(15),
+            server_connect_concurrency: 16,
             idle_transaction_timeout: Duration::ZERO,
             server_reset_query: "DISCARD ALL".into(),
             server_check_delay: Duration::from_secs(30),
@@ -532,6 +537,12 @@ impl Config {
             bad(
                 "pool.server_connect_timeout".into(),
                 "must be greater than 0, e.g. \"15s\"".into(),
+            );
+        }
+        if p.server_connect_concurrency == 0 {
+            bad(
+                "pool.server_connect_concurrency".into(),
+                "must be at least 1 (connections opened at once per backend)".into(),
             );
         }
         let mut names = HashSet::new();

@@ -203,6 +203,8 @@ pub struct Pool {
     slots: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
     caps: Vec<Arc<Semaphore>>,
+    /// Connects in progress to this pool's backend, shared by all its pools.
+    connecting: Arc<Semaphore>,
     /// ParameterStatus values of the first login, shown to clients at their login.
     login_params: Mutex<Option<Arc<LoginParams>>>,
     open: AtomicUsize,
@@ -373,17 +375,27 @@ impl Pool {
     }
 
     async fn open_connection(&self, wait: Option<Duration>) -> Result<ServerConn, PoolError> {
+        let started = Instant::now();
+        // Waits for a permit within what is left of `wait`.
+        let permit = |semaphore: &Arc<Semaphore>| {
+            let left = wait.map(|w| w.saturating_sub(started.elapsed()));
+            let acquire = semaphore.clone().acquire_owned();
+            async move {
+                let permit = match left {
+                    None => acquire.await.ok(),
+                    Some(d) => tokio::time::timeout(d, acquire)
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                };
+                permit.ok_or(PoolError::WaitTimeout(self.settings.query_wait_timeout))
+            }
+        };
         let mut caps = Vec::with_capacity(self.caps.len());
         for cap in &self.caps {
-            let permit = match wait {
-                None => cap.clone().acquire_owned().await.ok(),
-                Some(d) => tokio::time::timeout(d, cap.clone().acquire_owned())
-                    .await
-                    .ok()
-                    .and_then(Result::ok),
-            };
-            caps.push(permit.ok_or(PoolError::WaitTimeout(self.settings.query_wait_timeout))?);
+            caps.push(permit(cap).await?);
         }
+        let _connecting = permit(&self.connecting).await?;
         let backend = &self.backend;
         let connect = async {
             let mut stream = TcpStream::connect((backend.host.as_str(), backend.port))
@@ -501,6 +513,8 @@ pub struct Pools {
     pools: Mutex<HashMap<String, PoolsOfBackend>>,
     db_caps: Mutex<HashMap<String, Arc<Semaphore>>>,
     user_caps: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// backend → its `server_connect_concurrency` permits.
+    connecting: Mutex<HashMap<String, Arc<Semaphore>>>,
     user_settings: HashMap<String, (Option<u32>, Option<u32>)>,
 }
 
@@ -511,6 +525,7 @@ impl Pools {
             pools: Mutex::default(),
             db_caps: Mutex::default(),
             user_caps: Mutex::default(),
+            connecting: Mutex::default(),
             user_settings: users
                 .iter()
                 .map(|u| (u.name.clone(), (u.pool_size, u.max_user_connections)))
@@ -562,6 +577,11 @@ impl Pools {
             0 => {}
             limit => caps.push(cap(&self.user_caps, &user.name, limit)),
         }
+        let connecting = cap(
+            &self.connecting,
+            &backend.name,
+            self.settings.server_connect_concurrency,
+        );
         let pool = Arc::new(Pool {
             key: key.clone(),
             backend: backend.clone(),
@@ -572,6 +592,7 @@ impl Pools {
             slots: Arc::new(Semaphore::new(pool_size)),
             reserve: Arc::new(Semaphore::new(self.settings.reserve_pool_size as usize)),
             caps,
+            connecting,
             login_params: Mutex::default(),
             open: AtomicUsize::new(0),
         });

@@ -326,6 +326,43 @@ async fn query_wait_timeout_gives_a_clear_error() {
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connects_per_backend_are_bounded() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let extra = "[pool]\nserver_connect_concurrency = 2\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    // One after the other: only the first login needs a server connection.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(connect(tx, SUPERUSER, "postgres").await.unwrap());
+    }
+    let pg = cluster.primary();
+    // The health monitor's connection and the pool's one idle connection.
+    let before = connections_to(pg.port);
+
+    // A frozen server completes TCP handshakes but never answers a login: each of the five
+    // clients that find no idle connection starts a connect, and only two may be under way.
+    pg.freeze(true);
+    let queries: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| c) }))
+        .collect();
+    eventually(Duration::from_secs(2), "two connects under way", || async {
+        (connections_to(pg.port) >= before + 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = connections_to(pg.port);
+    pg.freeze(false);
+    assert_eq!(during, before + 2, "connects under way at once");
+    for q in queries {
+        q.await
+            .unwrap()
+            .expect("every query runs once the server answers");
+    }
+}
+
 #[tokio::test]
 async fn md5_auth_and_auth_file() {
     let cluster = Cluster::start(0);

@@ -243,6 +243,14 @@ impl PgNode {
         run(Command::new("kill").args(["-9", &pid.to_string()]));
     }
 
+    /// SIGSTOP / SIGCONT of the postmaster: the kernel still completes TCP handshakes for
+    /// it, but nothing answers until it is thawed.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.postmaster_pid().expect("node is not running");
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        run(Command::new("kill").args([sig, &pid.to_string()]));
+    }
+
     pub fn promote(&self) {
         run(pg_command("pg_ctl")
             .arg("-D")
@@ -265,6 +273,21 @@ impl PgNode {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.join("server.log")).unwrap_or_default()
     }
+}
+
+/// Established TCP connections (IPv4) whose remote end is 127.0.0.1:`port`: the client
+/// sides of connections to a server on `port`, accepted by it yet or not.
+pub fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let remote = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == remote && f[3] == "01"
+        })
+        .count()
 }
 
 /// A connection to 127.0.0.1:`port` as `user`, with the harness password.
