@@ -246,6 +246,7 @@ fn status(shared: &Shared) -> Value {
                 "active_sessions": b.backend.active_sessions(),
                 "last_error": d.last_error,
                 "lag_bytes": d.lag_bytes,
+                "replay_delay_ms": d.replay_delay_ms,
             })
         })
         .collect();

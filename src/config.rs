@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 /// A validated pgvane configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -209,10 +209,9 @@ pub struct HealthConfig {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
-    /// A replica whose replayed WAL is more than this many bytes behind the primary's
-    /// leaves the replica target (after `fall` such checks) until it catches up (`rise`).
-    /// 0 = never; needs `method = "sql"`.
-    pub max_replica_lag: u64,
+    /// A replica further behind than this leaves the replica target (after `fall` such
+    /// checks) until it catches up (`rise`): bytes of WAL not replayed yet, or replay delay.
+    pub max_replica_lag: LagLimit,
     pub sql: SqlCheckConfig,
     pub patroni: PatroniCheckConfig,
 }
@@ -226,7 +225,7 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
-            max_replica_lag: 0,
+            max_replica_lag: LagLimit::Off,
             sql: SqlCheckConfig::default(),
             patroni: PatroniCheckConfig::default(),
         }
@@ -500,7 +499,10 @@ impl Config {
         if h.fall == 0 {
             bad("health.fall".into(), "must be at least 1".into());
         }
-        if h.method == CheckMethod::Patroni && !h.patroni.cross_check && h.max_replica_lag > 0 {
+        if h.method == CheckMethod::Patroni
+            && !h.patroni.cross_check
+            && h.max_replica_lag != LagLimit::Off
+        {
             bad(
                 "health.max_replica_lag".into(),
                 "needs WAL positions: method = \"sql\", or health.patroni.cross_check = true"
@@ -685,6 +687,81 @@ impl ListenerConfig {
 impl BackendConfig {
     pub fn patroni_port(&self, health: &HealthConfig) -> u16 {
         self.patroni_port.unwrap_or(health.patroni.port)
+    }
+}
+
+/// How far behind a replica may be: `0` (off), bytes of WAL (`1048576`, `"16MB"`, `"512kB"`)
+/// or replay delay (`"10s"`, `"500ms"`), as Patroni's `/replica?lag=` reads sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LagLimit {
+    #[default]
+    Off,
+    Bytes(u64),
+    Time(Duration),
+}
+
+impl LagLimit {
+    fn from_bytes(n: u64) -> Self {
+        if n == 0 {
+            LagLimit::Off
+        } else {
+            LagLimit::Bytes(n)
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(digits);
+        let unit_size = match unit.trim() {
+            "" | "B" => Some(1),
+            "kB" | "KB" => Some(1 << 10),
+            "MB" => Some(1 << 20),
+            "GB" => Some(1 << 30),
+            _ => None,
+        };
+        if let (Ok(n), Some(size)) = (number.parse::<u64>(), unit_size) {
+            return n
+                .checked_mul(size)
+                .map(Self::from_bytes)
+                .ok_or_else(|| format!("\"{text}\" is too large"));
+        }
+        match humantime::parse_duration(t) {
+            Ok(d) if d.is_zero() => Ok(LagLimit::Off),
+            Ok(d) => Ok(LagLimit::Time(d)),
+            Err(_) => Err(format!(
+                "\"{text}\" is neither a size nor a duration; use bytes (1048576, \"16MB\", \"512kB\") \
+                 or a replay delay (\"10s\", \"500ms\"), or 0 for no limit"
+            )),
+        }
+    }
+}
+
+impl Serialize for LagLimit {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LagLimit::Off => s.serialize_u64(0),
+            LagLimit::Bytes(n) => s.serialize_u64(*n),
+            LagLimit::Time(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LagLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Bytes(n)) => Ok(LagLimit::from_bytes(n)),
+            Ok(Raw::Text(t)) => LagLimit::parse(&t).map_err(de::Error::custom),
+            Err(_) => Err(de::Error::custom(
+                "expected bytes (1048576, \"16MB\") or a replay delay (\"10s\")",
+            )),
+        }
     }
 }
 
@@ -883,6 +960,36 @@ mod tests {
         assert!(
             err.contains("query_wait_timeout") && err.contains("negative"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn replica_lag_is_bytes_a_size_or_a_delay() {
+        let lag = |v: &str| {
+            Config::parse(&format!("[health]\nmax_replica_lag = {v}\n{MINIMAL}"))
+                .map(|c| c.health.max_replica_lag)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(lag("0"), Ok(LagLimit::Off));
+        assert_eq!(lag("1048576"), Ok(LagLimit::Bytes(1 << 20)));
+        assert_eq!(lag("\"16MB\""), Ok(LagLimit::Bytes(16 << 20)));
+        assert_eq!(lag("\"512kB\""), Ok(LagLimit::Bytes(512 << 10)));
+        assert_eq!(lag("\"10s\""), Ok(LagLimit::Time(Duration::from_secs(10))));
+        assert_eq!(
+            lag("\"500ms\""),
+            Ok(LagLimit::Time(Duration::from_millis(500)))
+        );
+        let err = lag("\"lots\"").unwrap_err();
+        assert!(
+            err.contains("max_replica_lag") && err.contains("16MB") && err.contains("10s"),
+            "{err}"
+        );
+        // Printed back as written, so `pgvane check` output loads again.
+        let c = Config::parse(&format!("[health]\nmax_replica_lag = \"10s\"\n{MINIMAL}")).unwrap();
+        let again = Config::parse(&c.to_resolved_toml()).unwrap();
+        assert_eq!(
+            again.health.max_replica_lag,
+            LagLimit::Time(Duration::from_secs(10))
         );
     }
 

@@ -5,8 +5,8 @@
 //! path pays nothing for them.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::pool::Pools;
@@ -20,6 +20,7 @@ pub struct Metrics {
     /// 1 for what each backend serves in the current routing table.
     pub backend_serving: IntGaugeVec,
     pub replica_lag_bytes: IntGaugeVec,
+    pub replica_replay_delay: GaugeVec,
     /// Changes of the elected primary after the first election.
     pub primary_changes: IntCounter,
     /// 1 while there is no elected primary.
@@ -86,6 +87,17 @@ impl Metrics {
                 "replica_lag_bytes",
                 "WAL bytes the replica has not replayed yet, at its last check.",
                 &["backend"],
+            ),
+            replica_replay_delay: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "replica_replay_delay_seconds",
+                        "Age of the last replayed transaction while WAL waits to be replayed (0 when caught up).",
+                    ),
+                    &["backend"],
+                )
+                .unwrap(),
             ),
             primary_changes: counter(
                 "primary_changes_total",

@@ -233,23 +233,38 @@ async fn pause_and_resume_make_a_switchover_lossless() {
 }
 
 #[tokio::test]
-async fn a_lagging_replica_leaves_the_replica_target_and_returns() {
+async fn a_replica_behind_in_bytes_leaves_the_replica_target_and_returns() {
+    lagging_replica_leaves_and_returns("1048576").await;
+}
+
+#[tokio::test]
+async fn a_replica_behind_in_replay_time_leaves_the_replica_target_and_returns() {
+    lagging_replica_leaves_and_returns("\"1s\"").await;
+}
+
+/// A replica whose replay is paused while the primary writes several MB of WAL leaves a
+/// replica listener under `max_replica_lag = limit`, and returns once replay resumes.
+async fn lagging_replica_leaves_and_returns(limit: &str) {
     let cluster = Cluster::start(1);
     let ro = free_port();
-    let health = "interval = \"200ms\"\nfast_interval = \"100ms\"\nrise = 2\nfall = 2\nmax_replica_lag = 1048576\n";
-    let text = config(&cluster, health, &listener("ro", ro, "replica", ""))
+    let health = format!(
+        "interval = \"200ms\"\nfast_interval = \"100ms\"\nrise = 2\nfall = 2\nmax_replica_lag = {limit}\n"
+    );
+    let text = config(&cluster, &health, &listener("ro", ro, "replica", ""))
         + "\n[general]\nfailover_hold_timeout = 0\n";
     let pgvane = Pgvane::start(&text, &[ro]);
     let replica = &cluster.nodes[1];
     let c = connect(ro, SUPERUSER, "postgres").await.unwrap();
     assert_eq!(server_port(&c).await, replica.port);
 
-    // Replay stops while the primary writes several MB of WAL.
+    // One replayed transaction, so that the replica knows a replay timestamp.
+    let p = cluster.primary().connect().await;
+    p.batch_execute("CREATE TABLE warm (x int)").await.unwrap();
+    cluster.wait_replicated().await;
     let r = replica.connect().await;
     r.batch_execute("SELECT pg_wal_replay_pause()")
         .await
         .unwrap();
-    let p = cluster.primary().connect().await;
     p.batch_execute(
         "CREATE TABLE big AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 50000) g",
     )

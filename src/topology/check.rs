@@ -17,17 +17,22 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use tracing::debug;
 
-use super::health::Observation;
+use super::health::{Observation, Progress};
 use crate::config::{BackendConfig, CheckMethod, HealthConfig};
 
 /// On a primary the current WAL file name starts with the timeline in 8 hex digits; that is
 /// up to date right after a promotion, unlike the checkpoint's timeline. The third column is
-/// the WAL position in bytes (written on a primary, replayed on a replica), for replica lag.
+/// the WAL position in bytes (written on a primary, replayed on a replica), for replica lag;
+/// the fourth a replica's replay delay in ms: 0 when all WAL received is replayed, else
+/// the age of the last replayed transaction.
 const SQL_CHECK: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN NULL \
      ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
      (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-     ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint";
+     ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint, \
+     CASE WHEN NOT pg_is_in_recovery() THEN NULL \
+     WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+     ELSE greatest(0, extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END";
 
 pub enum Probe {
     Sql(Box<SqlProbe>),
@@ -51,7 +56,7 @@ impl Probe {
 
     /// One check, bounded by `timeout` (connect included), with the backend's WAL position
     /// when the method can tell.
-    pub async fn check(&mut self, timeout: Duration) -> (Observation, Option<u64>) {
+    pub async fn check(&mut self, timeout: Duration) -> (Observation, Progress) {
         let result = tokio::time::timeout(timeout, async {
             match self {
                 Probe::Sql(p) => p.check().await,
@@ -63,12 +68,12 @@ impl Probe {
             Ok(Ok(checked)) => checked,
             Ok(Err(e)) => {
                 self.reset();
-                (Observation::Failed(e), None)
+                (Observation::Failed(e), Progress::default())
             }
             Err(_) => {
                 self.reset();
                 let e = format!("check timed out after {timeout:?}");
-                (Observation::Failed(e), None)
+                (Observation::Failed(e), Progress::default())
             }
         }
     }
@@ -105,7 +110,7 @@ impl SqlProbe {
         })
     }
 
-    async fn check(&mut self) -> Result<(Observation, Option<u64>), String> {
+    async fn check(&mut self) -> Result<(Observation, Progress), String> {
         let client = match &self.client {
             Some(c) if !c.is_closed() => c,
             _ => {
@@ -129,12 +134,18 @@ impl SqlProbe {
                 _ => None,
             })
             .ok_or("query returned no row")?;
-        let wal = row.get(2).and_then(|w| w.parse().ok());
+        let progress = Progress {
+            wal: row.get(2).and_then(|w| w.parse().ok()),
+            replay_delay: row
+                .get(3)
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis),
+        };
         match row.get(0) {
-            Some("t") => Ok((Observation::Replica, wal)),
+            Some("t") => Ok((Observation::Replica, progress)),
             Some("f") => {
                 let timeline = row.get(1).and_then(|t| t.parse().ok());
-                Ok((Observation::Primary { timeline }, wal))
+                Ok((Observation::Primary { timeline }, progress))
             }
             other => Err(format!("unexpected pg_is_in_recovery() value {other:?}")),
         }
@@ -150,31 +161,31 @@ pub struct PatroniProbe {
 }
 
 impl PatroniProbe {
-    async fn check(&mut self) -> Result<(Observation, Option<u64>), String> {
+    async fn check(&mut self) -> Result<(Observation, Progress), String> {
         let primary = self.status("/primary").await?;
         if primary == StatusCode::OK {
             let Some(sql) = &mut self.sql else {
-                return Ok((Observation::Primary { timeline: None }, None));
+                return Ok((Observation::Primary { timeline: None }, Progress::default()));
             };
             return match sql.check().await? {
-                (Observation::Primary { timeline }, wal) => {
-                    Ok((Observation::Primary { timeline }, wal))
+                (Observation::Primary { timeline }, progress) => {
+                    Ok((Observation::Primary { timeline }, progress))
                 }
-                (_, wal) => {
+                (_, progress) => {
                     debug!(host = %self.host, "patroni reports primary, PostgreSQL is still in recovery");
-                    Ok((Observation::Replica, wal))
+                    Ok((Observation::Replica, progress))
                 }
             };
         }
         let replica = self.status("/replica").await?;
         if replica == StatusCode::OK {
             // Without the leader lock a node is a replica, whatever PostgreSQL says; SQL
-            // only adds its WAL position.
-            let wal = match &mut self.sql {
-                Some(sql) => sql.check().await.ok().and_then(|(_, wal)| wal),
-                None => None,
+            // only adds its WAL progress.
+            let progress = match &mut self.sql {
+                Some(sql) => sql.check().await.map(|(_, p)| p).unwrap_or_default(),
+                None => Progress::default(),
             };
-            return Ok((Observation::Replica, wal));
+            return Ok((Observation::Replica, progress));
         }
         Err(format!(
             "patroni: /primary answered {}, /replica answered {}",

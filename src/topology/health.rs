@@ -9,6 +9,7 @@
 //!   switches at once: the server said so itself, it is not a flap.
 
 use std::fmt;
+use std::time::Duration;
 
 /// What a backend currently is, as far as the health checks know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +38,16 @@ impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// How far a backend's WAL has come, as far as the check method can tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// WAL position in bytes: written (primary) or replayed (replica).
+    pub wal: Option<u64>,
+    /// Replicas: how old the last replayed transaction is while WAL waits to be replayed
+    /// (zero when everything received is replayed).
+    pub replay_delay: Option<Duration>,
 }
 
 /// The result of one check.
@@ -77,8 +88,8 @@ pub struct HealthState {
     fall_count: u32,
     timeline: Option<u32>,
     last_error: Option<String>,
-    /// WAL position in bytes: written (primary) or replayed (replica), at the last check.
-    wal: Option<u64>,
+    /// Where the backend's WAL stood at the last check.
+    progress: Progress,
     /// A replica too far behind the primary: up, but not routed to.
     lagging: bool,
     lag_count: u32,
@@ -92,7 +103,7 @@ impl Default for HealthState {
             fall_count: 0,
             timeline: None,
             last_error: None,
-            wal: None,
+            progress: Progress::default(),
             lagging: false,
             lag_count: 0,
         }
@@ -117,12 +128,12 @@ impl HealthState {
         self.last_error.as_deref()
     }
 
-    pub fn wal(&self) -> Option<u64> {
-        self.wal
+    pub fn progress(&self) -> Progress {
+        self.progress
     }
 
-    pub fn set_wal(&mut self, wal: Option<u64>) {
-        self.wal = wal;
+    pub fn set_progress(&mut self, progress: Progress) {
+        self.progress = progress;
     }
 
     pub fn is_lagging(&self) -> bool {

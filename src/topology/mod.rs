@@ -20,10 +20,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-pub use health::{Observation, Role};
+pub use health::{Observation, Progress, Role};
 pub use table::{Backend, BackendView, Election, RoutingTable, Serving, SessionGuard};
 
-use crate::config::{Config, HealthConfig};
+use crate::config::{Config, HealthConfig, LagLimit};
 use crate::metrics::Metrics;
 use check::Probe;
 use health::HealthState;
@@ -54,6 +54,15 @@ pub struct BackendDetails {
     pub last_error: Option<String>,
     /// Replicas: WAL bytes not yet replayed, as of the last check (needs WAL positions).
     pub lag_bytes: Option<u64>,
+    /// Replicas: replay delay at the last check (0 when all WAL received is replayed).
+    pub replay_delay_ms: Option<u64>,
+}
+
+/// A replica's lag at one check, as far as it could be measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lag {
+    bytes: Option<u64>,
+    delay: Option<Duration>,
 }
 
 /// One change of primary, as the admin API reports it.
@@ -172,7 +181,7 @@ impl Topology {
     ) {
         let mut next = Instant::now();
         loop {
-            let (obs, wal) = tokio::select! {
+            let (obs, progress) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => probe.check(health.timeout).await,
                 _ = self.recheck[index].notified() => probe.check(health.timeout).await,
@@ -187,7 +196,7 @@ impl Topology {
                 health.interval
             };
             next = Instant::now() + pause;
-            if tx.send((index, obs, wal)).await.is_err() {
+            if tx.send((index, obs, progress)).await.is_err() {
                 return;
             }
         }
@@ -199,14 +208,14 @@ impl Topology {
         let snapshot = |s: &HealthState| (s.role(), s.is_suspect(), s.timeline(), s.is_lagging());
         let mut outage = Outage::default();
         // Ends when every check task has stopped (shutdown).
-        while let Some((i, obs, wal)) = rx.recv().await {
+        while let Some((i, obs, progress)) = rx.recv().await {
             let name = &self.backends[i].name;
             if let Observation::Failed(e) = &obs {
                 debug!(backend = %name, error = %e, "health check failed");
             }
             let before = snapshot(&states[i]);
             let state = &mut states[i];
-            state.set_wal(wal);
+            state.set_progress(progress);
             if let Some(t) = state.observe(obs, rise, fall) {
                 if t.to == Role::Down {
                     warn!(backend = %name, from = %t.from, to = %t.to, reason = %t.reason, "backend role changed");
@@ -221,7 +230,7 @@ impl Topology {
             let lag = if state.role() == Role::Replica {
                 self.judge_lag(&mut states, i, &health)
             } else {
-                None
+                Lag::default()
             };
             self.record_details(i, &states[i], lag);
             if before == snapshot(&states[i]) {
@@ -238,20 +247,27 @@ impl Topology {
         }
     }
 
-    fn record_details(&self, i: usize, state: &HealthState, lag: Option<u64>) {
+    fn record_details(&self, i: usize, state: &HealthState, lag: Lag) {
         let mut details = self.details.lock().expect("details lock");
         let d = &mut details.backends[i];
         d.last_error = state.last_error().map(str::to_owned);
-        d.lag_bytes = lag;
+        d.lag_bytes = lag.bytes;
+        d.replay_delay_ms = lag.delay.map(|d| d.as_millis() as u64);
         let name = self.backends[i].name.as_str();
-        match lag {
-            Some(l) => self
-                .metrics
-                .replica_lag_bytes
-                .with_label_values(&[name])
-                .set(l as i64),
+        let m = &self.metrics;
+        match lag.bytes {
+            Some(b) => m.replica_lag_bytes.with_label_values(&[name]).set(b as i64),
             None => {
-                let _ = self.metrics.replica_lag_bytes.remove_label_values(&[name]);
+                let _ = m.replica_lag_bytes.remove_label_values(&[name]);
+            }
+        }
+        match lag.delay {
+            Some(d) => m
+                .replica_replay_delay
+                .with_label_values(&[name])
+                .set(d.as_secs_f64()),
+            None => {
+                let _ = m.replica_replay_delay.remove_label_values(&[name]);
             }
         }
     }
@@ -322,44 +338,43 @@ struct Outage {
 }
 
 impl Topology {
-    /// Compares replica `i`'s replayed WAL position with the primary's written one and, with
-    /// `max_replica_lag` set, takes the replica out of (or back into) the replica target,
-    /// with rise/fall. Returns the lag in bytes when both positions are known.
-    fn judge_lag(
-        &self,
-        states: &mut [HealthState],
-        i: usize,
-        health: &HealthConfig,
-    ) -> Option<u64> {
+    /// Measures replica `i`'s lag and, with `max_replica_lag` set, takes the replica out of
+    /// (or back into) the replica target, with rise/fall. Without a measure for the limit's
+    /// kind the last verdict stands.
+    fn judge_lag(&self, states: &mut [HealthState], i: usize, health: &HealthConfig) -> Lag {
         let table = self.table.load();
         let primary_wal = match table.election {
-            Election::Elected(p) => states[p].wal(),
+            Election::Elected(p) => states[p].progress().wal,
             _ => None,
         };
-        // Without both positions there is nothing to judge: keep the last verdict.
-        let (Some(primary_wal), Some(replica_wal)) = (primary_wal, states[i].wal()) else {
-            return None;
+        let progress = states[i].progress();
+        let lag = Lag {
+            bytes: primary_wal
+                .zip(progress.wal)
+                .map(|(p, r)| p.saturating_sub(r)),
+            delay: progress.replay_delay,
         };
-        let lag = primary_wal.saturating_sub(replica_wal);
-        if health.max_replica_lag == 0 {
-            return Some(lag);
-        }
-        let behind = lag > health.max_replica_lag;
+        let behind = match health.max_replica_lag {
+            LagLimit::Off => return lag,
+            LagLimit::Bytes(max) => lag.bytes.map(|b| b > max),
+            LagLimit::Time(max) => lag.delay.map(|d| d > max),
+        };
+        let Some(behind) = behind else { return lag };
         if let Some(lagging) = states[i].observe_lag(behind, health.rise, health.fall) {
             let name = &self.backends[i].name;
-            let max = health.max_replica_lag;
+            let (bytes, delay, max) = (lag.bytes, lag.delay, health.max_replica_lag);
             if lagging {
-                warn!(backend = %name, lag_bytes = lag, max_replica_lag = max, "replica too far behind; out of the replica target");
+                warn!(backend = %name, lag_bytes = ?bytes, replay_delay = ?delay, max_replica_lag = ?max, "replica too far behind; out of the replica target");
             } else {
-                info!(backend = %name, lag_bytes = lag, max_replica_lag = max, "replica caught up; back in the replica target");
+                info!(backend = %name, lag_bytes = ?bytes, replay_delay = ?delay, max_replica_lag = ?max, "replica caught up; back in the replica target");
             }
         }
-        Some(lag)
+        lag
     }
 }
 
-/// A check result: backend index, what it said, its WAL position.
-type Checked = (usize, Observation, Option<u64>);
+/// A check result: backend index, what it said, its WAL progress.
+type Checked = (usize, Observation, Progress);
 
 fn log_election(prev: &RoutingTable, next: &RoutingTable) {
     if prev.election == next.election {

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{free_port, hand_over, http, pg_bindir, run, run_as, Backends, PASSWORD, SUPERUSER};
+use super::{
+    free_port, hand_over, http, pg_bindir, psql, run, run_as, Backends, PASSWORD, SUPERUSER,
+};
 
 const SCOPE: &str = "pgvane-test";
 
@@ -104,8 +106,20 @@ impl PatroniCluster {
                 });
             }
         }
-        cluster.wait_until(Duration::from_secs(90), "replicas to stream", |c| {
+        cluster.wait_until(Duration::from_secs(90), "replicas to run", |c| {
             c.nodes[1..].iter().all(PatroniNode::is_replica)
+        });
+        // A replica that runs may not stream yet (its slot is made by the leader's next
+        // loop), and Patroni refuses to switch over to a replica that does not.
+        let streaming = n.saturating_sub(1).to_string();
+        cluster.wait_until(Duration::from_secs(60), "replicas to stream", |c| {
+            let out = psql(c.nodes[0].pg_port, "postgres")
+                .args([
+                    "-Atc",
+                    "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                ])
+                .output();
+            out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == streaming)
         });
         cluster
     }
