@@ -94,17 +94,74 @@ pub struct CancelTarget {
 }
 
 /// One logged-in server connection.
+/// Read buffer of a server connection (PgBouncer's pkt_buf is 4 KiB).
+pub const SERVER_READ_BUFFER: usize = 8192;
+
 pub struct ServerConn {
     pub stream: TcpStream,
-    /// Parameter values in effect on the server: as reported at login and by ParameterStatus
-    /// since, plus those pgvane set itself.
-    pub params: HashMap<String, String>,
+    /// What the link reads from the server into: kept with the connection, so a pool of N
+    /// connections has N buffers however many clients it serves, and a transaction
+    /// allocates none.
+    pub read_buf: BytesMut,
+    pub params: ServerParams,
     reported_at_login: Vec<String>,
     cancel: CancelTarget,
     created: Instant,
     last_used: Instant,
     /// Per-database and per-user cap permits, held for the connection's lifetime.
     _caps: Vec<OwnedSemaphorePermit>,
+}
+
+/// Parameter values in effect on a server connection: as reported at login and by
+/// ParameterStatus since, plus those pgvane set itself.
+#[derive(Default)]
+pub struct ServerParams {
+    values: foldhash::HashMap<String, String>,
+    /// The client values these were last brought to, while nothing has changed since:
+    /// the next client with the same values needs no comparison (checked per transaction).
+    synced: Option<ClientValues>,
+}
+
+/// A client's parameter values: the pool's defaults and the client's own.
+type ClientValues = (Arc<LoginParams>, Vec<(String, String)>);
+
+impl ServerParams {
+    fn new(values: foldhash::HashMap<String, String>) -> Self {
+        Self {
+            values,
+            synced: None,
+        }
+    }
+
+    /// Records a value the server reported or pgvane set.
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.synced = None;
+        self.values.insert(name.to_owned(), value.to_owned());
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str)
+    }
+
+    /// The values of `defaults` (unless overridden) and `overrides` this connection does not
+    /// have. Empty, and allocation-free, in the common case.
+    fn changes<'a>(
+        &self,
+        defaults: &'a LoginParams,
+        overrides: &'a [(String, String)],
+    ) -> Vec<&'a (String, String)> {
+        defaults
+            .tracked
+            .iter()
+            .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k))
+            .chain(overrides)
+            .filter(|(k, v)| self.values.get(k) != Some(v))
+            .collect()
+    }
+
+    fn synced_with(&self, defaults: &Arc<LoginParams>, overrides: &[(String, String)]) -> bool {
+        matches!(&self.synced, Some((d, o)) if Arc::ptr_eq(d, defaults) && o == overrides)
+    }
 }
 
 impl ServerConn {
@@ -126,7 +183,7 @@ impl ServerConn {
                 b'S' => {
                     let mut it = crate::protocol::cstrings(&m.body);
                     if let (Some(k), v) = (it.next(), it.next()) {
-                        self.params.insert(k.to_owned(), v.unwrap_or("").to_owned());
+                        self.params.set(k, v.unwrap_or(""));
                     }
                 }
                 b'Z' => {
@@ -146,27 +203,24 @@ impl ServerConn {
     /// the next.
     pub async fn apply_params(
         &mut self,
-        defaults: &[(String, String)],
+        defaults: &Arc<LoginParams>,
         overrides: &[(String, String)],
     ) -> Result<(), PoolError> {
-        let not_overridden = defaults
-            .iter()
-            .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k));
-        let changes: Vec<&(String, String)> = not_overridden
-            .chain(overrides)
-            .filter(|(k, v)| self.params.get(k) != Some(v))
-            .collect();
-        if changes.is_empty() {
+        if self.params.synced_with(defaults, overrides) {
             return Ok(());
         }
-        let sets: Vec<String> = changes
-            .iter()
-            .map(|(k, v)| format!("SET {k} TO {}", quote_literal(v)))
-            .collect();
-        self.run(&sets.join("; ")).await?;
-        for (k, v) in changes {
-            self.params.insert(k.clone(), v.clone());
+        let changes = self.params.changes(defaults, overrides);
+        if !changes.is_empty() {
+            let sets: Vec<String> = changes
+                .iter()
+                .map(|(k, v)| format!("SET {k} TO {}", quote_literal(v)))
+                .collect();
+            self.run(&sets.join("; ")).await?;
+            for (k, v) in changes {
+                self.params.set(k, v);
+            }
         }
+        self.params.synced = Some((defaults.clone(), overrides.to_vec()));
         Ok(())
     }
 
@@ -174,7 +228,8 @@ impl ServerConn {
     /// back to their defaults, so they are no longer known.
     fn forget_unreported(&mut self) {
         let reported = &self.reported_at_login;
-        self.params.retain(|k, _| reported.contains(k));
+        self.params.synced = None;
+        self.params.values.retain(|k, _| reported.contains(k));
     }
 }
 
@@ -256,6 +311,10 @@ impl Pool {
         &self.user
     }
 
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
@@ -298,7 +357,6 @@ impl Pool {
             let candidate = self.idle.lock().expect("pool lock").pop();
             let Some(mut conn) = candidate else { break };
             if self.usable(&mut conn).await {
-                conn.last_used = Instant::now();
                 return Ok(Lease {
                     conn: Some(conn),
                     pool: self.clone(),
@@ -317,6 +375,10 @@ impl Pool {
     }
 
     async fn wait_for_slot(&self) -> Option<OwnedSemaphorePermit> {
+        // A free slot needs neither a timer nor a place in the queue.
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Some(permit);
+        }
         let normal = self.slots.clone().acquire_owned();
         let reserve = async {
             if self.settings.reserve_pool_size == 0 {
@@ -353,12 +415,12 @@ impl Pool {
                 return false;
             }
         }
-        if conn.created.elapsed() > self.settings.server_lifetime
-            && !self.settings.server_lifetime.is_zero()
-        {
+        let now = Instant::now();
+        let lifetime = self.settings.server_lifetime;
+        if !lifetime.is_zero() && now.saturating_duration_since(conn.created) > lifetime {
             return false;
         }
-        if conn.last_used.elapsed() < self.settings.server_check_delay {
+        if now.saturating_duration_since(conn.last_used) < self.settings.server_check_delay {
             return true;
         }
         let check = tokio::time::timeout(
@@ -442,13 +504,14 @@ impl Pool {
         let now = Instant::now();
         Ok(ServerConn {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
-            params: hello.params.into_iter().collect(),
+            params: ServerParams::new(hello.params.into_iter().collect()),
             cancel: CancelTarget {
                 backend: backend.clone(),
                 process_id: hello.process_id,
                 secret_key: hello.secret_key,
             },
             stream,
+            read_buf: BytesMut::with_capacity(SERVER_READ_BUFFER),
             created: now,
             last_used: now,
             _caps: caps,
@@ -457,12 +520,13 @@ impl Pool {
 
     fn put_back(&self, mut conn: ServerConn) {
         let lifetime = self.settings.server_lifetime;
-        if !lifetime.is_zero() && conn.created.elapsed() > lifetime {
+        let now = Instant::now();
+        if !lifetime.is_zero() && now.saturating_duration_since(conn.created) > lifetime {
             self.open.fetch_sub(1, Ordering::Relaxed);
             debug!(pool = ?self.key, "server connection reached server_lifetime; closed");
             return;
         }
-        conn.last_used = Instant::now();
+        conn.last_used = now;
         self.idle.lock().expect("pool lock").push(conn);
     }
 

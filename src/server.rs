@@ -3,7 +3,9 @@
 //!
 //! Shutdown (SIGTERM or SIGINT) stops accepting at once, then waits up to
 //! `general.shutdown_timeout` for open sessions to end on their own before closing them.
-//! A second signal closes them immediately.
+//! A second signal closes them immediately. Sessions still open then are closed by
+//! returning: the runtime drops every task with it, so the data path never has to watch a
+//! shutdown signal of its own.
 
 use std::sync::Arc;
 
@@ -99,7 +101,6 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         failover_hold_timeout: config.general.failover_hold_timeout,
         paused: watch::channel(Pause::Off).0,
         metrics,
-        kill_sessions: CancellationToken::new(),
     });
     let stop_accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
@@ -152,9 +153,7 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
             _ = sigint.recv() => warn!("second signal: closing sessions now"),
         }
     }
-    shared.kill_sessions.cancel();
-    sessions.wait().await;
     stop_background.cancel();
-    info!("stopped");
+    info!(closed = sessions.len(), "stopped");
     Ok(())
 }

@@ -5,7 +5,6 @@
 //! client's key is then sent on to that server. A request for an idle client, or with an
 //! unknown key, is dropped, as PostgreSQL drops one that matches no backend.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -20,7 +19,7 @@ use crate::pool::CancelTarget;
 /// transaction, briefly.
 #[derive(Default)]
 pub struct CancelRegistry {
-    clients: Mutex<HashMap<(u32, u32), Option<CancelTarget>>>,
+    clients: Mutex<foldhash::HashMap<(u32, u32), Option<CancelTarget>>>,
 }
 
 /// A client's registration; removed when dropped.

@@ -49,20 +49,28 @@ impl Route {
     }
 
     /// Backends to try for one client, in order: the balancing choice first, then the other
-    /// candidates as fallbacks if connecting fails.
-    fn attempt_order(&self, table: &RoutingTable) -> Vec<usize> {
+    /// candidates as fallbacks if connecting fails. Allocation-free: this runs per pooled
+    /// transaction.
+    fn attempt_order<'t>(&self, table: &'t RoutingTable) -> impl Iterator<Item = usize> + 't {
         let c = &self.config;
-        let mut order = table.candidates(c.target, c.fallback_to_primary).to_vec();
-        if order.is_empty() {
-            return order;
-        }
-        // Rotating first also spreads ties evenly under least-connections.
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % order.len();
-        order.rotate_left(start);
-        if c.balance == Balance::LeastConn {
-            order.sort_by_key(|&i| table.backends[i].backend.active_sessions());
-        }
-        order
+        let candidates = table.candidates(c.target, c.fallback_to_primary);
+        let n = candidates.len();
+        // Rotating the start also spreads ties evenly under least-connections.
+        let start = match n {
+            0 | 1 => 0,
+            _ => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        let rotated = move || (0..n).map(move |k| (start + k) % n);
+        let first = match c.balance {
+            Balance::LeastConn => rotated()
+                .min_by_key(|&j| table.backends[candidates[j]].backend.active_sessions())
+                .unwrap_or(start),
+            Balance::RoundRobin => start,
+        };
+        std::iter::once(first)
+            .chain(rotated().filter(move |&j| j != first))
+            .take(n)
+            .map(move |j| candidates[j])
     }
 
     fn no_backend(&self) -> ClientError {
@@ -123,10 +131,13 @@ impl Route {
         let deadline = Instant::now() + shared.failover_hold_timeout;
         // Only waits for the routing table count as holding (not, say, a pool's queue).
         let mut held: Option<Held> = None;
-        let mut changes = topology.subscribe();
+        // Subscribed only once a wait is needed: the common case never waits.
+        let mut changes: Option<watch::Receiver<u64>> = None;
         let mut last_error = None;
         loop {
-            changes.borrow_and_update();
+            if let Some(c) = &mut changes {
+                c.borrow_and_update();
+            }
             let table = topology.snapshot();
             for i in self.attempt_order(&table) {
                 let view = &table.backends[i];
@@ -151,8 +162,19 @@ impl Route {
                     }
                 }
             }
-            drop(table);
             held.get_or_insert_with(|| Held::new(&shared.metrics));
+            let changes = match &mut changes {
+                Some(c) => c,
+                None => {
+                    let c = changes.insert(topology.subscribe());
+                    // A table published since the snapshot above: retry at once.
+                    if *c.borrow_and_update() != table.generation {
+                        continue;
+                    }
+                    c
+                }
+            };
+            drop(table);
             let changed = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
             if !matches!(changed, Ok(Ok(()))) {
                 shared.metrics.hold_timeouts.inc();
@@ -224,21 +246,17 @@ pub struct Shared {
     /// Set by PAUSE and RESUME (admin API, signals).
     pub paused: watch::Sender<Pause>,
     pub metrics: Arc<Metrics>,
-    /// Fired when shutdown stops waiting for sessions to end.
-    pub kill_sessions: CancellationToken,
 }
 
 impl Shared {
-    /// Waits while a PAUSE holds `database`. False when shutdown comes first.
-    async fn wait_resumed(&self, database: Option<&str>) -> bool {
+    /// Waits while a PAUSE holds `database`.
+    async fn wait_resumed(&self, database: Option<&str>) {
         if !self.paused.borrow().holds(database) {
-            return true;
+            return;
         }
         let mut paused = self.paused.subscribe();
-        tokio::select! {
-            r = paused.wait_for(|p| !p.holds(database)) => r.is_ok(),
-            _ = self.kill_sessions.cancelled() => false,
-        }
+        // Err only if the sender is gone, which it never is while sessions run.
+        let _ = paused.wait_for(|p| !p.holds(database)).await;
     }
 }
 

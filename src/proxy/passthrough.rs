@@ -16,9 +16,7 @@ use crate::topology::Backend;
 
 pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shared: &Shared) {
     let cfg = &route.config;
-    if !shared.wait_resumed(None).await {
-        return;
-    }
+    shared.wait_resumed(None).await;
     // Nothing has been read from the client yet, so a failed connect can be retried on
     // another backend, or after the routing table changes.
     let connect = |backend: Arc<Backend>| async move {
@@ -56,9 +54,6 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
         },
         _ = route.until_role_lost(&shared.topology, index, lost), if cut_on_loss => {
             info!(client = %peer, listener = %cfg.name, backend = %backend.name, target_role = %cfg.target, "backend no longer serves this listener's target; session shut down");
-        }
-        _ = shared.kill_sessions.cancelled() => {
-            info!(client = %peer, backend = %backend.name, "session closed by shutdown");
         }
     }
 }

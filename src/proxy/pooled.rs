@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::cancel::{send_cancel, CancelKey};
@@ -33,7 +32,7 @@ use crate::pool::{LoginParams, Pool, PoolError, ServerConn, TRACKED};
 use crate::protocol::{backend, cstrings, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3};
 use crate::topology::Backend;
 
-/// Per-direction read buffer while linked (PgBouncer's pkt_buf is 4 KiB).
+/// Read buffer for a client's request while linked (PgBouncer's pkt_buf is 4 KiB).
 const LINK_BUFFER: usize = 8192;
 
 pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shared: &Shared) {
@@ -192,12 +191,10 @@ impl Session {
             // Idle: wait for the client's next request, holding neither buffer nor server.
             // poll_read_ready parks on the socket's own waker slot: a much smaller future
             // than `readable()`, and idle clients are what a pooler has most of.
-            let ready = std::future::poll_fn(|cx| client.poll_read_ready(cx));
-            let ready = tokio::select! {
-                r = ready => r,
-                _ = shared.kill_sessions.cancelled() => return,
-            };
-            if ready.is_err() {
+            if std::future::poll_fn(|cx| client.poll_read_ready(cx))
+                .await
+                .is_err()
+            {
                 return;
             }
             // Everything a request needs lives in its own boxed future, so that an idle
@@ -229,13 +226,16 @@ impl Session {
             Err(_) => return false,
         }
         let cfg = &route.config;
-        if !shared.wait_resumed(Some(&self.home.key.database)).await {
-            return false;
-        }
+        shared.wait_resumed(Some(&self.home.key.database)).await;
         let home = &self.home;
         let acquire = |backend: Arc<Backend>| {
-            let pool = shared.pools.get(&backend, home.user(), &home.key.database);
-            async move { Box::pin(pool.acquire()).await.map_err(classify) }
+            // Usually the backend the client logged in through: no pool lookup then.
+            let pool = if Arc::ptr_eq(home.backend(), &backend) {
+                home.clone()
+            } else {
+                shared.pools.get(&backend, home.user(), &home.key.database)
+            };
+            async move { pool.acquire().await.map_err(classify) }
         };
         let chosen = route.with_backend(shared, acquire).await;
         let Chosen {
@@ -252,7 +252,7 @@ impl Session {
         };
         if let Err(e) = lease
             .conn()
-            .apply_params(&self.defaults.tracked, &self.overrides)
+            .apply_params(&self.defaults, &self.overrides)
             .await
         {
             send_error(client, peer_of(client), &e.into()).await;
@@ -277,7 +277,6 @@ impl Session {
         let link = Link {
             mode: cfg.mode,
             idle_transaction_timeout: shared.pools.settings().idle_transaction_timeout,
-            kill: &shared.kill_sessions,
         };
         let end = link
             .run(client, first, lease.conn(), &mut self.overrides, role_lost)
@@ -316,7 +315,6 @@ impl Session {
                 }
                 false
             }
-            LinkEnd::Shutdown => false,
         }
     }
 }
@@ -344,7 +342,6 @@ enum LinkEnd {
         error: ClientError,
         tell_client: bool,
     },
-    Shutdown,
 }
 
 /// Protocol state shared by the two directions of a link. Both run in the same task; the
@@ -358,20 +355,21 @@ struct LinkState {
     server_mid_message: AtomicBool,
     /// Transaction status of the latest ReadyForQuery.
     tx_status: AtomicU8,
-    started: Instant,
+    /// Set only when idle_transaction_timeout is on: the clock is then read per client read.
+    started: Option<Instant>,
     /// Milliseconds from `started` to the client's latest data.
     last_client_data_ms: AtomicU64,
 }
 
 impl LinkState {
-    fn new() -> Self {
+    fn new(track_client_data: bool) -> Self {
         Self {
             pending: AtomicU32::new(0),
             unsynced: AtomicBool::new(false),
             client_mid_message: AtomicBool::new(false),
             server_mid_message: AtomicBool::new(false),
             tx_status: AtomicU8::new(b'I'),
-            started: Instant::now(),
+            started: track_client_data.then(Instant::now),
             last_client_data_ms: AtomicU64::new(0),
         }
     }
@@ -390,22 +388,25 @@ impl LinkState {
     }
 
     fn client_data_now(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_client_data_ms.store(ms, Relaxed);
+        if let Some(started) = self.started {
+            let ms = started.elapsed().as_millis() as u64;
+            self.last_client_data_ms.store(ms, Relaxed);
+        }
     }
 
-    fn last_client_data(&self) -> Instant {
-        self.started + Duration::from_millis(self.last_client_data_ms.load(Relaxed))
+    /// When the client last sent data; only with `started` set.
+    fn last_client_data(&self) -> Option<Instant> {
+        let ms = self.last_client_data_ms.load(Relaxed);
+        self.started.map(|s| s + Duration::from_millis(ms))
     }
 }
 
-struct Link<'a> {
+struct Link {
     mode: ListenerMode,
     idle_transaction_timeout: Duration,
-    kill: &'a CancellationToken,
 }
 
-impl Link<'_> {
+impl Link {
     /// Pumps bytes between a client and its leased server connection until the link ends.
     /// Both directions run concurrently in this one task, so neither can stall the other,
     /// and they share their view of the protocol state through `Cell`s.
@@ -417,11 +418,16 @@ impl Link<'_> {
         overrides: &mut Vec<(String, String)>,
         role_lost: impl std::future::Future<Output = ()>,
     ) -> LinkEnd {
-        let st = LinkState::new();
+        let st = LinkState::new(!self.idle_transaction_timeout.is_zero());
         let state = || st.server_state();
 
         let (mut client_rd, mut client_wr) = client.split();
-        let ServerConn { stream, params, .. } = server;
+        let ServerConn {
+            stream,
+            params,
+            read_buf,
+            ..
+        } = server;
         let (mut server_rd, mut server_wr) = stream.split();
 
         let client_to_server = async {
@@ -481,11 +487,11 @@ impl Link<'_> {
         };
 
         let server_to_client = async {
-            let mut buf = BytesMut::with_capacity(LINK_BUFFER);
+            let buf = read_buf;
             let mut scan = Scanner::new(b"ZS");
             loop {
                 buf.clear();
-                let n = match server_rd.read_buf(&mut buf).await {
+                let n = match server_rd.read_buf(buf).await {
                     Ok(0) | Err(_) => {
                         return LinkEnd::Failed {
                             error: ClientError::ServerLost(
@@ -513,7 +519,7 @@ impl Link<'_> {
                             if TRACKED.contains(&k) {
                                 set_param(overrides, k, v.clone());
                             }
-                            params.insert(k.to_owned(), v);
+                            params.set(k, &v);
                         }
                     }
                     Event::Start { tag, .. } if tag != b'Z' => ready_last = false,
@@ -541,11 +547,12 @@ impl Link<'_> {
 
         let idle_in_transaction = async {
             let limit = self.idle_transaction_timeout;
-            if limit.is_zero() {
-                return std::future::pending().await;
-            }
             loop {
-                let due = st.last_client_data() + limit;
+                // None when the timeout is off (zero).
+                let Some(last) = st.last_client_data() else {
+                    return std::future::pending().await;
+                };
+                let due = last + limit;
                 if due > Instant::now() {
                     tokio::time::sleep_until(due.into()).await;
                 } else if state() == ServerState::InTransaction {
@@ -559,15 +566,17 @@ impl Link<'_> {
             }
         };
 
+        // Biased: fairness among these branches buys nothing, and the random start would
+        // cost a random number per wake-up.
         tokio::select! {
-            end = client_to_server => end,
+            biased;
             end = server_to_client => end,
+            end = client_to_server => end,
             end = idle_in_transaction => end,
             _ = role_lost => LinkEnd::Failed {
                 error: ClientError::ServerLost("the backend no longer serves this listener's target".into()),
                 tell_client: !st.server_mid_message.load(Relaxed),
             },
-            _ = self.kill.cancelled() => LinkEnd::Shutdown,
         }
     }
 }
