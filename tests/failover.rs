@@ -322,3 +322,31 @@ async fn a_new_passthrough_connection_is_held_until_a_primary_appears() {
     assert!(started.elapsed() >= Duration::from_millis(700));
     assert!(pgvane.log().contains("held until a backend was available"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_dying_mid_transaction_gets_its_backend_checked_at_once() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    // Periodic checks only every 60 s: only passive health can notice the crash in time.
+    let health =
+        "interval = \"60s\"\nfast_interval = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n";
+    let text = format!(
+        "{}\n[general]\nfailover_hold_timeout = 0\n\n[[user]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n",
+        config(&cluster, health, &listener("tx", tx, "primary", "mode = \"transaction\""))
+    );
+    let pgvane = Pgvane::start(&text, &[tx]);
+    pgvane
+        .wait_log("primary elected", Duration::from_secs(10))
+        .await;
+    let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    let running = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    cluster.primary().kill();
+    let err = running
+        .await
+        .unwrap()
+        .expect_err("the transaction's server died");
+    assert!(err.as_db_error().is_some() || err.is_closed(), "{err}");
+    pgvane.wait_log("to=down", Duration::from_secs(5)).await;
+}

@@ -283,6 +283,7 @@ impl Session {
             .await;
         self.cancel_key.set_target(None);
         let drained = lost.is_cancelled();
+        let died = matches!(end, LinkEnd::ServerDied { .. });
         match end {
             LinkEnd::Idle if drained => {
                 debug!(backend = %backend.name, "backend changed role; server connection closed");
@@ -308,7 +309,10 @@ impl Session {
                 debug!(?state, "client left");
                 false
             }
-            LinkEnd::Failed { error, tell_client } => {
+            LinkEnd::ServerDied { error, tell_client } | LinkEnd::Failed { error, tell_client } => {
+                if died {
+                    shared.topology.report_failure(i);
+                }
                 info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended");
                 if tell_client {
                     send_error(client, peer_of(client), &error).await;
@@ -339,6 +343,12 @@ enum LinkEnd {
     /// The session must end; `tell_client` says whether an ErrorResponse can still be sent
     /// without landing in the middle of a server message.
     Failed {
+        error: ClientError,
+        tell_client: bool,
+    },
+    /// The server connection broke (closed, reset, unwritable): as `Failed`, and the
+    /// backend's health is re-checked at once (passive health).
+    ServerDied {
         error: ClientError,
         tell_client: bool,
     },
@@ -472,7 +482,7 @@ impl Link {
                 // A Terminate is pgvane's to act on; the pooled server connection stays open.
                 let upto = terminate_at.map_or(n, |at: isize| at.max(0) as usize);
                 if server_wr.write_all(&buf[..upto]).await.is_err() {
-                    return LinkEnd::Failed {
+                    return LinkEnd::ServerDied {
                         error: ClientError::ServerLost("cannot write to the server".into()),
                         tell_client: !st.server_mid_message.load(Relaxed),
                     };
@@ -493,7 +503,7 @@ impl Link {
                 buf.clear();
                 let n = match server_rd.read_buf(buf).await {
                     Ok(0) | Err(_) => {
-                        return LinkEnd::Failed {
+                        return LinkEnd::ServerDied {
                             error: ClientError::ServerLost(
                                 "the server closed the connection".into(),
                             ),
