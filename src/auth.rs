@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -95,6 +95,21 @@ pub struct User {
     secret: Option<Secret>,
     /// A SCRAM verifier for SCRAM client logins (derived once from a plain password).
     scram: Option<ScramSecret>,
+    /// The SCRAM ClientKey, learned from the first client that proved it knows the
+    /// password: with it pgvane logs in to a server holding the same verifier without the
+    /// plain password (SCRAM pass-through, as PgBouncer does with SCRAM secrets).
+    client_key: OnceLock<[u8; 32]>,
+}
+
+/// How pgvane proves itself to PostgreSQL for a user.
+pub enum ServerCredential<'a> {
+    Password(&'a str),
+    /// SCRAM keys learned from a client login; only for a server with this verifier.
+    ScramKeys {
+        secret: &'a ScramSecret,
+        client_key: &'a [u8; 32],
+    },
+    None,
 }
 
 impl User {
@@ -110,6 +125,7 @@ impl User {
             name,
             secret,
             scram,
+            client_key: OnceLock::new(),
         }
     }
 
@@ -118,11 +134,15 @@ impl User {
         Self::new(name, None)
     }
 
-    /// The password pgvane logs in to PostgreSQL with, when it has one in plain text.
-    pub fn server_password(&self) -> Option<&str> {
-        match &self.secret {
-            Some(Secret::Plain(p)) => Some(p),
-            _ => None,
+    /// What pgvane logs in to PostgreSQL with: the plain password if it has one, else the
+    /// SCRAM keys a client's login revealed.
+    pub fn server_credential(&self) -> ServerCredential<'_> {
+        match (&self.secret, &self.scram, self.client_key.get()) {
+            (Some(Secret::Plain(p)), _, _) => ServerCredential::Password(p),
+            (_, Some(secret), Some(client_key)) => {
+                ServerCredential::ScramKeys { secret, client_key }
+            }
+            _ => ServerCredential::None,
         }
     }
 }
@@ -388,8 +408,11 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .map(|(p, s)| p ^ s)
         .collect();
     let stored_key = <Sha256 as sha2::Digest>::digest(&client_key);
-    if user.is_none() || !constant_time_eq(&stored_key, &secret.stored_key) {
+    let Some(user) = user.filter(|_| constant_time_eq(&stored_key, &secret.stored_key)) else {
         return Err(AuthError::Failed(name.into()));
+    };
+    if let Ok(key) = client_key.try_into() {
+        let _ = user.client_key.set(key);
     }
     let server_signature = hmac_sha256(&secret.server_key, auth_message.as_bytes());
     buf.clear();
@@ -427,7 +450,7 @@ pub enum ServerLoginError {
     /// The server refused; its ErrorResponse body is passed on to the client unchanged.
     #[error("server refused login: {message}")]
     Refused { message: String, body: Vec<u8> },
-    #[error("server asks for a password but pgvane has none in plain text for user \"{0}\"")]
+    #[error("server asks for a password but pgvane has none for user \"{0}\": give it in plain text, or a SCRAM secret (then pgvane logs in with the keys of a client's SCRAM login)")]
     NoPassword(String),
     #[error("server asked for unsupported authentication (code {0})")]
     Unsupported(u32),
@@ -456,14 +479,18 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     user: &str,
     database: &str,
-    password: Option<&str>,
+    credential: ServerCredential<'_>,
 ) -> Result<ServerHello, ServerLoginError> {
     use postgres_protocol::message::frontend;
     let mut buf = BytesMut::new();
     frontend::startup_message([("user", user), ("database", database)], &mut buf)?;
     stream.write_all(&buf).await?;
-    let password = || password.ok_or_else(|| ServerLoginError::NoPassword(user.into()));
-    let mut scram: Option<ScramSha256> = None;
+    let plain = match credential {
+        ServerCredential::Password(p) => Some(p),
+        _ => None,
+    };
+    let password = || plain.ok_or_else(|| ServerLoginError::NoPassword(user.into()));
+    let mut scram: Option<ServerScram> = None;
     let mut hello = ServerHello::default();
     loop {
         let m = read_message(stream, 64 * 1024).await?;
@@ -492,8 +519,17 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                         if !crate::protocol::cstrings(data).any(|m| m == "SCRAM-SHA-256") {
                             return Err(ServerLoginError::Unsupported(10));
                         }
-                        let s =
-                            ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                        let s = match credential {
+                            ServerCredential::Password(p) => ServerScram::Password(
+                                ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported()),
+                            ),
+                            ServerCredential::ScramKeys { secret, client_key } => {
+                                ServerScram::Keys(KeyedScram::new(secret, client_key))
+                            }
+                            ServerCredential::None => {
+                                return Err(ServerLoginError::NoPassword(user.into()))
+                            }
+                        };
                         frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut buf)?;
                         scram = Some(s);
                     }
@@ -501,14 +537,14 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                         let s = scram
                             .as_mut()
                             .ok_or(ProtocolError::Malformed("SASL continue"))?;
-                        s.update(data).map_err(ServerLoginError::Scram)?;
+                        s.update(data)?;
                         frontend::sasl_response(s.message(), &mut buf)?;
                     }
                     12 => {
                         let s = scram
                             .as_mut()
                             .ok_or(ProtocolError::Malformed("SASL final"))?;
-                        s.finish(data).map_err(ServerLoginError::Scram)?;
+                        s.finish(data)?;
                     }
                     other => return Err(ServerLoginError::Unsupported(other)),
                 }
@@ -544,6 +580,107 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
             }
             // NoticeResponse, NegotiateProtocolVersion: nothing to act on.
             _ => {}
+        }
+    }
+}
+
+/// The client side of SCRAM with a server: from the plain password (postgres-protocol), or
+/// from keys learned from a client's login.
+enum ServerScram<'a> {
+    Password(ScramSha256),
+    Keys(KeyedScram<'a>),
+}
+
+impl ServerScram<'_> {
+    fn message(&self) -> &[u8] {
+        match self {
+            ServerScram::Password(s) => s.message(),
+            ServerScram::Keys(k) => k.message.as_bytes(),
+        }
+    }
+
+    fn update(&mut self, server_first: &[u8]) -> Result<(), ServerLoginError> {
+        match self {
+            ServerScram::Password(s) => s.update(server_first).map_err(ServerLoginError::Scram),
+            ServerScram::Keys(k) => k.update(server_first),
+        }
+    }
+
+    fn finish(&mut self, server_final: &[u8]) -> Result<(), ServerLoginError> {
+        match self {
+            ServerScram::Password(s) => s.finish(server_final).map_err(ServerLoginError::Scram),
+            ServerScram::Keys(k) => k.finish(server_final),
+        }
+    }
+}
+
+/// SCRAM-SHA-256 client from a verifier and a ClientKey (RFC 5802 with the keys instead of
+/// the password). postgres-protocol's client needs the password, hence this.
+struct KeyedScram<'a> {
+    secret: &'a ScramSecret,
+    client_key: &'a [u8; 32],
+    client_first_bare: String,
+    /// The message to send next.
+    message: String,
+    auth_message: String,
+}
+
+impl<'a> KeyedScram<'a> {
+    fn new(secret: &'a ScramSecret, client_key: &'a [u8; 32]) -> Self {
+        let client_first_bare = format!("n=,r={}", B64.encode(rand::random::<[u8; 18]>()));
+        Self {
+            secret,
+            client_key,
+            message: format!("n,,{client_first_bare}"),
+            client_first_bare,
+            auth_message: String::new(),
+        }
+    }
+
+    fn update(&mut self, server_first: &[u8]) -> Result<(), ServerLoginError> {
+        let fail = |what: &str| ServerLoginError::Scram(std::io::Error::other(what.to_owned()));
+        let server_first =
+            std::str::from_utf8(server_first).map_err(|_| fail("server-first is not UTF-8"))?;
+        let nonce = scram_attr(server_first, 'r').ok_or_else(|| fail("no server nonce"))?;
+        let ours = scram_attr(&self.client_first_bare, 'r').unwrap_or_default();
+        if !nonce.starts_with(ours) {
+            return Err(fail("server nonce does not extend ours"));
+        }
+        let salt = scram_attr(server_first, 's').and_then(|s| B64.decode(s).ok());
+        let iterations = scram_attr(server_first, 'i').and_then(|i| i.parse::<u32>().ok());
+        // The keys only fit the verifier they came from.
+        if salt.as_deref() != Some(self.secret.salt.as_slice())
+            || iterations != Some(self.secret.iterations)
+        {
+            return Err(fail(
+                "the server's SCRAM secret is not the one in the auth_file; copy it from pg_authid",
+            ));
+        }
+        let without_proof = format!("c=biws,r={nonce}");
+        self.auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
+        let stored_key = <Sha256 as sha2::Digest>::digest(self.client_key);
+        let signature = hmac_sha256(&stored_key, self.auth_message.as_bytes());
+        let proof: Vec<u8> = self
+            .client_key
+            .iter()
+            .zip(signature)
+            .map(|(k, s)| k ^ s)
+            .collect();
+        self.message = format!("{without_proof},p={}", B64.encode(proof));
+        Ok(())
+    }
+
+    fn finish(&mut self, server_final: &[u8]) -> Result<(), ServerLoginError> {
+        let expected = hmac_sha256(&self.secret.server_key, self.auth_message.as_bytes());
+        let verifier = std::str::from_utf8(server_final)
+            .ok()
+            .and_then(|f| scram_attr(f, 'v'))
+            .and_then(|v| B64.decode(v).ok());
+        match verifier {
+            Some(v) if constant_time_eq(&v, &expected) => Ok(()),
+            _ => Err(ServerLoginError::Scram(std::io::Error::other(
+                "the server's SCRAM signature is wrong",
+            ))),
         }
     }
 }

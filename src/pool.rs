@@ -471,7 +471,7 @@ impl Pool {
                 &mut stream,
                 &self.user.name,
                 &self.key.database,
-                self.user.server_password(),
+                self.user.server_credential(),
             )
             .await?;
             Ok::<_, PoolError>((stream, hello))

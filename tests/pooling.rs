@@ -389,6 +389,54 @@ async fn md5_auth_and_auth_file() {
 }
 
 #[tokio::test]
+async fn a_scram_secret_from_pg_authid_is_enough_to_log_in_to_the_server() {
+    let cluster = Cluster::start(0);
+    let verifier: String = cluster
+        .primary()
+        .connect()
+        .await
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&SUPERUSER],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(verifier.starts_with("SCRAM-SHA-256$"));
+    let tx = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("userlist.txt");
+    std::fs::write(&file, format!("\"{SUPERUSER}\" \"{verifier}\"\n")).unwrap();
+    let text = format!(
+        "{}\n[auth]\nfile = \"{}\"\n",
+        config(&cluster, "interval = \"200ms\"", &txn_listener(tx)),
+        file.display()
+    );
+    let _pgvane = Pgvane::start(&text, &[tx]);
+
+    // pgvane has no plain password: it logs in to PostgreSQL with the keys the client's
+    // SCRAM login proved.
+    let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    let rows = c.simple_query("SELECT 40 + 2").await.unwrap();
+    let answer = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(answer.as_deref(), Some("42"));
+    let err = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(tx)
+        .user(SUPERUSER)
+        .password("wrong")
+        .dbname("postgres")
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("a wrong password is refused");
+    assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
+}
+
+#[tokio::test]
 async fn the_primary_pool_follows_a_failover() {
     let cluster = Cluster::start(1);
     let tx = free_port();
