@@ -6,14 +6,15 @@
 //! Connections only exist because a client once needed one, so a pool never holds more than
 //! its slots (plus `min_pool_size` kept warm). After `reserve_pool_timeout` a waiting client
 //! may also take one of `reserve_pool_size` extra slots. Per-database and per-user caps count
-//! open connections over all pools.
+//! open connections over all pools; a pool that finds its cap full closes an idle connection
+//! of another pool under the same cap, as PgBouncer does, rather than wait for one.
 //!
 //! A [`Lease`] returned to the pool as clean is reused; dropped any other way, its connection
 //! is closed: a connection in an unknown state is never handed out.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -239,6 +240,13 @@ fn quote_literal(v: &str) -> String {
     format!("E'{escaped}'")
 }
 
+/// A cap over several pools: `max_db_connections` or `max_user_connections`.
+#[derive(Debug, Clone, Copy)]
+enum Cap {
+    Database,
+    User,
+}
+
 /// Identity of a pool.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -257,7 +265,9 @@ pub struct Pool {
     idle: Mutex<Vec<ServerConn>>,
     slots: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
-    caps: Vec<Arc<Semaphore>>,
+    caps: Vec<(Cap, Arc<Semaphore>)>,
+    /// The pools sharing this one's caps, for closing their idle connections.
+    siblings: Weak<Pools>,
     /// Connects in progress to this pool's backend, shared by all its pools.
     connecting: Arc<Semaphore>,
     /// ParameterStatus values of the first login, shown to clients at their login.
@@ -454,8 +464,18 @@ impl Pool {
             }
         };
         let mut caps = Vec::with_capacity(self.caps.len());
-        for cap in &self.caps {
-            caps.push(permit(cap).await?);
+        for (kind, cap) in &self.caps {
+            let got = match cap.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    // Full: an idle connection elsewhere under this cap gives its permit up.
+                    if let Some(pools) = self.siblings.upgrade() {
+                        pools.close_idle_sharing(*kind, &self.key);
+                    }
+                    permit(cap).await?
+                }
+            };
+            caps.push(got);
         }
         let _connecting = permit(&self.connecting).await?;
         let backend = &self.backend;
@@ -602,7 +622,12 @@ impl Pools {
     }
 
     /// The pool of `user` on `database` at `backend`.
-    pub fn get(&self, backend: &Arc<Backend>, user: &Arc<User>, database: &str) -> Arc<Pool> {
+    pub fn get(
+        self: &Arc<Self>,
+        backend: &Arc<Backend>,
+        user: &Arc<User>,
+        database: &str,
+    ) -> Arc<Pool> {
         let mut pools = self.pools.lock().expect("pools lock");
         let found = pools
             .get(&backend.name)
@@ -631,15 +656,12 @@ impl Pools {
                 .clone()
         };
         if self.settings.max_db_connections > 0 {
-            caps.push(cap(
-                &self.db_caps,
-                database,
-                self.settings.max_db_connections,
-            ));
+            let limit = self.settings.max_db_connections;
+            caps.push((Cap::Database, cap(&self.db_caps, database, limit)));
         }
         match user_max.unwrap_or(self.settings.max_user_connections) {
             0 => {}
-            limit => caps.push(cap(&self.user_caps, &user.name, limit)),
+            limit => caps.push((Cap::User, cap(&self.user_caps, &user.name, limit))),
         }
         let connecting = cap(
             &self.connecting,
@@ -656,6 +678,7 @@ impl Pools {
             slots: Arc::new(Semaphore::new(pool_size)),
             reserve: Arc::new(Semaphore::new(self.settings.reserve_pool_size as usize)),
             caps,
+            siblings: Arc::downgrade(self),
             connecting,
             login_params: Mutex::default(),
             open: AtomicUsize::new(0),
@@ -667,6 +690,25 @@ impl Pools {
             .or_default()
             .insert(key.user, pool.clone());
         pool
+    }
+
+    /// Closes the longest-idle connection of a pool other than `key`'s under the same `cap`
+    /// (same database, or same user), which frees a permit of that cap.
+    fn close_idle_sharing(&self, cap: Cap, key: &PoolKey) {
+        let shares = |p: &Pool| match cap {
+            Cap::Database => p.key.database == key.database,
+            Cap::User => p.key.user == key.user,
+        };
+        for pool in self.all().iter().filter(|p| p.key != *key && shares(p)) {
+            let mut idle = pool.idle.lock().expect("pool lock");
+            if !idle.is_empty() {
+                // Oldest first: idle connections are kept most recently used last.
+                drop(idle.remove(0));
+                pool.open.fetch_sub(1, Ordering::Relaxed);
+                debug!(pool = ?pool.key, cap = ?cap, for_pool = ?key, "idle server connection closed to free a capped slot");
+                return;
+            }
+        }
     }
 
     /// Closes the idle connections of every pool on `backend`.

@@ -364,6 +364,53 @@ async fn server_connects_per_backend_are_bounded() {
 }
 
 #[tokio::test]
+async fn a_full_database_cap_closes_another_pools_idle_connection() {
+    let cluster = Cluster::start(0);
+    cluster
+        .primary()
+        .connect()
+        .await
+        .batch_execute(&format!("CREATE ROLE other LOGIN PASSWORD '{PASSWORD}'"))
+        .await
+        .unwrap();
+    let tx = free_port();
+    let extra = format!(
+        "[pool]\nmax_db_connections = 1\nquery_wait_timeout = \"5s\"\n\n[[user]]\nname = \"other\"\npassword = \"{PASSWORD}\"\n"
+    );
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), &extra), &[tx]);
+
+    // The superuser's pool keeps database postgres's only connection, idle.
+    let first = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    first.batch_execute("SELECT 1").await.unwrap();
+    // Another user's pool on the same database takes it over at once instead of waiting
+    // out query_wait_timeout.
+    let started = Instant::now();
+    let other = connect(tx, "other", "postgres").await.unwrap();
+    other.batch_execute("SELECT 1").await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        started.elapsed()
+    );
+    // And back: the cap still holds, one server connection at a time.
+    first.batch_execute("SELECT 1").await.unwrap();
+    let servers: i64 = cluster
+        .primary()
+        .connect()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'postgres' \
+             AND backend_type = 'client backend' AND application_name <> 'pgvane-health' \
+             AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(servers, 1);
+}
+
+#[tokio::test]
 async fn md5_auth_and_auth_file() {
     let cluster = Cluster::start(0);
     let tx = free_port();
