@@ -28,7 +28,19 @@ fn stack_command(program: &str) -> Command {
         path.display()
     );
     let mut cmd = Command::new(path);
+    // Patroni's own pg_basebackup must use its pgpass file, not a password from our
+    // environment (scripts/lib.sh exports PGPASSWORD for the demo).
     cmd.current_dir("/tmp").env("LC_ALL", "C.UTF-8");
+    for var in [
+        "PGPASSWORD",
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSFILE",
+    ] {
+        cmd.env_remove(var);
+    }
     if let Some(r) = run_as() {
         cmd.uid(r.uid).gid(r.gid);
     }
