@@ -150,8 +150,18 @@ async fn run_once(mode: &str, writers: usize) -> Outcome {
     group.finish(promoted).await
 }
 
+/// A running HAProxy, stopped on drop (also when a run panics).
+struct Haproxy(Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// HAProxy as Patroni ships it, in front of `cluster`, on `port`.
-fn start_haproxy(cluster: &PatroniCluster, port: u16, dir: &std::path::Path) -> Child {
+fn start_haproxy(cluster: &PatroniCluster, port: u16, dir: &std::path::Path) -> Haproxy {
     let mut cfg = format!(
         "global\n    maxconn 100\ndefaults\n    mode tcp\n    retries 2\n    timeout client 30m\n    \
          timeout connect 4s\n    timeout server 30m\n    timeout check 5s\n\
@@ -174,10 +184,11 @@ fn start_haproxy(cluster: &PatroniCluster, port: u16, dir: &std::path::Path) -> 
         .stderr(Stdio::null())
         .spawn()
         .expect("haproxy (Debian package `haproxy`) is needed for the Patroni modes");
+    let haproxy = Haproxy(child);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    haproxy
 }
 
 /// Clients that wrote once and then sat idle through the failover; how many fail their
@@ -220,7 +231,7 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize),
         )
     );
     let pgvane = Pgvane::start(&text, &[tx, admin]);
-    let mut haproxy = start_haproxy(&cluster, ha, dir.path());
+    let haproxy = start_haproxy(&cluster, ha, dir.path());
     pgvane
         .wait_log("primary elected", Duration::from_secs(10))
         .await;
@@ -286,9 +297,7 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize),
     let haproxy_idle = idle_failures(&idle_haproxy).await;
     let pgvane_outcome = via_pgvane.finish(promoted).await;
     let haproxy_outcome = via_haproxy.finish(promoted).await;
-    let _ = haproxy.kill();
-    let _ = haproxy.wait();
-    drop((pgvane, cluster));
+    drop((haproxy, pgvane, cluster));
     (
         to_leader,
         (pgvane_outcome, pgvane_idle),

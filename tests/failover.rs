@@ -159,21 +159,12 @@ async fn a_crash_costs_idle_transaction_clients_nothing() {
     let promoted = Instant::now();
 
     // Clients that were idle at the crash just go on, held until the new primary is there.
-    for c in &idle {
-        c.batch_execute("INSERT INTO w VALUES (-2)")
-            .await
-            .unwrap_or_else(|e| panic!("idle client saw {e}\n{}", pgvane.log()));
-        assert_eq!(server_port(c).await, new.port);
-    }
+    idle_clients_write_on(&idle, new.port, &pgvane).await;
     eprintln!(
         "promotion -> idle clients' writes done: {:?}",
         promoted.elapsed()
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (ok, failed) = writers.stop().await;
-    eprintln!("writers: {ok} ok, {failed} failed");
-    // Only a transaction in flight at the crash may fail: at most one per writer.
-    assert!(failed <= 4, "{failed} failed writes\n{}", pgvane.log());
+    writers.stop_after_crash(&pgvane).await;
 }
 
 #[tokio::test]

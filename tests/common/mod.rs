@@ -330,13 +330,16 @@ pub struct Cluster {
     dir: TempDir,
 }
 
+/// A temp dir that PostgreSQL programs can write to, removed on drop.
+fn shared_temp_dir(prefix: &str) -> TempDir {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    hand_over(dir.path());
+    dir
+}
+
 impl Cluster {
     pub fn start(replicas: usize) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("pgvane-cluster-")
-            .tempdir()
-            .unwrap();
-        hand_over(dir.path());
+        let dir = shared_temp_dir("pgvane-cluster-");
         let primary = PgNode {
             name: "pg0".into(),
             port: free_port(),
@@ -698,6 +701,22 @@ impl Writers {
         Writers { stop, tasks }
     }
 
+    /// Lets the writers go on for a second, stops them, and checks that only transactions
+    /// in flight at a crash failed: at most one per writer. Returns the writes that
+    /// succeeded.
+    pub async fn stop_after_crash(self, pgvane: &Pgvane) -> u32 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let writers = self.tasks.len() as u32;
+        let (ok, failed) = self.stop().await;
+        eprintln!("writers: {ok} ok, {failed} failed");
+        assert!(
+            failed <= writers,
+            "{failed} failed writes\n{}",
+            pgvane.log()
+        );
+        ok
+    }
+
     pub async fn stop(self) -> (u32, u32) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut total = (0, 0);
@@ -706,5 +725,16 @@ impl Writers {
             total = (total.0 + ok, total.1 + failed);
         }
         total
+    }
+}
+
+/// Each of `idle` (clients that sat idle through a failover) writes once more: every write
+/// must succeed and land on the server on `port`.
+pub async fn idle_clients_write_on(idle: &[Client], port: u16, pgvane: &Pgvane) {
+    for c in idle {
+        c.batch_execute("INSERT INTO w VALUES (-2)")
+            .await
+            .unwrap_or_else(|e| panic!("idle client saw {e}\n{}", pgvane.log()));
+        assert_eq!(server_port(c).await, port);
     }
 }

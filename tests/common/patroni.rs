@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::{
-    free_port, hand_over, http, pg_bindir, psql, run, run_as, Backends, PASSWORD, SUPERUSER,
+    free_port, hand_over, http, pg_bindir, psql, run, run_as, shared_temp_dir, Backends, PASSWORD,
+    SUPERUSER,
 };
 
 const SCOPE: &str = "pgvane-test";
@@ -81,11 +82,7 @@ impl PatroniCluster {
     /// Starts etcd and `n` Patroni nodes; returns once node 0 leads and every other node
     /// streams from it.
     pub fn start(n: usize) -> PatroniCluster {
-        let dir = tempfile::Builder::new()
-            .prefix("pgvane-patroni-")
-            .tempdir()
-            .unwrap();
-        hand_over(dir.path());
+        let dir = shared_temp_dir("pgvane-patroni-");
         let (client, peer) = (free_port(), free_port());
         let etcd = stack_command("etcd")
             .args(["--name", "e0", "--data-dir"])
