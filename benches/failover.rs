@@ -132,10 +132,7 @@ async fn run_once(mode: &str, writers: usize) -> Outcome {
             Instant::now()
         }
         _ => {
-            pgvane.signal("USR1");
-            pgvane
-                .wait_log("PAUSE complete", Duration::from_secs(10))
-                .await;
+            pgvane.pause(Duration::from_secs(10)).await;
             cluster.primary().stop();
             cluster.nodes[1].promote();
             let promoted = Instant::now();
@@ -203,16 +200,6 @@ async fn idle_failures(idle: &[tokio_postgres::Client]) -> usize {
     failed
 }
 
-async fn idle_clients(port: u16) -> Vec<tokio_postgres::Client> {
-    let mut idle = Vec::new();
-    for _ in 0..8 {
-        let c = connect(port, SUPERUSER, "postgres").await.unwrap();
-        c.batch_execute("INSERT INTO w VALUES (1)").await.unwrap();
-        idle.push(c);
-    }
-    idle
-}
-
 /// One Patroni failover, seen through pgvane and HAProxy at once: (event -> new leader,
 /// pgvane's outcome and idle failures, HAProxy's).
 async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize), (Outcome, usize)) {
@@ -253,7 +240,7 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize),
         },
     )
     .await;
-    let (idle_pgvane, idle_haproxy) = (idle_clients(tx).await, idle_clients(ha).await);
+    let (idle_pgvane, idle_haproxy) = (idle_clients(tx, 8).await, idle_clients(ha, 8).await);
     let (via_pgvane, via_haproxy) = (
         WriterGroup::start(tx, writers),
         WriterGroup::start(ha, writers),

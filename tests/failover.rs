@@ -143,12 +143,7 @@ async fn writers_cluster(replicas: usize) -> (Cluster, u16, Pgvane) {
 async fn a_crash_costs_idle_transaction_clients_nothing() {
     let (cluster, tx, pgvane) = writers_cluster(2).await;
 
-    let mut idle = Vec::new();
-    for _ in 0..8 {
-        let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
-        c.batch_execute("INSERT INTO w VALUES (-1)").await.unwrap();
-        idle.push(c);
-    }
+    let idle = idle_clients(tx, 8).await;
     let writers = Writers::start(tx, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -196,10 +191,7 @@ async fn pause_and_resume_make_a_switchover_lossless() {
     let writers = Writers::start(tx, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    pgvane.signal("USR1");
-    pgvane
-        .wait_log("PAUSE complete", Duration::from_secs(5))
-        .await;
+    pgvane.pause(Duration::from_secs(5)).await;
     cluster.wait_replicated().await;
     cluster.primary().stop();
     cluster.nodes[1].promote();

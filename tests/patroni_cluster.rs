@@ -35,12 +35,7 @@ async fn patroni_with_idle_clients() -> (PatroniCluster, Pgvane, u16, Vec<tokio_
         .batch_execute("CREATE TABLE w (writer int)")
         .await
         .unwrap();
-    let mut idle = Vec::new();
-    for _ in 0..8 {
-        let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
-        c.batch_execute("INSERT INTO w VALUES (-1)").await.unwrap();
-        idle.push(c);
-    }
+    let idle = idle_clients(tx, 8).await;
     (cluster, pgvane, tx, idle)
 }
 
@@ -50,10 +45,7 @@ async fn patroni_switchover_inside_pause_fails_no_transaction() {
     let writers = Writers::start(tx, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    pgvane.signal("USR1");
-    pgvane
-        .wait_log("PAUSE complete", Duration::from_secs(5))
-        .await;
+    pgvane.pause(Duration::from_secs(5)).await;
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.switchover(0, 1);
         cluster

@@ -259,8 +259,7 @@ impl PgNode {
     }
 
     fn postmaster_pid(&self) -> Option<u32> {
-        let pidfile = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
-        pidfile.lines().next()?.trim().parse().ok()
+        postmaster_pid(&self.data)
     }
 
     /// A direct superuser connection (not through pgvane).
@@ -426,16 +425,27 @@ fn configure(node: &PgNode, sockets: &Path) {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for node in &self.nodes {
-            if node.postmaster_pid().is_some() {
-                let _ = pg_command("pg_ctl")
-                    .arg("-D")
-                    .arg(&node.data)
-                    .args(["-m", "immediate", "-w", "stop"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            stop_immediately(&node.data);
         }
+    }
+}
+
+/// The postmaster's pid from the data directory `data`, if the server runs.
+fn postmaster_pid(data: &Path) -> Option<u32> {
+    let pidfile = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    pidfile.lines().next()?.trim().parse().ok()
+}
+
+/// Stops the server of `data`, if it runs, without a shutdown checkpoint: for clean-up.
+fn stop_immediately(data: &Path) {
+    if postmaster_pid(data).is_some() {
+        let _ = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -495,6 +505,12 @@ impl Pgvane {
         run(Command::new("kill")
             .arg(format!("-{name}"))
             .arg(self.pid().to_string()));
+    }
+
+    /// PAUSE (SIGUSR1), then waits up to `limit` for the running transactions to end.
+    pub async fn pause(&self, limit: Duration) {
+        self.signal("USR1");
+        self.wait_log("PAUSE complete", limit).await;
     }
 
     /// Waits until the log contains `text`.
@@ -726,6 +742,17 @@ impl Writers {
         }
         total
     }
+}
+
+/// `n` clients through `port` that have each written once to table `w` and then sit idle.
+pub async fn idle_clients(port: u16, n: usize) -> Vec<Client> {
+    let mut idle = Vec::new();
+    for _ in 0..n {
+        let c = connect(port, SUPERUSER, "postgres").await.unwrap();
+        c.batch_execute("INSERT INTO w VALUES (-1)").await.unwrap();
+        idle.push(c);
+    }
+    idle
 }
 
 /// Each of `idle` (clients that sat idle through a failover) writes once more: every write

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::{
-    free_port, hand_over, http, pg_bindir, psql, run, run_as, shared_temp_dir, Backends, PASSWORD,
-    SUPERUSER,
+    free_port, hand_over, http, pg_bindir, postmaster_pid, psql, run, run_as, shared_temp_dir,
+    stop_immediately, Backends, PASSWORD, SUPERUSER,
 };
 
 const SCOPE: &str = "pgvane-test";
@@ -58,11 +58,6 @@ pub struct PatroniNode {
 }
 
 impl PatroniNode {
-    fn postmaster_pid(&self) -> Option<u32> {
-        let pidfile = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
-        pidfile.lines().next()?.trim().parse().ok()
-    }
-
     pub fn is_primary(&self) -> bool {
         http(self.api_port, "GET", "/primary").map(|r| r.0) == Some(200)
     }
@@ -272,7 +267,7 @@ postgresql:
         if let Some(p) = &node.patroni {
             pids.push(p.id());
         }
-        if let Some(pm) = node.postmaster_pid() {
+        if let Some(pm) = postmaster_pid(&node.data) {
             pids.push(pm);
             pids.extend(children(pm));
         }
@@ -323,15 +318,7 @@ impl Drop for PatroniCluster {
                 let _ = p.kill();
                 let _ = p.wait();
             }
-            if node.postmaster_pid().is_some() {
-                let _ = super::pg_command("pg_ctl")
-                    .arg("-D")
-                    .arg(&node.data)
-                    .args(["-m", "immediate", "-w", "stop"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            stop_immediately(&node.data);
         }
         let _ = self.etcd.kill();
         let _ = self.etcd.wait();
