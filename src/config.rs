@@ -167,6 +167,9 @@ pub struct PoolConfig {
     pub server_check_query: String,
     /// Startup parameters dropped instead of applied on the server (e.g. `extra_float_digits`).
     pub ignore_startup_parameters: Vec<String>,
+    /// Transaction mode: named prepared statements kept per server connection, so that a
+    /// client's statements follow it to any server connection (0 = not tracked).
+    pub max_prepared_statements: u32,
 }
 
 impl Default for PoolConfig {
@@ -188,6 +191,7 @@ impl Default for PoolConfig {
             server_check_delay: Duration::from_secs(30),
             server_check_query: String::new(),
             ignore_startup_parameters: Vec::new(),
+            max_prepared_statements: 200,
         }
     }
 }

@@ -44,6 +44,8 @@ pub enum ClientError {
     IdleTransactionTimeout(Duration),
     #[error("invalid frontend message: {0}")]
     Protocol(#[from] ProtocolError),
+    #[error("named prepared statement message '{tag}' of {len} bytes is too large to track (limit {max} bytes)", max = crate::proxy::prepared::MAX_TRACKED_MESSAGE)]
+    TooLargeToTrack { tag: char, len: usize },
 }
 
 impl ClientError {
@@ -84,6 +86,10 @@ impl ClientError {
             ServerLost(_) => fatal("08006", self.to_string()),
             IdleTransactionTimeout(_) => fatal("25P03", self.to_string()),
             Protocol(_) => fatal("08P01", self.to_string()),
+            // 54000 program_limit_exceeded
+            TooLargeToTrack { .. } => fatal("54000", self.to_string()).with_hint(
+                "use the unnamed statement for such queries, or set pool.max_prepared_statements = 0",
+            ),
         }
     }
 

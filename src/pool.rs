@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::auth::{error_code, error_message, login_to_server, ServerLoginError, User};
 use crate::config::PoolConfig;
 use crate::protocol::{read_message, ProtocolError};
+use crate::proxy::prepared::ServerStatements;
 use crate::topology::{Backend, Topology};
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,8 @@ pub struct ServerConn {
     /// allocates none.
     pub read_buf: BytesMut,
     pub params: ServerParams,
+    /// Named statements prepared on this connection by pgvane (transaction mode).
+    pub prepared: ServerStatements,
     reported_at_login: Vec<String>,
     cancel: CancelTarget,
     created: Instant,
@@ -225,12 +228,14 @@ impl ServerConn {
         Ok(())
     }
 
-    /// After a reset query, values pgvane set for parameters the server does not report are
-    /// back to their defaults, so they are no longer known.
+    /// After a reset query (DISCARD ALL), values pgvane set for parameters the server does
+    /// not report are back to their defaults, so they are no longer known, and no statement
+    /// is prepared.
     fn forget_unreported(&mut self) {
         let reported = &self.reported_at_login;
         self.params.synced = None;
         self.params.values.retain(|k, _| reported.contains(k));
+        self.prepared.clear();
     }
 }
 
@@ -532,6 +537,7 @@ impl Pool {
             },
             stream,
             read_buf: BytesMut::with_capacity(SERVER_READ_BUFFER),
+            prepared: ServerStatements::default(),
             created: now,
             last_used: now,
             _caps: caps,

@@ -205,8 +205,11 @@ async fn cancel_reaches_the_running_query() {
 #[tokio::test]
 async fn copy_in_and_out_in_transaction_mode() {
     use futures_util::{SinkExt, StreamExt};
-    let (_cluster, tx, _pgvane) = app_behind_txn_listener("").await;
+    // One server connection: each step below needs it back from the one before.
+    let extra = "[pool]\ndefault_pool_size = 1\nquery_wait_timeout = \"5s\"\n";
+    let (_cluster, tx, _pgvane) = app_behind_txn_listener(extra).await;
     let c = connect(tx, SUPERUSER, "app").await.unwrap();
+    let other = connect(tx, SUPERUSER, "app").await.unwrap();
 
     let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
     let mut sink = std::pin::pin!(sink);
@@ -216,6 +219,9 @@ async fn copy_in_and_out_in_transaction_mode() {
     }
     sink.send(bytes::Bytes::from(data.clone())).await.unwrap();
     assert_eq!(sink.finish().await.unwrap(), 20_000);
+    // The extended-protocol COPY (whose early Sync the server ignores) returned the
+    // server connection to the pool.
+    other.batch_execute("SELECT 1").await.unwrap();
 
     let stream = c
         .copy_out("COPY (SELECT * FROM t ORDER BY id) TO STDOUT")
@@ -504,4 +510,95 @@ async fn the_primary_pool_follows_a_failover() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_prepared_statements_follow_clients_across_server_connections() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    // Two server connections, room for three statements on each: twelve clients with a
+    // statement of their own and one they share keep moving between connections and
+    // evicting each other's statements.
+    let extra = "[pool]\ndefault_pool_size = 2\nmax_prepared_statements = 3\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+
+    let clients = (0..12).map(|client: i32| async move {
+        let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+        // Each prepare is a Parse/Describe/Sync transaction of its own.
+        let own = c
+            .prepare(&format!("SELECT $1::int + {client}"))
+            .await
+            .unwrap();
+        let shared = c.prepare("SELECT $1::int * 2").await.unwrap();
+        for round in 0..40 {
+            let a: i32 = c.query_one(&own, &[&round]).await.unwrap().get(0);
+            let b: i32 = c.query_one(&shared, &[&round]).await.unwrap().get(0);
+            assert_eq!((a, b), (round + client, round * 2));
+        }
+        // Closed, then the name's statement is gone for this client only.
+        drop(own);
+        let again = c.prepare("SELECT $1::int - 1").await.unwrap();
+        let v: i32 = c.query_one(&again, &[&10]).await.unwrap().get(0);
+        assert_eq!(v, 9);
+        c
+    });
+    let clients = join_all(clients).await;
+
+    // A server-side statement that fails to prepare leaves nothing behind.
+    let c = &clients[0];
+    let err = c.prepare("SELEC 1").await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::SYNTAX_ERROR)
+    );
+    let ok = c.prepare("SELECT 41 + 1").await.unwrap();
+    let v: i32 = c.query_one(&ok, &[]).await.unwrap().get(0);
+    assert_eq!(v, 42);
+
+    // Never more than max_prepared_statements on a server connection.
+    for c in &clients[..4] {
+        let rows = c
+            .simple_query("SELECT count(*) FROM pg_prepared_statements")
+            .await
+            .unwrap();
+        let n: i64 = match &rows[1] {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap().parse().unwrap(),
+            other => panic!("expected a row, got {other:?}"),
+        };
+        assert!(n <= 3, "{n} statements on one server connection");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_mode_runs_through_transaction_pooling() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let extra = "[pool]\ndefault_pool_size = 4\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let pgbench = |port: u16, args: &[&str]| {
+        let out = pg_command("pgbench")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
+            .args(args)
+            .arg("postgres")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    };
+    pgbench(cluster.primary().port, &["-i", "-s", "1", "-q"]);
+    // Each client prepares its statement once (pgbench names it P_0, as every other client
+    // does for the same text) and runs it on whichever of the 4 server connections is free.
+    // Select-only: pgbench's PQprepare blocks its thread, so with more clients than server
+    // connections a multi-statement transaction could wait on a client that thread serves.
+    let out = pgbench(
+        tx,
+        &["-S", "-M", "prepared", "-c", "16", "-j", "2", "-t", "200"],
+    );
+    assert!(
+        out.contains("number of transactions actually processed: 3200/3200"),
+        "{out}"
+    );
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
 }

@@ -8,6 +8,7 @@
 mod cancel;
 mod passthrough;
 mod pooled;
+pub mod prepared;
 
 use std::collections::BTreeSet;
 use std::future::Future;

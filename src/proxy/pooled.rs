@@ -18,17 +18,18 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Re
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::cancel::{send_cancel, CancelKey};
+use super::prepared::{ClientStatements, Tracker};
 use super::{read_client_startup, send_error, Attempt, Chosen, Route, Shared};
 use crate::auth::{authenticate_client, User};
 use crate::config::{ListenerMode, OnRoleLoss};
 use crate::error::ClientError;
-use crate::pool::{LoginParams, Pool, PoolError, ServerConn, TRACKED};
+use crate::pool::{LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED};
 use crate::protocol::{backend, cstrings, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3};
 use crate::topology::Backend;
 
@@ -69,6 +70,9 @@ struct Session {
     /// The client's own values: from its startup packet and its SETs since.
     overrides: Vec<(String, String)>,
     cancel_key: CancelKey,
+    /// Named prepared statements (transaction mode with max_prepared_statements), boxed:
+    /// most sessions never prepare one, and idle sessions should stay small.
+    statements: Option<Box<ClientStatements>>,
 }
 
 /// Startup and authentication. `None`: the connection was a CancelRequest.
@@ -152,6 +156,7 @@ async fn login(
         defaults,
         overrides,
         cancel_key,
+        statements: None,
     }))
 }
 
@@ -274,12 +279,24 @@ impl Session {
                 std::future::pending().await
             }
         };
+        let settings = shared.pools.settings();
+        let statements = (cfg.mode == ListenerMode::Transaction
+            && settings.max_prepared_statements > 0)
+            .then(|| &mut **self.statements.get_or_insert_with(Default::default));
         let link = Link {
             mode: cfg.mode,
-            idle_transaction_timeout: shared.pools.settings().idle_transaction_timeout,
+            idle_transaction_timeout: settings.idle_transaction_timeout,
+            max_prepared_statements: settings.max_prepared_statements as usize,
         };
         let end = link
-            .run(client, first, lease.conn(), &mut self.overrides, role_lost)
+            .run(
+                client,
+                first,
+                lease.conn(),
+                &mut self.overrides,
+                statements,
+                role_lost,
+            )
             .await;
         self.cancel_key.set_target(None);
         let drained = lost.is_cancelled();
@@ -361,6 +378,8 @@ struct LinkState {
     pending: AtomicU32,
     /// Extended-protocol messages sent since the last Sync.
     unsynced: AtomicBool,
+    /// Syncs sent since the last Execute (see CopyDone).
+    syncs_since_execute: AtomicU32,
     client_mid_message: AtomicBool,
     server_mid_message: AtomicBool,
     /// Transaction status of the latest ReadyForQuery.
@@ -376,6 +395,7 @@ impl LinkState {
         Self {
             pending: AtomicU32::new(0),
             unsynced: AtomicBool::new(false),
+            syncs_since_execute: AtomicU32::new(0),
             client_mid_message: AtomicBool::new(false),
             server_mid_message: AtomicBool::new(false),
             tx_status: AtomicU8::new(b'I'),
@@ -414,6 +434,7 @@ impl LinkState {
 struct Link {
     mode: ListenerMode,
     idle_transaction_timeout: Duration,
+    max_prepared_statements: usize,
 }
 
 impl Link {
@@ -426,6 +447,7 @@ impl Link {
         first: BytesMut,
         server: &mut ServerConn,
         overrides: &mut Vec<(String, String)>,
+        statements: Option<&mut ClientStatements>,
         role_lost: impl std::future::Future<Output = ()>,
     ) -> LinkEnd {
         let st = LinkState::new(!self.idle_transaction_timeout.is_zero());
@@ -436,36 +458,67 @@ impl Link {
             stream,
             params,
             read_buf,
+            prepared,
             ..
         } = server;
         let (mut server_rd, mut server_wr) = stream.split();
+        let tracker = statements.map(|c| Tracker::new(c, prepared, self.max_prepared_statements));
 
         let client_to_server = async {
             // read_buf fills spare capacity: no zeroing of a fresh buffer per transaction.
             let mut buf = first;
+            // Bytes kept from the last round: the start of a message the tracker needs whole.
+            let mut held = 0;
+            let mut rewritten = BytesMut::new();
             let mut scan = Scanner::new(b"");
             loop {
-                if buf.is_empty() {
+                if buf.len() == held {
+                    make_room(&mut buf, LINK_BUFFER);
                     match client_rd.read_buf(&mut buf).await {
                         Ok(0) | Err(_) => return LinkEnd::ClientGone(state()),
                         Ok(_) => {}
                     }
                 }
-                let n = buf.len();
                 st.client_data_now();
+                let (data, consumed) = match &tracker {
+                    None => (&buf[..], buf.len()),
+                    Some(t) => match t.from_client(&buf, &mut rewritten) {
+                        Ok(o) if o.rewritten => (&rewritten[..], o.consumed),
+                        Ok(o) => (&buf[..o.consumed], o.consumed),
+                        Err(error) => {
+                            return LinkEnd::Failed {
+                                error,
+                                tell_client: !st.server_mid_message.load(Relaxed),
+                            }
+                        }
+                    },
+                };
+                let n = data.len();
                 let mut terminate_at = None;
-                let scanned = scan.feed(&buf[..n], |e| {
+                let scanned = scan.feed(data, |e| {
                     if let Event::Start { tag, at } = e {
                         match tag {
                             b'Q' | b'F' => {
                                 st.pending.fetch_add(1, Relaxed);
+                                st.syncs_since_execute.store(0, Relaxed);
                             }
                             b'S' => {
                                 st.pending.fetch_add(1, Relaxed);
+                                st.syncs_since_execute.fetch_add(1, Relaxed);
                                 st.unsynced.store(false, Relaxed);
                             }
-                            b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => {
+                            b'E' => {
+                                st.syncs_since_execute.store(0, Relaxed);
                                 st.unsynced.store(true, Relaxed)
+                            }
+                            b'P' | b'B' | b'D' | b'C' | b'H' => st.unsynced.store(true, Relaxed),
+                            // The end of a COPY FROM STDIN an Execute started: the server
+                            // ignored the Syncs sent during it and owes no ReadyForQuery.
+                            b'c' | b'f' => {
+                                let ignored = st.syncs_since_execute.swap(0, Relaxed);
+                                let _ = st.pending.fetch_update(Relaxed, Relaxed, |p| {
+                                    Some(p.saturating_sub(ignored))
+                                });
                             }
                             b'X' => terminate_at = terminate_at.or(Some(at)),
                             _ => {}
@@ -481,7 +534,7 @@ impl Link {
                 st.client_mid_message.store(!scan.at_boundary(), Relaxed);
                 // A Terminate is pgvane's to act on; the pooled server connection stays open.
                 let upto = terminate_at.map_or(n, |at: isize| at.max(0) as usize);
-                if server_wr.write_all(&buf[..upto]).await.is_err() {
+                if server_wr.write_all(&data[..upto]).await.is_err() {
                     return LinkEnd::ServerDied {
                         error: ClientError::ServerLost("cannot write to the server".into()),
                         tell_client: !st.server_mid_message.load(Relaxed),
@@ -492,28 +545,38 @@ impl Link {
                     let s = if at < 0 { ServerState::Broken } else { state() };
                     return LinkEnd::ClientGone(s);
                 }
-                buf.clear();
+                keep_tail(&mut buf, consumed);
+                held = buf.len();
             }
         };
 
         let server_to_client = async {
             let buf = read_buf;
+            let mut rewritten = BytesMut::new();
             let mut scan = Scanner::new(b"ZS");
             loop {
-                buf.clear();
-                let n = match server_rd.read_buf(buf).await {
-                    Ok(0) | Err(_) => {
-                        return LinkEnd::ServerDied {
-                            error: ClientError::ServerLost(
-                                "the server closed the connection".into(),
-                            ),
-                            tell_client: scan.at_boundary(),
+                make_room(buf, SERVER_READ_BUFFER);
+                if let Ok(0) | Err(_) = server_rd.read_buf(buf).await {
+                    return LinkEnd::ServerDied {
+                        error: ClientError::ServerLost("the server closed the connection".into()),
+                        tell_client: scan.at_boundary(),
+                    };
+                }
+                let (data, consumed) = match &tracker {
+                    None => (&buf[..], buf.len()),
+                    Some(t) => match t.from_server(buf, &mut rewritten) {
+                        Ok(o) if o.rewritten => (&rewritten[..], o.consumed),
+                        Ok(o) => (&buf[..o.consumed], o.consumed),
+                        Err(e) => {
+                            return LinkEnd::Failed {
+                                error: ClientError::ServerLost(e.to_string()),
+                                tell_client: false,
+                            }
                         }
-                    }
-                    Ok(n) => n,
+                    },
                 };
                 let mut ready_last = false;
-                let scanned = scan.feed(&buf[..n], |e| match e {
+                let scanned = scan.feed(data, |e| match e {
                     Event::Complete { tag: b'Z', body } => {
                         let _ = st
                             .pending
@@ -542,9 +605,10 @@ impl Link {
                     };
                 }
                 st.server_mid_message.store(!scan.at_boundary(), Relaxed);
-                if client_wr.write_all(&buf[..n]).await.is_err() {
+                if client_wr.write_all(data).await.is_err() {
                     return LinkEnd::ClientGone(state());
                 }
+                keep_tail(buf, consumed);
                 if self.mode == ListenerMode::Transaction
                     && ready_last
                     && scan.at_boundary()
@@ -588,6 +652,22 @@ impl Link {
                 tell_client: !st.server_mid_message.load(Relaxed),
             },
         }
+    }
+}
+
+/// Reclaims (or grows) a buffer's room for a read of up to `size` bytes when it is low.
+fn make_room(buf: &mut BytesMut, size: usize) {
+    if buf.capacity() - buf.len() < size / 2 {
+        buf.reserve(size);
+    }
+}
+
+/// Drops the first `consumed` bytes, keeping the rest (an incomplete message start).
+fn keep_tail(buf: &mut BytesMut, consumed: usize) {
+    if consumed == buf.len() {
+        buf.clear(); // keeps the whole allocation for the next read
+    } else {
+        buf.advance(consumed);
     }
 }
 

@@ -1,0 +1,857 @@
+//! Named prepared statements in transaction mode (`pool.max_prepared_statements`).
+//!
+//! A client that prepares a statement (a protocol-level Parse with a name) expects to use it
+//! in later transactions, which may run on another server connection. As PgBouncer 1.21+
+//! does, pgvane keeps each client's statements (name -> query and parameter types) and gives
+//! every distinct statement one server-side name, `pgvane_<hash of its text>`, so that the
+//! clients of a pool share what is prepared on each server connection:
+//!
+//! * Parse: the client's statement is recorded and sent under its server name; when that
+//!   server connection has it already, under a throwaway name closed at once, so that the
+//!   server still checks it and answers ParseComplete itself.
+//! * Bind / Describe of a recorded statement: renamed, and preceded by a Parse of pgvane's
+//!   own when the server connection does not have the statement yet.
+//! * Close of a recorded statement: forgotten for the client, and sent as a Close of a name
+//!   that does not exist (the server answers CloseComplete); the server copy stays for others.
+//!
+//! Each server connection keeps at most `max_prepared_statements`, evicting the least
+//! recently used one with a Close of pgvane's own. The answers to pgvane's own messages
+//! (ParseComplete, CloseComplete) are removed from what the client sees, so the server's
+//! answers are always the client's in the client's order: pgvane never invents a reply.
+//! When the server reports an error in an extended-protocol batch it skips what follows up
+//! to Sync; what pgvane recorded for those skipped messages is undone.
+//!
+//! SQL-level PREPARE/EXECUTE are not tracked (as in PgBouncer); DEALLOCATE ALL and DISCARD
+//! ALL are noticed and empty both records.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, BytesMut};
+use sha2::{Digest, Sha256};
+
+use crate::error::ClientError;
+use crate::protocol::ProtocolError;
+
+/// Longest Parse (or Describe/Close) message pgvane holds whole to record it: a statement
+/// text of up to 1 MiB. Bind messages are never held whole, only their names.
+pub const MAX_TRACKED_MESSAGE: usize = 1 << 20;
+
+/// Longest portal plus statement name prefix of a Bind (PostgreSQL's names are at most 63
+/// bytes; clients may send longer ones, which the server truncates).
+const MAX_BIND_NAMES: usize = 4096;
+
+/// The name of throwaway statements: never kept on a server connection.
+const THROWAWAY: &[u8] = b"pgvane_throwaway";
+
+/// A statement as the server knows it: its name there and its Parse body after the name.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Statement {
+    server_name: Box<[u8]>,
+    /// Query text with its NUL, then the parameter type count and OIDs.
+    text: Box<[u8]>,
+}
+
+impl Statement {
+    fn new(text: &[u8]) -> Self {
+        let digest = Sha256::digest(text);
+        let mut name = b"pgvane_".to_vec();
+        for byte in &digest[..16] {
+            name.extend_from_slice(format!("{byte:02x}").as_bytes());
+        }
+        Self {
+            server_name: name.into(),
+            text: text.into(),
+        }
+    }
+}
+
+/// One client's named statements.
+pub type ClientStatements = foldhash::HashMap<Box<[u8]>, Arc<Statement>>;
+
+/// The statements prepared on one server connection, by server name, with the tick of
+/// their last use (for evicting the least recently used).
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    used: foldhash::HashMap<Box<[u8]>, u64>,
+    tick: u64,
+}
+
+impl ServerStatements {
+    /// After DISCARD ALL or DEALLOCATE ALL, the server has none.
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+
+    /// Marks a statement used; whether the server had it.
+    fn touch(&mut self, name: &[u8]) -> bool {
+        self.tick += 1;
+        match self.used.get_mut(name) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, name: &[u8]) {
+        self.tick += 1;
+        self.used.insert(name.into(), self.tick);
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        self.used.remove(name);
+    }
+
+    /// The least recently used statement, removed, once `limit` is reached.
+    fn evict(&mut self, limit: usize) -> Option<Box<[u8]>> {
+        if self.used.len() < limit {
+            return None;
+        }
+        let oldest = self.used.iter().min_by_key(|(_, t)| **t)?.0.clone();
+        self.used.remove(&oldest);
+        Some(oldest)
+    }
+}
+
+/// What pgvane recorded when it sent a Parse or Close, to undo if the server skips it.
+#[derive(Debug)]
+enum Undo {
+    Nothing,
+    /// The client's statement was recorded under this name.
+    ClientAdded(Box<[u8]>),
+    /// As `ClientAdded`, and the statement marked prepared on the server connection.
+    BothAdded(Box<[u8]>, Box<[u8]>),
+    /// The client's statement of this name was forgotten.
+    ClientRemoved(Box<[u8]>, Arc<Statement>),
+    /// Marked prepared on the server connection.
+    ServerAdded(Box<[u8]>),
+    /// Evicted from the server connection.
+    ServerRemoved(Box<[u8]>),
+}
+
+/// A message sent to the server whose answer the tracker follows.
+#[derive(Debug)]
+enum Sent {
+    /// Parse: answered by ParseComplete; `own` when pgvane sent it, not the client.
+    Parse { own: bool, undo: Undo },
+    /// Close: answered by CloseComplete.
+    Close { own: bool, undo: Undo },
+    /// Sync, Query or FunctionCall: answered (last) by ReadyForQuery.
+    Ready,
+}
+
+/// Records of one link: the client's statements, the server connection's, and the messages
+/// sent whose answers are still due. Shared by the link's two directions (one task).
+pub struct Tracker<'a> {
+    state: Mutex<State<'a>>,
+    limit: usize,
+}
+
+struct State<'a> {
+    client: &'a mut ClientStatements,
+    server: &'a mut ServerStatements,
+    sent: VecDeque<Sent>,
+    /// The server reported an error with no Sync sent since: it ignores messages up to the
+    /// next Sync, so pgvane passes them on untouched and records nothing for them.
+    skipping: bool,
+    /// Syncs sent since the last Execute or Query (see CopyDone).
+    syncs_since_execute: usize,
+    /// Client to server: body bytes of the current message still to pass on untouched.
+    client_body_left: usize,
+    /// Server to client: the same.
+    server_body_left: usize,
+}
+
+/// Where the bytes to send are: the input as it was, or a rewritten copy.
+pub struct Output {
+    /// Input bytes dealt with; the rest (an incomplete message start) waits for more.
+    pub consumed: usize,
+    /// Whether the bytes to send are in `out` rather than `input[..consumed]`.
+    pub rewritten: bool,
+}
+
+/// Builds the output lazily: untouched input is only copied once something is rewritten.
+struct Writer<'o> {
+    out: &'o mut BytesMut,
+    copied: usize,
+    rewritten: bool,
+}
+
+impl Writer<'_> {
+    /// Replaces `input[at..at + len]` by what `put` writes.
+    fn replace(&mut self, input: &[u8], at: usize, len: usize, put: impl FnOnce(&mut BytesMut)) {
+        if !self.rewritten {
+            self.out.clear();
+            self.rewritten = true;
+        }
+        self.out.extend_from_slice(&input[self.copied..at]);
+        put(self.out);
+        self.copied = at + len;
+    }
+
+    fn finish(self, input: &[u8], consumed: usize) -> Output {
+        if self.rewritten {
+            self.out.extend_from_slice(&input[self.copied..consumed]);
+        }
+        Output {
+            consumed,
+            rewritten: self.rewritten,
+        }
+    }
+}
+
+fn put_named(out: &mut BytesMut, tag: u8, kind: Option<u8>, name: &[u8], rest: &[u8]) {
+    let len = 4 + kind.map_or(0, |_| 1) + name.len() + 1 + rest.len();
+    out.put_u8(tag);
+    out.put_u32(len as u32);
+    if let Some(k) = kind {
+        out.put_u8(k);
+    }
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(rest);
+}
+
+fn header(input: &[u8], at: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
+    let Some(h) = input.get(at..at + 5) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+    if len < 4 {
+        return Err(ProtocolError::BadLength(len));
+    }
+    Ok(Some((h[0], len as usize + 1)))
+}
+
+/// The NUL-terminated string at the start of `bytes` and what follows it.
+fn cstring(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = bytes.iter().position(|&b| b == 0)?;
+    Some((&bytes[..nul], &bytes[nul + 1..]))
+}
+
+/// Whether a Parse, Describe or Close (of `body_len` bytes, `prefix` seen so far) names a
+/// statement; `None` until enough of it has arrived to tell.
+fn names_a_statement(tag: u8, prefix: &[u8], body_len: usize) -> Option<bool> {
+    if body_len < 2 {
+        return Some(false); // empty name or malformed: the server answers it
+    }
+    match tag {
+        b'P' => prefix.first().map(|&b| b != 0),
+        _ => match prefix {
+            [b'S', b, ..] => Some(*b != 0),
+            [_, _, ..] => Some(false),
+            _ => None,
+        },
+    }
+}
+
+fn too_large(tag: u8, len: usize) -> ClientError {
+    ClientError::TooLargeToTrack {
+        tag: tag as char,
+        len,
+    }
+}
+
+impl<'a> Tracker<'a> {
+    pub fn new(
+        client: &'a mut ClientStatements,
+        server: &'a mut ServerStatements,
+        limit: usize,
+    ) -> Self {
+        Self {
+            state: Mutex::new(State {
+                client,
+                server,
+                sent: VecDeque::new(),
+                skipping: false,
+                syncs_since_execute: 0,
+                client_body_left: 0,
+                server_body_left: 0,
+            }),
+            limit,
+        }
+    }
+
+    /// Client to server: renames, records and adds what named statements need. `input`
+    /// holds what the client sent and pgvane has not passed on yet.
+    pub fn from_client(&self, input: &[u8], out: &mut BytesMut) -> Result<Output, ClientError> {
+        let mut st = self.state.lock().expect("tracker lock");
+        let mut w = Writer {
+            out,
+            copied: 0,
+            rewritten: false,
+        };
+        let mut i = 0;
+        while i < input.len() {
+            if st.client_body_left > 0 {
+                let take = st.client_body_left.min(input.len() - i);
+                st.client_body_left -= take;
+                i += take;
+                continue;
+            }
+            let Some((tag, total)) = header(input, i)? else {
+                break;
+            };
+            let body_start = i + 5;
+            let whole = input.get(body_start..i + total);
+            match tag {
+                b'P' | b'D' | b'C' => {
+                    let prefix = &input[body_start..input.len().min(i + total)];
+                    let Some(named) = names_a_statement(tag, prefix, total - 5) else {
+                        break; // not enough of it yet to tell
+                    };
+                    if !named {
+                        // The unnamed statement or a portal: streamed, never held.
+                        st.record_unnamed(tag);
+                        st.client_body_left = total - 5;
+                        i = body_start;
+                        continue;
+                    }
+                    if total > MAX_TRACKED_MESSAGE {
+                        return Err(too_large(tag, total));
+                    }
+                    let Some(body) = whole else { break };
+                    st.client_message(tag, body, self.limit, |put| w.replace(input, i, total, put));
+                    i += total;
+                }
+                b'B' => {
+                    let avail = &input[body_start..input.len().min(i + total)];
+                    let names = cstring(avail).and_then(|(portal, rest)| {
+                        let (stmt, _) = cstring(rest)?;
+                        Some((portal, stmt))
+                    });
+                    let Some((portal, stmt)) = names else {
+                        if avail.len() >= total - 5 || avail.len() >= MAX_BIND_NAMES {
+                            return Err(ProtocolError::Malformed("Bind without names").into());
+                        }
+                        break;
+                    };
+                    let names_len = portal.len() + stmt.len() + 2;
+                    if let Some(server_name) =
+                        st.bind(stmt, self.limit, |put| w.replace(input, i, 0, put))
+                    {
+                        let new_total = total - stmt.len() + server_name.len();
+                        w.replace(input, i, 5 + names_len, |out| {
+                            out.put_u8(b'B');
+                            out.put_u32((new_total - 1) as u32);
+                            out.put_slice(portal);
+                            out.put_u8(0);
+                            out.put_slice(&server_name);
+                            out.put_u8(0);
+                        });
+                    }
+                    st.client_body_left = total - 5 - names_len;
+                    i = body_start + names_len;
+                }
+                _ => {
+                    match tag {
+                        b'S' => {
+                            st.skipping = false;
+                            st.syncs_since_execute += 1;
+                            st.sent.push_back(Sent::Ready);
+                        }
+                        b'Q' | b'F' if !st.skipping => {
+                            st.syncs_since_execute = 0;
+                            st.sent.push_back(Sent::Ready)
+                        }
+                        b'E' => st.syncs_since_execute = 0,
+                        // The end of a COPY FROM STDIN an Execute started: the server
+                        // ignored the Syncs sent during it and will not answer them.
+                        b'c' | b'f' => {
+                            for _ in 0..std::mem::take(&mut st.syncs_since_execute) {
+                                if let Some(Sent::Ready) = st.sent.back() {
+                                    st.sent.pop_back();
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                    st.client_body_left = total - 5;
+                    i = body_start;
+                }
+            }
+        }
+        Ok(w.finish(input, i))
+    }
+
+    /// Server to client: drops the answers to pgvane's own messages and keeps the records
+    /// in step with what the server did.
+    pub fn from_server(&self, input: &[u8], out: &mut BytesMut) -> Result<Output, ProtocolError> {
+        let mut st = self.state.lock().expect("tracker lock");
+        let mut w = Writer {
+            out,
+            copied: 0,
+            rewritten: false,
+        };
+        let mut i = 0;
+        while i < input.len() {
+            if st.server_body_left > 0 {
+                let take = st.server_body_left.min(input.len() - i);
+                st.server_body_left -= take;
+                i += take;
+                continue;
+            }
+            let Some((tag, total)) = header(input, i)? else {
+                break;
+            };
+            match tag {
+                b'1' | b'3' => {
+                    let own = match st.sent.pop_front() {
+                        Some(Sent::Parse { own, .. }) if tag == b'1' => own,
+                        Some(Sent::Close { own, .. }) if tag == b'3' => own,
+                        other => {
+                            // Out of step: cannot happen with a conforming server.
+                            return Err(ProtocolError::Malformed(if other.is_some() {
+                                "answer out of order"
+                            } else {
+                                "unexpected answer"
+                            }));
+                        }
+                    };
+                    if own {
+                        w.replace(input, i, total, |_| {});
+                    }
+                }
+                b'E' => st.server_error(),
+                b'Z' => {
+                    while let Some(s) = st.sent.pop_front() {
+                        if matches!(s, Sent::Ready) {
+                            break;
+                        }
+                    }
+                }
+                // CommandComplete of DISCARD ALL / DEALLOCATE ALL: every statement is gone.
+                b'C' => {
+                    let Some(body) = input.get(i + 5..i + total) else {
+                        if total > 64 {
+                            st.server_body_left = total - 5;
+                            i += 5;
+                            continue;
+                        }
+                        break; // short: wait for all of it
+                    };
+                    if body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0") {
+                        st.client.clear();
+                        st.server.clear();
+                    }
+                }
+                _ => {}
+            }
+            if total - 5 > input.len() - i - 5 {
+                st.server_body_left = total - 5 - (input.len() - i - 5);
+                i = input.len();
+            } else {
+                i += total;
+            }
+        }
+        Ok(w.finish(input, i))
+    }
+}
+
+impl State<'_> {
+    /// Handles a whole Parse, Describe or Close; `replace` rewrites the message.
+    fn client_message(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        limit: usize,
+        replace: impl FnOnce(&mut dyn FnMut(&mut BytesMut)),
+    ) {
+        // Parse starts with the name; Describe and Close with 'S' (checked) and the name.
+        let named = if tag == b'P' { body } else { &body[1..] };
+        let Some((name, rest)) = cstring(named) else {
+            // Malformed: the server says so.
+            return self.record_unnamed(tag);
+        };
+        if self.skipping {
+            return self.record_unnamed(tag);
+        }
+        match tag {
+            b'P' => {
+                let mut own = Vec::new();
+                if let Some(existing) = self.client.get(name).cloned() {
+                    // A second Parse of the same name: the server's "already exists" error
+                    // is the right answer, so send it under the existing server name.
+                    self.ensure(&existing, limit, &mut own);
+                    self.sent.push_back(Sent::Parse {
+                        own: false,
+                        undo: Undo::Nothing,
+                    });
+                    let server_name = existing.server_name.clone();
+                    replace(&mut |out| {
+                        out.put_slice(&own);
+                        put_named(out, b'P', None, &server_name, rest);
+                    });
+                    return;
+                }
+                let statement = Arc::new(Statement::new(rest));
+                self.client.insert(name.into(), statement.clone());
+                if self.server.touch(&statement.server_name) {
+                    // Checked and answered by the server, then closed again.
+                    self.sent.push_back(Sent::Parse {
+                        own: false,
+                        undo: Undo::ClientAdded(name.into()),
+                    });
+                    self.sent.push_back(Sent::Close {
+                        own: true,
+                        undo: Undo::Nothing,
+                    });
+                    replace(&mut |out| {
+                        put_named(out, b'P', None, THROWAWAY, rest);
+                        put_named(out, b'C', Some(b'S'), THROWAWAY, &[]);
+                    });
+                } else {
+                    self.evict(limit, &mut own);
+                    self.server.insert(&statement.server_name);
+                    self.sent.push_back(Sent::Parse {
+                        own: false,
+                        undo: Undo::BothAdded(name.into(), statement.server_name.clone()),
+                    });
+                    replace(&mut |out| {
+                        out.put_slice(&own);
+                        put_named(out, b'P', None, &statement.server_name, rest);
+                    });
+                }
+            }
+            b'D' => {
+                let Some(statement) = self.client.get(name).cloned() else {
+                    return;
+                };
+                let mut own = Vec::new();
+                self.ensure(&statement, limit, &mut own);
+                replace(&mut |out| {
+                    out.put_slice(&own);
+                    put_named(out, b'D', Some(b'S'), &statement.server_name, &[]);
+                });
+            }
+            _ => {
+                let Some(statement) = self.client.remove(name) else {
+                    return self.record_unnamed(tag);
+                };
+                self.sent.push_back(Sent::Close {
+                    own: false,
+                    undo: Undo::ClientRemoved(name.into(), statement),
+                });
+                replace(&mut |out| put_named(out, b'C', Some(b'S'), THROWAWAY, &[]));
+            }
+        }
+    }
+
+    /// A Parse or Close passed on as it is: its answer is the client's.
+    fn record_unnamed(&mut self, tag: u8) {
+        if self.skipping {
+            return;
+        }
+        let undo = Undo::Nothing;
+        match tag {
+            b'P' => self.sent.push_back(Sent::Parse { own: false, undo }),
+            b'C' => self.sent.push_back(Sent::Close { own: false, undo }),
+            _ => {}
+        }
+    }
+
+    /// The server name a Bind of the client's statement `name` must use, after `insert`
+    /// has put whatever the server connection needs first. `None`: passed on as it is.
+    fn bind(
+        &mut self,
+        name: &[u8],
+        limit: usize,
+        insert: impl FnOnce(&mut dyn FnMut(&mut BytesMut)),
+    ) -> Option<Box<[u8]>> {
+        if self.skipping || name.is_empty() {
+            return None;
+        }
+        let statement = self.client.get(name)?.clone();
+        let mut own = Vec::new();
+        self.ensure(&statement, limit, &mut own);
+        if !own.is_empty() {
+            insert(&mut |out| out.put_slice(&own));
+        }
+        Some(statement.server_name.clone())
+    }
+
+    /// Prepares `statement` on the server connection (into `own`) unless it is there.
+    fn ensure(&mut self, statement: &Statement, limit: usize, own: &mut Vec<u8>) {
+        if self.server.touch(&statement.server_name) {
+            return;
+        }
+        self.evict(limit, own);
+        self.server.insert(&statement.server_name);
+        self.sent.push_back(Sent::Parse {
+            own: true,
+            undo: Undo::ServerAdded(statement.server_name.clone()),
+        });
+        let mut buf = BytesMut::new();
+        put_named(
+            &mut buf,
+            b'P',
+            None,
+            &statement.server_name,
+            &statement.text,
+        );
+        own.extend_from_slice(&buf);
+    }
+
+    /// Makes room for one more statement on the server connection (a Close into `own`).
+    fn evict(&mut self, limit: usize, own: &mut Vec<u8>) {
+        if let Some(victim) = self.server.evict(limit) {
+            let mut buf = BytesMut::new();
+            put_named(&mut buf, b'C', Some(b'S'), &victim, &[]);
+            own.extend_from_slice(&buf);
+            self.sent.push_back(Sent::Close {
+                own: true,
+                undo: Undo::ServerRemoved(victim),
+            });
+        }
+    }
+
+    /// An ErrorResponse. Inside a simple query it ends only that query's statement; in an
+    /// extended-protocol batch the server skips everything up to the next Sync, so what
+    /// pgvane recorded for the skipped messages (and the failed one) is undone.
+    fn server_error(&mut self) {
+        if matches!(self.sent.front(), Some(Sent::Ready)) {
+            return;
+        }
+        loop {
+            match self.sent.front() {
+                None => {
+                    self.skipping = true;
+                    return;
+                }
+                Some(Sent::Ready) => return,
+                Some(_) => {}
+            }
+            if let Some(Sent::Parse { undo, .. } | Sent::Close { undo, .. }) = self.sent.pop_front()
+            {
+                self.undo(undo);
+            }
+        }
+    }
+
+    fn undo(&mut self, undo: Undo) {
+        match undo {
+            Undo::Nothing => {}
+            Undo::ClientAdded(name) => {
+                self.client.remove(&name);
+            }
+            Undo::BothAdded(name, server_name) => {
+                self.client.remove(&name);
+                self.server.remove(&server_name);
+            }
+            Undo::ClientRemoved(name, statement) => {
+                self.client.insert(name, statement);
+            }
+            Undo::ServerAdded(server_name) => self.server.remove(&server_name),
+            Undo::ServerRemoved(server_name) => self.server.insert(&server_name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn parse(name: &str, query: &str) -> Vec<u8> {
+        msg(
+            b'P',
+            &[name.as_bytes(), b"\0", query.as_bytes(), b"\0\0\0"].concat(),
+        )
+    }
+
+    fn bind(stmt: &str, params: &[u8]) -> Vec<u8> {
+        msg(b'B', &[b"\0", stmt.as_bytes(), b"\0", params].concat())
+    }
+
+    fn close(name: &str) -> Vec<u8> {
+        msg(b'C', &[b"S", name.as_bytes(), b"\0"].concat())
+    }
+
+    const SYNC: &[u8] = b"S\0\0\0\x04";
+
+    /// Splits bytes into (tag, body) messages.
+    fn messages(mut bytes: &[u8]) -> Vec<(char, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+            out.push((bytes[0] as char, bytes[5..1 + len].to_vec()));
+            bytes = &bytes[1 + len..];
+        }
+        out
+    }
+
+    /// What the tracker sends on for `input`, all of which must be dealt with.
+    fn run(t: &Tracker, input: &[u8], from_client: bool) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        let o = if from_client {
+            t.from_client(input, &mut out).unwrap()
+        } else {
+            t.from_server(input, &mut out).unwrap()
+        };
+        assert_eq!(o.consumed, input.len());
+        if o.rewritten {
+            out.to_vec()
+        } else {
+            input.to_vec()
+        }
+    }
+
+    fn server_tags(t: &Tracker, tags: &[u8]) -> String {
+        let input: Vec<u8> = tags
+            .iter()
+            .flat_map(|&tag| msg(tag, if tag == b'Z' { b"I" } else { b"" }))
+            .collect();
+        messages(&run(t, &input, false))
+            .iter()
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    fn server_name(query: &str) -> Vec<u8> {
+        Statement::new(&[query.as_bytes(), b"\0\0\0"].concat())
+            .server_name
+            .to_vec()
+    }
+
+    fn name_of(body: &[u8]) -> &[u8] {
+        cstring(body).unwrap().0
+    }
+
+    #[test]
+    fn a_statement_follows_its_client_to_a_connection_without_it() {
+        let mut client = ClientStatements::default();
+        let (mut s1, mut s2) = (ServerStatements::default(), ServerStatements::default());
+        let q = "SELECT $1::int";
+        {
+            let t = Tracker::new(&mut client, &mut s1, 10);
+            let sent = messages(&run(&t, &[parse("a", q), SYNC.to_vec()].concat(), true));
+            assert_eq!(sent[0].0, 'P');
+            assert_eq!(name_of(&sent[0].1), server_name(q));
+            assert_eq!(server_tags(&t, b"1Z"), "1Z");
+        }
+        let t = Tracker::new(&mut client, &mut s2, 10);
+        let input = [
+            bind("a", b"\0\0\0\0\0\0"),
+            msg(b'E', b"\0\0\0\0\0"),
+            SYNC.to_vec(),
+        ]
+        .concat();
+        let sent = messages(&run(&t, &input, true));
+        let tags: String = sent.iter().map(|m| m.0).collect();
+        assert_eq!(tags, "PBES", "pgvane's own Parse first");
+        assert_eq!(name_of(&sent[0].1), server_name(q));
+        assert_eq!(name_of(&sent[1].1[1..]), server_name(q), "Bind renamed");
+        assert_eq!(&sent[1].1[1 + server_name(q).len() + 1..], b"\0\0\0\0\0\0");
+        assert_eq!(server_tags(&t, b"12CZ"), "2CZ", "own ParseComplete dropped");
+    }
+
+    #[test]
+    fn what_the_server_skipped_after_an_error_is_undone() {
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let t = Tracker::new(&mut client, &mut server, 10);
+        let input = [parse("bad", "SELEC"), bind("bad", b""), SYNC.to_vec()].concat();
+        run(&t, &input, true);
+        assert_eq!(server_tags(&t, b"EZ"), "EZ");
+        // Prepared again from scratch: a Parse under the server name, nothing of pgvane's.
+        let sent = messages(&run(
+            &t,
+            &[parse("bad", "SELECT 1"), SYNC.to_vec()].concat(),
+            true,
+        ));
+        assert_eq!(sent.len(), 2);
+        assert_eq!(name_of(&sent[0].1), server_name("SELECT 1"));
+        drop(t);
+        assert_eq!(client.len(), 1);
+        assert!(server.touch(&server_name("SELECT 1")));
+        assert!(!server.touch(&server_name("SELEC")));
+    }
+
+    #[test]
+    fn a_statement_the_server_has_is_checked_under_a_throwaway_name() {
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let t = Tracker::new(&mut client, &mut server, 10);
+        run(&t, &[parse("a", "SELECT 1"), SYNC.to_vec()].concat(), true);
+        server_tags(&t, b"1Z");
+        let sent = messages(&run(
+            &t,
+            &[parse("b", "SELECT 1"), SYNC.to_vec()].concat(),
+            true,
+        ));
+        let tags: String = sent.iter().map(|m| m.0).collect();
+        assert_eq!(tags, "PCS");
+        assert_eq!(name_of(&sent[0].1), THROWAWAY);
+        assert_eq!(server_tags(&t, b"13Z"), "1Z", "own CloseComplete dropped");
+        // The client's Close forgets it; the server copy stays for others.
+        let sent = messages(&run(&t, &[close("b"), SYNC.to_vec()].concat(), true));
+        assert_eq!(name_of(&sent[0].1[1..]), THROWAWAY);
+        assert_eq!(server_tags(&t, b"3Z"), "3Z");
+        drop(t);
+        assert!(!client.contains_key(&b"b"[..]) && client.contains_key(&b"a"[..]));
+    }
+
+    #[test]
+    fn the_least_recently_used_statement_is_evicted() {
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let t = Tracker::new(&mut client, &mut server, 2);
+        for (name, q) in [("a", "SELECT 1"), ("b", "SELECT 2")] {
+            run(&t, &[parse(name, q), SYNC.to_vec()].concat(), true);
+            server_tags(&t, b"1Z");
+        }
+        run(&t, &[bind("a", b""), SYNC.to_vec()].concat(), true); // a is now the newer
+        server_tags(&t, b"2Z");
+        let sent = messages(&run(
+            &t,
+            &[parse("c", "SELECT 3"), SYNC.to_vec()].concat(),
+            true,
+        ));
+        let tags: String = sent.iter().map(|m| m.0).collect();
+        assert_eq!(tags, "CPS");
+        assert_eq!(name_of(&sent[0].1[1..]), server_name("SELECT 2"));
+        assert_eq!(server_tags(&t, b"31Z"), "1Z");
+    }
+
+    #[test]
+    fn a_bind_split_across_reads_is_renamed_and_its_values_streamed() {
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let t = Tracker::new(&mut client, &mut server, 10);
+        run(&t, &[parse("a", "SELECT 1"), SYNC.to_vec()].concat(), true);
+        server_tags(&t, b"1Z");
+        let values = vec![7u8; 10_000];
+        let input = [bind("a", &values), SYNC.to_vec()].concat();
+        let mut sent = Vec::new();
+        let mut pending = Vec::new();
+        for chunk in [&input[..3], &input[3..6], &input[6..4000], &input[4000..]] {
+            pending.extend_from_slice(chunk);
+            let mut out = BytesMut::new();
+            let o = t.from_client(&pending, &mut out).unwrap();
+            sent.extend_from_slice(if o.rewritten {
+                &out
+            } else {
+                &pending[..o.consumed]
+            });
+            pending.drain(..o.consumed);
+        }
+        assert!(pending.is_empty());
+        let expected = [
+            bind(
+                std::str::from_utf8(&server_name("SELECT 1")).unwrap(),
+                &values,
+            ),
+            SYNC.to_vec(),
+        ]
+        .concat();
+        assert_eq!(sent, expected);
+    }
+}
