@@ -45,7 +45,7 @@ pub enum AdminError {
 /// connection it holds is in use any more, which is when a planned switchover can start
 /// without failing a transaction.
 pub fn pause(shared: &Arc<Shared>, database: Option<String>) {
-    let changed = shared.paused.send_if_modified(|p| {
+    let changed = shared.paused.modify(|p| {
         let next = match (&*p, database.clone()) {
             (Pause::All, _) | (_, None) => Pause::All,
             (Pause::Off, Some(db)) => Pause::Databases(BTreeSet::from([db])),
@@ -90,26 +90,24 @@ pub fn pause(shared: &Arc<Shared>, database: Option<String>) {
 /// RESUME `database`, or everything with `None`.
 pub fn resume(shared: &Shared, database: Option<&str>) -> Result<(), AdminError> {
     let mut refused = false;
-    shared
-        .paused
-        .send_if_modified(|p| match (&mut *p, database) {
-            (Pause::Off, _) => false,
-            (_, None) => {
+    shared.paused.modify(|p| match (&mut *p, database) {
+        (Pause::Off, _) => false,
+        (_, None) => {
+            *p = Pause::Off;
+            true
+        }
+        (Pause::All, Some(_)) => {
+            refused = true;
+            false
+        }
+        (Pause::Databases(dbs), Some(db)) => {
+            let removed = dbs.remove(db);
+            if dbs.is_empty() {
                 *p = Pause::Off;
-                true
             }
-            (Pause::All, Some(_)) => {
-                refused = true;
-                false
-            }
-            (Pause::Databases(dbs), Some(db)) => {
-                let removed = dbs.remove(db);
-                if dbs.is_empty() {
-                    *p = Pause::Off;
-                }
-                removed
-            }
-        });
+            removed
+        }
+    });
     if refused {
         return Err(AdminError::GloballyPaused);
     }

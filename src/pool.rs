@@ -109,7 +109,9 @@ pub struct ServerConn {
     /// Named statements prepared on this connection by pgvane (transaction mode).
     pub prepared: ServerStatements,
     reported_at_login: Vec<String>,
-    cancel: CancelTarget,
+    /// Shared with the cancel registry while a client holds this connection: handing it
+    /// over touches only this connection's counter, not the backend's.
+    cancel: Arc<CancelTarget>,
     created: Instant,
     last_used: Instant,
     /// Per-database and per-user cap permits, held for the connection's lifetime.
@@ -169,8 +171,8 @@ impl ServerParams {
 }
 
 impl ServerConn {
-    pub fn cancel_target(&self) -> CancelTarget {
-        self.cancel.clone()
+    pub fn cancel_target(&self) -> &Arc<CancelTarget> {
+        &self.cancel
     }
 
     /// Runs a simple-protocol statement whose rows nobody needs, up to its ReadyForQuery.
@@ -530,11 +532,11 @@ impl Pool {
         Ok(ServerConn {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
             params: ServerParams::new(hello.params.into_iter().collect()),
-            cancel: CancelTarget {
+            cancel: Arc::new(CancelTarget {
                 backend: backend.clone(),
                 process_id: hello.process_id,
                 secret_key: hello.secret_key,
-            },
+            }),
             stream,
             read_buf: BytesMut::with_capacity(SERVER_READ_BUFFER),
             prepared: ServerStatements::default(),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -21,7 +21,7 @@ use crate::auth::UserStore;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
-use crate::proxy::{self, CancelRegistry, Pause, Route, Shared};
+use crate::proxy::{self, CancelRegistry, PauseState, Route, Shared};
 use crate::topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,7 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         max_client_conn: config.general.max_client_conn,
         client_login_timeout: config.general.client_login_timeout,
         failover_hold_timeout: config.general.failover_hold_timeout,
-        paused: watch::channel(Pause::Off).0,
+        paused: PauseState::default(),
         metrics,
     });
     let stop_accepting = CancellationToken::new();

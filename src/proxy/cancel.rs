@@ -14,28 +14,28 @@ use tracing::debug;
 
 use crate::pool::CancelTarget;
 
-/// Client key to the server its client holds right now (`None`: it holds none). One map
-/// under one lock: an entry is a few bytes per idle client, and the lock is taken twice per
-/// transaction, briefly.
+/// Client key to the slot holding the server its client holds right now. The map's lock is
+/// taken only at login, logout and cancel; a transaction touches only its client's slot.
 #[derive(Default)]
 pub struct CancelRegistry {
-    clients: Mutex<foldhash::HashMap<(u32, u32), Option<CancelTarget>>>,
+    clients: Mutex<foldhash::HashMap<(u32, u32), Arc<Slot>>>,
 }
+
+/// The server a client holds (`None`: it holds none).
+type Slot = Mutex<Option<Arc<CancelTarget>>>;
 
 /// A client's registration; removed when dropped.
 pub struct CancelKey {
     pub process_id: u32,
     pub secret_key: u32,
+    slot: Arc<Slot>,
     registry: Arc<CancelRegistry>,
 }
 
 impl CancelKey {
     /// Points cancels at the server the client holds now (`None`: it holds none).
-    pub fn set_target(&self, target: Option<CancelTarget>) {
-        let mut clients = self.registry.clients.lock().expect("cancel registry");
-        if let Some(slot) = clients.get_mut(&(self.process_id, self.secret_key)) {
-            *slot = target;
-        }
+    pub fn set_target(&self, target: Option<&Arc<CancelTarget>>) {
+        *self.slot.lock().expect("cancel slot") = target.cloned();
     }
 }
 
@@ -56,10 +56,11 @@ impl CancelRegistry {
         loop {
             let key: (u32, u32) = rand::random();
             if let std::collections::hash_map::Entry::Vacant(e) = clients.entry(key) {
-                e.insert(None);
+                let slot = e.insert(Arc::default()).clone();
                 return CancelKey {
                     process_id: key.0,
                     secret_key: key.1,
+                    slot,
                     registry: self.clone(),
                 };
             }
@@ -68,13 +69,13 @@ impl CancelRegistry {
 
     /// Forwards a client's CancelRequest to the server it is using, if any.
     pub async fn cancel(&self, process_id: u32, secret_key: u32) {
-        let target = self
+        let slot = self
             .clients
             .lock()
             .expect("cancel registry")
             .get(&(process_id, secret_key))
-            .cloned()
-            .flatten();
+            .cloned();
+        let target = slot.and_then(|s| s.lock().expect("cancel slot").clone());
         match target {
             Some(t) => send_cancel(&t).await,
             None => debug!("cancel request for an idle or unknown client ignored"),

@@ -13,7 +13,7 @@ pub mod prepared;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,13 +105,24 @@ enum Attempt {
     Fatal(ClientError),
 }
 
-/// A backend an attempt succeeded on, with what the attempt produced.
+/// A backend an attempt succeeded on, with what the attempt produced. It keeps the routing
+/// table it was chosen from rather than clones of the backend's entry: one reference count
+/// per transaction instead of several, all on lines every worker thread shares.
 struct Chosen<T> {
     index: usize,
-    backend: Arc<Backend>,
-    /// Fires when the backend's role in the routing table changes.
-    lost: CancellationToken,
+    table: Arc<RoutingTable>,
     value: T,
+}
+
+impl<T> Chosen<T> {
+    fn backend(&self) -> &Arc<Backend> {
+        &self.table.backends[self.index].backend
+    }
+
+    /// Fires when the backend's role in the routing table changes.
+    fn lost(&self) -> &CancellationToken {
+        &self.table.backends[self.index].lost
+    }
 }
 
 impl Route {
@@ -125,7 +136,7 @@ impl Route {
         mut attempt: F,
     ) -> Result<Chosen<T>, ClientError>
     where
-        F: FnMut(Arc<Backend>) -> Fut,
+        F: FnMut(&Arc<Backend>) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
         let topology = &shared.topology;
@@ -140,20 +151,13 @@ impl Route {
                 c.borrow_and_update();
             }
             let table = topology.snapshot();
+            let mut won = None;
             for i in self.attempt_order(&table) {
                 let view = &table.backends[i];
-                match attempt(view.backend.clone()).await {
+                match attempt(&view.backend).await {
                     Ok(value) => {
-                        if let Some(h) = held {
-                            let waited = h.since.elapsed();
-                            info!(listener = %self.config.name, backend = %view.backend.name, ?waited, "held until a backend was available");
-                        }
-                        return Ok(Chosen {
-                            index: i,
-                            backend: view.backend.clone(),
-                            lost: view.lost.clone(),
-                            value,
-                        });
+                        won = Some((i, value));
+                        break;
                     }
                     Err(Attempt::Fatal(e)) => return Err(e),
                     Err(Attempt::Unreachable(e)) => {
@@ -162,6 +166,18 @@ impl Route {
                         last_error = Some(e);
                     }
                 }
+            }
+            if let Some((index, value)) = won {
+                if let Some(h) = held {
+                    let waited = h.since.elapsed();
+                    let backend = &table.backends[index].backend;
+                    info!(listener = %self.config.name, backend = %backend.name, ?waited, "held until a backend was available");
+                }
+                return Ok(Chosen {
+                    index,
+                    table,
+                    value,
+                });
             }
             held.get_or_insert_with(|| Held::new(&shared.metrics));
             let changes = match &mut changes {
@@ -233,6 +249,41 @@ impl Pause {
     }
 }
 
+/// The PAUSE state, with a lock-free flag saying whether anything is paused: every
+/// transaction asks, and reading the watch channel takes its read lock, a write to a cache
+/// line all worker threads share.
+pub struct PauseState {
+    state: watch::Sender<Pause>,
+    on: AtomicBool,
+}
+
+impl Default for PauseState {
+    fn default() -> Self {
+        Self {
+            state: watch::channel(Pause::Off).0,
+            on: AtomicBool::new(false),
+        }
+    }
+}
+
+impl PauseState {
+    /// Changes the state with `f`, which returns whether it changed anything.
+    pub fn modify(&self, f: impl FnOnce(&mut Pause) -> bool) -> bool {
+        let changed = self.state.send_if_modified(f);
+        let on = *self.state.borrow() != Pause::Off;
+        self.on.store(on, Ordering::SeqCst);
+        changed
+    }
+
+    pub fn borrow(&self) -> watch::Ref<'_, Pause> {
+        self.state.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Pause> {
+        self.state.subscribe()
+    }
+}
+
 /// What every client handler needs, shared by all listeners.
 pub struct Shared {
     pub topology: Arc<Topology>,
@@ -245,14 +296,14 @@ pub struct Shared {
     pub client_login_timeout: Duration,
     pub failover_hold_timeout: Duration,
     /// Set by PAUSE and RESUME (admin API, signals).
-    pub paused: watch::Sender<Pause>,
+    pub paused: PauseState,
     pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
     /// Waits while a PAUSE holds `database`.
     async fn wait_resumed(&self, database: Option<&str>) {
-        if !self.paused.borrow().holds(database) {
+        if !self.paused.on.load(Ordering::SeqCst) || !self.paused.borrow().holds(database) {
             return;
         }
         let mut paused = self.paused.subscribe();

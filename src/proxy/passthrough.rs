@@ -9,7 +9,7 @@ use tokio::io::copy_bidirectional;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use super::{refuse, Attempt, Chosen, Route, Shared};
+use super::{refuse, Attempt, Route, Shared};
 use crate::config::OnRoleLoss;
 use crate::error::ClientError;
 use crate::topology::Backend;
@@ -19,36 +19,40 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
     shared.wait_resumed(None).await;
     // Nothing has been read from the client yet, so a failed connect can be retried on
     // another backend, or after the routing table changes.
-    let connect = |backend: Arc<Backend>| async move {
-        let addr = (backend.host.as_str(), backend.port);
-        match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(server)) => Ok(server),
-            failed => Err(Attempt::Unreachable(ClientError::BackendUnreachable {
-                backend: backend.name.clone(),
-                addr: backend.addr(),
-                reason: match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("timed out after {:?}", cfg.connect_timeout),
-                },
-            })),
+    let connect = |backend: &Arc<Backend>| {
+        let backend = backend.clone();
+        async move {
+            let addr = (backend.host.as_str(), backend.port);
+            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(server)) => Ok(server),
+                failed => Err(Attempt::Unreachable(ClientError::BackendUnreachable {
+                    backend: backend.name.clone(),
+                    addr: backend.addr(),
+                    reason: match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("timed out after {:?}", cfg.connect_timeout),
+                    },
+                })),
+            }
         }
     };
     let chosen = route.with_backend(shared, connect).await;
-    let Chosen {
-        index,
-        backend,
-        lost,
-        value: mut server,
-    } = match chosen {
+    let mut chosen = match chosen {
         Ok(c) => c,
         Err(e) => return refuse(client, peer, e, shared.client_login_timeout).await,
     };
+    let (index, backend, lost) = (
+        chosen.index,
+        chosen.backend().clone(),
+        chosen.lost().clone(),
+    );
+    let server = &mut chosen.value;
     let _ = server.set_nodelay(true);
     let _active = backend.track_session();
     debug!(backend = %backend.name, "session opened");
     let cut_on_loss = cfg.on_role_loss == OnRoleLoss::ShutdownSessions;
     tokio::select! {
-        r = copy_bidirectional(&mut client, &mut server) => match r {
+        r = copy_bidirectional(&mut client, server) => match r {
             Ok((up, down)) => debug!(backend = %backend.name, bytes_to_server = up, bytes_to_client = down, "session closed"),
             Err(e) => debug!(backend = %backend.name, error = %e, "session ended"),
         },

@@ -127,8 +127,8 @@ async fn login(
         .unwrap_or_else(|| Arc::new(User::without_secret(user)));
 
     // The client is shown the parameters of a server of its target, with its own values.
-    let login_params = |backend: Arc<Backend>| {
-        let pool = shared.pools.get(&backend, &user, &database);
+    let login_params = |backend: &Arc<Backend>| {
+        let pool = shared.pools.get(backend, &user, &database);
         async move {
             let params = Box::pin(pool.login_params()).await.map_err(classify)?;
             Ok((pool, params))
@@ -233,20 +233,19 @@ impl Session {
         let cfg = &route.config;
         shared.wait_resumed(Some(&self.home.key.database)).await;
         let home = &self.home;
-        let acquire = |backend: Arc<Backend>| {
+        let acquire = |backend: &Arc<Backend>| {
             // Usually the backend the client logged in through: no pool lookup then.
-            let pool = if Arc::ptr_eq(home.backend(), &backend) {
-                home.clone()
-            } else {
-                shared.pools.get(&backend, home.user(), &home.key.database)
-            };
-            async move { pool.acquire().await.map_err(classify) }
+            let other = (!Arc::ptr_eq(home.backend(), backend))
+                .then(|| shared.pools.get(backend, home.user(), &home.key.database));
+            async move {
+                let pool = other.as_ref().unwrap_or(home);
+                pool.acquire().await.map_err(classify)
+            }
         };
         let chosen = route.with_backend(shared, acquire).await;
         let Chosen {
             index: i,
-            backend,
-            lost,
+            table,
             value: mut lease,
         } = match chosen {
             Ok(c) => c,
@@ -255,6 +254,7 @@ impl Session {
                 return false;
             }
         };
+        let (backend, lost) = (&table.backends[i].backend, &table.backends[i].lost);
         if let Err(e) = lease
             .conn()
             .apply_params(&self.defaults, &self.overrides)
@@ -320,7 +320,7 @@ impl Session {
                     ServerState::Idle => lease.release(),
                     // Whatever the client left open dies with the connection: the server
                     // rolls it back and frees its locks.
-                    ServerState::Busy => send_cancel(&lease.conn().cancel_target()).await,
+                    ServerState::Busy => send_cancel(lease.conn().cancel_target()).await,
                     ServerState::InTransaction | ServerState::Broken => {}
                 }
                 debug!(?state, "client left");

@@ -75,6 +75,9 @@ pub type ClientStatements = foldhash::HashMap<Box<[u8]>, Arc<Statement>>;
 pub struct ServerStatements {
     used: foldhash::HashMap<Box<[u8]>, u64>,
     tick: u64,
+    /// The queue of the connection's last link, empty, kept so that a transaction
+    /// allocates none.
+    spare_queue: VecDeque<Sent>,
 }
 
 impl ServerStatements {
@@ -262,9 +265,9 @@ impl<'a> Tracker<'a> {
     ) -> Self {
         Self {
             state: Mutex::new(State {
+                sent: std::mem::take(&mut server.spare_queue),
                 client,
                 server,
-                sent: VecDeque::new(),
                 skipping: false,
                 syncs_since_execute: 0,
                 client_body_left: 0,
@@ -447,6 +450,14 @@ impl<'a> Tracker<'a> {
             }
         }
         Ok(w.finish(input, i))
+    }
+}
+
+impl Drop for State<'_> {
+    fn drop(&mut self) {
+        let mut queue = std::mem::take(&mut self.sent);
+        queue.clear();
+        self.server.spare_queue = queue;
     }
 }
 

@@ -42,15 +42,15 @@ impl Backend {
     }
 
     /// Counts a session for least-connections balancing until the guard is dropped.
-    pub fn track_session(self: &Arc<Self>) -> SessionGuard {
+    pub fn track_session(&self) -> SessionGuard<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
-        SessionGuard(self.clone())
+        SessionGuard(self)
     }
 }
 
-pub struct SessionGuard(Arc<Backend>);
+pub struct SessionGuard<'a>(&'a Backend);
 
-impl Drop for SessionGuard {
+impl Drop for SessionGuard<'_> {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
