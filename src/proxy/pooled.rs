@@ -220,8 +220,8 @@ impl Session {
     ) -> bool {
         // The request's first bytes, read before a server is chosen: one system call where a
         // peek and a read would take two, and a Terminate or a hang-up needs no server.
-        let mut first = BytesMut::with_capacity(LINK_BUFFER);
-        match client.try_read_buf(&mut first) {
+        let mut first = LinkBuffer::take();
+        match client.try_read_buf(&mut *first) {
             // Hung up, or a Terminate: nothing to do on any server.
             Ok(0) => return false,
             Ok(_) if first[0] == b'X' => return false,
@@ -291,7 +291,7 @@ impl Session {
         let end = link
             .run(
                 client,
-                first,
+                &mut first,
                 lease.conn(),
                 &mut self.overrides,
                 statements,
@@ -444,7 +444,7 @@ impl Link {
     async fn run(
         self,
         client: &mut TcpStream,
-        first: BytesMut,
+        buf: &mut BytesMut,
         server: &mut ServerConn,
         overrides: &mut Vec<(String, String)>,
         statements: Option<&mut ClientStatements>,
@@ -466,15 +466,14 @@ impl Link {
 
         let client_to_server = async {
             // read_buf fills spare capacity: no zeroing of a fresh buffer per transaction.
-            let mut buf = first;
             // Bytes kept from the last round: the start of a message the tracker needs whole.
             let mut held = 0;
             let mut rewritten = BytesMut::new();
             let mut scan = Scanner::new(b"");
             loop {
                 if buf.len() == held {
-                    make_room(&mut buf, LINK_BUFFER);
-                    match client_rd.read_buf(&mut buf).await {
+                    make_room(buf, LINK_BUFFER);
+                    match client_rd.read_buf(buf).await {
                         Ok(0) | Err(_) => return LinkEnd::ClientGone(state()),
                         Ok(_) => {}
                     }
@@ -482,7 +481,7 @@ impl Link {
                 st.client_data_now();
                 let (data, consumed) = match &tracker {
                     None => (&buf[..], buf.len()),
-                    Some(t) => match t.from_client(&buf, &mut rewritten) {
+                    Some(t) => match t.from_client(buf, &mut rewritten) {
                         Ok(o) if o.rewritten => (&rewritten[..], o.consumed),
                         Ok(o) => (&buf[..o.consumed], o.consumed),
                         Err(error) => {
@@ -545,7 +544,7 @@ impl Link {
                     let s = if at < 0 { ServerState::Broken } else { state() };
                     return LinkEnd::ClientGone(s);
                 }
-                keep_tail(&mut buf, consumed);
+                keep_tail(buf, consumed);
                 held = buf.len();
             }
         };
@@ -652,6 +651,55 @@ impl Link {
                 tell_client: !st.server_mid_message.load(Relaxed),
             },
         }
+    }
+}
+
+/// The buffer a link reads the client's requests into. Taken from, and given back to, a
+/// small per-thread stock: a transaction then allocates none (8 KiB is past malloc's
+/// per-thread cache), and an idle session holds none.
+struct LinkBuffer(BytesMut);
+
+thread_local! {
+    static SPARE_LINK_BUFFERS: std::cell::RefCell<Vec<BytesMut>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spare buffers kept per worker thread.
+const SPARE_LINK_BUFFERS_MAX: usize = 64;
+
+impl LinkBuffer {
+    fn take() -> Self {
+        let spare = SPARE_LINK_BUFFERS.with_borrow_mut(Vec::pop);
+        Self(spare.unwrap_or_else(|| BytesMut::with_capacity(LINK_BUFFER)))
+    }
+}
+
+impl Drop for LinkBuffer {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.0);
+        buf.clear();
+        buf.reserve(LINK_BUFFER); // reclaims what reading advanced past
+                                  // One that grew for a large message is let go.
+        if buf.capacity() <= 2 * LINK_BUFFER {
+            SPARE_LINK_BUFFERS.with_borrow_mut(|spare| {
+                if spare.len() < SPARE_LINK_BUFFERS_MAX {
+                    spare.push(buf);
+                }
+            });
+        }
+    }
+}
+
+impl std::ops::Deref for LinkBuffer {
+    type Target = BytesMut;
+    fn deref(&self) -> &BytesMut {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for LinkBuffer {
+    fn deref_mut(&mut self) -> &mut BytesMut {
+        &mut self.0
     }
 }
 
