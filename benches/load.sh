@@ -9,10 +9,12 @@
 #
 #   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"]
 #
-# -w picks workloads by number (0-3, in the order below), -t targets by name.
+# -w picks workloads by number (0-4, in the order below), -t targets by name.
 #
-# Workloads: -S (select-only) at 32 and 256 clients, TPC-B-like at 32 clients, and
-# connection churn (-C -S, a new connection per transaction) at 16 clients.
+# Workloads (simple protocol unless said): -S (select-only) at 32 and 256 clients,
+# TPC-B-like at 32 clients, connection churn (-C -S, a new connection per transaction) at
+# 16 clients, and -S with named prepared statements (-M prepared) at 32 clients, which a
+# transaction pooler must carry across server connections (PgBouncer 1.18 cannot: "failed").
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
@@ -63,8 +65,10 @@ wait_port "$RW_PORT"; wait_port "$TX_PORT"; wait_port "$HAPROXY_PORT"; wait_port
 pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/null 2>&1
 
 TARGETS=("direct:$DIRECT" "pgvane-pass:$RW_PORT" "haproxy:$HAPROXY_PORT" "pgvane-txn:$TX_PORT" "pgbouncer-txn:$BOUNCER_PORT")
-WORKLOADS=("-S -c 32" "-S -c 256" "-c 32" "-C -S -c 16")
-NAMES=("-S, 32 clients" "-S, 256 clients" "TPC-B-like, 32 clients" "-C -S (new connection per txn), 16 clients")
+WORKLOADS=("-M simple -S -c 32" "-M simple -S -c 256" "-M simple -c 32" "-M simple -C -S -c 16"
+           "-M prepared -S -c 32")
+NAMES=("-S, 32 clients" "-S, 256 clients" "TPC-B-like, 32 clients" "-C -S (new connection per txn), 16 clients"
+       "-S -M prepared, 32 clients")
 
 RESULTS="$WORK/results"
 : > "$RESULTS"
@@ -75,8 +79,9 @@ for w in "${!WORKLOADS[@]}"; do
         for t in "${TARGETS[@]}"; do
             name=${t%%:*} port=${t#*:}
             [ -n "$ONLY_T" ] && [ "$name" != direct ] && [[ " $ONLY_T " != *" $name "* ]] && continue
-            tps=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -M simple -j 2 -T "$DURATION" \
-                  ${WORKLOADS[$w]} postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+            # A run with errors (pgbench exits non-zero, clients aborted) counts as failed.
+            tps=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -j 2 -T "$DURATION" \
+                  ${WORKLOADS[$w]} postgres 2>/dev/null) && tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$tps") || tps=""
             echo "$w $name ${tps:-0}" >> "$RESULTS"
             printf '  %-45s %-14s rep %s: %s tps\n' "${NAMES[$w]}" "$name" "$rep" "${tps:-failed}"
         done
@@ -105,6 +110,9 @@ for w, n in enumerate(names):
             cells.append("")
             continue
         m = statistics.median(tps[(w, t)])
+        if m == 0:
+            cells.append("failed")
+            continue
         cells.append(f"{m:.0f}" if t == "direct" else f"{m/direct:.2f}x" if direct else "n/a")
     print(f"| {n} | " + " | ".join(cells) + " |")
 PY
