@@ -482,8 +482,7 @@ impl Link {
                 let (data, consumed) = match &tracker {
                     None => (&buf[..], buf.len()),
                     Some(t) => match t.from_client(buf, &mut rewritten) {
-                        Ok(o) if o.rewritten => (&rewritten[..], o.consumed),
-                        Ok(o) => (&buf[..o.consumed], o.consumed),
+                        Ok(o) => (o.bytes(buf, &rewritten), o.consumed),
                         Err(error) => {
                             return LinkEnd::Failed {
                                 error,
@@ -564,8 +563,7 @@ impl Link {
                 let (data, consumed) = match &tracker {
                     None => (&buf[..], buf.len()),
                     Some(t) => match t.from_server(buf, &mut rewritten) {
-                        Ok(o) if o.rewritten => (&rewritten[..], o.consumed),
-                        Ok(o) => (&buf[..o.consumed], o.consumed),
+                        Ok(o) => (o.bytes(buf, &rewritten), o.consumed),
                         Err(e) => {
                             return LinkEnd::Failed {
                                 error: ClientError::ServerLost(e.to_string()),

@@ -161,10 +161,31 @@ struct State<'a> {
     skipping: bool,
     /// Syncs sent since the last Execute or Query (see CopyDone).
     syncs_since_execute: usize,
-    /// Client to server: body bytes of the current message still to pass on untouched.
-    client_body_left: usize,
-    /// Server to client: the same.
-    server_body_left: usize,
+    /// Client to server.
+    up: Framer,
+    /// Server to client.
+    down: Framer,
+}
+
+/// Walks the messages of one direction as its bytes arrive in chunks.
+#[derive(Default)]
+struct Framer {
+    /// Body bytes of the current message still to pass on untouched.
+    body_left: usize,
+}
+
+impl Framer {
+    /// Passes over what is left of the current message's body from `*i`, then reads the
+    /// next header: `None` when the input ends first (an incomplete header waits for more).
+    fn next(&mut self, input: &[u8], i: &mut usize) -> Result<Option<(u8, usize)>, ProtocolError> {
+        let take = self.body_left.min(input.len() - *i);
+        self.body_left -= take;
+        *i += take;
+        if self.body_left > 0 {
+            return Ok(None);
+        }
+        header(input, *i)
+    }
 }
 
 /// Where the bytes to send are: the input as it was, or a rewritten copy.
@@ -172,7 +193,18 @@ pub struct Output {
     /// Input bytes dealt with; the rest (an incomplete message start) waits for more.
     pub consumed: usize,
     /// Whether the bytes to send are in `out` rather than `input[..consumed]`.
-    pub rewritten: bool,
+    rewritten: bool,
+}
+
+impl Output {
+    /// The bytes to send, given the input and the output buffer passed to the tracker.
+    pub fn bytes<'a>(&self, input: &'a [u8], out: &'a [u8]) -> &'a [u8] {
+        if self.rewritten {
+            out
+        } else {
+            &input[..self.consumed]
+        }
+    }
 }
 
 /// Builds the output lazily: untouched input is only copied once something is rewritten.
@@ -182,7 +214,15 @@ struct Writer<'o> {
     rewritten: bool,
 }
 
-impl Writer<'_> {
+impl<'o> Writer<'o> {
+    fn new(out: &'o mut BytesMut) -> Self {
+        Self {
+            out,
+            copied: 0,
+            rewritten: false,
+        }
+    }
+
     /// Replaces `input[at..at + len]` by what `put` writes.
     fn replace(&mut self, input: &[u8], at: usize, len: usize, put: impl FnOnce(&mut BytesMut)) {
         if !self.rewritten {
@@ -270,8 +310,8 @@ impl<'a> Tracker<'a> {
                 server,
                 skipping: false,
                 syncs_since_execute: 0,
-                client_body_left: 0,
-                server_body_left: 0,
+                up: Framer::default(),
+                down: Framer::default(),
             }),
             limit,
         }
@@ -281,22 +321,9 @@ impl<'a> Tracker<'a> {
     /// holds what the client sent and pgvane has not passed on yet.
     pub fn from_client(&self, input: &[u8], out: &mut BytesMut) -> Result<Output, ClientError> {
         let mut st = self.state.lock().expect("tracker lock");
-        let mut w = Writer {
-            out,
-            copied: 0,
-            rewritten: false,
-        };
+        let mut w = Writer::new(out);
         let mut i = 0;
-        while i < input.len() {
-            if st.client_body_left > 0 {
-                let take = st.client_body_left.min(input.len() - i);
-                st.client_body_left -= take;
-                i += take;
-                continue;
-            }
-            let Some((tag, total)) = header(input, i)? else {
-                break;
-            };
+        while let Some((tag, total)) = st.up.next(input, &mut i)? {
             let body_start = i + 5;
             let whole = input.get(body_start..i + total);
             match tag {
@@ -308,7 +335,7 @@ impl<'a> Tracker<'a> {
                     if !named {
                         // The unnamed statement or a portal: streamed, never held.
                         st.record_unnamed(tag);
-                        st.client_body_left = total - 5;
+                        st.up.body_left = total - 5;
                         i = body_start;
                         continue;
                     }
@@ -345,7 +372,7 @@ impl<'a> Tracker<'a> {
                             out.put_u8(0);
                         });
                     }
-                    st.client_body_left = total - 5 - names_len;
+                    st.up.body_left = total - 5 - names_len;
                     i = body_start + names_len;
                 }
                 _ => {
@@ -371,7 +398,7 @@ impl<'a> Tracker<'a> {
                         }
                         _ => {}
                     }
-                    st.client_body_left = total - 5;
+                    st.up.body_left = total - 5;
                     i = body_start;
                 }
             }
@@ -383,22 +410,9 @@ impl<'a> Tracker<'a> {
     /// in step with what the server did.
     pub fn from_server(&self, input: &[u8], out: &mut BytesMut) -> Result<Output, ProtocolError> {
         let mut st = self.state.lock().expect("tracker lock");
-        let mut w = Writer {
-            out,
-            copied: 0,
-            rewritten: false,
-        };
+        let mut w = Writer::new(out);
         let mut i = 0;
-        while i < input.len() {
-            if st.server_body_left > 0 {
-                let take = st.server_body_left.min(input.len() - i);
-                st.server_body_left -= take;
-                i += take;
-                continue;
-            }
-            let Some((tag, total)) = header(input, i)? else {
-                break;
-            };
+        while let Some((tag, total)) = st.down.next(input, &mut i)? {
             match tag {
                 b'1' | b'3' => {
                     let own = match st.sent.pop_front() {
@@ -426,28 +440,21 @@ impl<'a> Tracker<'a> {
                     }
                 }
                 // CommandComplete of DISCARD ALL / DEALLOCATE ALL: every statement is gone.
-                b'C' => {
-                    let Some(body) = input.get(i + 5..i + total) else {
-                        if total > 64 {
-                            st.server_body_left = total - 5;
-                            i += 5;
-                            continue;
-                        }
-                        break; // short: wait for all of it
-                    };
-                    if body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0") {
+                b'C' => match input.get(i + 5..i + total) {
+                    Some(b)
+                        if b.starts_with(b"DISCARD ALL\0")
+                            || b.starts_with(b"DEALLOCATE ALL\0") =>
+                    {
                         st.client.clear();
                         st.server.clear();
                     }
-                }
+                    None if total <= 64 => break, // short: wait for all of it
+                    _ => {}
+                },
                 _ => {}
             }
-            if total - 5 > input.len() - i - 5 {
-                st.server_body_left = total - 5 - (input.len() - i - 5);
-                i = input.len();
-            } else {
-                i += total;
-            }
+            st.down.body_left = total - 5;
+            i += 5;
         }
         Ok(w.finish(input, i))
     }
@@ -830,6 +837,40 @@ mod tests {
         assert_eq!(tags, "CPS");
         assert_eq!(name_of(&sent[0].1[1..]), server_name("SELECT 2"));
         assert_eq!(server_tags(&t, b"31Z"), "1Z");
+    }
+
+    #[test]
+    fn an_own_answer_split_across_reads_is_still_dropped_and_discard_all_forgets() {
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let t = Tracker::new(&mut client, &mut server, 10);
+        run(&t, &[parse("a", "SELECT 1"), SYNC.to_vec()].concat(), true);
+        server_tags(&t, b"1Z");
+        run(&t, &[parse("b", "SELECT 1"), SYNC.to_vec()].concat(), true);
+        let answers = [msg(b'1', b""), msg(b'3', b""), msg(b'Z', b"I")].concat();
+        let mut out = BytesMut::new();
+        let o = t.from_server(&answers[..7], &mut out).unwrap();
+        assert_eq!(
+            o.bytes(&answers[..7], &out),
+            msg(b'1', b""),
+            "CloseComplete's start held"
+        );
+        let rest = &answers[o.consumed..];
+        let o = t.from_server(rest, &mut out).unwrap();
+        assert_eq!(
+            o.bytes(rest, &out),
+            msg(b'Z', b"I"),
+            "own CloseComplete dropped"
+        );
+
+        run(&t, &msg(b'Q', b"DISCARD ALL\0"), true);
+        run(
+            &t,
+            &[msg(b'C', b"DISCARD ALL\0"), msg(b'Z', b"I")].concat(),
+            false,
+        );
+        drop(t);
+        assert!(client.is_empty() && server.used.is_empty());
     }
 
     #[test]
