@@ -269,7 +269,9 @@ pub struct Pool {
     settings: Arc<PoolConfig>,
     pool_size: usize,
     /// Idle connections, most recently used last.
-    idle: Mutex<Vec<ServerConn>>,
+    // Boxed on purpose: connections move in and out of this list on every transaction.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     slots: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
     caps: Vec<(Cap, Arc<Semaphore>)>,
@@ -284,7 +286,9 @@ pub struct Pool {
 
 /// A server connection lent to one client.
 pub struct Lease {
-    conn: Option<ServerConn>,
+    /// Boxed: a connection moves between the idle list, a lease and back on every
+    /// transaction, and a pointer is cheaper to move than the connection's few hundred bytes.
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     _slot: OwnedSemaphorePermit,
 }
@@ -453,7 +457,7 @@ impl Pool {
         }
     }
 
-    async fn open_connection(&self, wait: Option<Duration>) -> Result<ServerConn, PoolError> {
+    async fn open_connection(&self, wait: Option<Duration>) -> Result<Box<ServerConn>, PoolError> {
         let started = Instant::now();
         // Waits for a permit within what is left of `wait`.
         let permit = |semaphore: &Arc<Semaphore>| {
@@ -529,7 +533,7 @@ impl Pool {
         self.open.fetch_add(1, Ordering::Relaxed);
         debug!(pool = ?self.key, server_pid = hello.process_id, "server connection opened");
         let now = Instant::now();
-        Ok(ServerConn {
+        Ok(Box::new(ServerConn {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
             params: ServerParams::new(hello.params.into_iter().collect()),
             cancel: Arc::new(CancelTarget {
@@ -543,10 +547,10 @@ impl Pool {
             created: now,
             last_used: now,
             _caps: caps,
-        })
+        }))
     }
 
-    fn put_back(&self, mut conn: ServerConn) {
+    fn put_back(&self, mut conn: Box<ServerConn>) {
         let lifetime = self.settings.server_lifetime;
         let now = Instant::now();
         if !lifetime.is_zero() && now.saturating_duration_since(conn.created) > lifetime {
