@@ -181,6 +181,28 @@ pub fn cstrings(body: &[u8]) -> impl Iterator<Item = &str> {
         .filter_map(|s| std::str::from_utf8(s).ok())
 }
 
+/// Finds the Syncs a server never answers: those a client sends during a COPY FROM STDIN
+/// that an Execute started (tokio-postgres sends its Sync before the copy data), which the
+/// server ignores while in copy-in mode.
+#[derive(Debug, Default)]
+pub struct CopyInSyncs {
+    since_execute: u32,
+}
+
+impl CopyInSyncs {
+    /// Follows one frontend message by its tag. At CopyDone or CopyFail, returns how many
+    /// Syncs sent since the Execute went unanswered; otherwise 0.
+    pub fn frontend(&mut self, tag: u8) -> u32 {
+        match tag {
+            b'S' => self.since_execute += 1,
+            b'E' | b'Q' | b'F' => self.since_execute = 0,
+            b'c' | b'f' => return std::mem::take(&mut self.since_execute),
+            _ => {}
+        }
+        0
+    }
+}
+
 /// What [`Scanner::feed`] reports.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
@@ -437,6 +459,17 @@ impl ErrorResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syncs_sent_during_an_extended_copy_in_go_unanswered() {
+        let mut c = CopyInSyncs::default();
+        // Bind, Execute (COPY FROM STDIN), Sync, CopyData, CopyDone, Sync.
+        let ignored: Vec<u32> = b"BESdcS".iter().map(|&t| c.frontend(t)).collect();
+        assert_eq!(ignored, [0, 0, 0, 0, 1, 0]);
+        // A simple-query COPY after an answered Sync: nothing ignored.
+        let ignored: Vec<u32> = b"BESQdc".iter().map(|&t| c.frontend(t)).collect();
+        assert_eq!(ignored, [0; 6]);
+    }
 
     fn packet(code: u32, rest: &[u8]) -> Vec<u8> {
         let mut v = ((8 + rest.len()) as u32).to_be_bytes().to_vec();

@@ -30,7 +30,9 @@ use crate::auth::{authenticate_client, User};
 use crate::config::{ListenerMode, OnRoleLoss};
 use crate::error::ClientError;
 use crate::pool::{LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED};
-use crate::protocol::{backend, cstrings, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3};
+use crate::protocol::{
+    backend, cstrings, CopyInSyncs, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3,
+};
 use crate::topology::Backend;
 
 /// Read buffer for a client's request while linked (PgBouncer's pkt_buf is 4 KiB).
@@ -378,8 +380,6 @@ struct LinkState {
     pending: AtomicU32,
     /// Extended-protocol messages sent since the last Sync.
     unsynced: AtomicBool,
-    /// Syncs sent since the last Execute (see CopyDone).
-    syncs_since_execute: AtomicU32,
     client_mid_message: AtomicBool,
     server_mid_message: AtomicBool,
     /// Transaction status of the latest ReadyForQuery.
@@ -395,7 +395,6 @@ impl LinkState {
         Self {
             pending: AtomicU32::new(0),
             unsynced: AtomicBool::new(false),
-            syncs_since_execute: AtomicU32::new(0),
             client_mid_message: AtomicBool::new(false),
             server_mid_message: AtomicBool::new(false),
             tx_status: AtomicU8::new(b'I'),
@@ -470,6 +469,7 @@ impl Link {
             let mut held = 0;
             let mut rewritten = BytesMut::new();
             let mut scan = Scanner::new(b"");
+            let mut copy_in_syncs = CopyInSyncs::default();
             loop {
                 if buf.len() == held {
                     make_room(buf, LINK_BUFFER);
@@ -498,28 +498,23 @@ impl Link {
                         match tag {
                             b'Q' | b'F' => {
                                 st.pending.fetch_add(1, Relaxed);
-                                st.syncs_since_execute.store(0, Relaxed);
                             }
                             b'S' => {
                                 st.pending.fetch_add(1, Relaxed);
-                                st.syncs_since_execute.fetch_add(1, Relaxed);
                                 st.unsynced.store(false, Relaxed);
                             }
-                            b'E' => {
-                                st.syncs_since_execute.store(0, Relaxed);
+                            b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => {
                                 st.unsynced.store(true, Relaxed)
-                            }
-                            b'P' | b'B' | b'D' | b'C' | b'H' => st.unsynced.store(true, Relaxed),
-                            // The end of a COPY FROM STDIN an Execute started: the server
-                            // ignored the Syncs sent during it and owes no ReadyForQuery.
-                            b'c' | b'f' => {
-                                let ignored = st.syncs_since_execute.swap(0, Relaxed);
-                                let _ = st.pending.fetch_update(Relaxed, Relaxed, |p| {
-                                    Some(p.saturating_sub(ignored))
-                                });
                             }
                             b'X' => terminate_at = terminate_at.or(Some(at)),
                             _ => {}
+                        }
+                        // Syncs the server ignored during a COPY owe no ReadyForQuery.
+                        let ignored = copy_in_syncs.frontend(tag);
+                        if ignored > 0 {
+                            let _ = st.pending.fetch_update(Relaxed, Relaxed, |p| {
+                                Some(p.saturating_sub(ignored))
+                            });
                         }
                     }
                 });

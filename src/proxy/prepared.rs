@@ -31,7 +31,7 @@ use bytes::{BufMut, BytesMut};
 use sha2::{Digest, Sha256};
 
 use crate::error::ClientError;
-use crate::protocol::ProtocolError;
+use crate::protocol::{CopyInSyncs, ProtocolError};
 
 /// Longest Parse (or Describe/Close) message pgvane holds whole to record it: a statement
 /// text of up to 1 MiB. Bind messages are never held whole, only their names.
@@ -159,8 +159,7 @@ struct State<'a> {
     /// The server reported an error with no Sync sent since: it ignores messages up to the
     /// next Sync, so pgvane passes them on untouched and records nothing for them.
     skipping: bool,
-    /// Syncs sent since the last Execute or Query (see CopyDone).
-    syncs_since_execute: usize,
+    copy_in_syncs: CopyInSyncs,
     /// Client to server.
     up: Framer,
     /// Server to client.
@@ -309,7 +308,7 @@ impl<'a> Tracker<'a> {
                 client,
                 server,
                 skipping: false,
-                syncs_since_execute: 0,
+                copy_in_syncs: CopyInSyncs::default(),
                 up: Framer::default(),
                 down: Framer::default(),
             }),
@@ -379,24 +378,16 @@ impl<'a> Tracker<'a> {
                     match tag {
                         b'S' => {
                             st.skipping = false;
-                            st.syncs_since_execute += 1;
                             st.sent.push_back(Sent::Ready);
                         }
-                        b'Q' | b'F' if !st.skipping => {
-                            st.syncs_since_execute = 0;
-                            st.sent.push_back(Sent::Ready)
-                        }
-                        b'E' => st.syncs_since_execute = 0,
-                        // The end of a COPY FROM STDIN an Execute started: the server
-                        // ignored the Syncs sent during it and will not answer them.
-                        b'c' | b'f' => {
-                            for _ in 0..std::mem::take(&mut st.syncs_since_execute) {
-                                if let Some(Sent::Ready) = st.sent.back() {
-                                    st.sent.pop_back();
-                                }
-                            }
-                        }
+                        b'Q' | b'F' if !st.skipping => st.sent.push_back(Sent::Ready),
                         _ => {}
+                    }
+                    // Syncs the server ignored during a COPY will not be answered.
+                    for _ in 0..st.copy_in_syncs.frontend(tag) {
+                        if let Some(Sent::Ready) = st.sent.back() {
+                            st.sent.pop_back();
+                        }
                     }
                     st.up.body_left = total - 5;
                     i = body_start;
