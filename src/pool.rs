@@ -95,10 +95,10 @@ pub struct CancelTarget {
     pub secret_key: u32,
 }
 
-/// One logged-in server connection.
 /// Read buffer of a server connection (PgBouncer's pkt_buf is 4 KiB).
 pub const SERVER_READ_BUFFER: usize = 8192;
 
+/// One logged-in server connection.
 pub struct ServerConn {
     pub stream: TcpStream,
     /// What the link reads from the server into: kept with the connection, so a pool of N

@@ -114,17 +114,6 @@ struct Chosen<T> {
     value: T,
 }
 
-impl<T> Chosen<T> {
-    fn backend(&self) -> &Arc<Backend> {
-        &self.table.backends[self.index].backend
-    }
-
-    /// Fires when the backend's role in the routing table changes.
-    fn lost(&self) -> &CancellationToken {
-        &self.table.backends[self.index].lost
-    }
-}
-
 impl Route {
     /// Runs `attempt` on the backends this route offers, in order, until one succeeds. While
     /// the target has no backend, or every backend offered failed, waits for the routing

@@ -9,7 +9,7 @@ use tokio::io::copy_bidirectional;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use super::{refuse, Attempt, Route, Shared};
+use super::{refuse, Attempt, Chosen, Route, Shared};
 use crate::config::OnRoleLoss;
 use crate::error::ClientError;
 use crate::topology::Backend;
@@ -37,26 +37,25 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
         }
     };
     let chosen = route.with_backend(shared, connect).await;
-    let mut chosen = match chosen {
+    let Chosen {
+        index,
+        table,
+        value: mut server,
+    } = match chosen {
         Ok(c) => c,
         Err(e) => return refuse(client, peer, e, shared.client_login_timeout).await,
     };
-    let (index, backend, lost) = (
-        chosen.index,
-        chosen.backend().clone(),
-        chosen.lost().clone(),
-    );
-    let server = &mut chosen.value;
+    let (backend, lost) = (&table.backends[index].backend, &table.backends[index].lost);
     let _ = server.set_nodelay(true);
     let _active = backend.track_session();
     debug!(backend = %backend.name, "session opened");
     let cut_on_loss = cfg.on_role_loss == OnRoleLoss::ShutdownSessions;
     tokio::select! {
-        r = copy_bidirectional(&mut client, server) => match r {
+        r = copy_bidirectional(&mut client, &mut server) => match r {
             Ok((up, down)) => debug!(backend = %backend.name, bytes_to_server = up, bytes_to_client = down, "session closed"),
             Err(e) => debug!(backend = %backend.name, error = %e, "session ended"),
         },
-        _ = route.until_role_lost(&shared.topology, index, lost), if cut_on_loss => {
+        _ = route.until_role_lost(&shared.topology, index, lost.clone()), if cut_on_loss => {
             info!(client = %peer, listener = %cfg.name, backend = %backend.name, target_role = %cfg.target, "backend no longer serves this listener's target; session shut down");
         }
     }
