@@ -416,19 +416,29 @@ async fn a_full_database_cap_closes_another_pools_idle_connection() {
     assert_eq!(servers, 1);
 }
 
-#[tokio::test]
-async fn md5_auth_and_auth_file() {
-    let cluster = Cluster::start(0);
+/// pgvane on a transaction listener whose users come from an auth_file holding the
+/// superuser's `secret`, with `auth` added to the `[auth]` section. The dir holds the file.
+fn behind_auth_file(
+    cluster: &Cluster,
+    secret: &str,
+    auth: &str,
+) -> (u16, Pgvane, tempfile::TempDir) {
     let tx = free_port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("userlist.txt");
-    std::fs::write(&file, format!("\"{SUPERUSER}\" \"{PASSWORD}\"\n")).unwrap();
+    std::fs::write(&file, format!("\"{SUPERUSER}\" \"{secret}\"\n")).unwrap();
     let text = format!(
-        "{}\n[auth]\ntype = \"md5\"\nfile = \"{}\"\n",
-        config(&cluster, "interval = \"200ms\"", &txn_listener(tx)),
+        "{}\n[auth]\n{auth}file = \"{}\"\n",
+        config(cluster, "interval = \"200ms\"", &txn_listener(tx)),
         file.display()
     );
-    let _pgvane = Pgvane::start(&text, &[tx]);
+    (tx, Pgvane::start(&text, &[tx]), dir)
+}
+
+#[tokio::test]
+async fn md5_auth_and_auth_file() {
+    let cluster = Cluster::start(0);
+    let (tx, _pgvane, _dir) = behind_auth_file(&cluster, PASSWORD, "type = \"md5\"\n");
     let out = psql(tx, "postgres")
         .args(["-At", "-c", "SELECT 40 + 2"])
         .output()
@@ -456,16 +466,7 @@ async fn a_scram_secret_from_pg_authid_is_enough_to_log_in_to_the_server() {
         .unwrap()
         .get(0);
     assert!(verifier.starts_with("SCRAM-SHA-256$"));
-    let tx = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("userlist.txt");
-    std::fs::write(&file, format!("\"{SUPERUSER}\" \"{verifier}\"\n")).unwrap();
-    let text = format!(
-        "{}\n[auth]\nfile = \"{}\"\n",
-        config(&cluster, "interval = \"200ms\"", &txn_listener(tx)),
-        file.display()
-    );
-    let _pgvane = Pgvane::start(&text, &[tx]);
+    let (tx, _pgvane, _dir) = behind_auth_file(&cluster, &verifier, "");
 
     // pgvane has no plain password: it logs in to PostgreSQL with the keys the client's
     // SCRAM login proved.
