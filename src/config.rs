@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -60,6 +61,8 @@ pub struct GeneralConfig {
     /// connections and transactions wait this long for one to appear (0 = refuse at once).
     #[serde(with = "duration")]
     pub failover_hold_timeout: Duration,
+    /// Threads that run sessions, health checks and the admin API (HAProxy's nbthread).
+    pub worker_threads: WorkerThreads,
 }
 
 impl Default for GeneralConfig {
@@ -69,6 +72,60 @@ impl Default for GeneralConfig {
             client_login_timeout: Duration::from_secs(60),
             max_client_conn: 100,
             failover_hold_timeout: Duration::from_secs(30),
+            worker_threads: WorkerThreads::Auto,
+        }
+    }
+}
+
+/// How many threads pgvane runs on; read at start only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WorkerThreads {
+    /// One per CPU core.
+    #[default]
+    Auto,
+    /// Exactly this many. One runs everything on the main thread, as PgBouncer does: no
+    /// hand-offs between threads, so less CPU per transaction, but one core at most.
+    Count(NonZeroUsize),
+}
+
+impl WorkerThreads {
+    /// More threads than this is a typo, not a machine.
+    const MAX: usize = 1024;
+
+    fn parse_count(n: u64) -> Result<Self, String> {
+        match usize::try_from(n).ok().and_then(NonZeroUsize::new) {
+            Some(n) if n.get() <= Self::MAX => Ok(WorkerThreads::Count(n)),
+            _ => Err(format!(
+                "{n} threads: use \"auto\" (one per CPU core) or a number from 1 to {}",
+                Self::MAX
+            )),
+        }
+    }
+}
+
+impl Serialize for WorkerThreads {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            WorkerThreads::Auto => s.serialize_str("auto"),
+            WorkerThreads::Count(n) => s.serialize_u64(n.get() as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerThreads {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Count(n)) => WorkerThreads::parse_count(n).map_err(de::Error::custom),
+            Ok(Raw::Text(t)) if t == "auto" => Ok(WorkerThreads::Auto),
+            _ => Err(de::Error::custom(
+                "expected \"auto\" (one thread per CPU core) or a number of threads from 1 up",
+            )),
         }
     }
 }
@@ -873,6 +930,31 @@ mod tests {
             err.contains("primary") && err.contains("replica") && err.contains("any"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn worker_threads_are_auto_or_a_count() {
+        let threads = |v: &str| {
+            Config::parse(&format!("[general]\nworker_threads = {v}\n{MINIMAL}"))
+                .map(|c| c.general.worker_threads)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            Config::parse(MINIMAL).unwrap().general.worker_threads,
+            WorkerThreads::Auto
+        );
+        assert_eq!(threads("\"auto\""), Ok(WorkerThreads::Auto));
+        assert_eq!(
+            threads("1"),
+            Ok(WorkerThreads::Count(NonZeroUsize::new(1).unwrap()))
+        );
+        for bad in ["0", "100000", "\"many\"", "-1"] {
+            let err = threads(bad).unwrap_err();
+            assert!(
+                err.contains("worker_threads") && err.contains("auto"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pgvane::config::Config;
+use pgvane::config::{Config, WorkerThreads};
 use tracing_subscriber::EnvFilter;
 
 /// Health-aware PostgreSQL proxy for replicated clusters.
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
     }
 
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(config.general.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgvane: cannot start runtime: {e}");
@@ -77,4 +77,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One thread runs everything on the main thread (no work stealing, no wake-ups across
+/// threads); more get tokio's work-stealing scheduler.
+fn runtime(threads: WorkerThreads) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        WorkerThreads::Count(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        WorkerThreads::Count(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.get());
+            b
+        }
+        WorkerThreads::Auto => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
 }

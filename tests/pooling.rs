@@ -570,24 +570,26 @@ async fn named_prepared_statements_follow_clients_across_server_connections() {
     }
 }
 
+/// Runs pgbench against `port` (database postgres) and returns its output; it must succeed.
+fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = pg_command("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
+        .args(args)
+        .arg("postgres")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_prepared_mode_runs_through_transaction_pooling() {
     let cluster = Cluster::start(0);
     let tx = free_port();
     let extra = "[pool]\ndefault_pool_size = 4\n";
     let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
-    let pgbench = |port: u16, args: &[&str]| {
-        let out = pg_command("pgbench")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
-            .args(args)
-            .arg("postgres")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "pgbench {args:?}: {text}");
-        text
-    };
     pgbench(cluster.primary().port, &["-i", "-s", "1", "-q"]);
     // Each client prepares its statement once (pgbench names it P_0, as every other client
     // does for the same text) and runs it on whichever of the 4 server connections is free.
@@ -602,4 +604,30 @@ async fn pgbench_prepared_mode_runs_through_transaction_pooling() {
         "{out}"
     );
     assert!(out.contains("number of failed transactions: 0"), "{out}");
+}
+
+#[tokio::test]
+async fn one_worker_thread_runs_everything_on_the_main_thread() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let config = pooled_config(
+        &cluster,
+        &txn_listener(tx),
+        "[pool]\ndefault_pool_size = 4\n",
+    )
+    .replace(
+        "max_client_conn = 2000",
+        "max_client_conn = 2000\nworker_threads = 1",
+    );
+    let pgvane = Pgvane::start(&config, &[tx]);
+    pgbench(cluster.primary().port, &["-i", "-s", "1", "-q"]);
+    // TPC-B-like: seven statements per transaction, 16 clients on 4 server connections.
+    let out = pgbench(tx, &["-c", "16", "-j", "2", "-t", "100"]);
+    assert!(
+        out.contains("number of transactions actually processed: 1600/1600"),
+        "{out}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pgvane.pid())).unwrap();
+    let threads = status.lines().find_map(|l| l.strip_prefix("Threads:"));
+    assert_eq!(threads.map(str::trim), Some("1"), "{status}");
 }
