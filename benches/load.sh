@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # End-to-end load benchmark: pgbench against PostgreSQL directly, through pgvane
-# (passthrough and transaction pooling), through HAProxy (tcp) and through PgBouncer
-# (transaction pooling, same pool size), all Debian packages, in the same run, on one local
-# primary + replica. SCRAM-SHA-256 on every hop; PgBouncer's auth_file holds the SCRAM
-# verifier from pg_authid, so neither pooler runs PBKDF2 per client.
-# Reports the median tps of each target and its ratio to the direct connection; the
-# machine is shared and noisy, so only ratios from one run mean anything.
+# (passthrough, and transaction pooling with the default threads and with
+# worker_threads = 1), through HAProxy (tcp) and through PgBouncer (transaction pooling,
+# same pool size), all Debian packages, in the same run, on one local primary + replica.
+# SCRAM-SHA-256 on every hop; PgBouncer's auth_file holds the SCRAM verifier from
+# pg_authid, so neither pooler runs PBKDF2 per client.
+# Reports the median tps of each target as a ratio to the direct connection, and the CPU
+# time (user + system) each proxy process spent per transaction. The machine is shared
+# and noisy: only ratios from one run mean anything, and CPU per transaction varies far
+# less between runs than tps does.
 #
 #   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"]
 #
@@ -38,10 +41,19 @@ say "cluster: primary + replica, scale $SCALE"
 cluster_start "$WORK" 1
 DIRECT=${NODE_PORTS[0]}
 
+# pgvane_config takes its listener ports from RW_PORT, RO_PORT and TX_PORT.
 RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
 pgvane_config "$WORK/pgvane.toml" 1s
+PASS_PORT=$RW_PORT TXN_PORT=$TX_PORT
 "$PGVANE" --config "$WORK/pgvane.toml" > "$WORK/pgvane.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); PGVANE_PID=$!
+# A second pgvane on one thread (worker_threads = 1), as PgBouncer runs.
+RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
+pgvane_config "$WORK/pgvane-1t.toml" 1s
+sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/pgvane-1t.toml"
+TXN1_PORT=$TX_PORT
+"$PGVANE" --config "$WORK/pgvane-1t.toml" > "$WORK/pgvane-1t.log" 2>&1 &
+PIDS+=($!); PGVANE1_PID=$!
 
 HAPROXY_PORT=$(free_port)
 cat > "$WORK/haproxy.cfg" <<CFG
@@ -57,18 +69,25 @@ listen pg
     server pg0 127.0.0.1:$DIRECT maxconn 1000
 CFG
 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); HAPROXY_PID=$!
 
 pgbouncer_start "$WORK" 20000
-wait_port "$RW_PORT"; wait_port "$TX_PORT"; wait_port "$HAPROXY_PORT"; wait_port "$BOUNCER_PORT"
+wait_port "$PASS_PORT"; wait_port "$TXN_PORT"; wait_port "$TXN1_PORT"; wait_port "$HAPROXY_PORT"
+BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 
 pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/null 2>&1
 
-TARGETS=("direct:$DIRECT" "pgvane-pass:$RW_PORT" "haproxy:$HAPROXY_PORT" "pgvane-txn:$TX_PORT" "pgbouncer-txn:$BOUNCER_PORT")
+# name:port:pid of the process whose CPU time is measured (none for direct).
+TARGETS=("direct:$DIRECT:" "pgvane-pass:$PASS_PORT:$PGVANE_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID"
+         "pgvane-txn:$TXN_PORT:$PGVANE_PID" "pgvane-txn-1t:$TXN1_PORT:$PGVANE1_PID"
+         "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID")
 WORKLOADS=("-M simple -S -c 32" "-M simple -S -c 256" "-M simple -c 32" "-M simple -C -S -c 16"
            "-M prepared -S -c 32")
 NAMES=("-S, 32 clients" "-S, 256 clients" "TPC-B-like, 32 clients" "-C -S (new connection per txn), 16 clients"
        "-S -M prepared, 32 clients")
+
+# utime + stime of a process, in clock ticks; 0 without a pid.
+cpu_ticks() { if [ -n "$1" ]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
 
 RESULTS="$WORK/results"
 : > "$RESULTS"
@@ -77,42 +96,56 @@ for w in "${!WORKLOADS[@]}"; do
     for rep in $(seq 1 "$REPS"); do
         # Interleave targets within a repetition so drift hits all of them alike.
         for t in "${TARGETS[@]}"; do
-            name=${t%%:*} port=${t#*:}
+            IFS=: read -r name port pid <<< "$t"
             [ -n "$ONLY_T" ] && [ "$name" != direct ] && [[ " $ONLY_T " != *" $name "* ]] && continue
+            cpu0=$(cpu_ticks "$pid")
             # A run with errors (pgbench exits non-zero, clients aborted) counts as failed.
-            tps=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -j 2 -T "$DURATION" \
-                  ${WORKLOADS[$w]} postgres 2>/dev/null) && tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$tps") || tps=""
-            echo "$w $name ${tps:-0}" >> "$RESULTS"
-            printf '  %-45s %-14s rep %s: %s tps\n' "${NAMES[$w]}" "$name" "$rep" "${tps:-failed}"
+            out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -j 2 -T "$DURATION" \
+                  ${WORKLOADS[$w]} postgres 2>/dev/null) || out=""
+            cpu1=$(cpu_ticks "$pid")
+            tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")
+            txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<< "$out")
+            # CPU microseconds per transaction (clock ticks are 10 ms).
+            us=$([ -n "$pid" ] && [ -n "$txns" ] && [ "$txns" -gt 0 ] && echo $(( (cpu1 - cpu0) * 10000 / txns )) || echo -)
+            echo "$w $name ${tps:-0} $us" >> "$RESULTS"
+            printf '  %-45s %-14s rep %s: %s tps, %s us CPU/txn\n' "${NAMES[$w]}" "$name" "$rep" "${tps:-failed}" "$us"
         done
     done
 done
 
-say "median tps over $REPS runs of ${DURATION}s; ratio to direct"
+say "median over $REPS runs of ${DURATION}s: tps as a ratio to direct, then the proxy's CPU per transaction"
 python3 - "$RESULTS" "${NAMES[@]}" <<'PY'
 import sys, statistics, collections
 rows = [l.split() for l in open(sys.argv[1])]
 names = sys.argv[2:]
-tps = collections.defaultdict(list)
+tps, cpu = collections.defaultdict(list), collections.defaultdict(list)
 order = []
-for w, t, v in rows:
+for w, t, v, us in rows:
     tps[(int(w), t)].append(float(v))
+    if us != "-":
+        cpu[(int(w), t)].append(int(us))
     if t not in order: order.append(t)
-print("| workload | " + " | ".join(order) + " |")
-print("|---|" + "---:|" * len(order))
-for w, n in enumerate(names):
-    if (w, "direct") not in tps:
-        continue
-    direct = statistics.median(tps[(w, "direct")])
-    cells = []
-    for t in order:
-        if (w, t) not in tps:
-            cells.append("")
-            continue
-        m = statistics.median(tps[(w, t)])
-        if m == 0:
-            cells.append("failed")
-            continue
-        cells.append(f"{m:.0f}" if t == "direct" else f"{m/direct:.2f}x" if direct else "n/a")
-    print(f"| {n} | " + " | ".join(cells) + " |")
+
+def table(title, cell, targets):
+    print(f"\n{title}\n")
+    print("| workload | " + " | ".join(targets) + " |")
+    print("|---|" + "---:|" * len(targets))
+    for w, n in enumerate(names):
+        if (w, "direct") in tps:
+            print(f"| {n} | " + " | ".join(cell(w, t) for t in targets) + " |")
+
+def ratio(w, t):
+    if (w, t) not in tps:
+        return ""
+    direct, m = statistics.median(tps[(w, "direct")]), statistics.median(tps[(w, t)])
+    if m == 0:
+        return "failed"
+    return f"{m:.0f}" if t == "direct" else f"{m/direct:.2f}x" if direct else "n/a"
+
+def micros(w, t):
+    return f"{statistics.median(cpu[(w, t)]):.0f}" if cpu[(w, t)] else ""
+
+table("tps (direct) and ratio to direct", ratio, order)
+table("proxy CPU per transaction, microseconds (user + system)", micros,
+      [t for t in order if t != "direct"])
 PY
