@@ -303,7 +303,15 @@ async fn a_new_passthrough_connection_is_held_until_a_primary_appears() {
         .expect("held, then served by the new primary");
     assert_eq!(server_port(&c).await, cluster.nodes[1].port);
     assert!(started.elapsed() >= Duration::from_millis(700));
-    assert!(pgvane.log().contains("held until a backend was available"));
+    let log = pgvane.log();
+    assert!(log.contains("held until a backend was available"));
+    // The election that ends the outage names the primary it replaces.
+    let elected = log.lines().rfind(|l| l.contains("primary elected"));
+    let (old, new) = (&cluster.nodes[0].name, &cluster.nodes[1].name);
+    assert!(
+        elected.is_some_and(|l| l.contains(&format!("primary=\"{new}\" previous=\"{old}\""))),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -239,7 +239,7 @@ impl Topology {
             let prev = self.table.load_full();
             let next =
                 RoutingTable::build(prev.generation + 1, &self.backends, &states, Some(&prev));
-            log_election(&prev, &next);
+            log_election(&prev, &next, outage.previous.as_deref());
             self.record_table(&prev, &next, &mut outage);
             let generation = next.generation;
             self.table.store(Arc::new(next));
@@ -376,7 +376,8 @@ impl Topology {
 /// A check result: backend index, what it said, its WAL progress.
 type Checked = (usize, Observation, Progress);
 
-fn log_election(prev: &RoutingTable, next: &RoutingTable) {
+/// `last_primary`: the primary before an outage, for an election that ends one.
+fn log_election(prev: &RoutingTable, next: &RoutingTable, last_primary: Option<&str>) {
     if prev.election == next.election {
         return;
     }
@@ -386,6 +387,7 @@ fn log_election(prev: &RoutingTable, next: &RoutingTable) {
             let was = prev
                 .primary()
                 .map(|b| b.backend.name.as_str())
+                .or(last_primary)
                 .unwrap_or("none");
             info!(
                 primary = name(i),
