@@ -893,6 +893,11 @@ mod tests {
         target = "primary"
     "#;
 
+    /// MINIMAL with `table` (a table and its keys) in front, parsed; errors as text.
+    fn with_minimal(table: &str) -> Result<Config, String> {
+        Config::parse(&format!("{table}\n{MINIMAL}")).map_err(|e| e.to_string())
+    }
+
     fn problems(text: &str) -> Vec<Problem> {
         match Config::parse(text) {
             Err(ConfigError::Invalid(p)) => p,
@@ -935,9 +940,8 @@ mod tests {
     #[test]
     fn worker_threads_are_auto_or_a_count() {
         let threads = |v: &str| {
-            Config::parse(&format!("[general]\nworker_threads = {v}\n{MINIMAL}"))
+            with_minimal(&format!("[general]\nworker_threads = {v}"))
                 .map(|c| c.general.worker_threads)
-                .map_err(|e| e.to_string())
         };
         assert_eq!(
             Config::parse(MINIMAL).unwrap().general.worker_threads,
@@ -1052,9 +1056,8 @@ mod tests {
     #[test]
     fn replica_lag_is_bytes_a_size_or_a_delay() {
         let lag = |v: &str| {
-            Config::parse(&format!("[health]\nmax_replica_lag = {v}\n{MINIMAL}"))
+            with_minimal(&format!("[health]\nmax_replica_lag = {v}"))
                 .map(|c| c.health.max_replica_lag)
-                .map_err(|e| e.to_string())
         };
         assert_eq!(lag("0"), Ok(LagLimit::Off));
         assert_eq!(lag("1048576"), Ok(LagLimit::Bytes(1 << 20)));
