@@ -285,6 +285,17 @@ impl Scanner {
             });
             let body = len as usize - 4;
             self.capturing = self.capture_tags.contains(&self.tag) && body <= CAPTURE_LIMIT;
+            // A captured body that lies whole in this chunk is handed over from it: no copy,
+            // and no allocation for the ReadyForQuery that ends every transaction.
+            if self.capturing && body <= chunk.len() - i {
+                self.capturing = false;
+                on(Event::Complete {
+                    tag: self.tag,
+                    body: &chunk[i..i + body],
+                });
+                i += body;
+                continue;
+            }
             self.captured.clear();
             self.remaining = Some(body);
             if body == 0 {
