@@ -520,9 +520,9 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                             return Err(ServerLoginError::Unsupported(10));
                         }
                         let s = match credential {
-                            ServerCredential::Password(p) => ServerScram::Password(
+                            ServerCredential::Password(p) => ServerScram::Password(Some(Box::new(
                                 ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported()),
-                            ),
+                            ))),
                             ServerCredential::ScramKeys { secret, client_key } => {
                                 ServerScram::Keys(KeyedScram::new(secret, client_key))
                             }
@@ -537,7 +537,7 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                         let s = scram
                             .as_mut()
                             .ok_or(ProtocolError::Malformed("SASL continue"))?;
-                        s.update(data)?;
+                        s.update(data).await?;
                         frontend::sasl_response(s.message(), &mut buf)?;
                     }
                     12 => {
@@ -587,28 +587,49 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
 /// The client side of SCRAM with a server: from the plain password (postgres-protocol), or
 /// from keys learned from a client's login.
 enum ServerScram<'a> {
-    Password(ScramSha256),
+    /// `None` only while the key derivation runs on the blocking pool.
+    Password(Option<Box<ScramSha256>>),
     Keys(KeyedScram<'a>),
 }
 
 impl ServerScram<'_> {
     fn message(&self) -> &[u8] {
         match self {
-            ServerScram::Password(s) => s.message(),
+            ServerScram::Password(s) => s.as_ref().map_or(&[], |s| s.message()),
             ServerScram::Keys(k) => k.message.as_bytes(),
         }
     }
 
-    fn update(&mut self, server_first: &[u8]) -> Result<(), ServerLoginError> {
+    async fn update(&mut self, server_first: &[u8]) -> Result<(), ServerLoginError> {
         match self {
-            ServerScram::Password(s) => s.update(server_first).map_err(ServerLoginError::Scram),
+            ServerScram::Password(slot) => {
+                let mut s = slot
+                    .take()
+                    .ok_or(ProtocolError::Malformed("SASL continue"))?;
+                let server_first = server_first.to_vec();
+                // The password's key derivation is PBKDF2 (4096 rounds by default, 2-3 ms
+                // of CPU): on the blocking pool, not on a thread that runs sessions (with
+                // worker_threads = 1 it would stall every one of them).
+                let (s, updated) = tokio::task::spawn_blocking(move || {
+                    let updated = s.update(&server_first);
+                    (s, updated)
+                })
+                .await
+                .map_err(|e| ServerLoginError::Scram(std::io::Error::other(e)))?;
+                *slot = Some(s);
+                updated.map_err(ServerLoginError::Scram)
+            }
             ServerScram::Keys(k) => k.update(server_first),
         }
     }
 
     fn finish(&mut self, server_final: &[u8]) -> Result<(), ServerLoginError> {
         match self {
-            ServerScram::Password(s) => s.finish(server_final).map_err(ServerLoginError::Scram),
+            ServerScram::Password(s) => s
+                .as_mut()
+                .ok_or(ProtocolError::Malformed("SASL final"))?
+                .finish(server_final)
+                .map_err(ServerLoginError::Scram),
             ServerScram::Keys(k) => k.finish(server_final),
         }
     }

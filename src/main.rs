@@ -80,16 +80,26 @@ fn main() -> ExitCode {
 }
 
 /// One thread runs everything on the main thread (no work stealing, no wake-ups across
-/// threads); more get tokio's work-stealing scheduler.
+/// threads); more get tokio's work-stealing scheduler. The names tell the threads apart in
+/// `top -H`: with one thread, only the blocking pool (server logins' key derivation) has
+/// threads of its own.
 fn runtime(threads: WorkerThreads) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = match threads {
-        WorkerThreads::Count(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
-        WorkerThreads::Count(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.get());
+        WorkerThreads::Count(n) if n.get() == 1 => {
+            let mut b = tokio::runtime::Builder::new_current_thread();
+            b.thread_name("pgvane-blocking");
             b
         }
-        WorkerThreads::Auto => tokio::runtime::Builder::new_multi_thread(),
+        WorkerThreads::Count(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.get()).thread_name("pgvane-worker");
+            b
+        }
+        WorkerThreads::Auto => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.thread_name("pgvane-worker");
+            b
+        }
     };
     builder.enable_all().build()
 }
