@@ -73,18 +73,27 @@ pub fn pause(shared: &Arc<Shared>, database: Option<String>) {
     tokio::spawn(async move {
         let mut changes = shared.paused.subscribe();
         let state = changes.borrow_and_update().clone();
-        loop {
-            if running(&shared) == 0 {
+        tokio::select! {
+            // Paused differently or resumed meanwhile: that call reports for itself.
+            _ = changes.changed() => {}
+            _ = drained(&shared, None) => {
                 info!(scope = ?state, "PAUSE complete: no transaction running");
-                return;
-            }
-            tokio::select! {
-                // Paused differently or resumed meanwhile: that call reports for itself.
-                _ = changes.changed() => return,
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
     });
+}
+
+/// Waits until no transaction the current PAUSE holds is running, or until `deadline`;
+/// returns how many still run. It polls: a notification on every release would put a cost
+/// on every transaction for the sake of a rare admin command.
+async fn drained(shared: &Shared, deadline: Option<tokio::time::Instant>) -> usize {
+    loop {
+        let left = running(shared);
+        if left == 0 || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// RESUME `database`, or everything with `None`.
@@ -181,11 +190,7 @@ async fn handle(
         (&Method::POST, "/pause") => {
             info!(client = %peer, database = database.as_deref(), "PAUSE requested over HTTP");
             pause(shared, database);
-            let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
-            while running(shared) > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let left = running(shared);
+            let left = drained(shared, Some(tokio::time::Instant::now() + PAUSE_WAIT)).await;
             let code = if left == 0 {
                 StatusCode::OK
             } else {
