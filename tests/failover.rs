@@ -312,6 +312,8 @@ async fn a_new_passthrough_connection_is_held_until_a_primary_appears() {
         elected.is_some_and(|l| l.contains(&format!("primary=\"{new}\" previous=\"{old}\""))),
         "{log}"
     );
+    let done = format!("failover complete primary=\"{new}\" previous=\"{old}\"");
+    assert!(log.contains(&done), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

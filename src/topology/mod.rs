@@ -322,7 +322,13 @@ impl Topology {
                     no_primary_ms: lasted.as_millis() as u64,
                     clients_held: m.held_clients.get(),
                 };
-                info!(primary = %record.primary, previous = record.previous.as_deref().unwrap_or("none"), no_primary_ms = record.no_primary_ms, clients_held = record.clients_held, "failover complete");
+                info!(
+                    primary = record.primary.as_str(),
+                    previous = record.previous.as_deref().unwrap_or("none"),
+                    no_primary_ms = record.no_primary_ms,
+                    clients_held = record.clients_held,
+                    "failover complete"
+                );
                 self.details.lock().expect("details lock").last_failover = Some(record);
             }
             _ => {}
