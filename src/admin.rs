@@ -59,7 +59,7 @@ pub fn pause(shared: &Arc<Shared>, database: Option<String>) {
         *p = next;
         changed
     });
-    shared.metrics.paused.set(1);
+    shared.metrics.paused.set(shared.paused.is_on() as i64);
     if !changed {
         return;
     }
@@ -120,8 +120,7 @@ pub fn resume(shared: &Shared, database: Option<&str>) -> Result<(), AdminError>
     if refused {
         return Err(AdminError::GloballyPaused);
     }
-    let off = *shared.paused.borrow() == Pause::Off;
-    shared.metrics.paused.set(!off as i64);
+    shared.metrics.paused.set(shared.paused.is_on() as i64);
     info!(
         scope = database.unwrap_or("all databases"),
         "RESUME: held clients proceed"

@@ -264,6 +264,11 @@ impl PauseState {
         changed
     }
 
+    /// Whether anything is paused, without the channel's lock.
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::SeqCst)
+    }
+
     pub fn borrow(&self) -> watch::Ref<'_, Pause> {
         self.state.borrow()
     }
@@ -292,7 +297,7 @@ pub struct Shared {
 impl Shared {
     /// Waits while a PAUSE holds `database`.
     async fn wait_resumed(&self, database: Option<&str>) {
-        if !self.paused.on.load(Ordering::SeqCst) || !self.paused.borrow().holds(database) {
+        if !self.paused.is_on() || !self.paused.borrow().holds(database) {
             return;
         }
         let mut paused = self.paused.subscribe();
