@@ -90,14 +90,12 @@ fn runtime(threads: WorkerThreads) -> std::io::Result<tokio::runtime::Runtime> {
             b.thread_name("pgvane-blocking");
             b
         }
-        WorkerThreads::Count(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.get()).thread_name("pgvane-worker");
-            b
-        }
-        WorkerThreads::Auto => {
+        _ => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.thread_name("pgvane-worker");
+            if let WorkerThreads::Count(n) = threads {
+                b.worker_threads(n.get());
+            }
             b
         }
     };
