@@ -671,8 +671,9 @@ impl Drop for LinkBuffer {
     fn drop(&mut self) {
         let mut buf = std::mem::take(&mut self.0);
         buf.clear();
-        buf.reserve(LINK_BUFFER); // reclaims what reading advanced past
-                                  // One that grew for a large message is let go.
+        // Reclaims what reading advanced past.
+        buf.reserve(LINK_BUFFER);
+        // One that grew for a large message is let go.
         if buf.capacity() <= 2 * LINK_BUFFER {
             SPARE_LINK_BUFFERS.with_borrow_mut(|spare| {
                 if spare.len() < SPARE_LINK_BUFFERS_MAX {
