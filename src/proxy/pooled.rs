@@ -16,6 +16,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -223,7 +224,7 @@ impl Session {
         // The request's first bytes, read before a server is chosen: one system call where a
         // peek and a read would take two, and a Terminate or a hang-up needs no server.
         let mut first = LinkBuffer::take();
-        match client.try_read_buf(&mut *first) {
+        match read_if_ready(client, &mut first).await {
             // Hung up, or a Terminate: nothing to do on any server.
             Ok(0) => return false,
             Ok(_) if first[0] == b'X' => return false,
@@ -695,6 +696,20 @@ impl std::ops::DerefMut for LinkBuffer {
     fn deref_mut(&mut self) -> &mut BytesMut {
         &mut self.0
     }
+}
+
+/// Reads what the client has sent, or fails with `WouldBlock` at once if it has nothing.
+/// Unlike `try_read_buf`, a read through `poll_read` that leaves the socket empty tells
+/// tokio so: the link's next read then waits for the next readiness event instead of
+/// spending a system call to find the socket empty (one per transaction).
+async fn read_if_ready(client: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *client), cx, buf) {
+            Poll::Pending => Poll::Ready(Err(std::io::ErrorKind::WouldBlock.into())),
+            ready => ready,
+        }
+    })
+    .await
 }
 
 /// Reclaims (or grows) a buffer's room for a read of up to `size` bytes when it is low.
