@@ -231,14 +231,18 @@ impl ServerConn {
     }
 
     /// After a reset query (DISCARD ALL), values pgvane set for parameters the server does
-    /// not report are back to their defaults, so they are no longer known, and no statement
-    /// is prepared.
+    /// not report are back to their defaults, so they are no longer known.
     fn forget_unreported(&mut self) {
         let reported = &self.reported_at_login;
         self.params.synced = None;
         self.params.values.retain(|k, _| reported.contains(k));
-        self.prepared.clear();
     }
+}
+
+/// Whether a reset query leaves no prepared statement on the connection.
+fn drops_statements(reset_query: &str) -> bool {
+    let q = reset_query.trim().trim_end_matches(';').trim_end();
+    q.eq_ignore_ascii_case("DISCARD ALL") || q.eq_ignore_ascii_case("DEALLOCATE ALL")
 }
 
 /// `E'...'` literal: safe whatever `standard_conforming_strings` is.
@@ -312,6 +316,17 @@ impl Lease {
             match self.conn().run(reset_query).await {
                 Ok(b'I') => self.conn().forget_unreported(),
                 Ok(_) | Err(_) => return, // dropped: closed
+            }
+        }
+        // Statements pgvane prepared here for the pool's transaction-mode clients: the
+        // session may have deallocated them, or a reset query other than DISCARD ALL left
+        // them. Either way the record would no longer be true; with none left it is.
+        if drops_statements(reset_query) {
+            self.conn().prepared.clear();
+        } else if !self.conn().prepared.is_empty() {
+            match self.conn().run("DEALLOCATE ALL").await {
+                Ok(b'I') => self.conn().prepared.clear(),
+                Ok(_) | Err(_) => return,
             }
         }
         self.release();
@@ -803,5 +818,15 @@ mod tests {
         assert_eq!(quote_literal("UTC"), "E'UTC'");
         assert_eq!(quote_literal("it's"), "E'it''s'");
         assert_eq!(quote_literal("a\\'; DROP"), "E'a\\\\''; DROP'");
+    }
+
+    #[test]
+    fn only_discard_all_and_deallocate_all_drop_every_statement() {
+        for q in ["DISCARD ALL", "discard all;", " DEALLOCATE ALL ; "] {
+            assert!(drops_statements(q), "{q}");
+        }
+        for q in ["", "RESET ALL", "DISCARD PLANS", "DEALLOCATE pgvane_1"] {
+            assert!(!drops_statements(q), "{q}");
+        }
     }
 }

@@ -570,6 +570,42 @@ async fn named_prepared_statements_follow_clients_across_server_connections() {
     }
 }
 
+/// Session and transaction listeners share their pools. A session client may drop the
+/// statements pgvane prepared on its server connection for transaction-mode clients, and a
+/// reset query other than DISCARD ALL leaves them; either way the transaction-mode client's
+/// statement must go on working on that connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_survive_a_session_client_on_their_server_connection() {
+    let cluster = Cluster::start(0);
+    for (reset, session_sql) in [("", "DEALLOCATE ALL"), ("RESET ALL", "SELECT 1")] {
+        let (tx, session) = (free_port(), free_port());
+        let listeners =
+            txn_listener(tx) + &listener("session", session, "primary", "mode = \"session\"");
+        // One server connection: the session client gets the one the statement is on.
+        let extra = format!("[pool]\ndefault_pool_size = 1\nserver_reset_query = \"{reset}\"\n");
+        let _pgvane = Pgvane::start(&pooled_config(&cluster, &listeners, &extra), &[tx, session]);
+
+        let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+        let statement = c.prepare("SELECT $1::int + 1").await.unwrap();
+        let v: i32 = c.query_one(&statement, &[&1]).await.unwrap().get(0);
+        assert_eq!(v, 2);
+
+        let s = connect(session, SUPERUSER, "postgres").await.unwrap();
+        s.batch_execute(session_sql).await.unwrap();
+        drop(s);
+
+        // Waits for the connection the session client returns (after its reset).
+        for i in 0..3 {
+            let v: i32 = c
+                .query_one(&statement, &[&i])
+                .await
+                .unwrap_or_else(|e| panic!("reset {reset:?}, then {session_sql}: {e:?}"))
+                .get(0);
+            assert_eq!(v, i + 1);
+        }
+    }
+}
+
 /// Runs pgbench against `port` (database postgres) and returns its output; it must succeed.
 fn pgbench(port: u16, args: &[&str]) -> String {
     let out = pg_command("pgbench")

@@ -86,6 +86,10 @@ impl ServerStatements {
         self.used.clear();
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+
     /// Marks a statement used; whether the server had it.
     fn touch(&mut self, name: &[u8]) -> bool {
         self.tick += 1;
