@@ -383,12 +383,19 @@ impl Pool {
 
     /// Waits (FIFO) for a slot, then lends an idle connection or opens a new one.
     pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
-        let started = Instant::now();
         let wait = self.settings.query_wait_timeout;
-        let slot = self
-            .wait_for_slot()
-            .await
-            .ok_or(PoolError::WaitTimeout(wait))?;
+        // A free slot needs neither a timer, nor a place in the queue, nor the clock.
+        let (slot, started) = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => (permit, None),
+            Err(_) => {
+                let started = Instant::now();
+                let permit = self
+                    .wait_for_slot()
+                    .await
+                    .ok_or(PoolError::WaitTimeout(wait))?;
+                (permit, Some(started))
+            }
+        };
         loop {
             let candidate = self.idle.lock().expect("pool lock").pop();
             let Some(mut conn) = candidate else { break };
@@ -401,7 +408,8 @@ impl Pool {
             }
             self.open.fetch_sub(1, Ordering::Relaxed);
         }
-        let remaining = (!wait.is_zero()).then(|| wait.saturating_sub(started.elapsed()));
+        let waited = started.map_or(Duration::ZERO, |s| s.elapsed());
+        let remaining = (!wait.is_zero()).then(|| wait.saturating_sub(waited));
         let conn = self.open_connection(remaining).await?;
         Ok(Lease {
             conn: Some(conn),
@@ -410,11 +418,9 @@ impl Pool {
         })
     }
 
+    /// Queues (FIFO) for a slot, within `query_wait_timeout`; after `reserve_pool_timeout`
+    /// a reserve slot will do too.
     async fn wait_for_slot(&self) -> Option<OwnedSemaphorePermit> {
-        // A free slot needs neither a timer nor a place in the queue.
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Some(permit);
-        }
         let normal = self.slots.clone().acquire_owned();
         let reserve = async {
             if self.settings.reserve_pool_size == 0 {

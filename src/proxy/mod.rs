@@ -129,8 +129,8 @@ impl Route {
         Fut: Future<Output = Result<T, Attempt>>,
     {
         let topology = &shared.topology;
-        let deadline = Instant::now() + shared.failover_hold_timeout;
-        // Only waits for the routing table count as holding (not, say, a pool's queue).
+        // Only waits for the routing table count as holding (not, say, a pool's queue), and
+        // the hold limit counts from the first: the common case never reads the clock.
         let mut held: Option<Held> = None;
         // Subscribed only once a wait is needed: the common case never waits.
         let mut changes: Option<watch::Receiver<u64>> = None;
@@ -168,7 +168,8 @@ impl Route {
                     value,
                 });
             }
-            held.get_or_insert_with(|| Held::new(&shared.metrics));
+            let deadline = held.get_or_insert_with(|| Held::new(&shared.metrics)).since
+                + shared.failover_hold_timeout;
             let changes = match &mut changes {
                 Some(c) => c,
                 None => {
