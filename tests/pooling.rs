@@ -570,6 +570,54 @@ async fn named_prepared_statements_follow_clients_across_server_connections() {
     }
 }
 
+/// A client may send its first request without waiting for its login to complete (with
+/// trust authentication nothing in the login needs an answer), and a Terminate without
+/// waiting for the answers. pgvane reads logins in large reads: what came after the login is
+/// the session's first request. As PostgreSQL does, requests sent before a Terminate are
+/// answered (not cancelled) before the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_along_with_the_login_is_served() {
+    use postgres_protocol::message::frontend;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let extra = "[auth]\ntype = \"trust\"\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+
+    let mut out = bytes::BytesMut::new();
+    frontend::startup_message([("user", SUPERUSER), ("database", "postgres")], &mut out).unwrap();
+    frontend::query("SELECT 6 * 7", &mut out).unwrap();
+    frontend::terminate(&mut out);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", tx))
+        .await
+        .unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the connection closes after the Terminate")
+        .unwrap();
+
+    let mut messages = Vec::new();
+    let mut rest = &answer[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        messages.push((rest[0], rest[5..1 + len].to_vec()));
+        rest = &rest[1 + len..];
+    }
+    let tags: Vec<u8> = messages.iter().map(|(t, _)| *t).collect();
+    let login_done = tags.iter().position(|t| *t == b'Z').expect("ReadyForQuery");
+    assert_eq!(
+        &tags[login_done + 1..],
+        b"TDCZ",
+        "{:?}",
+        String::from_utf8_lossy(&tags)
+    );
+    // DataRow: one column, "42".
+    assert_eq!(messages[login_done + 2].1, b"\0\x01\0\0\0\x0242");
+}
+
 /// Session and transaction listeners share their pools. A session client may drop the
 /// statements pgvane prepared on its server connection for transaction-mode clients, and a
 /// reset query other than DISCARD ALL leaves them; either way the transaction-mode client's

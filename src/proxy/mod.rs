@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -382,7 +382,9 @@ impl Drop for ClientGauge {
 
 /// Reads a client's startup packet, answering encryption requests with 'N' (pgvane does not
 /// terminate TLS).
-async fn read_client_startup(client: &mut TcpStream) -> Result<StartupPacket, ProtocolError> {
+async fn read_client_startup<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+) -> Result<StartupPacket, ProtocolError> {
     // A client may ask for SSL and then GSS (or the reverse) before its StartupMessage.
     for _ in 0..3 {
         match read_startup(client).await? {

@@ -20,7 +20,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
@@ -39,12 +39,23 @@ use crate::topology::Backend;
 /// Read buffer for a client's request while linked (PgBouncer's pkt_buf is 4 KiB).
 const LINK_BUFFER: usize = 8192;
 
+/// Read buffer for a client's login: its messages are small.
+const LOGIN_BUFFER: usize = 2048;
+
 pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shared: &Shared) {
     // Boxed: a logged-in session should not keep carrying the login's state.
-    let Some(session) = Box::pin(login_or_refuse(&mut client, peer, route, shared)).await else {
+    let Some((mut session, early)) =
+        Box::pin(login_or_refuse(&mut client, peer, route, shared)).await
+    else {
         return;
     };
     info!(client = %peer, listener = %route.config.name, user = %session.home.key.user, database = %session.home.key.database, "client logged in");
+    // A request the client sent along with its login, without waiting for it to complete.
+    if !early.is_empty()
+        && !Box::pin(session.serve_request(&mut client, route, shared, Some(early))).await
+    {
+        return;
+    }
     session.run(client, route, shared).await;
 }
 
@@ -54,7 +65,7 @@ async fn login_or_refuse(
     peer: SocketAddr,
     route: &Route,
     shared: &Shared,
-) -> Option<Session> {
+) -> Option<(Session, BytesMut)> {
     let limit = shared.client_login_timeout;
     let error = match tokio::time::timeout(limit, login(client, route, shared)).await {
         Ok(Ok(session)) => return session,
@@ -78,12 +89,17 @@ struct Session {
     statements: Option<Box<ClientStatements>>,
 }
 
-/// Startup and authentication. `None`: the connection was a CancelRequest.
+/// Startup and authentication, returning the session and any bytes the client sent past its
+/// login. `None`: the connection was a CancelRequest.
 async fn login(
     client: &mut TcpStream,
     route: &Route,
     shared: &Shared,
-) -> Result<Option<Session>, ClientError> {
+) -> Result<Option<(Session, BytesMut)>, ClientError> {
+    // Buffered: each login message then takes one system call, not one per header field
+    // and one for the body.
+    let mut client = BufReader::with_capacity(LOGIN_BUFFER, client);
+    let client = &mut client;
     let params = match read_client_startup(client).await? {
         StartupPacket::CancelRequest {
             process_id,
@@ -154,13 +170,14 @@ async fn login(
         .write_all(&buf)
         .await
         .map_err(crate::protocol::ProtocolError::from)?;
-    Ok(Some(Session {
+    let session = Session {
         home: pool,
         defaults,
         overrides,
         cancel_key,
         statements: None,
-    }))
+    };
+    Ok(Some((session, BytesMut::from(client.buffer()))))
 }
 
 /// The client's address, for the log. Asked of the socket rather than kept per session:
@@ -207,31 +224,39 @@ impl Session {
             }
             // Everything a request needs lives in its own boxed future, so that an idle
             // session costs no more than the state above.
-            if !Box::pin(self.serve_request(&mut client, route, shared)).await {
+            if !Box::pin(self.serve_request(&mut client, route, shared, None)).await {
                 return;
             }
         }
     }
 
     /// Leases a server connection and links the client to it until the transaction (or, in
-    /// session mode, the session) is over. Returns whether the session goes on.
+    /// session mode, the session) is over; `early` is the request's start if already read.
+    /// Returns whether the session goes on.
     async fn serve_request(
         &mut self,
         client: &mut TcpStream,
         route: &Route,
         shared: &Shared,
+        early: Option<BytesMut>,
     ) -> bool {
         // The request's first bytes, read before a server is chosen: one system call where a
         // peek and a read would take two, and a Terminate or a hang-up needs no server.
         let mut first = LinkBuffer::take();
-        match read_if_ready(client, &mut first).await {
-            // Hung up, or a Terminate: nothing to do on any server.
-            Ok(0) => return false,
-            Ok(_) if first[0] == b'X' => return false,
-            Ok(_) => {}
-            // The readiness was stale: back to waiting.
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-            Err(_) => return false,
+        match early {
+            Some(bytes) => first.extend_from_slice(&bytes),
+            None => match read_if_ready(client, &mut first).await {
+                // Hung up: nothing to do on any server.
+                Ok(0) => return false,
+                Ok(_) => {}
+                // The readiness was stale: back to waiting.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            },
+        }
+        // A Terminate: nothing to do on any server either.
+        if first[0] == b'X' {
+            return false;
         }
         let cfg = &route.config;
         shared.wait_resumed(Some(&self.home.key.database)).await;
@@ -385,6 +410,8 @@ struct LinkState {
     server_mid_message: AtomicBool,
     /// Transaction status of the latest ReadyForQuery.
     tx_status: AtomicU8,
+    /// The client sent a Terminate while requests were still being answered.
+    terminated: AtomicBool,
     /// Set only when idle_transaction_timeout is on: the clock is then read per client read.
     started: Option<Instant>,
     /// Milliseconds from `started` to the client's latest data.
@@ -399,6 +426,7 @@ impl LinkState {
             client_mid_message: AtomicBool::new(false),
             server_mid_message: AtomicBool::new(false),
             tx_status: AtomicU8::new(b'I'),
+            terminated: AtomicBool::new(false),
             started: track_client_data.then(Instant::now),
             last_client_data_ms: AtomicU64::new(0),
         }
@@ -537,6 +565,13 @@ impl Link {
                 if let Some(at) = terminate_at {
                     st.client_mid_message.store(false, Relaxed);
                     let s = if at < 0 { ServerState::Broken } else { state() };
+                    // Requests sent before the Terminate are answered first, as PostgreSQL
+                    // would (the other direction ends the link when they are); the client
+                    // sends nothing more.
+                    if s == ServerState::Busy && !st.unsynced.load(Relaxed) {
+                        st.terminated.store(true, Relaxed);
+                        return std::future::pending().await;
+                    }
                     return LinkEnd::ClientGone(s);
                 }
                 keep_tail(buf, consumed);
@@ -602,6 +637,10 @@ impl Link {
                     return LinkEnd::ClientGone(state());
                 }
                 keep_tail(buf, consumed);
+                if st.terminated.load(Relaxed) && scan.at_boundary() && state() != ServerState::Busy
+                {
+                    return LinkEnd::ClientGone(state());
+                }
                 if self.mode == ListenerMode::Transaction
                     && ready_last
                     && scan.at_boundary()
