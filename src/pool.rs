@@ -112,8 +112,8 @@ pub struct ServerConn {
     /// Shared with the cancel registry while a client holds this connection: handing it
     /// over touches only this connection's counter, not the backend's.
     cancel: Arc<CancelTarget>,
-    created: Instant,
-    last_used: Instant,
+    created: coarsetime::Instant,
+    last_used: coarsetime::Instant,
     /// Per-database and per-user cap permits, held for the connection's lifetime.
     _caps: Vec<OwnedSemaphorePermit>,
 }
@@ -410,7 +410,7 @@ impl Pool {
         }
         let waited = started.map_or(Duration::ZERO, |s| s.elapsed());
         let remaining = (!wait.is_zero()).then(|| wait.saturating_sub(waited));
-        let conn = self.open_connection(remaining).await?;
+        let conn = Box::pin(self.open_connection(remaining)).await?;
         Ok(Lease {
             conn: Some(conn),
             pool: self.clone(),
@@ -457,19 +457,21 @@ impl Pool {
                 return false;
             }
         }
-        let now = Instant::now();
+        let now = coarse_now();
         let lifetime = self.settings.server_lifetime;
-        if !lifetime.is_zero() && now.saturating_duration_since(conn.created) > lifetime {
+        if !lifetime.is_zero() && longer_than(now, conn.created, lifetime) {
             return false;
         }
-        if now.saturating_duration_since(conn.last_used) < self.settings.server_check_delay {
+        // 0: checked every time, even when the clock has not moved since.
+        let delay = self.settings.server_check_delay;
+        if !delay.is_zero() && !longer_than(now, conn.last_used, delay) {
             return true;
         }
         let check = tokio::time::timeout(
             self.settings.server_connect_timeout,
             conn.run(&self.settings.server_check_query),
         );
-        match check.await {
+        match Box::pin(check).await {
             Ok(Ok(b'I')) => true,
             other => {
                 debug!(pool = ?self.key, result = ?other.map(|r| r.map(|s| s as char)), "server connection failed its check");
@@ -553,7 +555,7 @@ impl Pool {
             });
         self.open.fetch_add(1, Ordering::Relaxed);
         debug!(pool = ?self.key, server_pid = hello.process_id, "server connection opened");
-        let now = Instant::now();
+        let now = coarse_now();
         Ok(Box::new(ServerConn {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
             params: ServerParams::new(hello.params.into_iter().collect()),
@@ -573,8 +575,8 @@ impl Pool {
 
     fn put_back(&self, mut conn: Box<ServerConn>) {
         let lifetime = self.settings.server_lifetime;
-        let now = Instant::now();
-        if !lifetime.is_zero() && now.saturating_duration_since(conn.created) > lifetime {
+        let now = coarse_now();
+        if !lifetime.is_zero() && longer_than(now, conn.created, lifetime) {
             self.open.fetch_sub(1, Ordering::Relaxed);
             debug!(pool = ?self.key, "server connection reached server_lifetime; closed");
             return;
@@ -593,10 +595,12 @@ impl Pool {
             let open = self.open.load(Ordering::Relaxed);
             let mut closable = open.saturating_sub(min);
             let before = idle.len();
+            let now = coarse_now();
             idle.retain(|c| {
                 let expired = (!s.server_idle_timeout.is_zero()
-                    && c.last_used.elapsed() > s.server_idle_timeout)
-                    || (!s.server_lifetime.is_zero() && c.created.elapsed() > s.server_lifetime);
+                    && longer_than(now, c.last_used, s.server_idle_timeout))
+                    || (!s.server_lifetime.is_zero()
+                        && longer_than(now, c.created, s.server_lifetime));
                 let close = expired && closable > 0;
                 closable -= close as usize;
                 !close
@@ -621,6 +625,19 @@ impl Pool {
 
 /// database → user → pool.
 type PoolsOfBackend = HashMap<String, HashMap<String, Arc<Pool>>>;
+
+/// The clock for server connection ages, read at every lease and release: coarse (a few
+/// milliseconds) but a fraction of a precise read's cost, which is plenty for limits counted
+/// in seconds (PgBouncer reads a cached time for the same reason). Not the variant that
+/// also updates coarsetime's process-wide cache: a store every worker thread would share.
+fn coarse_now() -> coarsetime::Instant {
+    coarsetime::Instant::now_without_cache_update()
+}
+
+/// Whether more than `limit` passed from `since` to `now`.
+fn longer_than(now: coarsetime::Instant, since: coarsetime::Instant, limit: Duration) -> bool {
+    now.duration_since(since) > coarsetime::Duration::from(limit)
+}
 
 /// Every pool, created on first use.
 pub struct Pools {

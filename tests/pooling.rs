@@ -654,6 +654,89 @@ async fn prepared_statements_survive_a_session_client_on_their_server_connection
     }
 }
 
+/// The server process serving `c` now, asked in one simple Query (one transaction).
+async fn backend_pid(c: &tokio_postgres::Client) -> String {
+    match &c.simple_query("SELECT pg_backend_pid()").await.unwrap()[1] {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap().to_owned(),
+        other => panic!("expected a row, got {other:?}"),
+    }
+}
+
+/// With `server_check_delay = 0`, every reuse of an idle server connection runs
+/// `server_check_query` first; a connection older than `server_lifetime` is not used again.
+#[tokio::test]
+async fn server_connections_are_checked_before_reuse_and_retired_after_their_lifetime() {
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let direct = connect(cluster.primary().port, SUPERUSER, "app")
+        .await
+        .unwrap();
+    direct
+        .batch_execute("CREATE SEQUENCE checks")
+        .await
+        .unwrap();
+    let tx = free_port();
+    let extra = "[pool]\nserver_check_delay = \"0s\"\nserver_check_query = \"SELECT nextval('checks')\"\nserver_lifetime = \"2s\"\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let client = connect(tx, SUPERUSER, "app").await.unwrap();
+
+    // One client, one server connection, reused at once six times (the login left it idle).
+    let first = backend_pid(&client).await;
+    for _ in 0..5 {
+        assert_eq!(backend_pid(&client).await, first);
+    }
+    let checks: i64 = direct
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM checks",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checks, 6, "one check per reuse");
+
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_ne!(
+        backend_pid(&client).await,
+        first,
+        "a connection past its lifetime"
+    );
+    eventually(
+        Duration::from_secs(3),
+        "the old connection closed",
+        || async {
+            let gone: bool = direct
+                .query_one(
+                    "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid::text = $1)",
+                    &[&first],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            gone.then_some(())
+        },
+    )
+    .await;
+}
+
+/// Idle server connections are closed after `server_idle_timeout` (`min_pool_size` is 0).
+#[tokio::test]
+async fn idle_server_connections_are_closed_after_server_idle_timeout() {
+    let (cluster, tx, _pgvane) =
+        app_behind_txn_listener("[pool]\nserver_idle_timeout = \"1s\"\n").await;
+    let client = connect(tx, SUPERUSER, "app").await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(app_backends(cluster.primary()).await, 1);
+    eventually(
+        Duration::from_secs(5),
+        "the idle connection closed",
+        || async { (app_backends(cluster.primary()).await == 0).then_some(()) },
+    )
+    .await;
+    // The client is still logged in, and gets a new server connection.
+    client.simple_query("SELECT 1").await.unwrap();
+}
+
 /// Runs pgbench against `port` (database postgres) and returns its output; it must succeed.
 fn pgbench(port: u16, args: &[&str]) -> String {
     let out = pg_command("pgbench")

@@ -182,7 +182,8 @@ impl Route {
                 }
             };
             drop(table);
-            let changed = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
+            let changed =
+                Box::pin(tokio::time::timeout_at(deadline.into(), changes.changed())).await;
             if !matches!(changed, Ok(Ok(()))) {
                 shared.metrics.hold_timeouts.inc();
                 return Err(last_error.unwrap_or_else(|| self.no_backend()));

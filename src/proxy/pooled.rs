@@ -278,7 +278,7 @@ impl Session {
         } = match chosen {
             Ok(c) => c,
             Err(e) => {
-                send_error(client, peer_of(client), &e).await;
+                Box::pin(send_error(client, peer_of(client), &e)).await;
                 return false;
             }
         };
@@ -288,7 +288,7 @@ impl Session {
             .apply_params(&self.defaults, &self.overrides)
             .await
         {
-            send_error(client, peer_of(client), &e.into()).await;
+            Box::pin(send_error(client, peer_of(client), &e.into())).await;
             return false;
         }
         self.cancel_key
@@ -300,9 +300,7 @@ impl Session {
         let role_lost = async {
             if cfg.on_role_loss == OnRoleLoss::ShutdownSessions && cfg.mode == ListenerMode::Session
             {
-                route
-                    .until_role_lost(&shared.topology, i, lost.clone())
-                    .await
+                Box::pin(route.until_role_lost(&shared.topology, i, lost.clone())).await
             } else {
                 std::future::pending().await
             }
@@ -343,12 +341,12 @@ impl Session {
                     ServerState::Idle if drained => {}
                     ServerState::Idle if cfg.mode == ListenerMode::Session => {
                         let reset = &shared.pools.settings().server_reset_query;
-                        lease.reset_and_release(reset).await
+                        Box::pin(lease.reset_and_release(reset)).await
                     }
                     ServerState::Idle => lease.release(),
                     // Whatever the client left open dies with the connection: the server
                     // rolls it back and frees its locks.
-                    ServerState::Busy => send_cancel(lease.conn().cancel_target()).await,
+                    ServerState::Busy => Box::pin(send_cancel(lease.conn().cancel_target())).await,
                     ServerState::InTransaction | ServerState::Broken => {}
                 }
                 debug!(?state, "client left");
@@ -360,7 +358,7 @@ impl Session {
                 }
                 info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended");
                 if tell_client {
-                    send_error(client, peer_of(client), &error).await;
+                    Box::pin(send_error(client, peer_of(client), &error)).await;
                 }
                 false
             }
