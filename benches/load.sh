@@ -12,12 +12,13 @@
 #
 #   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"]
 #
-# -w picks workloads by number (0-4, in the order below), -t targets by name.
+# -w picks workloads by number (0-5, in the order below), -t targets by name.
 #
 # Workloads (simple protocol unless said): -S (select-only) at 32 and 256 clients,
 # TPC-B-like at 32 clients, connection churn (-C -S, a new connection per transaction) at
-# 16 clients, and -S with named prepared statements (-M prepared) at 32 clients, which a
-# transaction pooler must carry across server connections (PgBouncer 1.18 cannot: "failed").
+# 16 clients, -S with named prepared statements (-M prepared) at 32 clients, which a
+# transaction pooler must carry across server connections (PgBouncer 1.18 cannot: "failed"),
+# and TPC-B-like at 256 clients.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
@@ -82,9 +83,9 @@ TARGETS=("direct:$DIRECT:" "pgvane-pass:$PASS_PORT:$PGVANE_PID" "haproxy:$HAPROX
          "pgvane-txn:$TXN_PORT:$PGVANE_PID" "pgvane-txn-1t:$TXN1_PORT:$PGVANE1_PID"
          "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID")
 WORKLOADS=("-M simple -S -c 32" "-M simple -S -c 256" "-M simple -c 32" "-M simple -C -S -c 16"
-           "-M prepared -S -c 32")
+           "-M prepared -S -c 32" "-M simple -c 256")
 NAMES=("-S, 32 clients" "-S, 256 clients" "TPC-B-like, 32 clients" "-C -S (new connection per txn), 16 clients"
-       "-S -M prepared, 32 clients")
+       "-S -M prepared, 32 clients" "TPC-B-like, 256 clients")
 
 # utime + stime of a process, in clock ticks; 0 without a pid.
 cpu_ticks() { if [ -n "$1" ]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
