@@ -410,6 +410,7 @@ impl Pool {
         }
         let waited = started.map_or(Duration::ZERO, |s| s.elapsed());
         let remaining = (!wait.is_zero()).then(|| wait.saturating_sub(waited));
+        // Boxed, as the check in `usable`: rare, and large in every lease's future otherwise.
         let conn = Box::pin(self.open_connection(remaining)).await?;
         Ok(Lease {
             conn: Some(conn),

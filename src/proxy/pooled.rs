@@ -40,7 +40,7 @@ use crate::topology::Backend;
 const LINK_BUFFER: usize = 8192;
 
 /// Read buffer for a client's login: its messages are small.
-const LOGIN_BUFFER: usize = 2048;
+const LOGIN_BUFFER: usize = 512;
 
 pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shared: &Shared) {
     // Boxed: a logged-in session should not keep carrying the login's state.
@@ -51,10 +51,11 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
     };
     info!(client = %peer, listener = %route.config.name, user = %session.home.key.user, database = %session.home.key.database, "client logged in");
     // A request the client sent along with its login, without waiting for it to complete.
-    if !early.is_empty()
-        && !Box::pin(session.serve_request(&mut client, route, shared, Some(early))).await
-    {
-        return;
+    // `if let` consumes `early`, so that it takes no room in the idle session's state.
+    if let Some(early) = early {
+        if !Box::pin(session.serve_request(&mut client, route, shared, Some(early))).await {
+            return;
+        }
     }
     session.run(client, route, shared).await;
 }
@@ -65,7 +66,7 @@ async fn login_or_refuse(
     peer: SocketAddr,
     route: &Route,
     shared: &Shared,
-) -> Option<(Session, BytesMut)> {
+) -> Option<(Session, Option<BytesMut>)> {
     let limit = shared.client_login_timeout;
     let error = match tokio::time::timeout(limit, login(client, route, shared)).await {
         Ok(Ok(session)) => return session,
@@ -95,7 +96,7 @@ async fn login(
     client: &mut TcpStream,
     route: &Route,
     shared: &Shared,
-) -> Result<Option<(Session, BytesMut)>, ClientError> {
+) -> Result<Option<(Session, Option<BytesMut>)>, ClientError> {
     // Buffered: each login message then takes one system call, not one per header field
     // and one for the body.
     let mut client = BufReader::with_capacity(LOGIN_BUFFER, client);
@@ -177,7 +178,8 @@ async fn login(
         cancel_key,
         statements: None,
     };
-    Ok(Some((session, BytesMut::from(client.buffer()))))
+    let early = (!client.buffer().is_empty()).then(|| BytesMut::from(client.buffer()));
+    Ok(Some((session, early)))
 }
 
 /// The client's address, for the log. Asked of the socket rather than kept per session:
@@ -232,7 +234,8 @@ impl Session {
 
     /// Leases a server connection and links the client to it until the transaction (or, in
     /// session mode, the session) is over; `early` is the request's start if already read.
-    /// Returns whether the session goes on.
+    /// Returns whether the session goes on. Its future is moved into a box per request, so
+    /// the rare paths (error replies, cancel, reset) are boxed on their own to keep it small.
     async fn serve_request(
         &mut self,
         client: &mut TcpStream,
