@@ -654,6 +654,24 @@ async fn prepared_statements_survive_a_session_client_on_their_server_connection
     }
 }
 
+/// A login the server refuses after pgvane authenticated the client (unknown database) gets
+/// the server's own error, after authentication's closing messages.
+#[tokio::test]
+async fn a_server_refusal_after_authentication_reaches_the_client() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+    let Err(err) = connect(tx, SUPERUSER, "nosuchdb").await else {
+        panic!("login to a database that does not exist accepted");
+    };
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "3D000", "{db:?}");
+    assert!(db.message().contains("nosuchdb"), "{db:?}");
+    // The pool for the other database is unaffected.
+    let ok = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    ok.simple_query("SELECT 1").await.unwrap();
+}
+
 /// The server process serving `c` now, asked in one simple Query (one transaction).
 async fn backend_pid(c: &tokio_postgres::Client) -> String {
     match &c.simple_query("SELECT pg_backend_pid()").await.unwrap()[1] {

@@ -140,7 +140,10 @@ async fn login(
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
 
-    authenticate_client(client, &shared.users, &user).await?;
+    // What the client is told from here on goes out in one write: authentication's last
+    // messages, then the parameters, key and ReadyForQuery.
+    let mut reply = BytesMut::new();
+    authenticate_client(client, &shared.users, &user, &mut reply).await?;
     let user = shared
         .users
         .get(&user)
@@ -154,13 +157,20 @@ async fn login(
             Ok((pool, params))
         }
     };
-    let chosen = route.with_backend(shared, login_params).await?;
+    let chosen = match route.with_backend(shared, login_params).await {
+        Ok(chosen) => chosen,
+        Err(e) => {
+            // Authenticated: the client learns that first, then the error, as from PostgreSQL.
+            let _ = client.write_all(&reply).await;
+            return Err(e);
+        }
+    };
     let (pool, defaults) = chosen.value;
     // A value the server has anyway need not be remembered per client.
     overrides.retain(|(k, v)| !defaults.all.iter().any(|(dk, dv)| dk == k && dv == v));
 
     let cancel_key = shared.cancels.register();
-    let mut buf = BytesMut::new();
+    let mut buf = reply;
     for (k, v) in &defaults.all {
         let v = overrides.iter().find(|(w, _)| w == k).map_or(v, |(_, w)| w);
         backend::parameter_status(&mut buf, k, v);
