@@ -459,13 +459,12 @@ impl Pool {
             }
         }
         let now = coarse_now();
-        let lifetime = self.settings.server_lifetime;
-        if !lifetime.is_zero() && longer_than(now, conn.created, lifetime) {
+        if expired(now, conn.created, self.settings.server_lifetime) {
             return false;
         }
         // 0: checked every time, even when the clock has not moved since.
         let delay = self.settings.server_check_delay;
-        if !delay.is_zero() && !longer_than(now, conn.last_used, delay) {
+        if !delay.is_zero() && !expired(now, conn.last_used, delay) {
             return true;
         }
         let check = tokio::time::timeout(
@@ -575,9 +574,8 @@ impl Pool {
     }
 
     fn put_back(&self, mut conn: Box<ServerConn>) {
-        let lifetime = self.settings.server_lifetime;
         let now = coarse_now();
-        if !lifetime.is_zero() && longer_than(now, conn.created, lifetime) {
+        if expired(now, conn.created, self.settings.server_lifetime) {
             self.open.fetch_sub(1, Ordering::Relaxed);
             debug!(pool = ?self.key, "server connection reached server_lifetime; closed");
             return;
@@ -598,11 +596,9 @@ impl Pool {
             let before = idle.len();
             let now = coarse_now();
             idle.retain(|c| {
-                let expired = (!s.server_idle_timeout.is_zero()
-                    && longer_than(now, c.last_used, s.server_idle_timeout))
-                    || (!s.server_lifetime.is_zero()
-                        && longer_than(now, c.created, s.server_lifetime));
-                let close = expired && closable > 0;
+                let close = (expired(now, c.last_used, s.server_idle_timeout)
+                    || expired(now, c.created, s.server_lifetime))
+                    && closable > 0;
                 closable -= close as usize;
                 !close
             });
@@ -635,9 +631,9 @@ fn coarse_now() -> coarsetime::Instant {
     coarsetime::Instant::now_without_cache_update()
 }
 
-/// Whether more than `limit` passed from `since` to `now`.
-fn longer_than(now: coarsetime::Instant, since: coarsetime::Instant, limit: Duration) -> bool {
-    now.duration_since(since) > coarsetime::Duration::from(limit)
+/// Whether more than `limit` passed from `since` to `now`; a zero limit never expires.
+fn expired(now: coarsetime::Instant, since: coarsetime::Instant, limit: Duration) -> bool {
+    !limit.is_zero() && now.duration_since(since) > coarsetime::Duration::from(limit)
 }
 
 /// Every pool, created on first use.

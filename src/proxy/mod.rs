@@ -420,11 +420,16 @@ async fn refuse(
     }
 }
 
-/// Sends `err` as an ErrorResponse and closes the client's side of the connection.
+/// Sends `err` as an ErrorResponse and closes the client's side of the connection. Boxed
+/// inside: a rare path, which should not enlarge the futures of its callers (a pooled
+/// transaction's is boxed anew per request).
 async fn send_error(client: &mut TcpStream, peer: SocketAddr, err: &ClientError) {
     info!(client = %peer, error = %err, "client refused");
     let mut buf = BytesMut::new();
     err.encode(&mut buf);
-    let _ = client.write_all(&buf).await;
-    let _ = client.shutdown().await;
+    Box::pin(async {
+        let _ = client.write_all(&buf).await;
+        let _ = client.shutdown().await;
+    })
+    .await
 }

@@ -245,7 +245,8 @@ impl Session {
     /// Leases a server connection and links the client to it until the transaction (or, in
     /// session mode, the session) is over; `early` is the request's start if already read.
     /// Returns whether the session goes on. Its future is moved into a box per request, so
-    /// the rare paths (error replies, cancel, reset) are boxed on their own to keep it small.
+    /// the rare paths (cancel, reset; error replies box themselves) are boxed on their own to
+    /// keep it small.
     async fn serve_request(
         &mut self,
         client: &mut TcpStream,
@@ -291,7 +292,7 @@ impl Session {
         } = match chosen {
             Ok(c) => c,
             Err(e) => {
-                Box::pin(send_error(client, peer_of(client), &e)).await;
+                send_error(client, peer_of(client), &e).await;
                 return false;
             }
         };
@@ -301,7 +302,7 @@ impl Session {
             .apply_params(&self.defaults, &self.overrides)
             .await
         {
-            Box::pin(send_error(client, peer_of(client), &e.into())).await;
+            send_error(client, peer_of(client), &e.into()).await;
             return false;
         }
         self.cancel_key
@@ -371,7 +372,7 @@ impl Session {
                 }
                 info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended");
                 if tell_client {
-                    Box::pin(send_error(client, peer_of(client), &error)).await;
+                    send_error(client, peer_of(client), &error).await;
                 }
                 false
             }
