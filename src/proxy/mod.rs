@@ -341,15 +341,15 @@ pub async fn serve(
             sessions.spawn(refuse(client, peer, err, timeout).instrument(span));
             continue;
         };
-        // One task type per mode: a task is as large as its largest state, and an idle
-        // pooled client should not pay for a passthrough session's buffers and timers.
         let (route, shared) = (route.clone(), shared.clone());
-        let open = ClientGauge::open(&clients);
+        let admission = Admission {
+            _slot: slot,
+            _open: ClientGauge::open(&clients),
+        };
         if route.config.mode.is_pooled() {
-            let session = async move {
-                pooled::handle(client, peer, &route, &shared).await;
-                drop((slot, open));
-            };
+            // One task type per mode (a task is as large as its largest state), spawned with
+            // no wrapping future: it is what every idle client costs.
+            let session = pooled::handle(client, peer, route, shared, admission);
             if span.is_disabled() {
                 sessions.spawn(session);
             } else {
@@ -358,11 +358,18 @@ pub async fn serve(
         } else {
             let session = async move {
                 passthrough::handle(client, peer, &route, &shared).await;
-                drop((slot, open));
+                drop(admission);
             };
             sessions.spawn(session.instrument(span));
         }
     }
+}
+
+/// What an admitted client holds until its session ends: its place under max_client_conn
+/// and its count in the listener's gauge.
+pub struct Admission {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _open: ClientGauge,
 }
 
 /// Counts an open client connection in its listener's gauge until dropped.
