@@ -389,8 +389,8 @@ impl Pool {
             Ok(permit) => (permit, None),
             Err(_) => {
                 let started = Instant::now();
-                let permit = self
-                    .wait_for_slot()
+                // Boxed: a wait's timers are large, and most leases never wait.
+                let permit = Box::pin(self.wait_for_slot())
                     .await
                     .ok_or(PoolError::WaitTimeout(wait))?;
                 (permit, Some(started))

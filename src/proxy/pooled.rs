@@ -688,6 +688,8 @@ impl Link {
             }
         };
 
+        // Its timers are boxed: the timeout is off by default, and this future is part of
+        // every transaction's.
         let idle_in_transaction = async {
             let limit = self.idle_transaction_timeout;
             loop {
@@ -697,14 +699,14 @@ impl Link {
                 };
                 let due = last + limit;
                 if due > Instant::now() {
-                    tokio::time::sleep_until(due.into()).await;
+                    Box::pin(tokio::time::sleep_until(due.into())).await;
                 } else if state() == ServerState::InTransaction {
                     return LinkEnd::Failed {
                         error: ClientError::IdleTransactionTimeout(limit),
                         tell_client: !st.server_mid_message.load(Relaxed),
                     };
                 } else {
-                    tokio::time::sleep(limit).await;
+                    Box::pin(tokio::time::sleep(limit)).await;
                 }
             }
         };
