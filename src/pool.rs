@@ -88,7 +88,7 @@ pub struct LoginParams {
 }
 
 /// Where to send a CancelRequest for the query running on a server connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CancelTarget {
     pub backend: Arc<Backend>,
     pub process_id: u32,
@@ -109,9 +109,7 @@ pub struct ServerConn {
     /// Named statements prepared on this connection by pgvane (transaction mode).
     pub prepared: ServerStatements,
     reported_at_login: Vec<String>,
-    /// Shared with the cancel registry while a client holds this connection: handing it
-    /// over touches only this connection's counter, not the backend's.
-    cancel: Arc<CancelTarget>,
+    cancel: CancelTarget,
     created: coarsetime::Instant,
     last_used: coarsetime::Instant,
     /// Per-database and per-user cap permits, held for the connection's lifetime.
@@ -171,7 +169,7 @@ impl ServerParams {
 }
 
 impl ServerConn {
-    pub fn cancel_target(&self) -> &Arc<CancelTarget> {
+    pub fn cancel_target(&self) -> &CancelTarget {
         &self.cancel
     }
 
@@ -559,11 +557,11 @@ impl Pool {
         Ok(Box::new(ServerConn {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
             params: ServerParams::new(hello.params.into_iter().collect()),
-            cancel: Arc::new(CancelTarget {
+            cancel: CancelTarget {
                 backend: backend.clone(),
                 process_id: hello.process_id,
                 secret_key: hello.secret_key,
-            }),
+            },
             stream,
             read_buf: BytesMut::with_capacity(SERVER_READ_BUFFER),
             prepared: ServerStatements::default(),

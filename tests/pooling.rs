@@ -203,6 +203,30 @@ async fn cancel_reaches_the_running_query() {
 }
 
 #[tokio::test]
+async fn a_cancel_from_a_client_that_went_idle_does_not_reach_its_last_server() {
+    // One server connection: the client that used it last and the one using it now share it.
+    let extra = "[pool]\ndefault_pool_size = 1\nquery_wait_timeout = \"10s\"\n";
+    let (_cluster, tx, _pgvane) = app_behind_txn_listener(extra).await;
+    let before = connect(tx, SUPERUSER, "app").await.unwrap();
+    let pid: i32 = before
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let now = connect(tx, SUPERUSER, "app").await.unwrap();
+    let sleeper = tokio::spawn(async move {
+        let pid: i32 = now
+            .query_one("SELECT pg_backend_pid() FROM pg_sleep(2)", &[])
+            .await?
+            .get(0);
+        Ok::<_, tokio_postgres::Error>(pid)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    before.cancel_token().cancel_query(NoTls).await.unwrap();
+    assert_eq!(sleeper.await.unwrap().unwrap(), pid, "same server connection");
+}
+
+#[tokio::test]
 async fn copy_in_and_out_in_transaction_mode() {
     use futures_util::{SinkExt, StreamExt};
     // One server connection: each step below needs it back from the one before.

@@ -5,6 +5,7 @@
 //! client's key is then sent on to that server. A request for an idle client, or with an
 //! unknown key, is dropped, as PostgreSQL drops one that matches no backend.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -13,6 +14,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::pool::CancelTarget;
+use crate::topology::Backend;
 
 /// Client key to the slot holding the server its client holds right now. The map's lock is
 /// taken only at login, logout and cancel; a transaction touches only its client's slot.
@@ -21,8 +23,22 @@ pub struct CancelRegistry {
     clients: Mutex<foldhash::HashMap<(u32, u32), Arc<Slot>>>,
 }
 
-/// The server a client holds (`None`: it holds none).
-type Slot = Mutex<Option<Arc<CancelTarget>>>;
+/// The server a client holds. Pointed at a server and cleared once per transaction each, so
+/// with plain stores, no lock and no reference count: the server's key is copied in, and its
+/// backend written only when it changes (in practice, once per client and failover).
+#[derive(Default)]
+struct Slot {
+    /// The server's process id and secret key (`pack`); 0 while the client holds none (no
+    /// PostgreSQL process has id 0).
+    key: AtomicU64,
+    /// Which backend `backend` holds, by address, to see without the lock that it is current.
+    backend_id: AtomicUsize,
+    backend: Mutex<Option<Arc<Backend>>>,
+}
+
+fn pack(process_id: u32, secret_key: u32) -> u64 {
+    (u64::from(process_id) << 32) | u64::from(secret_key)
+}
 
 /// A client's registration; removed when dropped.
 pub struct CancelKey {
@@ -34,8 +50,19 @@ pub struct CancelKey {
 
 impl CancelKey {
     /// Points cancels at the server the client holds now (`None`: it holds none).
-    pub fn set_target(&self, target: Option<&Arc<CancelTarget>>) {
-        *self.slot.lock().expect("cancel slot") = target.cloned();
+    pub fn set_target(&self, target: Option<&CancelTarget>) {
+        let Some(t) = target else {
+            self.slot.key.store(0, Ordering::Release);
+            return;
+        };
+        let id = Arc::as_ptr(&t.backend) as usize;
+        // The slot's own reference keeps that address from being reused by another backend.
+        if self.slot.backend_id.load(Ordering::Relaxed) != id {
+            *self.slot.backend.lock().expect("cancel slot") = Some(t.backend.clone());
+            self.slot.backend_id.store(id, Ordering::Relaxed);
+        }
+        let key = pack(t.process_id, t.secret_key);
+        self.slot.key.store(key, Ordering::Release);
     }
 }
 
@@ -75,7 +102,17 @@ impl CancelRegistry {
             .expect("cancel registry")
             .get(&(process_id, secret_key))
             .cloned();
-        let target = slot.and_then(|s| s.lock().expect("cancel slot").clone());
+        // A client switching servers meanwhile can pair a key with the other server's
+        // backend: that server knows no such key and ignores the request.
+        let target = slot.and_then(|s| {
+            let key = s.key.load(Ordering::Acquire);
+            let backend = s.backend.lock().expect("cancel slot").clone()?;
+            (key != 0).then_some(CancelTarget {
+                backend,
+                process_id: (key >> 32) as u32,
+                secret_key: key as u32,
+            })
+        });
         match target {
             Some(t) => send_cancel(&t).await,
             None => debug!("cancel request for an idle or unknown client ignored"),

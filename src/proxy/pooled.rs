@@ -482,6 +482,13 @@ impl LinkState {
         }
     }
 
+    /// Counts requests sent (+) and answered (-), never below zero. A load and a store rather
+    /// than a locked read-modify-write: only the link's own task touches the state.
+    fn change_pending(&self, delta: i64) {
+        let pending = i64::from(self.pending.load(Relaxed)) + delta;
+        self.pending.store(pending.max(0) as u32, Relaxed);
+    }
+
     fn client_data_now(&self) {
         if let Some(started) = self.started {
             let ms = started.elapsed().as_millis() as u64;
@@ -562,11 +569,9 @@ impl Link {
                 let scanned = scan.feed(data, |e| {
                     if let Event::Start { tag, at } = e {
                         match tag {
-                            b'Q' | b'F' => {
-                                st.pending.fetch_add(1, Relaxed);
-                            }
+                            b'Q' | b'F' => st.change_pending(1),
                             b'S' => {
-                                st.pending.fetch_add(1, Relaxed);
+                                st.change_pending(1);
                                 st.unsynced.store(false, Relaxed);
                             }
                             b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => {
@@ -578,9 +583,7 @@ impl Link {
                         // Syncs the server ignored during a COPY owe no ReadyForQuery.
                         let ignored = copy_in_syncs.frontend(tag);
                         if ignored > 0 {
-                            let _ = st.pending.fetch_update(Relaxed, Relaxed, |p| {
-                                Some(p.saturating_sub(ignored))
-                            });
+                            st.change_pending(-i64::from(ignored));
                         }
                     }
                 });
@@ -643,9 +646,7 @@ impl Link {
                 let mut ready_last = false;
                 let scanned = scan.feed(data, |e| match e {
                     Event::Complete { tag: b'Z', body } => {
-                        let _ = st
-                            .pending
-                            .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1));
+                        st.change_pending(-1);
                         st.tx_status
                             .store(body.first().copied().unwrap_or(b'I'), Relaxed);
                         ready_last = true;
