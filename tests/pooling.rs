@@ -223,7 +223,11 @@ async fn a_cancel_from_a_client_that_went_idle_does_not_reach_its_last_server() 
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     before.cancel_token().cancel_query(NoTls).await.unwrap();
-    assert_eq!(sleeper.await.unwrap().unwrap(), pid, "same server connection");
+    assert_eq!(
+        sleeper.await.unwrap().unwrap(),
+        pid,
+        "same server connection"
+    );
 }
 
 #[tokio::test]
