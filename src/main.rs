@@ -104,8 +104,8 @@ fn runtime(threads: WorkerThreads) -> std::io::Result<tokio::runtime::Runtime> {
 
 /// mimalloc rather than glibc's malloc: a pooler allocates and frees the same few sizes per
 /// transaction from every session, which glibc's per-thread cache (seven chunks per size)
-/// overflows into its locked arena, and small chunks carry no header. Measured against
-/// glibc: 5-15 % less CPU per `-S` transaction, 1,091 against 1,149 bytes per idle client;
-/// it costs a few MiB more at start.
+/// overflows into its locked arena. Measured against glibc with one worker thread: 1-3 us
+/// less CPU per `-S` transaction in each of 4 interleaved runs; about the same memory per
+/// idle client, and a few MiB more at start.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
