@@ -72,11 +72,7 @@ async fn session_mode_resets_the_server_before_reuse() {
     );
 
     let a = connect(s, SUPERUSER, "app").await.unwrap();
-    let pid_a: i32 = a
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid_a = backend_pid(&a).await;
     a.batch_execute("SET work_mem = '7MB'; CREATE TEMP TABLE scratch (x int)")
         .await
         .unwrap();
@@ -208,11 +204,7 @@ async fn a_cancel_from_a_client_that_went_idle_does_not_reach_its_last_server() 
     let extra = "[pool]\ndefault_pool_size = 1\nquery_wait_timeout = \"10s\"\n";
     let (_cluster, tx, _pgvane) = app_behind_txn_listener(extra).await;
     let before = connect(tx, SUPERUSER, "app").await.unwrap();
-    let pid: i32 = before
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid = backend_pid(&before).await;
     let now = connect(tx, SUPERUSER, "app").await.unwrap();
     let sleeper = tokio::spawn(async move {
         let pid: i32 = now
@@ -224,7 +216,7 @@ async fn a_cancel_from_a_client_that_went_idle_does_not_reach_its_last_server() 
     tokio::time::sleep(Duration::from_millis(500)).await;
     before.cancel_token().cancel_query(NoTls).await.unwrap();
     assert_eq!(
-        sleeper.await.unwrap().unwrap(),
+        sleeper.await.unwrap().unwrap().to_string(),
         pid,
         "same server connection"
     );

@@ -350,8 +350,9 @@ impl Session {
             idle_transaction_timeout: settings.idle_transaction_timeout,
             max_prepared_statements: settings.max_prepared_statements as usize,
         };
-        // Boxed on its own: two boxes within malloc's per-thread cache cost less than one
-        // past it (see the test `a_request_s_future_fits_malloc_s_thread_cache`).
+        // Boxed on its own: with glibc's allocator, two boxes within its per-thread cache
+        // cost less than one past it (`a_request_s_future_fits_malloc_s_thread_cache`);
+        // not re-measured since mimalloc became the allocator.
         let end = Box::pin(link.run(
             client,
             &mut first,
@@ -820,7 +821,8 @@ mod tests {
     #[test]
     fn a_pooled_session_task_stays_small() {
         // Every idle client costs this much in its task; it was 896 bytes when arguments and
-        // the session were held twice (idle_rss.sh: 1,633 bytes per idle client, now 1,149).
+        // the session were held twice (idle_rss.sh: 1,633 bytes per idle client; 1,159-1,163
+        // once it was 264, with glibc's allocator).
         let size = output_size(handle);
         assert!(size <= 320, "pooled session future is {size} bytes");
     }
