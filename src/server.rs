@@ -127,6 +127,9 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
 
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(StartError::Signal)?;
     let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
+    // Installed even though reload is not built yet: SIGHUP's default action would end the
+    // process, and operators send it out of habit (PgBouncer reloads on it).
+    let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
@@ -136,6 +139,7 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
             _ = sigusr2.recv() => {
                 let _ = admin::resume(&shared, None);
             }
+            _ = sighup.recv() => warn!("SIGHUP: configuration reload is not supported yet; the running configuration is unchanged (restart pgvane to apply a new one)"),
         }
     }
     stop_accepting.cancel();

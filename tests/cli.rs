@@ -92,6 +92,35 @@ fn a_taken_port_fails_start_up_naming_the_listener() {
     );
 }
 
+// SIGHUP's default action ends a process; PgBouncer's operators send it to reload.
+#[tokio::test]
+async fn sighup_leaves_pgvane_and_its_sessions_running() {
+    let cluster = Cluster::start(0);
+    let rw = free_port();
+    let text = config(
+        &cluster,
+        "interval = \"200ms\"",
+        &listener("rw", rw, "primary", ""),
+    );
+    let mut pgvane = Pgvane::start(&text, &[rw]);
+    let session = connect(rw, SUPERUSER, "postgres").await.unwrap();
+
+    pgvane.signal("HUP");
+    pgvane
+        .wait_log(
+            "SIGHUP: configuration reload is not supported yet",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        pgvane.wait_exit(Duration::from_millis(200)).is_none(),
+        "exited on SIGHUP"
+    );
+    assert_eq!(server_port(&session).await, cluster.primary().port);
+    let fresh = connect(rw, SUPERUSER, "postgres").await.unwrap();
+    assert_eq!(server_port(&fresh).await, cluster.primary().port);
+}
+
 // Multi-threaded: wait_exit blocks its thread while the client's connection task runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_open_sessions_then_exits() {
