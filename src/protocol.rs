@@ -184,7 +184,7 @@ pub fn cstrings(body: &[u8]) -> impl Iterator<Item = &str> {
 /// Finds the Syncs a server never answers: those a client sends during a COPY FROM STDIN
 /// that an Execute started (tokio-postgres sends its Sync before the copy data), which the
 /// server ignores while in copy-in mode.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct CopyInSyncs {
     since_execute: u32,
 }
@@ -217,9 +217,10 @@ pub enum Event<'a> {
 /// copying it: only the headers and the bodies of a few small captured messages are kept.
 pub struct Scanner {
     header: [u8; 5],
-    have: usize,
-    /// Body bytes of the current message not seen yet; `None` between messages.
-    remaining: Option<usize>,
+    have: u8,
+    /// Body bytes of the current message not seen yet; `None` between messages. Narrow
+    /// types: two scanners are part of every transaction's link future.
+    remaining: Option<u32>,
     tag: u8,
     capturing: bool,
     captured: Vec<u8>,
@@ -247,6 +248,12 @@ impl Scanner {
         self.have == 0 && self.remaining.is_none()
     }
 
+    /// Body bytes of the current message not seen yet (0 between messages); `None` in the
+    /// middle of a header.
+    pub fn body_left(&self) -> Option<usize> {
+        (self.have == 0).then(|| self.remaining.unwrap_or(0) as usize)
+    }
+
     pub fn feed(
         &mut self,
         chunk: &[u8],
@@ -255,20 +262,21 @@ impl Scanner {
         let mut i = 0;
         while i < chunk.len() {
             if let Some(remaining) = self.remaining {
-                let take = remaining.min(chunk.len() - i);
+                let take = (remaining as usize).min(chunk.len() - i);
                 if self.capturing {
                     self.captured.extend_from_slice(&chunk[i..i + take]);
                 }
                 i += take;
-                self.remaining = Some(remaining - take);
-                if remaining == take {
+                self.remaining = Some(remaining - take as u32);
+                if remaining as usize == take {
                     self.finish_message(&mut on);
                 }
                 continue;
             }
-            let take = (5 - self.have).min(chunk.len() - i);
-            self.header[self.have..self.have + take].copy_from_slice(&chunk[i..i + take]);
-            self.have += take;
+            let have = self.have as usize;
+            let take = (5 - have).min(chunk.len() - i);
+            self.header[have..have + take].copy_from_slice(&chunk[i..i + take]);
+            self.have += take as u8;
             i += take;
             if self.have < 5 {
                 break;
@@ -297,7 +305,7 @@ impl Scanner {
                 continue;
             }
             self.captured.clear();
-            self.remaining = Some(body);
+            self.remaining = Some(body as u32);
             if body == 0 {
                 self.finish_message(&mut on);
             }

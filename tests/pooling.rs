@@ -590,6 +590,68 @@ async fn named_prepared_statements_follow_clients_across_server_connections() {
     }
 }
 
+/// The tracker is engaged only at a client's first extended-protocol message: a statement
+/// prepared after a simple query in the same transaction, or sent right behind one that is
+/// still running, is recorded all the same and follows the client to other connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_behind_simple_queries_are_kept() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let extra = "[pool]\ndefault_pool_size = 2\nmax_prepared_statements = 3\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+
+    let clients = (0..6).map(|client: i32| async move {
+        let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+        for round in 0..8 {
+            c.batch_execute("BEGIN").await.unwrap();
+            let s = c
+                .prepare(&format!("SELECT $1::int + {client} + {round}"))
+                .await
+                .unwrap();
+            let v: i32 = c.query_one(&s, &[&1]).await.unwrap().get(0);
+            assert_eq!(v, 1 + client + round);
+            c.batch_execute("COMMIT").await.unwrap();
+            // Pipelined behind a running query: the tracker starts with its answer owed.
+            let (slept, t) = tokio::join!(
+                c.simple_query("SELECT pg_sleep(0.01)"),
+                c.prepare("SELECT $1::int * 3")
+            );
+            slept.unwrap();
+            let t = t.unwrap();
+            for (statement, want) in [(&s, 2 + client + round), (&t, 6)] {
+                let v: i32 = c.query_one(statement, &[&2]).await.unwrap().get(0);
+                assert_eq!(v, want);
+            }
+        }
+    });
+    join_all(clients).await;
+}
+
+/// DISCARD ALL in a simple query (no tracker engaged) drops the client's statements and
+/// tells pgvane that the server connection has none left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_all_forgets_prepared_statements() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let extra = "[pool]\ndefault_pool_size = 1\nmax_prepared_statements = 3\n";
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    let s = c.prepare("SELECT $1::int + 1").await.unwrap();
+    let v: i32 = c.query_one(&s, &[&1]).await.unwrap().get(0);
+    assert_eq!(v, 2);
+
+    c.batch_execute("DISCARD ALL").await.unwrap();
+    let err = c.query_one(&s, &[&1]).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME)
+    );
+    // The same text again: pgvane must prepare it anew on the (only) server connection.
+    let again = c.prepare("SELECT $1::int + 1").await.unwrap();
+    let v: i32 = c.query_one(&again, &[&1]).await.unwrap().get(0);
+    assert_eq!(v, 2);
+}
+
 /// A client may send its first request without waiting for its login to complete (with
 /// trust authentication nothing in the login needs an answer), and a Terminate without
 /// waiting for the answers. pgvane reads logins in large reads: what came after the login is

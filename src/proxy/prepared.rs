@@ -23,9 +23,14 @@
 //!
 //! SQL-level PREPARE/EXECUTE are not tracked (as in PgBouncer); DEALLOCATE ALL and DISCARD
 //! ALL are noticed and empty both records.
+//!
+//! A link engages its tracker ([`LazyTracker`]) only when the client sends its first
+//! extended-protocol message other than Sync: simple-protocol traffic (Query, FunctionCall,
+//! COPY data) names no statement, and following it would cost every such transaction a
+//! second walk over its messages both ways.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{BufMut, BytesMut};
 use sha2::{Digest, Sha256};
@@ -301,20 +306,35 @@ fn too_large(tag: u8, len: usize) -> ClientError {
 }
 
 impl<'a> Tracker<'a> {
-    pub fn new(
+    #[cfg(test)]
+    fn new(
         client: &'a mut ClientStatements,
         server: &'a mut ServerStatements,
         limit: usize,
     ) -> Self {
+        Self::resuming(client, server, limit, LinkPoint::default())
+    }
+
+    /// A tracker taking over a link at `at`, a client message boundary.
+    fn resuming(
+        client: &'a mut ClientStatements,
+        server: &'a mut ServerStatements,
+        limit: usize,
+        at: LinkPoint,
+    ) -> Self {
+        let mut sent = std::mem::take(&mut server.spare_queue);
+        sent.extend((0..at.ready_due).map(|_| Sent::Ready));
         Self {
             state: Mutex::new(State {
-                sent: std::mem::take(&mut server.spare_queue),
+                sent,
                 client,
                 server,
                 skipping: false,
-                copy_in_syncs: CopyInSyncs::default(),
+                copy_in_syncs: at.copy_in_syncs,
                 up: Framer::default(),
-                down: Framer::default(),
+                down: Framer {
+                    body_left: at.server_body_left,
+                },
             }),
             limit,
         }
@@ -436,10 +456,7 @@ impl<'a> Tracker<'a> {
                 }
                 // CommandComplete of DISCARD ALL / DEALLOCATE ALL: every statement is gone.
                 b'C' => match input.get(i + 5..i + total) {
-                    Some(b)
-                        if b.starts_with(b"DISCARD ALL\0")
-                            || b.starts_with(b"DEALLOCATE ALL\0") =>
-                    {
+                    Some(b) if forgets_all(b) => {
                         st.client.clear();
                         st.server.clear();
                     }
@@ -453,6 +470,86 @@ impl<'a> Tracker<'a> {
         }
         Ok(w.finish(input, i))
     }
+}
+
+/// Whether a CommandComplete body reports that the server dropped every prepared statement.
+pub fn forgets_all(body: &[u8]) -> bool {
+    body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0")
+}
+
+/// Where a link stands when its tracker is engaged.
+#[derive(Debug, Default)]
+pub struct LinkPoint {
+    /// Requests sent untracked (Query, FunctionCall, Sync) still owing a ReadyForQuery.
+    pub ready_due: u32,
+    /// The link's COPY state so far.
+    pub copy_in_syncs: CopyInSyncs,
+    /// Body bytes of the server's current message that the link has not read yet.
+    pub server_body_left: usize,
+}
+
+/// A link's tracker, engaged on the client's first extended-protocol message (see the
+/// module doc); until then the link follows only what makes a record stale.
+pub struct LazyTracker<'a> {
+    /// What the tracker will own, until it is engaged.
+    parts: Mutex<Option<(&'a mut ClientStatements, &'a mut ServerStatements)>>,
+    engaged: OnceLock<Tracker<'a>>,
+    limit: usize,
+}
+
+impl<'a> LazyTracker<'a> {
+    pub fn new(
+        client: &'a mut ClientStatements,
+        server: &'a mut ServerStatements,
+        limit: usize,
+    ) -> Self {
+        Self {
+            parts: Mutex::new(Some((client, server))),
+            engaged: OnceLock::new(),
+            limit,
+        }
+    }
+
+    pub fn get(&self) -> Option<&Tracker<'a>> {
+        self.engaged.get()
+    }
+
+    /// Engages the tracker (once) at a client message boundary.
+    pub fn engage(&self, at: LinkPoint) -> &Tracker<'a> {
+        self.engaged.get_or_init(|| {
+            let (client, server) = self
+                .parts
+                .lock()
+                .expect("tracker parts lock")
+                .take()
+                .expect("parts are taken only here, once");
+            Tracker::resuming(client, server, self.limit, at)
+        })
+    }
+
+    /// DISCARD ALL or DEALLOCATE ALL ran while the tracker was not engaged.
+    pub fn forget_all(&self) {
+        if let Some((client, server)) = &mut *self.parts.lock().expect("tracker parts lock") {
+            client.clear();
+            server.clear();
+        }
+    }
+}
+
+/// While the tracker is not engaged: how many bytes at the start of the client's `input`
+/// can be passed on untracked, and whether the message there needs the tracker (else what
+/// follows is an incomplete header). `body_left`: bytes of a message begun earlier.
+pub fn untracked(input: &[u8], body_left: usize) -> Result<(usize, bool), ProtocolError> {
+    let mut up = Framer { body_left };
+    let mut i = 0;
+    while let Some((tag, total)) = up.next(input, &mut i)? {
+        if !matches!(tag, b'Q' | b'F' | b'S' | b'd' | b'c' | b'f' | b'X') {
+            return Ok((i, true));
+        }
+        up.body_left = total - 5;
+        i += 5;
+    }
+    Ok((i, false))
 }
 
 impl Drop for State<'_> {
