@@ -22,7 +22,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
@@ -532,7 +532,7 @@ impl Link {
         let st = LinkState::new(!self.idle_transaction_timeout.is_zero());
         let state = || st.server_state();
 
-        let (mut client_rd, mut client_wr) = client.split();
+        let client = &*client;
         let ServerConn {
             stream,
             params,
@@ -540,7 +540,7 @@ impl Link {
             prepared,
             ..
         } = server;
-        let (mut server_rd, mut server_wr) = stream.split();
+        let server_stream = &*stream;
         let tracker =
             statements.map(|c| LazyTracker::new(c, prepared, self.max_prepared_statements));
 
@@ -548,13 +548,14 @@ impl Link {
             // read_buf fills spare capacity: no zeroing of a fresh buffer per transaction.
             // Bytes kept from the last round: the start of a message the tracker needs whole.
             let mut held = 0;
+            let mut armed = false;
             let mut rewritten = BytesMut::new();
             let mut scan = Scanner::new(b"");
             let mut copy_in_syncs = CopyInSyncs::default();
             loop {
                 if buf.len() == held {
                     make_room(buf, LINK_BUFFER);
-                    match client_rd.read_buf(buf).await {
+                    match read_link(client, buf, &mut armed).await {
                         Ok(0) | Err(_) => return LinkEnd::ClientGone(state()),
                         Ok(_) => {}
                     }
@@ -644,7 +645,7 @@ impl Link {
                 st.client_mid_message.store(!scan.at_boundary(), Relaxed);
                 // A Terminate is pgvane's to act on; the pooled server connection stays open.
                 let upto = terminate_at.map_or(n, |at: isize| at.max(0) as usize);
-                if server_wr.write_all(&data[..upto]).await.is_err() {
+                if write_all(server_stream, &data[..upto]).await.is_err() {
                     return LinkEnd::ServerDied {
                         error: ClientError::ServerLost("cannot write to the server".into()),
                         tell_client: !st.server_mid_message.load(Relaxed),
@@ -671,12 +672,13 @@ impl Link {
 
         let server_to_client = async {
             let buf = read_buf;
+            let mut armed = false;
             let mut rewritten = BytesMut::new();
             // CommandComplete too: a DISCARD ALL must reach the records while untracked.
             let mut scan = Scanner::new(b"ZSC");
             loop {
                 make_room(buf, SERVER_READ_BUFFER);
-                if let Ok(0) | Err(_) = server_rd.read_buf(buf).await {
+                if let Ok(0) | Err(_) = read_link(server_stream, buf, &mut armed).await {
                     return LinkEnd::ServerDied {
                         error: ClientError::ServerLost("the server closed the connection".into()),
                         tell_client: scan.at_boundary(),
@@ -732,7 +734,7 @@ impl Link {
                 st.server_mid_message.store(!scan.at_boundary(), Relaxed);
                 st.server_body_left
                     .store(scan.body_left().unwrap_or(usize::MAX), Relaxed);
-                if client_wr.write_all(data).await.is_err() {
+                if write_all(client, data).await.is_err() {
                     return LinkEnd::ClientGone(state());
                 }
                 keep_tail(buf, consumed);
@@ -859,6 +861,106 @@ async fn read_if_ready(client: &mut TcpStream, buf: &mut BytesMut) -> std::io::R
     .await
 }
 
+/// A link's read: what `stream` has, into `buf`'s spare room, waiting for it if need be.
+///
+/// The link polls both directions whenever either wakes it, so most polls of a direction
+/// find nothing new. `armed` records that this direction's waker is registered with the
+/// socket and no readiness event has come since: such a poll then costs one atomic load
+/// instead of a full readiness poll. Every other read goes through `poll_read_ready`,
+/// which tokio budgets, so a busy link still lets the thread's other sessions run.
+fn read_link<'a>(
+    stream: &'a TcpStream,
+    buf: &'a mut BytesMut,
+    armed: &'a mut bool,
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+    // A plain poll_fn, not an async fn, which would hold its arguments twice: this future
+    // is part of the link's, boxed per transaction.
+    std::future::poll_fn(move |cx| loop {
+        if !*armed {
+            match stream.poll_read_ready(cx) {
+                Poll::Pending => {
+                    *armed = true;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+        }
+        match try_read_once(stream, buf) {
+            Ok(ReadTry::Read(n)) => {
+                *armed = false;
+                return Poll::Ready(Ok(n));
+            }
+            // No event since the waker was registered: it still stands.
+            Ok(ReadTry::NotReady) if *armed => return Poll::Pending,
+            // The readiness was stale and is now cleared: register again.
+            Ok(_) => *armed = false,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    })
+}
+
+enum ReadTry {
+    Read(usize),
+    /// The socket's readiness is clear: nothing was attempted.
+    NotReady,
+    /// The readiness was set but the socket had nothing; tokio cleared it.
+    Empty,
+}
+
+/// One non-blocking read. A read that leaves the socket empty clears its readiness, as
+/// tokio's own `poll_read` does, so the next read waits for the next event rather than
+/// spend a system call finding the socket empty.
+fn try_read_once(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<ReadTry> {
+    let room = buf.capacity() - buf.len();
+    let mut outcome = ReadTry::NotReady;
+    let tried = stream.try_io(tokio::io::Interest::READABLE, || {
+        match stream.try_read_buf(buf) {
+            Ok(n) => {
+                outcome = ReadTry::Read(n);
+                if n > 0 && n < room {
+                    // Drained: reported as WouldBlock only so that tokio clears readiness.
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    outcome = ReadTry::Empty;
+                }
+                Err(e)
+            }
+        }
+    });
+    match (outcome, tried) {
+        (ReadTry::Read(n), _) => Ok(ReadTry::Read(n)),
+        (_, Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => Err(e),
+        (outcome, _) => Ok(outcome),
+    }
+}
+
+/// Writes all of `data`, waiting for room only when the socket's send buffer is full.
+fn write_all<'a>(
+    stream: &'a TcpStream,
+    mut data: &'a [u8],
+) -> impl std::future::Future<Output = std::io::Result<()>> + 'a {
+    std::future::poll_fn(move |cx| {
+        while !data.is_empty() {
+            match stream.try_write(data) {
+                Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Err(e) = std::task::ready!(stream.poll_write_ready(cx)) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+}
+
 /// Reclaims (or grows) a buffer's room for a read of up to `size` bytes when it is low.
 fn make_room(buf: &mut BytesMut, size: usize) {
     if buf.capacity() - buf.len() < size / 2 {
@@ -906,6 +1008,49 @@ mod tests {
 
     fn output_size7<A, B, C, D, E, F, G, R>(_: impl Fn(A, B, C, D, E, F, G) -> R) -> usize {
         std::mem::size_of::<R>()
+    }
+
+    /// Polls a link read once with the calling task's waker.
+    async fn poll_read_once(s: &TcpStream, buf: &mut BytesMut, armed: &mut bool) -> Poll<usize> {
+        use std::future::Future;
+        std::future::poll_fn(|cx| {
+            let read = std::pin::pin!(read_link(s, buf, armed)).poll(cx);
+            Poll::Ready(read.map(|r| r.unwrap()))
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn an_armed_link_read_still_wakes_on_new_data() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        let (mut buf, mut armed) = (BytesMut::with_capacity(64), false);
+
+        // Nothing yet: the first poll registers the waker; polls after it take the cheap path.
+        assert!(poll_read_once(&s, &mut buf, &mut armed).await.is_pending());
+        assert!(armed);
+        assert!(poll_read_once(&s, &mut buf, &mut armed).await.is_pending());
+        assert!(armed);
+        // The waker registered by the first poll is the one the data wakes.
+        peer.write_all(b"hello").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), read_link(&s, &mut buf, &mut armed))
+            .await
+            .expect("woken by the data")
+            .unwrap();
+        assert_eq!((n, &buf[..], armed), (5, &b"hello"[..], false));
+        // Drained: readiness was cleared, so the next read waits (and arms) again.
+        assert!(poll_read_once(&s, &mut buf, &mut armed).await.is_pending());
+        assert!(armed);
+        drop(peer);
+        let n = tokio::time::timeout(Duration::from_secs(5), read_link(&s, &mut buf, &mut armed))
+            .await
+            .expect("woken by the hang-up")
+            .unwrap();
+        assert_eq!(n, 0);
     }
 
     #[test]
