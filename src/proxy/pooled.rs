@@ -79,7 +79,7 @@ pub fn handle(
             // Idle: wait for the client's next request, holding neither buffer nor server.
             // poll_read_ready parks on the socket's own waker slot: a much smaller future
             // than `readable()`, and idle clients are what a pooler has most of.
-            if std::future::poll_fn(|cx| client.poll_read_ready(cx))
+            if std::future::poll_fn(|cx| wait_readable(&client, cx, &mut session.client_armed))
                 .await
                 .is_err()
             {
@@ -123,6 +123,9 @@ struct Session {
     /// only once there are some: most sessions never prepare one, and idle sessions should
     /// stay small.
     statements: Option<Box<ClientStatements>>,
+    /// The client socket has this session's waker registered and no readiness event since
+    /// (left so by a link's last client read): the idle wait then needs no new registration.
+    client_armed: bool,
 }
 
 /// Startup and authentication, returning the session and any bytes the client sent past its
@@ -224,6 +227,7 @@ async fn login(
         overrides,
         cancel_key,
         statements: None,
+        client_armed: false,
     };
     let early = (!client.buffer().is_empty()).then(|| BytesMut::from(client.buffer()));
     Ok(Some((session, early)))
@@ -348,6 +352,11 @@ impl Session {
             mode: cfg.mode,
             idle_transaction_timeout: settings.idle_transaction_timeout,
             max_prepared_statements: settings.max_prepared_statements as usize,
+            // The request's first read consumed the readiness event that woke the session.
+            client_armed: {
+                self.client_armed = false;
+                &mut self.client_armed
+            },
         };
         // Boxed on its own: two boxes of up to 1 KiB each cost less than one past it
         // (`a_request_s_future_fits_the_allocator_s_fast_path`).
@@ -510,13 +519,15 @@ impl LinkState {
 /// Resolves when a session-mode link's backend stops serving the listener's target.
 type RoleLost<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
-struct Link {
+struct Link<'a> {
     mode: ListenerMode,
     idle_transaction_timeout: Duration,
     max_prepared_statements: usize,
+    /// The session's `client_armed`, kept by the link's client reads.
+    client_armed: &'a mut bool,
 }
 
-impl Link {
+impl Link<'_> {
     /// Pumps bytes between a client and its leased server connection until the link ends.
     /// Both directions run concurrently in this one task, so neither can stall the other,
     /// and they share their view of the protocol state through `Cell`s.
@@ -548,14 +559,14 @@ impl Link {
             // read_buf fills spare capacity: no zeroing of a fresh buffer per transaction.
             // Bytes kept from the last round: the start of a message the tracker needs whole.
             let mut held = 0;
-            let mut armed = false;
+            let armed = &mut *self.client_armed;
             let mut rewritten = BytesMut::new();
             let mut scan = Scanner::new(b"");
             let mut copy_in_syncs = CopyInSyncs::default();
             loop {
                 if buf.len() == held {
                     make_room(buf, LINK_BUFFER);
-                    match read_link(client, buf, &mut armed).await {
+                    match read_link(client, buf, armed).await {
                         Ok(0) | Err(_) => return LinkEnd::ClientGone(state()),
                         Ok(_) => {}
                     }
@@ -859,6 +870,27 @@ async fn read_if_ready(client: &mut TcpStream, buf: &mut BytesMut) -> std::io::R
         }
     })
     .await
+}
+
+/// The idle wait for a client's next request: as `poll_read_ready`, but with no new
+/// registration while `armed` (see [`read_link`]).
+fn wait_readable(
+    client: &TcpStream,
+    cx: &mut std::task::Context<'_>,
+    armed: &mut bool,
+) -> Poll<std::io::Result<()>> {
+    if *armed {
+        match client.try_io(tokio::io::Interest::READABLE, || Ok(())) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Poll::Pending,
+            other => {
+                *armed = false;
+                return Poll::Ready(other);
+            }
+        }
+    }
+    let ready = client.poll_read_ready(cx);
+    *armed = ready.is_pending();
+    ready
 }
 
 /// A link's read: what `stream` has, into `buf`'s spare room, waiting for it if need be.
