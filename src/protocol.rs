@@ -273,6 +273,31 @@ impl Scanner {
                 }
                 continue;
             }
+            // The common case, a whole message within the chunk: read in place, with no
+            // copy of its header and no state kept.
+            if self.have == 0 {
+                if let Some(&[tag, a, b, c, d]) = chunk.get(i..i + 5) {
+                    let len = u32::from_be_bytes([a, b, c, d]);
+                    if len < 4 {
+                        return Err(ProtocolError::BadLength(len));
+                    }
+                    let body = len as usize - 4;
+                    if body <= chunk.len() - i - 5 {
+                        on(Event::Start {
+                            tag,
+                            at: i as isize,
+                        });
+                        if body <= CAPTURE_LIMIT && self.capture_tags.contains(&tag) {
+                            on(Event::Complete {
+                                tag,
+                                body: &chunk[i + 5..i + 5 + body],
+                            });
+                        }
+                        i += 5 + body;
+                        continue;
+                    }
+                }
+            }
             let have = self.have as usize;
             let take = (5 - have).min(chunk.len() - i);
             self.header[have..have + take].copy_from_slice(&chunk[i..i + take]);
