@@ -530,7 +530,7 @@ struct Link<'a> {
 impl Link<'_> {
     /// Pumps bytes between a client and its leased server connection until the link ends.
     /// Both directions run concurrently in this one task, so neither can stall the other,
-    /// and they share their view of the protocol state through `Cell`s.
+    /// and they share their view of the protocol state through `LinkState`.
     async fn run(
         self,
         client: &mut TcpStream,
