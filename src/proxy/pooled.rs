@@ -281,12 +281,12 @@ impl Session {
         let mut first = LinkBuffer::take();
         match early {
             Some(bytes) => first.extend_from_slice(&bytes),
-            None => match read_if_ready(client, &mut first).await {
+            None => match try_read_once(client, &mut first) {
                 // Hung up: nothing to do on any server.
-                Ok(0) => return false,
-                Ok(_) => {}
+                Ok(ReadTry::Read(0)) => return false,
+                Ok(ReadTry::Read(_)) => {}
                 // The readiness was stale: back to waiting.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Ok(ReadTry::NotReady | ReadTry::Empty) => return true,
                 Err(_) => return false,
             },
         }
@@ -453,7 +453,6 @@ struct LinkState {
     /// Extended-protocol messages sent since the last Sync.
     unsynced: AtomicBool,
     client_mid_message: AtomicBool,
-    server_mid_message: AtomicBool,
     /// Transaction status of the latest ReadyForQuery.
     tx_status: AtomicU8,
     /// Body bytes of the server's current message not read yet; `usize::MAX` in the
@@ -473,13 +472,18 @@ impl LinkState {
             pending: AtomicU32::new(0),
             unsynced: AtomicBool::new(false),
             client_mid_message: AtomicBool::new(false),
-            server_mid_message: AtomicBool::new(false),
             tx_status: AtomicU8::new(b'I'),
             server_body_left: AtomicUsize::new(0),
             terminated: AtomicBool::new(false),
             started: track_client_data.then(Instant::now),
             last_client_data_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Part of a server message has been passed on: an ErrorResponse of pgvane's would
+    /// land inside it.
+    fn server_mid_message(&self) -> bool {
+        self.server_body_left.load(Relaxed) != 0
     }
 
     fn server_state(&self) -> ServerState {
@@ -605,7 +609,7 @@ impl Link<'_> {
                             Err(e) => {
                                 return LinkEnd::Failed {
                                     error: e.into(),
-                                    tell_client: !st.server_mid_message.load(Relaxed),
+                                    tell_client: !st.server_mid_message(),
                                 }
                             }
                         },
@@ -618,7 +622,7 @@ impl Link<'_> {
                         Err(error) => {
                             return LinkEnd::Failed {
                                 error,
-                                tell_client: !st.server_mid_message.load(Relaxed),
+                                tell_client: !st.server_mid_message(),
                             }
                         }
                     },
@@ -650,7 +654,7 @@ impl Link<'_> {
                 if let Err(e) = scanned {
                     return LinkEnd::Failed {
                         error: e.into(),
-                        tell_client: !st.server_mid_message.load(Relaxed),
+                        tell_client: !st.server_mid_message(),
                     };
                 }
                 st.client_mid_message.store(!scan.at_boundary(), Relaxed);
@@ -659,7 +663,7 @@ impl Link<'_> {
                 if write_all(server_stream, &data[..upto]).await.is_err() {
                     return LinkEnd::ServerDied {
                         error: ClientError::ServerLost("cannot write to the server".into()),
-                        tell_client: !st.server_mid_message.load(Relaxed),
+                        tell_client: !st.server_mid_message(),
                     };
                 }
                 if let Some(at) = terminate_at {
@@ -742,7 +746,6 @@ impl Link<'_> {
                         tell_client: false,
                     };
                 }
-                st.server_mid_message.store(!scan.at_boundary(), Relaxed);
                 st.server_body_left
                     .store(scan.body_left().unwrap_or(usize::MAX), Relaxed);
                 if write_all(client, data).await.is_err() {
@@ -778,7 +781,7 @@ impl Link<'_> {
                 } else if state() == ServerState::InTransaction {
                     return LinkEnd::Failed {
                         error: ClientError::IdleTransactionTimeout(limit),
-                        tell_client: !st.server_mid_message.load(Relaxed),
+                        tell_client: !st.server_mid_message(),
                     };
                 } else {
                     Box::pin(tokio::time::sleep(limit)).await;
@@ -802,7 +805,7 @@ impl Link<'_> {
             end = idle_in_transaction => end,
             _ = role_lost => LinkEnd::Failed {
                 error: ClientError::ServerLost("the backend no longer serves this listener's target".into()),
-                tell_client: !st.server_mid_message.load(Relaxed),
+                tell_client: !st.server_mid_message(),
             },
         }
     }
@@ -856,20 +859,6 @@ impl std::ops::DerefMut for LinkBuffer {
     fn deref_mut(&mut self) -> &mut BytesMut {
         &mut self.0
     }
-}
-
-/// Reads what the client has sent, or fails with `WouldBlock` at once if it has nothing.
-/// Unlike `try_read_buf`, a read through `poll_read` that leaves the socket empty tells
-/// tokio so: the link's next read then waits for the next readiness event instead of
-/// spending a system call to find the socket empty (one per transaction).
-async fn read_if_ready(client: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *client), cx, buf) {
-            Poll::Pending => Poll::Ready(Err(std::io::ErrorKind::WouldBlock.into())),
-            ready => ready,
-        }
-    })
-    .await
 }
 
 /// The idle wait for a client's next request: as `poll_read_ready`, but with no new
