@@ -92,9 +92,8 @@ fn a_taken_port_fails_start_up_naming_the_listener() {
     );
 }
 
-// SIGHUP's default action ends a process; PgBouncer's operators send it to reload.
-#[tokio::test]
-async fn sighup_leaves_pgvane_and_its_sessions_running() {
+/// A primary behind a passthrough listener, and a session open through it.
+async fn pgvane_with_a_session() -> (Cluster, u16, Pgvane, tokio_postgres::Client) {
     let cluster = Cluster::start(0);
     let rw = free_port();
     let text = config(
@@ -102,8 +101,15 @@ async fn sighup_leaves_pgvane_and_its_sessions_running() {
         "interval = \"200ms\"",
         &listener("rw", rw, "primary", ""),
     );
-    let mut pgvane = Pgvane::start(&text, &[rw]);
+    let pgvane = Pgvane::start(&text, &[rw]);
     let session = connect(rw, SUPERUSER, "postgres").await.unwrap();
+    (cluster, rw, pgvane, session)
+}
+
+// SIGHUP's default action ends a process; PgBouncer's operators send it to reload.
+#[tokio::test]
+async fn sighup_leaves_pgvane_and_its_sessions_running() {
+    let (cluster, rw, mut pgvane, session) = pgvane_with_a_session().await;
 
     pgvane.signal("HUP");
     pgvane
@@ -124,15 +130,7 @@ async fn sighup_leaves_pgvane_and_its_sessions_running() {
 // Multi-threaded: wait_exit blocks its thread while the client's connection task runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_open_sessions_then_exits() {
-    let cluster = Cluster::start(0);
-    let rw = free_port();
-    let text = config(
-        &cluster,
-        "interval = \"200ms\"",
-        &listener("rw", rw, "primary", ""),
-    );
-    let mut pgvane = Pgvane::start(&text, &[rw]);
-    let session = connect(rw, SUPERUSER, "postgres").await.unwrap();
+    let (cluster, rw, mut pgvane, session) = pgvane_with_a_session().await;
 
     Command::new("kill")
         .args(["-TERM", &pgvane.pid().to_string()])

@@ -13,6 +13,14 @@ fn txn_listener(port: u16) -> String {
     listener("tx", port, "primary", "mode = \"transaction\"")
 }
 
+/// A primary behind a transaction listener configured with `extra`.
+fn behind_txn_listener(extra: &str) -> (Cluster, u16, Pgvane) {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    (cluster, tx, pgvane)
+}
+
 /// A primary with database `app`, behind a transaction listener configured with `extra`.
 async fn app_behind_txn_listener(extra: &str) -> (Cluster, u16, Pgvane) {
     let cluster = Cluster::start(0);
@@ -264,10 +272,7 @@ async fn copy_in_and_out_in_transaction_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_extended_queries_from_many_clients_stay_apart() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let extra = "[pool]\ndefault_pool_size = 2\n";
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let (_cluster, tx, _pgvane) = behind_txn_listener("[pool]\ndefault_pool_size = 2\n");
 
     let clients = (0..20).map(|client| async move {
         let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
@@ -294,10 +299,7 @@ async fn pipelined_extended_queries_from_many_clients_stay_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameters_follow_the_client_to_another_server_connection() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let extra = "[pool]\ndefault_pool_size = 2\n";
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let (_cluster, tx, _pgvane) = behind_txn_listener("[pool]\ndefault_pool_size = 2\n");
 
     // Simple-protocol statements only: each is one round trip on one server connection.
     async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
@@ -334,10 +336,8 @@ async fn parameters_follow_the_client_to_another_server_connection() {
 
 #[tokio::test]
 async fn query_wait_timeout_gives_a_clear_error() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let extra = "[pool]\ndefault_pool_size = 1\nquery_wait_timeout = \"500ms\"\n";
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let (_cluster, tx, _pgvane) =
+        behind_txn_listener("[pool]\ndefault_pool_size = 1\nquery_wait_timeout = \"500ms\"\n");
 
     let holder = connect(tx, SUPERUSER, "postgres").await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
@@ -354,10 +354,7 @@ async fn query_wait_timeout_gives_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_connects_per_backend_are_bounded() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let extra = "[pool]\nserver_connect_concurrency = 2\n";
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let (cluster, tx, _pgvane) = behind_txn_listener("[pool]\nserver_connect_concurrency = 2\n");
     // One after the other: only the first login needs a server connection.
     let mut clients = Vec::new();
     for _ in 0..6 {
@@ -535,13 +532,11 @@ async fn the_primary_pool_follows_a_failover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_prepared_statements_follow_clients_across_server_connections() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
     // Two server connections, room for three statements on each: twelve clients with a
     // statement of their own and one they share keep moving between connections and
     // evicting each other's statements.
-    let extra = "[pool]\ndefault_pool_size = 2\nmax_prepared_statements = 3\n";
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let (_cluster, tx, _pgvane) =
+        behind_txn_listener("[pool]\ndefault_pool_size = 2\nmax_prepared_statements = 3\n");
 
     let clients = (0..12).map(|client: i32| async move {
         let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
@@ -595,10 +590,8 @@ async fn named_prepared_statements_follow_clients_across_server_connections() {
 /// still running, is recorded all the same and follows the client to other connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_prepared_behind_simple_queries_are_kept() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let extra = "[pool]\ndefault_pool_size = 2\nmax_prepared_statements = 3\n";
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let (_cluster, tx, _pgvane) =
+        behind_txn_listener("[pool]\ndefault_pool_size = 2\nmax_prepared_statements = 3\n");
 
     let clients = (0..6).map(|client: i32| async move {
         let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
@@ -631,10 +624,8 @@ async fn statements_prepared_behind_simple_queries_are_kept() {
 /// tells pgvane that the server connection has none left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discard_all_forgets_prepared_statements() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let extra = "[pool]\ndefault_pool_size = 1\nmax_prepared_statements = 3\n";
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let (_cluster, tx, _pgvane) =
+        behind_txn_listener("[pool]\ndefault_pool_size = 1\nmax_prepared_statements = 3\n");
     let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
     let s = c.prepare("SELECT $1::int + 1").await.unwrap();
     let v: i32 = c.query_one(&s, &[&1]).await.unwrap().get(0);
@@ -662,10 +653,7 @@ async fn a_request_sent_along_with_the_login_is_served() {
     use postgres_protocol::message::frontend;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let extra = "[auth]\ntype = \"trust\"\n";
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let (_cluster, tx, _pgvane) = behind_txn_listener("[auth]\ntype = \"trust\"\n");
 
     let mut out = bytes::BytesMut::new();
     frontend::startup_message([("user", SUPERUSER), ("database", "postgres")], &mut out).unwrap();
@@ -740,9 +728,7 @@ async fn prepared_statements_survive_a_session_client_on_their_server_connection
 /// the server's own error, after authentication's closing messages.
 #[tokio::test]
 async fn a_server_refusal_after_authentication_reaches_the_client() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), ""), &[tx]);
+    let (_cluster, tx, _pgvane) = behind_txn_listener("");
     let Err(err) = connect(tx, SUPERUSER, "nosuchdb").await else {
         panic!("login to a database that does not exist accepted");
     };
@@ -853,10 +839,7 @@ fn pgbench(port: u16, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_prepared_mode_runs_through_transaction_pooling() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let extra = "[pool]\ndefault_pool_size = 4\n";
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &txn_listener(tx), extra), &[tx]);
+    let (cluster, tx, _pgvane) = behind_txn_listener("[pool]\ndefault_pool_size = 4\n");
     pgbench(cluster.primary().port, &["-i", "-s", "1", "-q"]);
     // Each client prepares its statement once (pgbench names it P_0, as every other client
     // does for the same text) and runs it on whichever of the 4 server connections is free.
