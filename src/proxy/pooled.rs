@@ -22,7 +22,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
@@ -68,28 +68,51 @@ pub fn handle(
             return;
         };
         info!(client = %peer, listener = %route.config.name, user = %session.home.key.user, database = %session.home.key.database, "client logged in");
-        // A request the client sent along with its login, without waiting for it to
-        // complete. `if let` consumes `early`, so that it takes no room in the idle state.
-        if let Some(early) = early {
-            if !Box::pin(session.serve_request(&mut client, route, shared, Some(early))).await {
-                return;
-            }
-        }
+        // A request the client sent along with its login without waiting for it to
+        // complete, or one a transaction's link read the start of: served without a wait.
+        let mut begun = early;
         loop {
-            // Idle: wait for the client's next request, holding neither buffer nor server.
-            // poll_read_ready parks on the socket's own waker slot: a much smaller future
-            // than `readable()`, and idle clients are what a pooler has most of.
-            if std::future::poll_fn(|cx| wait_readable(&client, cx, &mut session.client_armed))
-                .await
-                .is_err()
-            {
-                return;
+            if begun.is_none() {
+                // Idle: wait for the client's next request, holding neither buffer nor
+                // server. poll_read_ready parks on the socket's own waker slot: a much
+                // smaller future than `readable()`, and idle clients are what a pooler has
+                // most of.
+                if std::future::poll_fn(|cx| client.poll_read_ready(cx))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
             // Everything a request needs lives in its own boxed future, so that an idle
             // session costs no more than the state above.
-            if !Box::pin(session.serve_request(&mut client, route, shared, None)).await {
-                return;
+            match Box::pin(session.serve_request(&mut client, route, shared, begun.take())).await {
+                Served::End => return,
+                Served::Done => {}
+                Served::Begun(next) => begun = Some(next),
             }
+        }
+    }
+}
+
+/// How a request's service ended.
+enum Served {
+    /// The session is over.
+    End,
+    /// The client sent nothing more yet.
+    Done,
+    /// The link read the start of the client's next request.
+    Begun(LinkBuffer),
+}
+
+impl Served {
+    /// The session goes on: with what the link read past the transaction's end (a pipelined
+    /// request, whole or in part), the next request's start.
+    fn carrying(first: LinkBuffer) -> Self {
+        if first.is_empty() {
+            Served::Done
+        } else {
+            Served::Begun(first)
         }
     }
 }
@@ -100,7 +123,7 @@ async fn login_or_refuse(
     peer: SocketAddr,
     route: &Route,
     shared: &Shared,
-) -> Option<(Session, Option<BytesMut>)> {
+) -> Option<(Session, Option<LinkBuffer>)> {
     let limit = shared.client_login_timeout;
     let error = match tokio::time::timeout(limit, login(client, route, shared)).await {
         Ok(Ok(session)) => return session,
@@ -123,9 +146,6 @@ struct Session {
     /// only once there are some: most sessions never prepare one, and idle sessions should
     /// stay small.
     statements: Option<Box<ClientStatements>>,
-    /// The client socket has this session's waker registered and no readiness event since
-    /// (left so by a link's last client read): the idle wait then needs no new registration.
-    client_armed: bool,
 }
 
 /// Startup and authentication, returning the session and any bytes the client sent past its
@@ -134,7 +154,7 @@ async fn login(
     client: &mut TcpStream,
     route: &Route,
     shared: &Shared,
-) -> Result<Option<(Session, Option<BytesMut>)>, ClientError> {
+) -> Result<Option<(Session, Option<LinkBuffer>)>, ClientError> {
     // Buffered: each login message then takes one system call, not one per header field
     // and one for the body.
     let mut client = BufReader::with_capacity(LOGIN_BUFFER, client);
@@ -227,9 +247,8 @@ async fn login(
         overrides,
         cancel_key,
         statements: None,
-        client_armed: false,
     };
-    let early = (!client.buffer().is_empty()).then(|| BytesMut::from(client.buffer()));
+    let early = (!client.buffer().is_empty()).then(|| LinkBuffer::holding(client.buffer()));
     Ok(Some((session, early)))
 }
 
@@ -264,35 +283,34 @@ fn set_param(params: &mut Vec<(String, String)>, name: &str, value: String) {
 }
 
 impl Session {
-    /// Leases a server connection and links the client to it until the transaction (or, in
-    /// session mode, the session) is over; `early` is the request's start if already read.
-    /// Returns whether the session goes on. Its future is moved into a box per request, so
-    /// the rare paths (cancel, reset; error replies box themselves) are boxed on their own to
-    /// keep it small.
+    /// Serves the client's next request: `early` is its start if already read. Its future
+    /// is moved into a box per request, so the rare paths (cancel, reset; error replies box
+    /// themselves) are boxed on their own to keep it small.
     async fn serve_request(
         &mut self,
         client: &mut TcpStream,
         route: &Route,
         shared: &Shared,
-        early: Option<BytesMut>,
-    ) -> bool {
+        early: Option<LinkBuffer>,
+    ) -> Served {
         // The request's first bytes, read before a server is chosen: one system call where a
         // peek and a read would take two, and a Terminate or a hang-up needs no server.
-        let mut first = LinkBuffer::take();
-        match early {
-            Some(bytes) => first.extend_from_slice(&bytes),
-            None => match try_read_once(client, &mut first) {
-                // Hung up: nothing to do on any server.
-                Ok(ReadTry::Read(0)) => return false,
-                Ok(ReadTry::Read(_)) => {}
-                // The readiness was stale: back to waiting.
-                Ok(ReadTry::NotReady | ReadTry::Empty) => return true,
-                Err(_) => return false,
-            },
-        }
+        let mut first = match early {
+            Some(begun) => begun,
+            None => {
+                let mut first = LinkBuffer::take();
+                match read_request_start(client, &mut first) {
+                    // Hung up: nothing to do on any server.
+                    Ok(Some(0)) | Err(_) => return Served::End,
+                    Ok(Some(_)) => first,
+                    // The readiness was stale: back to waiting.
+                    Ok(None) => return Served::Done,
+                }
+            }
+        };
         // A Terminate: nothing to do on any server either.
         if first[0] == b'X' {
-            return false;
+            return Served::End;
         }
         let cfg = &route.config;
         shared.wait_resumed(Some(&self.home.key.database)).await;
@@ -315,7 +333,7 @@ impl Session {
             Ok(c) => c,
             Err(e) => {
                 send_error(client, peer_of(client), &e).await;
-                return false;
+                return Served::End;
             }
         };
         let (backend, lost) = (&table.backends[i].backend, &table.backends[i].lost);
@@ -325,7 +343,7 @@ impl Session {
             .await
         {
             send_error(client, peer_of(client), &e.into()).await;
-            return false;
+            return Served::End;
         }
         self.cancel_key
             .set_target(Some(lease.conn().cancel_target()));
@@ -352,11 +370,6 @@ impl Session {
             mode: cfg.mode,
             idle_transaction_timeout: settings.idle_transaction_timeout,
             max_prepared_statements: settings.max_prepared_statements as usize,
-            // The request's first read consumed the readiness event that woke the session.
-            client_armed: {
-                self.client_armed = false;
-                &mut self.client_armed
-            },
         };
         // Boxed on its own: two boxes of up to 1 KiB each cost less than one past it
         // (`a_request_s_future_fits_the_allocator_s_fast_path`).
@@ -378,11 +391,11 @@ impl Session {
         match end {
             LinkEnd::Idle if drained => {
                 debug!(backend = %backend.name, "backend changed role; server connection closed");
-                true
+                Served::carrying(first)
             }
             LinkEnd::Idle => {
                 lease.release();
-                true
+                Served::carrying(first)
             }
             LinkEnd::ClientGone(state) => {
                 match state {
@@ -398,7 +411,7 @@ impl Session {
                     ServerState::InTransaction | ServerState::Broken => {}
                 }
                 debug!(?state, "client left");
-                false
+                Served::End
             }
             LinkEnd::ServerDied { error, tell_client } | LinkEnd::Failed { error, tell_client } => {
                 if died {
@@ -408,7 +421,7 @@ impl Session {
                 if tell_client {
                     send_error(client, peer_of(client), &error).await;
                 }
-                false
+                Served::End
             }
         }
     }
@@ -460,6 +473,9 @@ struct LinkState {
     server_body_left: AtomicUsize,
     /// The client sent a Terminate while requests were still being answered.
     terminated: AtomicBool,
+    /// The server is in COPY FROM STDIN: it waits for the client's data, whatever else is
+    /// owed.
+    copy_in: AtomicBool,
     /// Set only when idle_transaction_timeout is on: the clock is then read per client read.
     started: Option<Instant>,
     /// Milliseconds from `started` to the client's latest data.
@@ -475,6 +491,7 @@ impl LinkState {
             tx_status: AtomicU8::new(b'I'),
             server_body_left: AtomicUsize::new(0),
             terminated: AtomicBool::new(false),
+            copy_in: AtomicBool::new(false),
             started: track_client_data.then(Instant::now),
             last_client_data_ms: AtomicU64::new(0),
         }
@@ -523,18 +540,18 @@ impl LinkState {
 /// Resolves when a session-mode link's backend stops serving the listener's target.
 type RoleLost<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
-struct Link<'a> {
+struct Link {
     mode: ListenerMode,
     idle_transaction_timeout: Duration,
     max_prepared_statements: usize,
-    /// The session's `client_armed`, kept by the link's client reads.
-    client_armed: &'a mut bool,
 }
 
-impl Link<'_> {
+impl Link {
     /// Pumps bytes between a client and its leased server connection until the link ends.
     /// Both directions run concurrently in this one task, so neither can stall the other,
-    /// and they share their view of the protocol state through `LinkState`.
+    /// and they share their view of the protocol state through `LinkState`. Each socket is
+    /// split into its read and write halves and driven only through tokio's own reads and
+    /// writes, whose wake-ups tokio guarantees (its coop budget included).
     async fn run(
         self,
         client: &mut TcpStream,
@@ -547,7 +564,7 @@ impl Link<'_> {
         let st = LinkState::new(!self.idle_transaction_timeout.is_zero());
         let state = || st.server_state();
 
-        let client = &*client;
+        let (mut client_r, mut client_w) = client.split();
         let ServerConn {
             stream,
             params,
@@ -555,7 +572,7 @@ impl Link<'_> {
             prepared,
             ..
         } = server;
-        let server_stream = &*stream;
+        let (mut server_r, mut server_w) = stream.split();
         let tracker =
             statements.map(|c| LazyTracker::new(c, prepared, self.max_prepared_statements));
 
@@ -563,14 +580,13 @@ impl Link<'_> {
             // read_buf fills spare capacity: no zeroing of a fresh buffer per transaction.
             // Bytes kept from the last round: the start of a message the tracker needs whole.
             let mut held = 0;
-            let armed = &mut *self.client_armed;
             let mut rewritten = BytesMut::new();
             let mut scan = Scanner::new(b"");
             let mut copy_in_syncs = CopyInSyncs::default();
             loop {
                 if buf.len() == held {
                     make_room(buf, LINK_BUFFER);
-                    match read_link(client, buf, armed).await {
+                    match client_r.read_buf(buf).await {
                         Ok(0) | Err(_) => return LinkEnd::ClientGone(state()),
                         Ok(_) => {}
                     }
@@ -642,6 +658,7 @@ impl Link<'_> {
                                 st.unsynced.store(true, Relaxed)
                             }
                             b'X' => terminate_at = terminate_at.or(Some(at)),
+                            b'c' | b'f' => st.copy_in.store(false, Relaxed),
                             _ => {}
                         }
                         // Syncs the server ignored during a COPY owe no ReadyForQuery.
@@ -660,7 +677,7 @@ impl Link<'_> {
                 st.client_mid_message.store(!scan.at_boundary(), Relaxed);
                 // A Terminate is pgvane's to act on; the pooled server connection stays open.
                 let upto = terminate_at.map_or(n, |at: isize| at.max(0) as usize);
-                if write_all(server_stream, &data[..upto]).await.is_err() {
+                if server_w.write_all(&data[..upto]).await.is_err() {
                     return LinkEnd::ServerDied {
                         error: ClientError::ServerLost("cannot write to the server".into()),
                         tell_client: !st.server_mid_message(),
@@ -668,7 +685,13 @@ impl Link<'_> {
                 }
                 if let Some(at) = terminate_at {
                     st.client_mid_message.store(false, Relaxed);
-                    let s = if at < 0 { ServerState::Broken } else { state() };
+                    // Mid-message, or in a COPY the server would wait on for ever: the
+                    // server connection is closed, which ends (and rolls back) its work.
+                    let s = if at < 0 || st.copy_in.load(Relaxed) {
+                        ServerState::Broken
+                    } else {
+                        state()
+                    };
                     // Requests sent before the Terminate are answered first, as PostgreSQL
                     // would (the other direction ends the link when they are); the client
                     // sends nothing more.
@@ -687,13 +710,12 @@ impl Link<'_> {
 
         let server_to_client = async {
             let buf = read_buf;
-            let mut armed = false;
             let mut rewritten = BytesMut::new();
             // CommandComplete too: a DISCARD ALL must reach the records while untracked.
             let mut scan = Scanner::new(b"ZSC");
             loop {
                 make_room(buf, SERVER_READ_BUFFER);
-                if let Ok(0) | Err(_) = read_link(server_stream, buf, &mut armed).await {
+                if let Ok(0) | Err(_) = server_r.read_buf(buf).await {
                     return LinkEnd::ServerDied {
                         error: ClientError::ServerLost("the server closed the connection".into()),
                         tell_client: scan.at_boundary(),
@@ -716,6 +738,7 @@ impl Link<'_> {
                 let scanned = scan.feed(data, |e| match e {
                     Event::Complete { tag: b'Z', body } => {
                         st.change_pending(-1);
+                        st.copy_in.store(false, Relaxed);
                         st.tx_status
                             .store(body.first().copied().unwrap_or(b'I'), Relaxed);
                         ready_last = true;
@@ -737,7 +760,12 @@ impl Link<'_> {
                             }
                         }
                     }
-                    Event::Start { tag, .. } if tag != b'Z' => ready_last = false,
+                    Event::Start { tag, .. } if tag != b'Z' => {
+                        ready_last = false;
+                        if tag == b'G' {
+                            st.copy_in.store(true, Relaxed);
+                        }
+                    }
                     _ => {}
                 });
                 if let Err(e) = scanned {
@@ -748,10 +776,14 @@ impl Link<'_> {
                 }
                 st.server_body_left
                     .store(scan.body_left().unwrap_or(usize::MAX), Relaxed);
-                if write_all(client, data).await.is_err() {
+                if client_w.write_all(data).await.is_err() {
                     return LinkEnd::ClientGone(state());
                 }
                 keep_tail(buf, consumed);
+                // A COPY the client started along with its Terminate would wait for ever.
+                if st.terminated.load(Relaxed) && st.copy_in.load(Relaxed) {
+                    return LinkEnd::ClientGone(ServerState::Broken);
+                }
                 if st.terminated.load(Relaxed) && scan.at_boundary() && state() != ServerState::Busy
                 {
                     return LinkEnd::ClientGone(state());
@@ -829,6 +861,12 @@ impl LinkBuffer {
         let spare = SPARE_LINK_BUFFERS.with_borrow_mut(Vec::pop);
         Self(spare.unwrap_or_else(|| BytesMut::with_capacity(LINK_BUFFER)))
     }
+
+    fn holding(bytes: &[u8]) -> Self {
+        let mut buf = Self::take();
+        buf.extend_from_slice(bytes);
+        buf
+    }
 }
 
 impl Drop for LinkBuffer {
@@ -861,125 +899,26 @@ impl std::ops::DerefMut for LinkBuffer {
     }
 }
 
-/// The idle wait for a client's next request: as `poll_read_ready`, but with no new
-/// registration while `armed` (see [`read_link`]).
-fn wait_readable(
-    client: &TcpStream,
-    cx: &mut std::task::Context<'_>,
-    armed: &mut bool,
-) -> Poll<std::io::Result<()>> {
-    if *armed {
-        match client.try_io(tokio::io::Interest::READABLE, || Ok(())) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Poll::Pending,
-            other => {
-                *armed = false;
-                return Poll::Ready(other);
-            }
-        }
-    }
-    let ready = client.poll_read_ready(cx);
-    *armed = ready.is_pending();
-    ready
-}
-
-/// A link's read: what `stream` has, into `buf`'s spare room, waiting for it if need be.
-///
-/// The link polls both directions whenever either wakes it, so most polls of a direction
-/// find nothing new. `armed` records that this direction's waker is registered with the
-/// socket and no readiness event has come since: such a poll then costs one atomic load
-/// instead of a full readiness poll. Every other read goes through `poll_read_ready`,
-/// which tokio budgets, so a busy link still lets the thread's other sessions run.
-fn read_link<'a>(
-    stream: &'a TcpStream,
-    buf: &'a mut BytesMut,
-    armed: &'a mut bool,
-) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
-    // A plain poll_fn, not an async fn, which would hold its arguments twice: this future
-    // is part of the link's, boxed per transaction.
-    std::future::poll_fn(move |cx| loop {
-        if !*armed {
-            match stream.poll_read_ready(cx) {
-                Poll::Pending => {
-                    *armed = true;
-                    return Poll::Pending;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-        }
-        match try_read_once(stream, buf) {
-            Ok(ReadTry::Read(n)) => {
-                *armed = false;
-                return Poll::Ready(Ok(n));
-            }
-            // No event since the waker was registered: it still stands.
-            Ok(ReadTry::NotReady) if *armed => return Poll::Pending,
-            // The readiness was stale and is now cleared: register again.
-            Ok(_) => *armed = false,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    })
-}
-
-enum ReadTry {
-    Read(usize),
-    /// The socket's readiness is clear: nothing was attempted.
-    NotReady,
-    /// The readiness was set but the socket had nothing; tokio cleared it.
-    Empty,
-}
-
-/// One non-blocking read. A read that leaves the socket empty clears its readiness, as
-/// tokio's own `poll_read` does, so the next read waits for the next event rather than
-/// spend a system call finding the socket empty.
-fn try_read_once(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<ReadTry> {
+/// A request's first read, once the idle wait found the client readable: `None` when that
+/// readiness was stale. A read that leaves the socket empty clears the readiness, as tokio's
+/// own `poll_read` does, so the next idle wait sleeps until the next event instead of
+/// spending a system call to find the socket empty.
+fn read_request_start(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
     let room = buf.capacity() - buf.len();
-    let mut outcome = ReadTry::NotReady;
+    let mut read = None;
     let tried = stream.try_io(tokio::io::Interest::READABLE, || {
-        match stream.try_read_buf(buf) {
-            Ok(n) => {
-                outcome = ReadTry::Read(n);
-                if n > 0 && n < room {
-                    // Drained: reported as WouldBlock only so that tokio clears readiness.
-                    return Err(std::io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            }
-            Err(e) => {
-                if e.kind() == std::io::ErrorKind::WouldBlock {
-                    outcome = ReadTry::Empty;
-                }
-                Err(e)
-            }
+        let n = stream.try_read_buf(buf)?;
+        read = Some(n);
+        if n > 0 && n < room {
+            // Drained: reported as WouldBlock only so that tokio clears readiness.
+            return Err(std::io::ErrorKind::WouldBlock.into());
         }
+        Ok(())
     });
-    match (outcome, tried) {
-        (ReadTry::Read(n), _) => Ok(ReadTry::Read(n)),
-        (_, Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => Err(e),
-        (outcome, _) => Ok(outcome),
+    match tried {
+        Err(e) if read.is_none() && e.kind() != std::io::ErrorKind::WouldBlock => Err(e),
+        _ => Ok(read),
     }
-}
-
-/// Writes all of `data`, waiting for room only when the socket's send buffer is full.
-fn write_all<'a>(
-    stream: &'a TcpStream,
-    mut data: &'a [u8],
-) -> impl std::future::Future<Output = std::io::Result<()>> + 'a {
-    std::future::poll_fn(move |cx| {
-        while !data.is_empty() {
-            match stream.try_write(data) {
-                Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-                Ok(n) => data = &data[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Err(e) = std::task::ready!(stream.poll_write_ready(cx)) {
-                        return Poll::Ready(Err(e));
-                    }
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        Poll::Ready(Ok(()))
-    })
 }
 
 /// Reclaims (or grows) a buffer's room for a read of up to `size` bytes when it is low.
@@ -1031,47 +970,56 @@ mod tests {
         std::mem::size_of::<R>()
     }
 
-    /// Polls a link read once with the calling task's waker.
-    async fn poll_read_once(s: &TcpStream, buf: &mut BytesMut, armed: &mut bool) -> Poll<usize> {
-        use std::future::Future;
-        std::future::poll_fn(|cx| {
-            let read = std::pin::pin!(read_link(s, buf, armed)).poll(cx);
-            Poll::Ready(read.map(|r| r.unwrap()))
-        })
-        .await
-    }
-
+    /// A link read first polled when the task's coop budget is spent (tokio then answers
+    /// Pending and wakes the task at once, registering nothing with the socket) must still be
+    /// woken by data that arrives later. A hand-polled read that took that Pending for a
+    /// registration slept through the data: a link streaming one way only (a large COPY)
+    /// froze with the client's bytes unread.
     #[tokio::test]
-    async fn an_armed_link_read_still_wakes_on_new_data() {
-        use tokio::io::AsyncWriteExt;
+    async fn a_link_read_polled_with_the_budget_spent_still_wakes() {
+        use std::future::Future;
+        use std::sync::atomic::AtomicUsize;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut peer = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (s, _) = listener.accept().await.unwrap();
-        let (mut buf, mut armed) = (BytesMut::with_capacity(64), false);
+        let (mut s, _) = listener.accept().await.unwrap();
+        // A first read drains the socket: its readiness is clear.
+        peer.write_all(b"a").await.unwrap();
+        let mut buf = BytesMut::with_capacity(64);
+        s.split().0.read_buf(&mut buf).await.unwrap();
 
-        // Nothing yet: the first poll registers the waker; polls after it take the cheap path.
-        assert!(poll_read_once(&s, &mut buf, &mut armed).await.is_pending());
-        assert!(armed);
-        assert!(poll_read_once(&s, &mut buf, &mut armed).await.is_pending());
-        assert!(armed);
-        // The waker registered by the first poll is the one the data wakes.
-        peer.write_all(b"hello").await.unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(5), read_link(&s, &mut buf, &mut armed))
+        let polls = Arc::new(AtomicUsize::new(0));
+        let seen = polls.clone();
+        let reader = tokio::spawn(async move {
+            let (mut r, _w) = s.split();
+            let mut read = std::pin::pin!(r.read_buf(&mut buf));
+            let mut spent = false;
+            std::future::poll_fn(|cx| {
+                seen.fetch_add(1, Relaxed);
+                if !spent {
+                    spent = true;
+                    while std::pin::pin!(tokio::task::coop::consume_budget())
+                        .poll(cx)
+                        .is_ready()
+                    {}
+                }
+                read.as_mut().poll(cx)
+            })
             .await
-            .expect("woken by the data")
-            .unwrap();
-        assert_eq!((n, &buf[..], armed), (5, &b"hello"[..], false));
-        // Drained: readiness was cleared, so the next read waits (and arms) again.
-        assert!(poll_read_once(&s, &mut buf, &mut armed).await.is_pending());
-        assert!(armed);
-        drop(peer);
-        let n = tokio::time::timeout(Duration::from_secs(5), read_link(&s, &mut buf, &mut armed))
+            .unwrap()
+        });
+        // Polled once with the budget spent, then again after tokio's immediate wake-up.
+        while polls.load(Relaxed) < 2 {
+            tokio::task::yield_now().await;
+        }
+        peer.write_all(b"b").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), reader)
             .await
-            .expect("woken by the hang-up")
+            .expect("the read is woken by the new data")
             .unwrap();
-        assert_eq!(n, 0);
+        assert_eq!(n, 1);
     }
 
     #[test]

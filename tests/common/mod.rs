@@ -8,6 +8,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod patroni;
+pub mod raw;
 
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;

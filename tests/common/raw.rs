@@ -1,0 +1,215 @@
+//! A raw-socket PostgreSQL client: the tests decide exactly which bytes go out in which
+//! write, and read back every message as the server (or pgvane) sent it.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Long enough for a busy machine; a test that hits it has found a hang.
+pub const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+
+/// One backend message: its tag and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    pub tag: u8,
+    pub body: Vec<u8>,
+}
+
+impl Msg {
+    /// An ErrorResponse's (or NoticeResponse's) field, e.g. `b'C'` for the SQLSTATE.
+    pub fn field(&self, code: u8) -> Option<String> {
+        let mut rest = &self.body[..];
+        while let Some((&c, tail)) = rest.split_first() {
+            if c == 0 {
+                break;
+            }
+            let end = tail.iter().position(|&b| b == 0)?;
+            if c == code {
+                return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
+            }
+            rest = &tail[end + 1..];
+        }
+        None
+    }
+
+    /// A DataRow's first column as text.
+    pub fn first_column(&self) -> Option<String> {
+        let len = i32::from_be_bytes(self.body.get(2..6)?.try_into().ok()?);
+        let len = usize::try_from(len).ok()?;
+        Some(String::from_utf8_lossy(self.body.get(6..6 + len)?).into_owned())
+    }
+}
+
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    /// Connects and logs in with trust authentication (the listener must allow it), reading
+    /// up to the first ReadyForQuery. Returns the login's messages too.
+    pub async fn login(port: u16, user: &str, database: &str) -> (RawClient, Vec<Msg>) {
+        Self::login_with(port, &[("user", user), ("database", database)]).await
+    }
+
+    pub async fn login_with(port: u16, params: &[(&str, &str)]) -> (RawClient, Vec<Msg>) {
+        let mut c = Self::connect(port).await;
+        let mut out = BytesMut::new();
+        frontend::startup_message(params.iter().copied(), &mut out).unwrap();
+        c.send(&out).await;
+        let login = c.until_ready().await;
+        (c, login)
+    }
+
+    pub async fn connect(port: u16) -> RawClient {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next message; `None` when the peer closed the connection.
+    pub async fn next(&mut self) -> Option<Msg> {
+        tokio::time::timeout(ANSWER_LIMIT, self.next_unbounded())
+            .await
+            .expect("no message within the answer limit")
+    }
+
+    async fn next_unbounded(&mut self) -> Option<Msg> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                if self.buf.len() > len {
+                    let body = self.buf[5..1 + len].to_vec();
+                    let tag = self.buf[0];
+                    self.buf.drain(..1 + len);
+                    return Some(Msg { tag, body });
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Messages up to and including the next ReadyForQuery; panics if the connection closes
+    /// first (the messages so far are in the panic message).
+    pub async fn until_ready(&mut self) -> Vec<Msg> {
+        let mut got = Vec::new();
+        loop {
+            match self.next().await {
+                Some(m) => {
+                    let done = m.tag == b'Z';
+                    got.push(m);
+                    if done {
+                        return got;
+                    }
+                }
+                None => panic!("connection closed before ReadyForQuery; got {}", show(&got)),
+            }
+        }
+    }
+
+    /// Waits for the peer to close the connection, returning what it sent before.
+    pub async fn until_closed(&mut self) -> Vec<Msg> {
+        let mut got = Vec::new();
+        while let Some(m) = self.next().await {
+            got.push(m);
+        }
+        got
+    }
+}
+
+/// Message tags and error codes, for assertion messages.
+pub fn show(msgs: &[Msg]) -> String {
+    msgs.iter()
+        .map(|m| match m.tag {
+            b'E' => format!(
+                "E({} {})",
+                m.field(b'C').unwrap_or_default(),
+                m.field(b'M').unwrap_or_default()
+            ),
+            t => (t as char).to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The first column of each DataRow, in order.
+pub fn rows(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'D')
+        .filter_map(Msg::first_column)
+        .collect()
+}
+
+pub fn query(sql: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    frontend::query(sql, &mut out).unwrap();
+    out
+}
+
+/// Parse (named or unnamed), Bind, Execute and Sync of a parameterless statement.
+pub fn extended(name: &str, sql: &str) -> BytesMut {
+    let mut out = parse(name, sql);
+    out.extend_from_slice(&bind_execute_sync(name));
+    out
+}
+
+pub fn parse(name: &str, sql: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    frontend::parse(name, sql, std::iter::empty(), &mut out).unwrap();
+    out
+}
+
+/// Bind of statement `name` to the unnamed portal, Execute, Sync.
+pub fn bind_execute_sync(name: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    frontend::bind(
+        "",
+        name,
+        std::iter::empty::<i16>(),
+        std::iter::empty::<Option<&[u8]>>(),
+        |_: Option<&[u8]>,
+         _: &mut BytesMut|
+         -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            unreachable!()
+        },
+        std::iter::empty::<i16>(),
+        &mut out,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    frontend::execute("", 0, &mut out).unwrap();
+    frontend::sync(&mut out);
+    out
+}
+
+pub fn sync() -> BytesMut {
+    let mut out = BytesMut::new();
+    frontend::sync(&mut out);
+    out
+}
+
+pub fn terminate() -> BytesMut {
+    let mut out = BytesMut::new();
+    frontend::terminate(&mut out);
+    out
+}
+
+pub fn copy_data(data: &[u8]) -> BytesMut {
+    let mut out = BytesMut::new();
+    frontend::CopyData::new(data).unwrap().write(&mut out);
+    out
+}

@@ -1,0 +1,203 @@
+//! The pooled link under the timings real clients produce: messages split across writes at
+//! a transaction's end, a Terminate in any state, both directions streaming at once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::raw::*;
+use common::*;
+use futures_util::future::join_all;
+
+fn pooled_listener(mode: &str, port: u16) -> String {
+    listener(mode, port, "primary", &format!("mode = \"{mode}\""))
+}
+
+/// A primary with database `app` behind a session and a transaction listener with trust
+/// authentication and the pool settings in `extra`. Ports: (session, transaction).
+async fn app_behind_both(extra: &str) -> (Cluster, u16, u16, Pgvane) {
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let (session, tx) = (free_port(), free_port());
+    let listeners = pooled_listener("session", session) + &pooled_listener("transaction", tx);
+    let config = pooled_config(
+        &cluster,
+        &listeners,
+        &format!("[auth]\ntype = \"trust\"\n{extra}"),
+    );
+    let pgvane = Pgvane::start(&config, &[session, tx]);
+    (cluster, session, tx, pgvane)
+}
+
+/// Sends `first` with the first `k` bytes of `second` in one write, reads the answer to
+/// `first` (the transaction ends there), then sends the rest of `second` and reads its
+/// answers: `answers` ReadyForQuery-terminated groups.
+async fn split_at_transaction_end(
+    c: &mut RawClient,
+    first: &[u8],
+    second: &[u8],
+    k: usize,
+    answers: usize,
+) -> Vec<Msg> {
+    let mut out = first.to_vec();
+    out.extend_from_slice(&second[..k]);
+    c.send(&out).await;
+    let head = c.until_ready().await;
+    assert_eq!(rows(&head), ["1"], "{}", show(&head));
+    c.send(&second[k..]).await;
+    let mut got = Vec::new();
+    for _ in 0..answers {
+        got.extend(c.until_ready().await);
+    }
+    got
+}
+
+/// A message cut at a transaction's end: the part that came with the previous request must
+/// not be lost when the transaction's server connection goes back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_split_at_a_transaction_end_loses_no_byte() {
+    let (_cluster, _session, tx, _pgvane) = app_behind_both("").await;
+    let (mut c, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    let select1 = query("SELECT 1");
+
+    // A simple query whose first 1 to 4 header bytes came early.
+    for k in 1..=4 {
+        let got = split_at_transaction_end(&mut c, &select1, &query("SELECT 2"), k, 1).await;
+        assert_eq!(rows(&got), ["2"], "split at {k}: {}", show(&got));
+    }
+
+    // A Bind of a named statement prepared earlier: the first 1 to 8 bytes came early.
+    c.send(&[parse("s1", "SELECT 3"), sync()].concat()).await;
+    c.until_ready().await;
+    for k in 1..=8 {
+        let got = split_at_transaction_end(&mut c, &select1, &bind_execute_sync("s1"), k, 1).await;
+        assert_eq!(rows(&got), ["3"], "split at {k}: {}", show(&got));
+    }
+
+    // A 200 KB named Parse arriving in two writes.
+    let long = format!("SELECT length('{}')", "x".repeat(200_000));
+    let big = [parse("big", &long), bind_execute_sync("big")].concat();
+    let got = split_at_transaction_end(&mut c, &select1, &big, 100_000, 1).await;
+    assert_eq!(rows(&got), ["200000"], "{}", show(&got));
+
+    // The session is intact.
+    c.send(&query("SELECT 4")).await;
+    assert_eq!(rows(&c.until_ready().await), ["4"]);
+}
+
+/// Rows of `t` being copied in right now, seen directly on the server.
+async fn copies_running(cluster: &Cluster) -> i64 {
+    let c = connect(cluster.primary().port, SUPERUSER, "app")
+        .await
+        .unwrap();
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY t FROM STDIN%' AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// A client that sends Terminate while the server waits for its COPY data (sent once the
+/// COPY began, or along with the COPY itself): the server side must end at once (locks
+/// freed), and the client's connection be closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_during_copy_in_ends_the_server_side() {
+    let (cluster, session, tx, _pgvane) = app_behind_both("").await;
+    let copy = query("BEGIN; LOCK t; COPY t FROM STDIN");
+    for port in [session, tx] {
+        for along in [false, true] {
+            let (mut c, _) = RawClient::login(port, SUPERUSER, "app").await;
+            if along {
+                c.send(&[copy.clone(), terminate()].concat()).await;
+            } else {
+                c.send(&copy).await;
+                // CommandComplete of BEGIN and LOCK, then CopyInResponse.
+                loop {
+                    let m = c.next().await.expect("CopyInResponse");
+                    if m.tag == b'G' {
+                        break;
+                    }
+                    assert_ne!(m.tag, b'E', "{:?}", m.field(b'M'));
+                }
+                c.send(&copy_data(b"1\tone\n")).await;
+                c.send(&terminate()).await;
+            }
+            let after = c.until_closed().await;
+            assert!(
+                after.iter().all(|m| m.tag != b'E'),
+                "port {port}, along {along}: {}",
+                show(&after)
+            );
+            eventually(ANSWER_LIMIT, "the COPY to end on the server", || async {
+                (copies_running(&cluster).await == 0).then_some(())
+            })
+            .await;
+            // Its lock went with it.
+            let other = connect(cluster.primary().port, SUPERUSER, "app")
+                .await
+                .unwrap();
+            other
+                .batch_execute("SET lock_timeout = '10s'; LOCK t; SELECT 1")
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Large COPY data and long pipelines stream through both listeners: each direction keeps
+/// moving while the other is blocked on a full socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_directions_stream_without_stalling() {
+    use futures_util::SinkExt;
+    let (_cluster, session, tx, _pgvane) = app_behind_both("").await;
+    for port in [session, tx] {
+        let c = connect(port, SUPERUSER, "app").await.unwrap();
+        c.batch_execute("TRUNCATE t").await.unwrap();
+
+        // One 10 MiB row, sent in chunks of varied sizes as drivers do.
+        let note = "y".repeat(10 << 20);
+        let line = format!("1\t{note}\n").into_bytes();
+        let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
+        let mut sink = std::pin::pin!(sink);
+        let copy = async {
+            let mut rest = &line[..];
+            let mut size = 1000;
+            while !rest.is_empty() {
+                let n = size.min(rest.len());
+                sink.send(bytes::Bytes::copy_from_slice(&rest[..n]))
+                    .await
+                    .unwrap();
+                rest = &rest[n..];
+                size = size * 7 % 200_000 + 1;
+            }
+            sink.finish().await.unwrap()
+        };
+        let copied = tokio::time::timeout(Duration::from_secs(120), copy)
+            .await
+            .expect("a 10 MiB COPY finishes");
+        assert_eq!(copied, 1);
+
+        // 20,000 inserts pipelined on one connection: the client writes while the server's
+        // answers stream back.
+        let insert = c
+            .prepare("INSERT INTO t VALUES ($1, 'pipelined') RETURNING id")
+            .await
+            .unwrap();
+        let inserts = (0..20_000i32).map(|i| {
+            let (c, insert) = (&c, &insert);
+            async move { c.query_one(insert, &[&i]).await.unwrap().get::<_, i32>(0) }
+        });
+        let ids = tokio::time::timeout(Duration::from_secs(120), join_all(inserts))
+            .await
+            .expect("the pipelined inserts finish");
+        assert_eq!(ids, (0..20_000).collect::<Vec<_>>());
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 20_001);
+    }
+}
