@@ -553,11 +553,9 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             b'S' => {
-                let mut it = crate::protocol::cstrings(&m.body);
-                if let (Some(k), Some(v)) = (it.next(), it.next()) {
+                // application_name is reported empty when not set: it still counts.
+                if let Some((k, v)) = crate::protocol::parameter_status(&m.body) {
                     hello.params.push((k.to_owned(), v.to_owned()));
-                } else if let Some(k) = it.next() {
-                    hello.params.push((k.to_owned(), String::new()));
                 }
             }
             b'K' => {

@@ -44,14 +44,35 @@ pub enum ClientError {
     IdleTransactionTimeout(Duration),
     #[error("invalid frontend message: {0}")]
     Protocol(#[from] ProtocolError),
+    /// A first packet that is no startup packet: closed without an answer.
+    #[error("invalid startup packet: {0}")]
+    BadStartup(ProtocolError),
     #[error("named prepared statement message '{tag}' of {len} bytes is too large to track (limit {max} bytes)", max = crate::proxy::prepared::MAX_TRACKED_MESSAGE)]
     TooLargeToTrack { tag: char, len: usize },
+}
+
+/// The SQLSTATEs with which PostgreSQL refuses a parameter: unknown (42704), bad value
+/// (22023), not settable now (55P02) or by this user (42501).
+fn parameter_refusal(code: &str) -> Option<&'static str> {
+    ["42704", "22023", "55P02", "42501"]
+        .into_iter()
+        .find(|c| *c == code)
 }
 
 impl ClientError {
     pub fn to_response(&self) -> ErrorResponse {
         use ClientError::*;
         let fatal = |code, msg: String| ErrorResponse::fatal(code, msg);
+        // A client's parameter the server refused to SET: its answer, as at its own login.
+        if let Pool(PoolError::Query {
+            message,
+            code: Some(code),
+        }) = self
+        {
+            if let Some(code) = parameter_refusal(code) {
+                return fatal(code, message.clone());
+            }
+        }
         match self {
             // 57P03 cannot_connect_now: what PostgreSQL says while it cannot take connections.
             NoBackend { target, .. } => fatal("57P03", format!("no {target} available"))
@@ -85,7 +106,7 @@ impl ClientError {
             ),
             ServerLost(_) => fatal("08006", self.to_string()),
             IdleTransactionTimeout(_) => fatal("25P03", self.to_string()),
-            Protocol(_) => fatal("08P01", self.to_string()),
+            Protocol(_) | BadStartup(_) => fatal("08P01", self.to_string()),
             // 54000 program_limit_exceeded
             TooLargeToTrack { .. } => fatal("54000", self.to_string()).with_hint(
                 "use the unnamed statement for such queries, or set pool.max_prepared_statements = 0",

@@ -40,8 +40,12 @@ pub enum PoolError {
     Login(#[from] ServerLoginError),
     #[error("server connection failed: {0}")]
     Server(#[from] ProtocolError),
-    #[error("server answered \"{0}\"")]
-    Query(String),
+    #[error("server answered \"{message}\"")]
+    Query {
+        message: String,
+        /// The ErrorResponse's SQLSTATE.
+        code: Option<String>,
+    },
 }
 
 impl PoolError {
@@ -85,6 +89,16 @@ pub struct LoginParams {
     pub all: Vec<(String, String)>,
     /// The subset named in [`TRACKED`]: the values a client has unless it sets its own.
     pub tracked: Vec<(String, String)>,
+}
+
+impl LoginParams {
+    /// The value the server reported for `name`.
+    pub fn value(&self, name: &str) -> Option<&str> {
+        self.all
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Where to send a CancelRequest for the query running on a server connection.
@@ -183,17 +197,16 @@ impl ServerConn {
         loop {
             let m = read_message(&mut self.stream, 1 << 20).await?;
             match m.tag {
-                b'E' => error = Some(error_message(&m.body)),
+                b'E' => error = Some((error_message(&m.body), error_code(&m.body))),
                 b'S' => {
-                    let mut it = crate::protocol::cstrings(&m.body);
-                    if let (Some(k), v) = (it.next(), it.next()) {
-                        self.params.set(k, v.unwrap_or(""));
+                    if let Some((k, v)) = crate::protocol::parameter_status(&m.body) {
+                        self.params.set(k, v);
                     }
                 }
                 b'Z' => {
                     let status = m.body.first().copied().unwrap_or(b'I');
                     return match error {
-                        Some(e) => Err(PoolError::Query(e)),
+                        Some((message, code)) => Err(PoolError::Query { message, code }),
                         None => Ok(status),
                     };
                 }
@@ -283,8 +296,14 @@ pub struct Pool {
     connecting: Arc<Semaphore>,
     /// ParameterStatus values of the first login, shown to clients at their login.
     login_params: Mutex<Option<Arc<LoginParams>>>,
+    /// Names of startup parameters the server accepted (bounded by `KNOWN_PARAMS_MAX`).
+    known_params: Mutex<Vec<String>>,
     open: AtomicUsize,
 }
+
+/// Startup parameter names remembered per pool as accepted by the server; a client naming
+/// others has them tried on a server connection at its login.
+const KNOWN_PARAMS_MAX: usize = 64;
 
 /// A server connection lent to one client.
 pub struct Lease {
@@ -377,6 +396,36 @@ impl Pool {
             .expect("pool lock")
             .clone()
             .unwrap_or_default())
+    }
+
+    /// Whether the server is known to accept each of a client's startup parameters: those
+    /// it reports at login, and those it accepted before. Otherwise they are tried (SET) on
+    /// a server connection, so that a login naming a parameter PostgreSQL does not know is
+    /// refused as PostgreSQL refuses it, not its first transaction.
+    pub async fn check_params(
+        self: &Arc<Self>,
+        defaults: &Arc<LoginParams>,
+        overrides: &[(String, String)],
+    ) -> Result<(), PoolError> {
+        let is_known = |k: &str, known: &[String]| {
+            defaults.all.iter().any(|(d, _)| d == k) || known.iter().any(|n| n == k)
+        };
+        {
+            let known = self.known_params.lock().expect("pool lock");
+            if overrides.iter().all(|(k, _)| is_known(k, &known)) {
+                return Ok(());
+            }
+        }
+        let mut lease = self.acquire().await?;
+        lease.conn().apply_params(defaults, overrides).await?;
+        lease.release();
+        let mut known = self.known_params.lock().expect("pool lock");
+        for (k, _) in overrides {
+            if !is_known(k, &known) && known.len() < KNOWN_PARAMS_MAX {
+                known.push(k.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Waits (FIFO) for a slot, then lends an idle connection or opens a new one.
@@ -726,6 +775,7 @@ impl Pools {
             siblings: Arc::downgrade(self),
             connecting,
             login_params: Mutex::default(),
+            known_params: Mutex::default(),
             open: AtomicUsize::new(0),
         });
         pools

@@ -169,9 +169,28 @@ pub mod backend {
         });
     }
 
+    /// The newest protocol version pgvane speaks, and the protocol options it declines.
+    pub fn negotiate_protocol_version(buf: &mut BytesMut, version: u32, options: &[&str]) {
+        put_message(buf, b'v', |b| {
+            b.put_u32(version);
+            b.put_u32(options.len() as u32);
+            for o in options {
+                put_cstr(b, o);
+            }
+        });
+    }
+
     pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
         put_message(buf, b'Z', |b| b.put_u8(status));
     }
+}
+
+/// A ParameterStatus body: the parameter's name and value (which may be empty).
+pub fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
+    let mut fields = body.split(|&c| c == 0);
+    let name = std::str::from_utf8(fields.next()?).ok()?;
+    let value = std::str::from_utf8(fields.next().unwrap_or_default()).ok()?;
+    (!name.is_empty()).then_some((name, value))
 }
 
 /// Splits a body made of NUL-terminated strings (ParameterStatus, SASL mechanism lists).

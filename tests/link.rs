@@ -201,3 +201,98 @@ async fn both_directions_stream_without_stalling() {
         assert_eq!(n, 20_001);
     }
 }
+
+/// A startup packet of protocol 3.`minor` with `params`.
+fn startup(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = (3u32 << 16 | u32::from(minor)).to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend(body);
+    packet
+}
+
+fn parameter(login: &[Msg], name: &str) -> Option<String> {
+    login.iter().filter(|m| m.tag == b'S').find_map(|m| {
+        let mut parts = m.body.split(|&b| b == 0);
+        (parts.next()? == name.as_bytes())
+            .then(|| String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned())
+    })
+}
+
+/// What drivers notice at login is as PostgreSQL does it: application_name reported,
+/// client_encoding in the server's spelling, a Terminate before any startup packet closed
+/// silently, an unknown parameter refused (42704), a newer protocol minor version or
+/// protocol options negotiated down with NegotiateProtocolVersion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_answers_as_postgresql_does() {
+    let (_cluster, session, tx, _pgvane) = app_behind_both("").await;
+    for port in [session, tx] {
+        let params = [
+            ("user", SUPERUSER),
+            ("database", "app"),
+            ("application_name", "myapp"),
+            ("client_encoding", "utf8"),
+        ];
+        let (mut c, login) = RawClient::login_with(port, &params).await;
+        assert_eq!(
+            parameter(&login, "application_name").as_deref(),
+            Some("myapp")
+        );
+        assert_eq!(
+            parameter(&login, "client_encoding").as_deref(),
+            Some("UTF8")
+        );
+        c.send(&query("SHOW application_name")).await;
+        assert_eq!(rows(&c.until_ready().await), ["myapp"]);
+
+        // node-postgres' connect() then end() before the socket was used.
+        let mut c = RawClient::connect(port).await;
+        c.send(&terminate()).await;
+        let said = c.until_closed().await;
+        assert!(said.is_empty(), "{}", show(&said));
+    }
+    for port in [session, tx] {
+        // An unknown parameter: the login is refused as PostgreSQL refuses it.
+        let mut c = RawClient::connect(port).await;
+        c.send(&startup(
+            0,
+            &[("user", SUPERUSER), ("database", "app"), ("foo", "bar")],
+        ))
+        .await;
+        let said = c.until_closed().await;
+        let codes: Vec<_> = said.iter().filter_map(|m| m.field(b'C')).collect();
+        assert!(
+            said.iter().all(|m| m.tag != b'Z') && codes.contains(&"42704".to_string()),
+            "port {port}: {}",
+            show(&said)
+        );
+    }
+    for port in [session, tx] {
+        // Protocol 3.2 with an option: negotiated down to 3.0, the option named.
+        let mut c = RawClient::connect(port).await;
+        c.send(&startup(
+            2,
+            &[
+                ("user", SUPERUSER),
+                ("database", "app"),
+                ("_pq_.extension", "on"),
+            ],
+        ))
+        .await;
+        let login = c.until_ready().await;
+        let v = login
+            .iter()
+            .find(|m| m.tag == b'v')
+            .expect("NegotiateProtocolVersion");
+        assert_eq!(&v.body[..8], &[0, 3, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(&v.body[8..], b"_pq_.extension\0");
+        c.send(&query("SELECT 1")).await;
+        assert_eq!(rows(&c.until_ready().await), ["1"]);
+    }
+}

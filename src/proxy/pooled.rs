@@ -34,7 +34,7 @@ use crate::config::{ListenerMode, OnRoleLoss};
 use crate::error::ClientError;
 use crate::pool::{LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED};
 use crate::protocol::{
-    backend, cstrings, CopyInSyncs, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3,
+    backend, parameter_status, CopyInSyncs, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3,
 };
 use crate::topology::Backend;
 
@@ -130,7 +130,10 @@ async fn login_or_refuse(
         Ok(Err(e)) => e,
         Err(_) => ClientError::LoginTimeout(limit),
     };
-    send_error(client, peer, &error).await;
+    match error {
+        ClientError::BadStartup(e) => debug!(client = %peer, error = %e, "connection closed"),
+        error => send_error(client, peer, &error).await,
+    }
     None
 }
 
@@ -159,7 +162,12 @@ async fn login(
     // and one for the body.
     let mut client = BufReader::with_capacity(LOGIN_BUFFER, client);
     let client = &mut client;
-    let params = match read_client_startup(client).await? {
+    // A first packet PostgreSQL could not read (node-postgres' Terminate before any startup,
+    // say) is closed without an answer, as PostgreSQL closes it.
+    let params = match read_client_startup(client)
+        .await
+        .map_err(ClientError::BadStartup)?
+    {
         StartupPacket::CancelRequest {
             process_id,
             secret_key,
@@ -170,7 +178,10 @@ async fn login(
         StartupPacket::Startup { major, minor, .. } if major != PROTOCOL_MAJOR_3 => {
             return Err(ClientError::UnsupportedProtocol { major, minor })
         }
-        StartupPacket::Startup { params, .. } => params,
+        StartupPacket::Startup { minor, params, .. } => {
+            negotiate_protocol(client.get_mut(), minor, &params).await?;
+            params
+        }
         StartupPacket::SslRequest | StartupPacket::GssEncRequest => return Ok(None),
     };
     let mut user = None;
@@ -181,6 +192,8 @@ async fn login(
         match k.as_str() {
             "user" => user = Some(v),
             "database" => database = Some(v),
+            // Protocol options pgvane declined in NegotiateProtocolVersion.
+            _ if k.starts_with(PROTOCOL_OPTION_PREFIX) => {}
             _ if ignored.iter().any(|i| i.eq_ignore_ascii_case(&k)) => {}
             // A pooled session cannot carry replication or per-connection options.
             "replication" | "options" => return Err(ClientError::UnsupportedParameter(k)),
@@ -224,6 +237,13 @@ async fn login(
         }
     };
     let (pool, defaults) = chosen.value;
+    if let Some((_, v)) = overrides.iter_mut().find(|(k, _)| k == "client_encoding") {
+        *v = encoding_name(v, defaults.value("client_encoding"));
+    }
+    if let Err(e) = Box::pin(pool.check_params(&defaults, &overrides)).await {
+        let _ = client.write_all(&reply).await;
+        return Err(e.into());
+    }
     // A value the server has anyway need not be remembered per client.
     overrides.retain(|(k, v)| !defaults.all.iter().any(|(dk, dv)| dk == k && dv == v));
     // Kept for the whole session: no spare room.
@@ -267,6 +287,49 @@ fn classify(e: PoolError) -> Attempt {
         Attempt::Unreachable(e.into())
     } else {
         Attempt::Fatal(e.into())
+    }
+}
+
+/// Startup parameters of this prefix are protocol options, not settings.
+const PROTOCOL_OPTION_PREFIX: &str = "_pq_.";
+
+/// Answers a startup packet of a newer 3.x protocol, or one asking for protocol options,
+/// with NegotiateProtocolVersion (3.0, no option), as PostgreSQL does; the client then
+/// carries on with 3.0 or closes.
+async fn negotiate_protocol(
+    client: &mut TcpStream,
+    minor: u16,
+    params: &[(String, String)],
+) -> Result<(), ClientError> {
+    let options: Vec<&str> = params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| k.starts_with(PROTOCOL_OPTION_PREFIX))
+        .collect();
+    if minor == 0 && options.is_empty() {
+        return Ok(());
+    }
+    let mut buf = BytesMut::new();
+    backend::negotiate_protocol_version(&mut buf, u32::from(PROTOCOL_MAJOR_3) << 16, &options);
+    client
+        .write_all(&buf)
+        .await
+        .map_err(|e| ClientError::Protocol(e.into()))
+}
+
+/// An encoding name in the server's spelling (`utf8` -> `UTF8`), as PostgreSQL reports a
+/// client_encoding it was given: case, dashes and underscores do not count.
+fn encoding_name(name: &str, server: Option<&str>) -> String {
+    let bare = |s: &str| -> String {
+        s.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    match (bare(name).as_str(), server) {
+        ("utf8" | "unicode", _) => "UTF8".into(),
+        (b, Some(server)) if b == bare(server) => server.into(),
+        _ => name.to_ascii_uppercase(),
     }
 }
 
@@ -744,13 +807,11 @@ impl Link {
                         ready_last = true;
                     }
                     Event::Complete { tag: b'S', body } => {
-                        let mut it = cstrings(body);
-                        if let Some(k) = it.next() {
-                            let v = it.next().unwrap_or("").to_owned();
+                        if let Some((k, v)) = parameter_status(body) {
                             if TRACKED.contains(&k) {
-                                set_param(overrides, k, v.clone());
+                                set_param(overrides, k, v.to_owned());
                             }
-                            params.set(k, &v);
+                            params.set(k, v);
                         }
                     }
                     Event::Complete { tag: b'C', body } => {
