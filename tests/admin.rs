@@ -36,9 +36,7 @@ async fn admin_cluster(replicas: usize) -> (Cluster, Pgvane, u16, u16) {
     config = config.replacen("[general]\nmax_client_conn = 2000\n", "", 1);
     config = config.replace("[general]\n", "[general]\nmax_client_conn = 2000\n");
     let pgvane = Pgvane::start(&config, &[tx, admin]);
-    pgvane
-        .wait_log("primary elected", Duration::from_secs(10))
-        .await;
+    pgvane.wait_log("primary elected", PATIENCE).await;
     (cluster, pgvane, tx, admin)
 }
 
@@ -60,12 +58,12 @@ async fn status_and_metrics_follow_a_failover_and_a_split_brain() {
     // Failover: the primary stops, a client is held, a replica is promoted.
     let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
     cluster.primary().stop();
-    eventually(Duration::from_secs(10), "no primary", || async {
+    eventually(PATIENCE, "no primary", || async {
         (metric(admin, "pgvane_no_primary").await == Some(1.0)).then_some(())
     })
     .await;
     let held = tokio::spawn(async move { c.batch_execute("SELECT 1").await });
-    eventually(Duration::from_secs(5), "a held client", || async {
+    eventually(PATIENCE, "a held client", || async {
         (metric(admin, "pgvane_held_clients").await == Some(1.0)).then_some(())
     })
     .await;
@@ -100,7 +98,7 @@ async fn status_and_metrics_follow_a_failover_and_a_split_brain() {
     // Split brain: pg2 (still following pg0's timeline) is promoted while pg1 is primary.
     // pg2 ends on timeline 2 as well, so neither is newer: writes are held.
     cluster.nodes[2].promote();
-    eventually(Duration::from_secs(10), "an ambiguous election", || async {
+    eventually(PATIENCE, "an ambiguous election", || async {
         let s = status(admin).await;
         (s["election"]["state"] == "ambiguous").then_some(())
     })
@@ -120,9 +118,7 @@ async fn pause_holds_one_database_and_resume_releases_it() {
     let (code, body) = http_async(admin, "POST", "/pause?database=app").await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"complete\": true"), "{body}");
-    pgvane
-        .wait_log("PAUSE complete", Duration::from_secs(5))
-        .await;
+    pgvane.wait_log("PAUSE complete", PATIENCE).await;
 
     let held = tokio::spawn(async move {
         app.batch_execute("INSERT INTO t VALUES (1, 'after resume')")

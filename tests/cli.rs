@@ -115,7 +115,7 @@ async fn sighup_leaves_pgvane_and_its_sessions_running() {
     pgvane
         .wait_log(
             "SIGHUP: configuration reload is not supported yet",
-            Duration::from_secs(5),
+            PATIENCE,
         )
         .await;
     assert!(
@@ -136,7 +136,7 @@ async fn sigterm_drains_open_sessions_then_exits() {
         .args(["-TERM", &pgvane.pid().to_string()])
         .status()
         .unwrap();
-    eventually(Duration::from_secs(5), "the listener to close", || async {
+    eventually(PATIENCE, "the listener to close", || async {
         tokio::net::TcpStream::connect(("127.0.0.1", rw))
             .await
             .is_err()
@@ -151,7 +151,7 @@ async fn sigterm_drains_open_sessions_then_exits() {
     );
     drop(session);
     let status = pgvane
-        .wait_exit(Duration::from_secs(5))
+        .wait_exit(PATIENCE)
         .expect("exit after the last session");
     assert!(status.success(), "{status}");
 }

@@ -30,18 +30,14 @@ async fn writes_follow_a_promotion_after_the_primary_crashes() {
     let new_primary = &cluster.nodes[1];
     new_primary.promote();
     let promoted = Instant::now();
-    let elapsed = eventually(
-        Duration::from_secs(10),
-        "a write through pgvane",
-        || async {
-            let c = connect(rw, SUPERUSER, "postgres").await.ok()?;
-            if let Err(e) = c.batch_execute("INSERT INTO t VALUES (1)").await {
-                eprintln!("write failed: {e:?}");
-                return None;
-            }
-            (try_server_port(&c).await? == new_primary.port).then(|| promoted.elapsed())
-        },
-    )
+    let elapsed = eventually(PATIENCE, "a write through pgvane", || async {
+        let c = connect(rw, SUPERUSER, "postgres").await.ok()?;
+        if let Err(e) = c.batch_execute("INSERT INTO t VALUES (1)").await {
+            eprintln!("write failed: {e:?}");
+            return None;
+        }
+        (try_server_port(&c).await? == new_primary.port).then(|| promoted.elapsed())
+    })
     .await;
     eprintln!("promotion -> first write through pgvane: {elapsed:?}");
     assert!(
@@ -74,22 +70,16 @@ async fn a_promoted_replica_fences_the_old_primary_and_its_sessions_are_cut() {
     // Split brain: the replica is promoted while the old primary keeps running, writable.
     let new = &cluster.nodes[1];
     new.promote();
-    eventually(
-        Duration::from_secs(5),
-        "writes routed to the new primary",
-        || async {
-            let c = connect(rw, SUPERUSER, "postgres").await.ok()?;
-            (try_server_port(&c).await? == new.port).then_some(())
-        },
-    )
+    eventually(PATIENCE, "writes routed to the new primary", || async {
+        let c = connect(rw, SUPERUSER, "postgres").await.ok()?;
+        (try_server_port(&c).await? == new.port).then_some(())
+    })
     .await;
 
     // The old primary is alive, so only pgvane can have closed this session.
-    eventually(
-        Duration::from_secs(2),
-        "the pinned session to be cut",
-        || async { cut.simple_query("SELECT 1").await.is_err().then_some(()) },
-    )
+    eventually(PATIENCE, "the pinned session to be cut", || async {
+        cut.simple_query("SELECT 1").await.is_err().then_some(())
+    })
     .await;
     // on_role_loss = "keep" leaves the session where it was.
     assert_eq!(server_port(&kept).await, old.port);
@@ -171,9 +161,7 @@ async fn no_primary_past_the_hold_timeout_is_a_clean_error() {
     c.batch_execute("SELECT 1").await.unwrap();
 
     cluster.primary().stop();
-    pgvane
-        .wait_log("no primary available", Duration::from_secs(15))
-        .await;
+    pgvane.wait_log("no primary available", PATIENCE).await;
     let started = Instant::now();
     let err = c.batch_execute("SELECT 1").await.unwrap_err();
     let waited = started.elapsed();
@@ -191,13 +179,11 @@ async fn pause_and_resume_make_a_switchover_lossless() {
     let writers = Writers::start(tx, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    pgvane.pause(Duration::from_secs(5)).await;
+    pgvane.pause(PATIENCE).await;
     cluster.wait_replicated().await;
     cluster.primary().stop();
     cluster.nodes[1].promote();
-    pgvane
-        .wait_log("primary=\"pg1\"", Duration::from_secs(5))
-        .await;
+    pgvane.wait_log("primary=\"pg1\"", PATIENCE).await;
     pgvane.signal("USR2");
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -253,7 +239,7 @@ async fn lagging_replica_leaves_and_returns(limit: &str) {
     )
     .await
     .unwrap();
-    eventually(Duration::from_secs(10), "the replica to leave", || async {
+    eventually(PATIENCE, "the replica to leave", || async {
         let err = connect(ro, SUPERUSER, "postgres").await.err()?;
         (err.code().map(|c| c.code()) == Some("57P03")).then_some(())
     })
@@ -263,7 +249,7 @@ async fn lagging_replica_leaves_and_returns(limit: &str) {
     r.batch_execute("SELECT pg_wal_replay_resume()")
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "the replica to return", || async {
+    eventually(PATIENCE, "the replica to return", || async {
         let c = connect(ro, SUPERUSER, "postgres").await.ok()?;
         (try_server_port(&c).await? == replica.port).then_some(())
     })
@@ -280,13 +266,9 @@ async fn a_new_passthrough_connection_is_held_until_a_primary_appears() {
         + "\n[general]\nfailover_hold_timeout = \"10s\"\n";
     let pgvane = Pgvane::start(&text, &[rw]);
     // The listener accepts before the first checks are done: know the primary first.
-    pgvane
-        .wait_log("primary elected", Duration::from_secs(15))
-        .await;
+    pgvane.wait_log("primary elected", PATIENCE).await;
     cluster.primary().stop();
-    pgvane
-        .wait_log("no primary available", Duration::from_secs(15))
-        .await;
+    pgvane.wait_log("no primary available", PATIENCE).await;
 
     // The client connects while there is no primary; it must wait, not fail.
     let started = Instant::now();
@@ -328,9 +310,7 @@ async fn a_server_connection_dying_mid_transaction_gets_its_backend_checked_at_o
         config(&cluster, health, &listener("tx", tx, "primary", "mode = \"transaction\""))
     );
     let pgvane = Pgvane::start(&text, &[tx]);
-    pgvane
-        .wait_log("primary elected", Duration::from_secs(10))
-        .await;
+    pgvane.wait_log("primary elected", PATIENCE).await;
     let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
     let running = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(30)").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -341,5 +321,5 @@ async fn a_server_connection_dying_mid_transaction_gets_its_backend_checked_at_o
         .unwrap()
         .expect_err("the transaction's server died");
     assert!(err.as_db_error().is_some() || err.is_closed(), "{err}");
-    pgvane.wait_log("to=down", Duration::from_secs(5)).await;
+    pgvane.wait_log("to=down", PATIENCE).await;
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use std::convert::Infallible;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use common::*;
@@ -86,17 +86,13 @@ async fn patroni_checks_route_and_follow_a_failover() {
     cluster.primary().stop();
     cluster.nodes[1].promote();
     let promoted = Instant::now();
-    eventually(
-        Duration::from_secs(5),
-        "writes on the promoted node",
-        || async {
-            let c = connect(rw, SUPERUSER, "postgres").await.ok()?;
-            c.batch_execute("CREATE TABLE IF NOT EXISTS t (id int)")
-                .await
-                .ok()?;
-            (try_server_port(&c).await? == cluster.nodes[1].port).then_some(())
-        },
-    )
+    eventually(PATIENCE, "writes on the promoted node", || async {
+        let c = connect(rw, SUPERUSER, "postgres").await.ok()?;
+        c.batch_execute("CREATE TABLE IF NOT EXISTS t (id int)")
+            .await
+            .ok()?;
+        (try_server_port(&c).await? == cluster.nodes[1].port).then_some(())
+    })
     .await;
     eprintln!(
         "patroni mode: promotion -> first write: {:?}",

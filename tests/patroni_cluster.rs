@@ -27,9 +27,7 @@ async fn patroni_with_idle_clients() -> (PatroniCluster, Pgvane, u16, Vec<tokio_
         .unwrap();
     let tx = free_port();
     let pgvane = Pgvane::start(&patroni_config(&cluster, tx), &[tx]);
-    pgvane
-        .wait_log("primary elected", Duration::from_secs(10))
-        .await;
+    pgvane.wait_log("primary elected", PATIENCE).await;
     let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
     setup
         .batch_execute("CREATE TABLE w (writer int)")
@@ -45,7 +43,7 @@ async fn patroni_switchover_inside_pause_fails_no_transaction() {
     let writers = Writers::start(tx, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    pgvane.pause(Duration::from_secs(5)).await;
+    pgvane.pause(PATIENCE).await;
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.switchover(0, 1);
         cluster
@@ -55,10 +53,7 @@ async fn patroni_switchover_inside_pause_fails_no_transaction() {
     let switched = Instant::now();
     let new = &cluster.nodes[1];
     pgvane
-        .wait_log(
-            &format!("primary=\"{}\"", new.name),
-            Duration::from_secs(10),
-        )
+        .wait_log(&format!("primary=\"{}\"", new.name), PATIENCE)
         .await;
     eprintln!(
         "switchover done -> pgvane elected {}: {:?}",

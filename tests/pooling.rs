@@ -87,7 +87,7 @@ async fn session_mode_resets_the_server_before_reuse() {
     drop(a);
 
     // psql, through the same single server connection, sees none of it.
-    let out = eventually(Duration::from_secs(5), "psql through the session listener", || async {
+    let out = eventually(PATIENCE, "psql through the session listener", || async {
         let out = psql(s, "app")
             .args(["-At", "-c", "SELECT pg_backend_pid(), current_setting('work_mem'), to_regclass('scratch') IS NULL"])
             .output()
@@ -157,17 +157,15 @@ async fn a_client_killed_mid_transaction_leaves_no_lock_behind() {
             .unwrap()
             .write_all(script.as_bytes())
             .unwrap();
-        eventually(Duration::from_secs(5), "the lock to be taken", || async {
+        eventually(PATIENCE, "the lock to be taken", || async {
             (locks().await > 0).then_some(())
         })
         .await;
         client.kill().unwrap(); // SIGKILL: no Terminate message
         client.wait().unwrap();
-        eventually(
-            Duration::from_secs(5),
-            "the lock to be released",
-            || async { (locks().await == 0).then_some(()) },
-        )
+        eventually(PATIENCE, "the lock to be released", || async {
+            (locks().await == 0).then_some(())
+        })
         .await;
         let open: i64 = direct
             .query_one(
@@ -371,7 +369,7 @@ async fn server_connects_per_backend_are_bounded() {
         .into_iter()
         .map(|c| tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| c) }))
         .collect();
-    eventually(Duration::from_secs(2), "two connects under way", || async {
+    eventually(PATIENCE, "two connects under way", || async {
         (connections_to(pg.port) >= before + 2).then_some(())
     })
     .await;
@@ -518,15 +516,11 @@ async fn the_primary_pool_follows_a_failover() {
 
     cluster.primary().kill();
     cluster.nodes[1].promote();
-    eventually(
-        Duration::from_secs(10),
-        "writes on the new primary",
-        || async {
-            let c = connect(tx, SUPERUSER, "postgres").await.ok()?;
-            c.batch_execute("INSERT INTO f VALUES (1)").await.ok()?;
-            (try_server_port(&c).await? == cluster.nodes[1].port).then_some(())
-        },
-    )
+    eventually(PATIENCE, "writes on the new primary", || async {
+        let c = connect(tx, SUPERUSER, "postgres").await.ok()?;
+        c.batch_execute("INSERT INTO f VALUES (1)").await.ok()?;
+        (try_server_port(&c).await? == cluster.nodes[1].port).then_some(())
+    })
     .await;
 }
 
@@ -787,21 +781,17 @@ async fn server_connections_are_checked_before_reuse_and_retired_after_their_lif
         first,
         "a connection past its lifetime"
     );
-    eventually(
-        Duration::from_secs(3),
-        "the old connection closed",
-        || async {
-            let gone: bool = direct
-                .query_one(
-                    "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid::text = $1)",
-                    &[&first],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            gone.then_some(())
-        },
-    )
+    eventually(PATIENCE, "the old connection closed", || async {
+        let gone: bool = direct
+            .query_one(
+                "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid::text = $1)",
+                &[&first],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        gone.then_some(())
+    })
     .await;
 }
 
@@ -813,11 +803,9 @@ async fn idle_server_connections_are_closed_after_server_idle_timeout() {
     let client = connect(tx, SUPERUSER, "app").await.unwrap();
     client.simple_query("SELECT 1").await.unwrap();
     assert_eq!(app_backends(cluster.primary()).await, 1);
-    eventually(
-        Duration::from_secs(5),
-        "the idle connection closed",
-        || async { (app_backends(cluster.primary()).await == 0).then_some(()) },
-    )
+    eventually(PATIENCE, "the idle connection closed", || async {
+        (app_backends(cluster.primary()).await == 0).then_some(())
+    })
     .await;
     // The client is still logged in, and gets a new server connection.
     client.simple_query("SELECT 1").await.unwrap();

@@ -3,7 +3,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -98,7 +97,7 @@ async fn no_primary_gives_a_postgres_fatal_error() {
     cluster.primary().stop();
     // Until the checks mark it down, the stopped primary is still routed to and the
     // client gets 08006 (cannot connect); then the listener has no primary at all.
-    let err = eventually(Duration::from_secs(5), "primary marked down", || async {
+    let err = eventually(PATIENCE, "primary marked down", || async {
         let err = connect(rw, SUPERUSER, "postgres").await.err()?;
         (err.code().map(|c| c.code()) == Some("57P03")).then_some(err)
     })
@@ -134,7 +133,7 @@ async fn replica_listener_falls_back_to_the_primary() {
     let _pgvane = Pgvane::start(&config(&cluster, FAST_HEALTH, &listeners), &[ro]);
 
     cluster.nodes[1].stop();
-    let port = eventually(Duration::from_secs(5), "fallback to primary", || async {
+    let port = eventually(PATIENCE, "fallback to primary", || async {
         let c = connect(ro, SUPERUSER, "postgres").await.ok()?;
         let p = try_server_port(&c).await?;
         (p == cluster.primary().port).then_some(p)
@@ -160,7 +159,7 @@ async fn hostile_startup_bytes_are_refused_without_harm() {
         .unwrap();
     s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+    let n = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
         .await
         .expect("closed promptly")
         .unwrap_or(0);

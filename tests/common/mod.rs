@@ -25,6 +25,10 @@ use tokio_postgres::{Client, NoTls};
 pub const SUPERUSER: &str = "postgres";
 pub const PASSWORD: &str = "pgvane-test";
 
+/// How long a test waits for a condition before it fails: generous, since a busy 2-core
+/// machine can be slow; a wait ends as soon as its condition holds.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
 /// Bump when the template's initdb options change, so stale templates are not reused.
 const TEMPLATE_VERSION: u32 = 1;
 
@@ -439,7 +443,13 @@ fn postmaster_pid(data: &Path) -> Option<u32> {
 
 /// Stops the server of `data`, if it runs, without a shutdown checkpoint: for clean-up.
 fn stop_immediately(data: &Path) {
-    if postmaster_pid(data).is_some() {
+    if let Some(pid) = postmaster_pid(data) {
+        // A postmaster a test froze (SIGSTOP) and did not thaw, because it failed first,
+        // would not act on the stop until resumed.
+        let _ = Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
         let _ = pg_command("pg_ctl")
             .arg("-D")
             .arg(data)
@@ -476,7 +486,7 @@ impl Pgvane {
             .spawn()
             .expect("start pgvane");
         let mut p = Pgvane { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + PATIENCE;
         for &port in ports {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 if let Ok(Some(status)) = p.child.try_wait() {

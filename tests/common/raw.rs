@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Long enough for a busy machine; a test that hits it has found a hang.
-pub const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+pub const ANSWER_LIMIT: Duration = super::PATIENCE;
 
 /// One backend message: its tag and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
