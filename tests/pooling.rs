@@ -184,6 +184,23 @@ async fn a_client_killed_mid_transaction_leaves_no_lock_behind() {
         .unwrap();
 }
 
+/// Waits until a query of database `app` runs pg_sleep on the server.
+async fn sleeping(cluster: &Cluster) {
+    let direct = cluster.primary().connect().await;
+    eventually(PATIENCE, "pg_sleep to run on the server", || async {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND state = 'active' AND query LIKE '%pg_sleep%'",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn cancel_reaches_the_running_query() {
     let (cluster, tx, _pgvane) = app_behind_txn_listener("").await;
@@ -192,7 +209,7 @@ async fn cancel_reaches_the_running_query() {
     let token = c.cancel_token();
     let started = Instant::now();
     let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    sleeping(&cluster).await;
     token.cancel_query(NoTls).await.unwrap();
     let err = sleeper.await.unwrap().unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "57014", "{err}");
@@ -208,7 +225,7 @@ async fn cancel_reaches_the_running_query() {
 async fn a_cancel_from_a_client_that_went_idle_does_not_reach_its_last_server() {
     // One server connection: the client that used it last and the one using it now share it.
     let extra = "[pool]\ndefault_pool_size = 1\nquery_wait_timeout = \"10s\"\n";
-    let (_cluster, tx, _pgvane) = app_behind_txn_listener(extra).await;
+    let (cluster, tx, _pgvane) = app_behind_txn_listener(extra).await;
     let before = connect(tx, SUPERUSER, "app").await.unwrap();
     let pid = backend_pid(&before).await;
     let now = connect(tx, SUPERUSER, "app").await.unwrap();
@@ -219,7 +236,7 @@ async fn a_cancel_from_a_client_that_went_idle_does_not_reach_its_last_server() 
             .get(0);
         Ok::<_, tokio_postgres::Error>(pid)
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    sleeping(&cluster).await;
     before.cancel_token().cancel_query(NoTls).await.unwrap();
     assert_eq!(
         sleeper.await.unwrap().unwrap().to_string(),
