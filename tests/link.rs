@@ -296,3 +296,31 @@ async fn login_answers_as_postgresql_does() {
         assert_eq!(rows(&c.until_ready().await), ["1"]);
     }
 }
+
+/// A client's Parse behaves as a Parse on PostgreSQL: a statement of the same text that the
+/// server connection prepared before a schema change is not reused for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_parse_sees_the_current_schema() {
+    // One server connection: both statements meet on it.
+    let (cluster, _session, tx, _pgvane) = app_behind_both("[pool]\ndefault_pool_size = 1\n").await;
+    let direct = connect(cluster.primary().port, SUPERUSER, "app")
+        .await
+        .unwrap();
+    direct
+        .batch_execute("CREATE TABLE rt (col int); INSERT INTO rt VALUES (1)")
+        .await
+        .unwrap();
+    let (mut c, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    c.send(&[parse("s_int", "select col from rt"), sync()].concat())
+        .await;
+    let got = c.until_ready().await;
+    assert_eq!(show(&got), "1 Z");
+
+    direct
+        .batch_execute("DROP TABLE rt; CREATE TABLE rt (col smallint); INSERT INTO rt VALUES (2)")
+        .await
+        .unwrap();
+    c.send(&extended("s_small", "select col from rt")).await;
+    let got = c.until_ready().await;
+    assert_eq!(rows(&got), ["2"], "{}", show(&got));
+}

@@ -7,8 +7,10 @@
 //! clients of a pool share what is prepared on each server connection:
 //!
 //! * Parse: the client's statement is recorded and sent under its server name; when that
-//!   server connection has it already, under a throwaway name closed at once, so that the
-//!   server still checks it and answers ParseComplete itself.
+//!   server connection has it already, the server's copy is closed first, so that a Parse
+//!   behaves as on PostgreSQL: checked and planned against the schema as it is now (a copy
+//!   prepared before a column changed type would fail with "cached plan must not change
+//!   result type"). Another client sharing the text then uses the fresh copy too.
 //! * Bind / Describe of a recorded statement: renamed, and preceded by a Parse of pgvane's
 //!   own when the server connection does not have the statement yet.
 //! * Close of a recorded statement: forgotten for the client, and sent as a Close of a name
@@ -131,9 +133,8 @@ impl ServerStatements {
 #[derive(Debug)]
 enum Undo {
     Nothing,
-    /// The client's statement was recorded under this name.
-    ClientAdded(Box<[u8]>),
-    /// As `ClientAdded`, and the statement marked prepared on the server connection.
+    /// The client's statement was recorded under this name, and the statement marked
+    /// prepared on the server connection.
     BothAdded(Box<[u8]>, Box<[u8]>),
     /// The client's statement of this name was forgotten.
     ClientRemoved(Box<[u8]>, Arc<Statement>),
@@ -599,18 +600,23 @@ impl State<'_> {
                 let statement = Arc::new(Statement::new(rest));
                 self.client.insert(name.into(), statement.clone());
                 if self.server.touch(&statement.server_name) {
-                    // Checked and answered by the server, then closed again.
-                    self.sent.push_back(Sent::Parse {
-                        own: false,
-                        undo: Undo::ClientAdded(name.into()),
-                    });
+                    // Prepared anew, as a Parse on PostgreSQL is: the server's copy may
+                    // predate a schema change (a column's new type), which a statement
+                    // prepared now must see.
+                    let server_name = &statement.server_name;
+                    self.server.remove(server_name);
                     self.sent.push_back(Sent::Close {
                         own: true,
-                        undo: Undo::Nothing,
+                        undo: Undo::ServerRemoved(server_name.clone()),
+                    });
+                    self.server.insert(server_name);
+                    self.sent.push_back(Sent::Parse {
+                        own: false,
+                        undo: Undo::BothAdded(name.into(), server_name.clone()),
                     });
                     replace(&mut |out| {
-                        put_named(out, b'P', None, THROWAWAY, rest);
-                        put_named(out, b'C', Some(b'S'), THROWAWAY, &[]);
+                        put_named(out, b'C', Some(b'S'), server_name, &[]);
+                        put_named(out, b'P', None, server_name, rest);
                     });
                 } else {
                     self.evict(limit, &mut own);
@@ -719,22 +725,20 @@ impl State<'_> {
 
     /// An ErrorResponse. Inside a simple query it ends only that query's statement; in an
     /// extended-protocol batch the server skips everything up to the next Sync, so what
-    /// pgvane recorded for the skipped messages (and the failed one) is undone.
+    /// pgvane recorded for the skipped messages (and the failed one) is undone, last first
+    /// (a Close and a Parse of one name in a batch leave the records as they were).
     fn server_error(&mut self) {
-        if matches!(self.sent.front(), Some(Sent::Ready)) {
-            return;
+        let skipped = self
+            .sent
+            .iter()
+            .position(|s| matches!(s, Sent::Ready))
+            .unwrap_or(self.sent.len());
+        if skipped == self.sent.len() {
+            self.skipping = true;
         }
-        loop {
-            match self.sent.front() {
-                None => {
-                    self.skipping = true;
-                    return;
-                }
-                Some(Sent::Ready) => return,
-                Some(_) => {}
-            }
-            if let Some(Sent::Parse { undo, .. } | Sent::Close { undo, .. }) = self.sent.pop_front()
-            {
+        let undone: Vec<Sent> = self.sent.drain(..skipped).collect();
+        for sent in undone.into_iter().rev() {
+            if let Sent::Parse { undo, .. } | Sent::Close { undo, .. } = sent {
                 self.undo(undo);
             }
         }
@@ -743,9 +747,6 @@ impl State<'_> {
     fn undo(&mut self, undo: Undo) {
         match undo {
             Undo::Nothing => {}
-            Undo::ClientAdded(name) => {
-                self.client.remove(&name);
-            }
             Undo::BothAdded(name, server_name) => {
                 self.client.remove(&name);
                 self.server.remove(&server_name);
@@ -886,7 +887,24 @@ mod tests {
     }
 
     #[test]
-    fn a_statement_the_server_has_is_checked_under_a_throwaway_name() {
+    fn a_skipped_fresh_prepare_leaves_the_server_copy_recorded() {
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let t = Tracker::new(&mut client, &mut server, 10);
+        run(&t, &[parse("a", "SELECT 1"), SYNC.to_vec()].concat(), true);
+        server_tags(&t, b"1Z");
+        // An error before them: the server skips the Close and the Parse pgvane sent for
+        // "b", and keeps its copy of the statement.
+        let input = [parse("", "SELEC"), parse("b", "SELECT 1"), SYNC.to_vec()].concat();
+        run(&t, &input, true);
+        assert_eq!(server_tags(&t, b"EZ"), "EZ");
+        drop(t);
+        assert!(client.contains_key(&b"a"[..]) && !client.contains_key(&b"b"[..]));
+        assert!(server.touch(&server_name("SELECT 1")));
+    }
+
+    #[test]
+    fn a_statement_the_server_has_is_prepared_anew() {
         let mut client = ClientStatements::default();
         let mut server = ServerStatements::default();
         let t = Tracker::new(&mut client, &mut server, 10);
@@ -897,10 +915,13 @@ mod tests {
             &[parse("b", "SELECT 1"), SYNC.to_vec()].concat(),
             true,
         ));
+        // Closed, then prepared again under the same server name: a client's Parse sees the
+        // schema as it is now.
         let tags: String = sent.iter().map(|m| m.0).collect();
-        assert_eq!(tags, "PCS");
-        assert_eq!(name_of(&sent[0].1), THROWAWAY);
-        assert_eq!(server_tags(&t, b"13Z"), "1Z", "own CloseComplete dropped");
+        assert_eq!(tags, "CPS");
+        assert_eq!(name_of(&sent[0].1[1..]), server_name("SELECT 1"));
+        assert_eq!(name_of(&sent[1].1), server_name("SELECT 1"));
+        assert_eq!(server_tags(&t, b"31Z"), "1Z", "own CloseComplete dropped");
         // The client's Close forgets it; the server copy stays for others.
         let sent = messages(&run(&t, &[close("b"), SYNC.to_vec()].concat(), true));
         assert_eq!(name_of(&sent[0].1[1..]), THROWAWAY);
@@ -939,19 +960,18 @@ mod tests {
         run(&t, &[parse("a", "SELECT 1"), SYNC.to_vec()].concat(), true);
         server_tags(&t, b"1Z");
         run(&t, &[parse("b", "SELECT 1"), SYNC.to_vec()].concat(), true);
-        let answers = [msg(b'1', b""), msg(b'3', b""), msg(b'Z', b"I")].concat();
+        let answers = [msg(b'3', b""), msg(b'1', b""), msg(b'Z', b"I")].concat();
         let mut out = BytesMut::new();
-        let o = t.from_server(&answers[..7], &mut out).unwrap();
+        let o = t.from_server(&answers[..3], &mut out).unwrap();
         assert_eq!(
-            o.bytes(&answers[..7], &out),
-            msg(b'1', b""),
+            (o.consumed, o.bytes(&answers[..3], &out)),
+            (0, &b""[..]),
             "CloseComplete's start held"
         );
-        let rest = &answers[o.consumed..];
-        let o = t.from_server(rest, &mut out).unwrap();
+        let o = t.from_server(&answers, &mut out).unwrap();
         assert_eq!(
-            o.bytes(rest, &out),
-            msg(b'Z', b"I"),
+            o.bytes(&answers, &out),
+            [msg(b'1', b""), msg(b'Z', b"I")].concat(),
             "own CloseComplete dropped"
         );
 
