@@ -206,6 +206,11 @@ pub struct PoolConfig {
     /// Server connections older than this are closed when next released (0 = never).
     #[serde(with = "duration")]
     pub server_lifetime: Duration,
+    /// A pool no client has used for this long, with no server connection left, is freed
+    /// (0 = never). Pools are made per (database, user) a client names, so without this
+    /// made-up names would pile up.
+    #[serde(with = "duration")]
+    pub autodb_idle_timeout: Duration,
     #[serde(with = "duration")]
     pub server_connect_timeout: Duration,
     /// Server connections being opened (connect and login) at once per backend, over all
@@ -215,6 +220,15 @@ pub struct PoolConfig {
     /// A client idle inside a transaction this long is disconnected (0 = never).
     #[serde(with = "duration")]
     pub idle_transaction_timeout: Duration,
+    /// A request unanswered this long (a long query, or a client that does not read its
+    /// results), or a client message begun and not finished, ends the session; what runs
+    /// is cancelled (0 = never).
+    #[serde(with = "duration")]
+    pub query_timeout: Duration,
+    /// A client holding a server connection out of idle this long (a transaction block, a
+    /// request, a message begun) is disconnected (0 = never).
+    #[serde(with = "duration")]
+    pub transaction_timeout: Duration,
     /// Run on a server connection when a session-mode client leaves; empty = nothing.
     pub server_reset_query: String,
     /// A server connection idle longer than this is checked before reuse (0 = always).
@@ -241,9 +255,12 @@ impl Default for PoolConfig {
             query_wait_timeout: Duration::from_secs(120),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
+            autodb_idle_timeout: Duration::from_secs(3600),
             server_connect_timeout: Duration::from_secs(15),
             server_connect_concurrency: 16,
             idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
+            transaction_timeout: Duration::ZERO,
             server_reset_query: "DISCARD ALL".into(),
             server_check_delay: Duration::from_secs(30),
             server_check_query: String::new(),

@@ -42,6 +42,12 @@ pub enum ClientError {
     ServerLost(String),
     #[error("idle transaction timeout ({0:?})")]
     IdleTransactionTimeout(Duration),
+    #[error(
+        "query_timeout ({0:?}): a request went unanswered, or a message unfinished, this long"
+    )]
+    QueryTimeout(Duration),
+    #[error("transaction_timeout ({0:?}): the server connection was held this long")]
+    TransactionTimeout(Duration),
     #[error("invalid frontend message: {0}")]
     Protocol(#[from] ProtocolError),
     /// A first packet that is no startup packet: closed without an answer.
@@ -106,6 +112,9 @@ impl ClientError {
             ),
             ServerLost(_) => fatal("08006", self.to_string()),
             IdleTransactionTimeout(_) => fatal("25P03", self.to_string()),
+            // query_canceled, as PostgreSQL's statement_timeout; transaction_timeout (PG 17).
+            QueryTimeout(_) => fatal("57014", self.to_string()),
+            TransactionTimeout(_) => fatal("25P04", self.to_string()),
             Protocol(_) | BadStartup(_) => fatal("08P01", self.to_string()),
             // 54000 program_limit_exceeded
             TooLargeToTrack { .. } => fatal("54000", self.to_string()).with_hint(

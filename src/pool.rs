@@ -102,7 +102,7 @@ impl LoginParams {
 }
 
 /// Where to send a CancelRequest for the query running on a server connection.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CancelTarget {
     pub backend: Arc<Backend>,
     pub process_id: u32,
@@ -299,6 +299,9 @@ pub struct Pool {
     /// Names of startup parameters the server accepted (bounded by `KNOWN_PARAMS_MAX`).
     known_params: Mutex<Vec<String>>,
     open: AtomicUsize,
+    /// Since when no session or lease holds the pool: read and written only by the upkeep
+    /// task, once a second, so the data path pays nothing for it.
+    unused_since: Mutex<Option<coarsetime::Instant>>,
 }
 
 /// Startup parameter names remembered per pool as accepted by the server; a client naming
@@ -777,6 +780,7 @@ impl Pools {
             login_params: Mutex::default(),
             known_params: Mutex::default(),
             open: AtomicUsize::new(0),
+            unused_since: Mutex::default(),
         });
         pools
             .entry(key.backend)
@@ -862,6 +866,71 @@ impl Pools {
             }
             for pool in self.all() {
                 pool.maintain().await;
+            }
+            self.free_unused();
+        }
+    }
+
+    /// Frees the pools that no session or lease has held for `limit` and that have no
+    /// server connection open (PgBouncer's autodb_idle_timeout), and the caps of databases
+    /// and users no pool has any more.
+    fn free_unused(&self) {
+        let limit = self.settings.autodb_idle_timeout;
+        if limit.is_zero() {
+            return;
+        }
+        let now = coarse_now();
+        let mut freed = 0;
+        let mut pools = self.pools.lock().expect("pools lock");
+        for dbs in pools.values_mut() {
+            for users in dbs.values_mut() {
+                users.retain(|_, pool| {
+                    // Only the map holds it: no session calls it home, no lease is out.
+                    // Checked under the map's lock, under which new holders are made.
+                    let unused = Arc::strong_count(pool) == 1 && pool.open_connections() == 0;
+                    let mut since = pool.unused_since.lock().expect("pool lock");
+                    if !unused {
+                        *since = None;
+                        return true;
+                    }
+                    let keep = !expired(now, *since.get_or_insert(now), limit);
+                    freed += usize::from(!keep);
+                    keep
+                });
+            }
+            dbs.retain(|_, users| !users.is_empty());
+        }
+        pools.retain(|_, dbs| !dbs.is_empty());
+        drop(pools);
+        if freed > 0 {
+            debug!(freed, "unused pools freed (autodb_idle_timeout)");
+            for caps in [&self.db_caps, &self.user_caps] {
+                caps.lock()
+                    .expect("caps lock")
+                    .retain(|_, cap| Arc::strong_count(cap) > 1);
+            }
+        }
+    }
+
+    /// Frees `pool` at once if nothing else holds it and it has no server connection: a
+    /// login the server refused (an unknown database, say) leaves no pool behind.
+    pub fn free_if_unused(&self, pool: Arc<Pool>) {
+        let key = pool.key.clone();
+        drop(pool);
+        let mut pools = self.pools.lock().expect("pools lock");
+        let Some(dbs) = pools.get_mut(&key.backend) else {
+            return;
+        };
+        let Some(users) = dbs.get_mut(&key.database) else {
+            return;
+        };
+        if users
+            .get(&key.user)
+            .is_some_and(|p| Arc::strong_count(p) == 1 && p.open_connections() == 0)
+        {
+            users.remove(&key.user);
+            if users.is_empty() {
+                dbs.remove(&key.database);
             }
         }
     }

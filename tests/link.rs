@@ -324,3 +324,54 @@ async fn a_fresh_parse_sees_the_current_schema() {
     let got = c.until_ready().await;
     assert_eq!(rows(&got), ["2"], "{}", show(&got));
 }
+
+/// Whether a client of `port` gets `SELECT 1` answered: the pool's one connection is free.
+async fn pool_serves(port: u16) {
+    let (mut c, _) = RawClient::login(port, SUPERUSER, "app").await;
+    c.send(&query("SELECT 1")).await;
+    assert_eq!(rows(&c.until_ready().await), ["1"]);
+}
+
+/// A client stopped mid-message, one that never reads its results, or one that sits in a
+/// transaction cannot keep the pool's only server connection: query_timeout and
+/// transaction_timeout end it, and the next client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_cannot_hold_a_server_connection_hostage() {
+    let extra =
+        "[pool]\ndefault_pool_size = 1\nquery_timeout = \"2s\"\ntransaction_timeout = \"4s\"\n";
+    let (_cluster, session, tx, _pgvane) = app_behind_both(extra).await;
+    let mut half_query = query("SELECT 1").to_vec();
+    half_query.truncate(7);
+    let big = query("SELECT repeat('x', 1000) FROM generate_series(1, 200000)");
+    let stalls: [(&str, Vec<u8>, Option<&str>); 4] = [
+        ("mid-message", half_query, Some("57014")),
+        ("never reads", big.to_vec(), None),
+        (
+            "idle in a transaction block",
+            query("BEGIN").to_vec(),
+            Some("25P04"),
+        ),
+        ("half a header", b"Q\0\0".to_vec(), Some("25P04")),
+    ];
+    for port in [session, tx] {
+        for (what, bytes, code) in &stalls {
+            if *what == "half a header" && port == session {
+                continue; // a session holds its connection while idle: nothing to bound
+            }
+            let (mut c, _) = RawClient::login(port, SUPERUSER, "app").await;
+            c.send(bytes).await;
+            if code.is_some() {
+                let said = c.until_closed().await;
+                let codes: Vec<_> = said.iter().filter_map(|m| m.field(b'C')).collect();
+                assert!(
+                    codes.iter().any(|c| Some(c.as_str()) == *code),
+                    "{what} on port {port}: {}",
+                    show(&said)
+                );
+            }
+            // The next client gets the connection, however long the stalled one waits.
+            pool_serves(tx).await;
+            drop(c);
+        }
+    }
+}

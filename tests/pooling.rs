@@ -898,3 +898,46 @@ async fn one_worker_thread_runs_everything_on_the_main_thread() {
         "{names:?}"
     );
 }
+
+/// Pools listed by `/status`.
+async fn pools_listed(admin: u16) -> usize {
+    let (_, body) = http_async(admin, "GET", "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    status["pools"].as_array().map_or(0, Vec::len)
+}
+
+/// Pools are made per (database, user) a client names: one for a database the server
+/// refuses is not kept, and one no client used for autodb_idle_timeout is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_of_refused_and_unused_logins_are_freed() {
+    let admin = free_port();
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[pool]\nautodb_idle_timeout = \"1s\"\nserver_idle_timeout = \"1s\"\n"
+    );
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let tx = free_port();
+    let _pgvane = Pgvane::start(
+        &pooled_config(&cluster, &txn_listener(tx), &extra),
+        &[tx, admin],
+    );
+    for i in 0..50 {
+        let Err(err) = connect(tx, SUPERUSER, &format!("made_up_{i}")).await else {
+            panic!("logged in to a database that does not exist");
+        };
+        assert_eq!(err.code().map(|c| c.code()), Some("3D000"), "{err}");
+    }
+    assert_eq!(pools_listed(admin).await, 0, "pools of refused logins");
+
+    let c = connect(tx, SUPERUSER, "app").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    // Held by its session: kept however long it idles.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pools_listed(admin).await, 1);
+    drop(c);
+    // Its idle connection closes after server_idle_timeout, then the pool goes.
+    eventually(PATIENCE, "the unused pool freed", || async {
+        (pools_listed(admin).await == 0).then_some(())
+    })
+    .await;
+}

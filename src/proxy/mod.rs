@@ -427,16 +427,19 @@ async fn refuse(
     }
 }
 
-/// Sends `err` as an ErrorResponse and closes the client's side of the connection. Boxed
-/// inside: a rare path, which should not enlarge the futures of its callers (a pooled
-/// transaction's is boxed anew per request).
+/// How long an error may wait for room in the socket of a client that does not read.
+const ERROR_WRITE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Sends `err` as an ErrorResponse and closes the client's side of the connection; given up
+/// after `ERROR_WRITE_LIMIT`. Boxed inside: a rare path, which should not enlarge the
+/// futures of its callers (a pooled transaction's is boxed anew per request).
 async fn send_error(client: &mut TcpStream, peer: SocketAddr, err: &ClientError) {
     info!(client = %peer, error = %err, "client refused");
     let mut buf = BytesMut::new();
     err.encode(&mut buf);
-    Box::pin(async {
+    let write = async {
         let _ = client.write_all(&buf).await;
         let _ = client.shutdown().await;
-    })
-    .await
+    };
+    let _ = Box::pin(tokio::time::timeout(ERROR_WRITE_LIMIT, write)).await;
 }

@@ -30,7 +30,7 @@ use super::cancel::{send_cancel, CancelKey};
 use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint};
 use super::{read_client_startup, send_error, Admission, Attempt, Chosen, Route, Shared};
 use crate::auth::{authenticate_client, User};
-use crate::config::{ListenerMode, OnRoleLoss};
+use crate::config::{ListenerMode, OnRoleLoss, PoolConfig};
 use crate::error::ClientError;
 use crate::pool::{LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED};
 use crate::protocol::{
@@ -224,8 +224,13 @@ async fn login(
     let login_params = |backend: &Arc<Backend>| {
         let pool = shared.pools.get(backend, &user, &database);
         async move {
-            let params = Box::pin(pool.login_params()).await.map_err(classify)?;
-            Ok((pool, params))
+            match Box::pin(pool.login_params()).await {
+                Ok(params) => Ok((pool, params)),
+                Err(e) => {
+                    shared.pools.free_if_unused(pool);
+                    Err(classify(e))
+                }
+            }
         }
     };
     let chosen = match route.with_backend(shared, login_params).await {
@@ -431,8 +436,7 @@ impl Session {
             });
         let link = Link {
             mode: cfg.mode,
-            idle_transaction_timeout: settings.idle_transaction_timeout,
-            max_prepared_statements: settings.max_prepared_statements as usize,
+            settings,
         };
         // Boxed on its own: two boxes of up to 1 KiB each cost less than one past it
         // (`a_request_s_future_fits_the_allocator_s_fast_path`).
@@ -451,6 +455,7 @@ impl Session {
         self.cancel_key.set_target(None);
         let drained = lost.is_cancelled();
         let died = matches!(end, LinkEnd::ServerDied { .. });
+        let cancel = matches!(end, LinkEnd::Expired { busy: true, .. });
         match end {
             LinkEnd::Idle if drained => {
                 debug!(backend = %backend.name, "backend changed role; server connection closed");
@@ -476,11 +481,23 @@ impl Session {
                 debug!(?state, "client left");
                 Served::End
             }
-            LinkEnd::ServerDied { error, tell_client } | LinkEnd::Failed { error, tell_client } => {
+            LinkEnd::ServerDied { error, tell_client }
+            | LinkEnd::Failed { error, tell_client }
+            | LinkEnd::Expired {
+                error, tell_client, ..
+            } => {
                 if died {
                     shared.topology.report_failure(i);
                 }
                 info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended");
+                // What still runs on the server is cancelled (by a task of its own, which
+                // keeps this rare path out of every request's future), and the connection
+                // closed, before the client is told (a client past a limit may not read).
+                if cancel {
+                    let target = lease.conn().cancel_target().clone();
+                    tokio::spawn(async move { send_cancel(&target).await });
+                }
+                drop(lease);
                 if tell_client {
                     send_error(client, peer_of(client), &error).await;
                 }
@@ -519,6 +536,24 @@ enum LinkEnd {
         error: ClientError,
         tell_client: bool,
     },
+    /// One of the link's time limits passed: as `Failed`, and what runs on the server
+    /// connection is cancelled when `busy`.
+    Expired {
+        error: ClientError,
+        tell_client: bool,
+        busy: bool,
+    },
+}
+
+/// A link's time limits (zero is off): `idle_transaction_timeout` (idle inside a
+/// transaction block), `query_timeout` (a request outstanding, or a client message begun
+/// and not finished), `transaction_timeout` (anything but idle).
+fn time_limits(settings: &PoolConfig) -> [Duration; 3] {
+    [
+        settings.idle_transaction_timeout,
+        settings.query_timeout,
+        settings.transaction_timeout,
+    ]
 }
 
 /// Protocol state shared by the two directions of a link. Both run in the same task; the
@@ -539,14 +574,21 @@ struct LinkState {
     /// The server is in COPY FROM STDIN: it waits for the client's data, whatever else is
     /// owed.
     copy_in: AtomicBool,
-    /// Set only when idle_transaction_timeout is on: the clock is then read per client read.
+    /// Set only when a time limit is on: the clock is then read per read of either side.
     started: Option<Instant>,
     /// Milliseconds from `started` to the client's latest data.
     last_client_data_ms: AtomicU64,
+    /// Milliseconds from `started` to when the server connection last left Idle, and last
+    /// became Busy; `u64::MAX` while it is not.
+    active_since_ms: AtomicU64,
+    busy_since_ms: AtomicU64,
+    /// Transaction mode: the link is one transaction, active from its start to its end
+    /// (a client that stalls before its first message is sent holds the connection too).
+    whole_link_active: bool,
 }
 
 impl LinkState {
-    fn new(track_client_data: bool) -> Self {
+    fn new(timed: bool, whole_link_active: bool) -> Self {
         Self {
             pending: AtomicU32::new(0),
             unsynced: AtomicBool::new(false),
@@ -555,8 +597,11 @@ impl LinkState {
             server_body_left: AtomicUsize::new(0),
             terminated: AtomicBool::new(false),
             copy_in: AtomicBool::new(false),
-            started: track_client_data.then(Instant::now),
+            started: timed.then(Instant::now),
             last_client_data_ms: AtomicU64::new(0),
+            active_since_ms: AtomicU64::new(if whole_link_active { 0 } else { u64::MAX }),
+            busy_since_ms: AtomicU64::new(u64::MAX),
+            whole_link_active,
         }
     }
 
@@ -593,23 +638,73 @@ impl LinkState {
         }
     }
 
-    /// When the client last sent data; only with `started` set.
-    fn last_client_data(&self) -> Option<Instant> {
-        let ms = self.last_client_data_ms.load(Relaxed);
-        self.started.map(|s| s + Duration::from_millis(ms))
+    /// Notes when the server connection left Idle and became Busy; only with `started`
+    /// set. Called after each read of either side has been followed.
+    fn note_state(&self) {
+        let Some(started) = self.started else {
+            return;
+        };
+        let state = self.server_state();
+        let mark = |since: &AtomicU64, on: bool| match (on, since.load(Relaxed) == u64::MAX) {
+            (true, true) => since.store(started.elapsed().as_millis() as u64, Relaxed),
+            (false, false) => since.store(u64::MAX, Relaxed),
+            _ => {}
+        };
+        mark(
+            &self.active_since_ms,
+            self.whole_link_active || state != ServerState::Idle,
+        );
+        mark(&self.busy_since_ms, state == ServerState::Busy);
+    }
+
+    /// The instant `ms` milliseconds after `started`; `None` for `u64::MAX` (not set).
+    fn at(&self, ms: &AtomicU64) -> Option<Instant> {
+        let ms = ms.load(Relaxed);
+        (ms != u64::MAX)
+            .then_some(self.started?)
+            .map(|s| s + Duration::from_millis(ms))
+    }
+
+    /// The first of the link's limits to pass, with when it passes.
+    fn next_expiry(&self, settings: &PoolConfig) -> Option<(Instant, ClientError)> {
+        let [idle_transaction, query, transaction] = time_limits(settings);
+        let state = self.server_state();
+        let idle_in_transaction = (state == ServerState::InTransaction)
+            .then(|| self.at(&self.last_client_data_ms))
+            .flatten();
+        [
+            (
+                idle_in_transaction,
+                idle_transaction,
+                ClientError::IdleTransactionTimeout as fn(Duration) -> ClientError,
+            ),
+            (
+                self.at(&self.busy_since_ms),
+                query,
+                ClientError::QueryTimeout,
+            ),
+            (
+                self.at(&self.active_since_ms),
+                transaction,
+                ClientError::TransactionTimeout,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, limit, _)| !limit.is_zero())
+        .filter_map(|(since, limit, error)| Some((since? + limit, error(limit))))
+        .min_by_key(|(at, _)| *at)
     }
 }
 
 /// Resolves when a session-mode link's backend stops serving the listener's target.
 type RoleLost<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
-struct Link {
+struct Link<'a> {
     mode: ListenerMode,
-    idle_transaction_timeout: Duration,
-    max_prepared_statements: usize,
+    settings: &'a PoolConfig,
 }
 
-impl Link {
+impl Link<'_> {
     /// Pumps bytes between a client and its leased server connection until the link ends.
     /// Both directions run concurrently in this one task, so neither can stall the other,
     /// and they share their view of the protocol state through `LinkState`. Each socket is
@@ -624,7 +719,8 @@ impl Link {
         statements: Option<&mut ClientStatements>,
         role_lost: Option<RoleLost<'_>>,
     ) -> LinkEnd {
-        let st = LinkState::new(!self.idle_transaction_timeout.is_zero());
+        let timed = time_limits(self.settings).iter().any(|l| !l.is_zero());
+        let st = LinkState::new(timed, self.mode == ListenerMode::Transaction);
         let state = || st.server_state();
 
         let (mut client_r, mut client_w) = client.split();
@@ -636,8 +732,8 @@ impl Link {
             ..
         } = server;
         let (mut server_r, mut server_w) = stream.split();
-        let tracker =
-            statements.map(|c| LazyTracker::new(c, prepared, self.max_prepared_statements));
+        let max_prepared = self.settings.max_prepared_statements as usize;
+        let tracker = statements.map(|c| LazyTracker::new(c, prepared, max_prepared));
 
         let client_to_server = async {
             // read_buf fills spare capacity: no zeroing of a fresh buffer per transaction.
@@ -738,6 +834,7 @@ impl Link {
                     };
                 }
                 st.client_mid_message.store(!scan.at_boundary(), Relaxed);
+                st.note_state();
                 // A Terminate is pgvane's to act on; the pooled server connection stays open.
                 let upto = terminate_at.map_or(n, |at: isize| at.max(0) as usize);
                 if server_w.write_all(&data[..upto]).await.is_err() {
@@ -837,6 +934,7 @@ impl Link {
                 }
                 st.server_body_left
                     .store(scan.body_left().unwrap_or(usize::MAX), Relaxed);
+                st.note_state();
                 if client_w.write_all(data).await.is_err() {
                     return LinkEnd::ClientGone(state());
                 }
@@ -859,26 +957,37 @@ impl Link {
             }
         };
 
-        // Its timers are boxed: the timeout is off by default, and this future is part of
-        // every transaction's.
-        let idle_in_transaction = async {
-            let limit = self.idle_transaction_timeout;
+        // Its timers are boxed: the limits are off by default, and this future is part of
+        // every transaction's. A state change does not wake it: it looks again at least
+        // every shortest limit, so a limit passes at most that much late.
+        let expiry = async {
+            if !timed {
+                return std::future::pending().await;
+            }
             loop {
-                // None when the timeout is off (zero).
-                let Some(last) = st.last_client_data() else {
-                    return std::future::pending().await;
-                };
-                let due = last + limit;
-                if due > Instant::now() {
-                    Box::pin(tokio::time::sleep_until(due.into())).await;
-                } else if state() == ServerState::InTransaction {
-                    return LinkEnd::Failed {
-                        error: ClientError::IdleTransactionTimeout(limit),
-                        tell_client: !st.server_mid_message(),
+                // Computed in a block, so that nothing of it is kept across the wait.
+                let wait = {
+                    // The shortest limit that is on.
+                    let shortest = time_limits(self.settings)
+                        .into_iter()
+                        .filter(|l| !l.is_zero())
+                        .min()
+                        .unwrap_or(Duration::MAX);
+                    let now = Instant::now();
+                    let until = match st.next_expiry(self.settings) {
+                        Some((at, error)) if at <= now => {
+                            return LinkEnd::Expired {
+                                error,
+                                tell_client: !st.server_mid_message(),
+                                busy: state() == ServerState::Busy,
+                            };
+                        }
+                        Some((at, _)) => at.min(now + shortest),
+                        None => now + shortest,
                     };
-                } else {
-                    Box::pin(tokio::time::sleep(limit)).await;
-                }
+                    Box::pin(tokio::time::sleep_until(until.into()))
+                };
+                wait.await;
             }
         };
 
@@ -895,7 +1004,7 @@ impl Link {
             biased;
             end = server_to_client => end,
             end = client_to_server => end,
-            end = idle_in_transaction => end,
+            end = expiry => end,
             _ = role_lost => LinkEnd::Failed {
                 error: ClientError::ServerLost("the backend no longer serves this listener's target".into()),
                 tell_client: !st.server_mid_message(),
@@ -1022,6 +1131,20 @@ mod tests {
         // a link future of 1,064 bytes took ~180 more instructions per transaction
         // (callgrind, -S 32 clients), in mi_malloc_aligned's generic path.
         let size = output_size(Session::serve_request);
+        eprintln!(
+            "SIZES serve {size} link {} ce {} le {} pe {}",
+            output_size7(Link::run),
+            std::mem::size_of::<ClientError>(),
+            std::mem::size_of::<LinkEnd>(),
+            std::mem::size_of::<PoolError>()
+        );
+        eprintln!(
+            "SIZES serve {size} link {} ce {} le {} pe {}",
+            output_size7(Link::run),
+            std::mem::size_of::<ClientError>(),
+            std::mem::size_of::<LinkEnd>(),
+            std::mem::size_of::<PoolError>()
+        );
         assert!(size <= 1024, "per-request future is {size} bytes");
         let size = output_size7(Link::run);
         assert!(size <= 1024, "link future is {size} bytes");
