@@ -12,13 +12,13 @@
 #
 #   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"]
 #
-# -w picks workloads by number (0-5, in the order below), -t targets by name.
+# -w picks workloads by number (0-6, in the order below), -t targets by name.
 #
 # Workloads (simple protocol unless said): -S (select-only) at 32 and 256 clients,
 # TPC-B-like at 32 clients, connection churn (-C -S, a new connection per transaction) at
 # 16 clients, -S with named prepared statements (-M prepared) at 32 clients, which a
 # transaction pooler must carry across server connections (PgBouncer 1.18 cannot: "failed"),
-# and TPC-B-like at 256 clients.
+# TPC-B-like at 256 clients, and -S -M prepared at 256 clients.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
@@ -82,10 +82,14 @@ pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/
 TARGETS=("direct:$DIRECT:" "pgvane-pass:$PASS_PORT:$PGVANE_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID"
          "pgvane-txn:$TXN_PORT:$PGVANE_PID" "pgvane-txn-1t:$TXN1_PORT:$PGVANE1_PID"
          "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID")
-WORKLOADS=("-M simple -S -c 32" "-M simple -S -c 256" "-M simple -c 32" "-M simple -C -S -c 16"
-           "-M prepared -S -c 32" "-M simple -c 256")
+# Prepared runs use a pgbench thread per client: pgbench prepares synchronously (PQprepare),
+# blocking its thread while that client waits for a server connection, so with fewer threads
+# than clients a transaction pooler's pool can be held by clients of the blocked thread.
+WORKLOADS=("-M simple -S -c 32 -j 2" "-M simple -S -c 256 -j 2" "-M simple -c 32 -j 2"
+           "-M simple -C -S -c 16 -j 2" "-M prepared -S -c 32 -j 32" "-M simple -c 256 -j 2"
+           "-M prepared -S -c 256 -j 256")
 NAMES=("-S, 32 clients" "-S, 256 clients" "TPC-B-like, 32 clients" "-C -S (new connection per txn), 16 clients"
-       "-S -M prepared, 32 clients" "TPC-B-like, 256 clients")
+       "-S -M prepared, 32 clients" "TPC-B-like, 256 clients" "-S -M prepared, 256 clients")
 
 # utime + stime of a process, in clock ticks; 0 without a pid.
 cpu_ticks() { if [ -n "$1" ]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
@@ -101,7 +105,7 @@ for w in "${!WORKLOADS[@]}"; do
             [ -n "$ONLY_T" ] && [ "$name" != direct ] && [[ " $ONLY_T " != *" $name "* ]] && continue
             cpu0=$(cpu_ticks "$pid")
             # A run with errors (pgbench exits non-zero, clients aborted) counts as failed.
-            out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -j 2 -T "$DURATION" \
+            out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$DURATION" \
                   ${WORKLOADS[$w]} postgres 2>/dev/null) || out=""
             cpu1=$(cpu_ticks "$pid")
             tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")

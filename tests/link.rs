@@ -375,3 +375,35 @@ async fn a_stalled_client_cannot_hold_a_server_connection_hostage() {
         }
     }
 }
+
+/// A Bind pipelined behind a DISCARD ALL fails as on PostgreSQL (the statement is gone),
+/// instead of being renamed before the DISCARD ALL is answered and prepared anew on a server
+/// connection that lacks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_discarded_in_the_same_pipeline_is_gone() {
+    let (_cluster, _session, tx, _pgvane) =
+        app_behind_both("[pool]\ndefault_pool_size = 2\n").await;
+    let (mut c, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    let (mut other, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    for forget in ["DISCARD ALL", "DEALLOCATE ALL"] {
+        // Prepared on the pool's idle connection, which another client then holds: the
+        // DISCARD ALL and the Bind run on the other one, which lacks the statement.
+        c.send(&[parse("s1", "SELECT 1"), sync()].concat()).await;
+        c.until_ready().await;
+        other.send(&query("BEGIN")).await;
+        other.until_ready().await;
+        c.send(&[query(forget), bind_execute_sync("s1")].concat())
+            .await;
+        let forgot = c.until_ready().await;
+        assert_eq!(show(&forgot), "C Z", "{forget}");
+        let bind = c.until_ready().await;
+        assert_eq!(
+            bind.first().and_then(|m| m.field(b'C')).as_deref(),
+            Some("26000"),
+            "{forget}: {}",
+            show(&bind)
+        );
+        other.send(&query("COMMIT")).await;
+        other.until_ready().await;
+    }
+}

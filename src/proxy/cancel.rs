@@ -4,13 +4,22 @@
 //! connection, its entry here points at that server's own key; a CancelRequest carrying the
 //! client's key is then sent on to that server. A request for an idle client, or with an
 //! unknown key, is dropped, as PostgreSQL drops one that matches no backend.
+//!
+//! PostgreSQL signals a cancelled backend twice (the process, then its process group), and
+//! a signal that lands while the backend reads a message is kept for the next statement. A
+//! server connection is therefore not handed to another client while a cancel for it is
+//! in flight: the client's session waits ([`CancelKey::settled`]) until the server has
+//! closed the cancel connection, which it does once both signals are sent. Without that, a
+//! client's cancel could stop the next client's query on the same server connection.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::pool::CancelTarget;
@@ -34,6 +43,10 @@ struct Slot {
     /// Which backend `backend` holds, by address, to see without the lock that it is current.
     backend_id: AtomicUsize,
     backend: Mutex<Option<Arc<Backend>>>,
+    /// Cancel requests for this client between reading `key` and the server's close.
+    in_flight: AtomicU32,
+    /// Told when `in_flight` drops to 0.
+    settled: Notify,
 }
 
 fn pack(process_id: u32, secret_key: u32) -> u64 {
@@ -52,7 +65,9 @@ impl CancelKey {
     /// Points cancels at the server the client holds now (`None`: it holds none).
     pub fn set_target(&self, target: Option<&CancelTarget>) {
         let Some(t) = target else {
-            self.slot.key.store(0, Ordering::Release);
+            // SeqCst, paired with `cancel`: either a cancel sees the key gone, or `settled`
+            // sees the cancel in flight.
+            self.slot.key.store(0, Ordering::SeqCst);
             return;
         };
         let id = Arc::as_ptr(&t.backend) as usize;
@@ -63,6 +78,28 @@ impl CancelKey {
         }
         let key = pack(t.process_id, t.secret_key);
         self.slot.key.store(key, Ordering::Release);
+    }
+}
+
+impl CancelKey {
+    /// Whether a cancel for this client is still on its way to the server it held; call
+    /// after `set_target(None)`.
+    pub fn cancel_in_flight(&self) -> bool {
+        self.slot.in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    /// Waits until no cancel for this client is in flight: the server connection it held
+    /// may then go to another client.
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.slot.settled.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if !self.cancel_in_flight() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -102,25 +139,37 @@ impl CancelRegistry {
             .expect("cancel registry")
             .get(&(process_id, secret_key))
             .cloned();
+        let Some(slot) = slot else {
+            return debug!("cancel request for an unknown client ignored");
+        };
+        // Counted in flight before the key is read (see `set_target`).
+        slot.in_flight.fetch_add(1, Ordering::SeqCst);
         // A client switching servers meanwhile can pair a key with the other server's
         // backend: that server knows no such key and ignores the request.
-        let target = slot.and_then(|s| {
-            let key = s.key.load(Ordering::Acquire);
-            let backend = s.backend.lock().expect("cancel slot").clone()?;
-            (key != 0).then_some(CancelTarget {
-                backend,
-                process_id: (key >> 32) as u32,
-                secret_key: key as u32,
-            })
-        });
-        match target {
-            Some(t) => send_cancel(&t).await,
-            None => debug!("cancel request for an idle or unknown client ignored"),
+        let key = slot.key.load(Ordering::SeqCst);
+        let backend = slot.backend.lock().expect("cancel slot").clone();
+        match backend.filter(|_| key != 0) {
+            Some(backend) => {
+                send_cancel(&CancelTarget {
+                    backend,
+                    process_id: (key >> 32) as u32,
+                    secret_key: key as u32,
+                })
+                .await
+            }
+            None => debug!("cancel request for an idle client ignored"),
+        }
+        if slot.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            slot.settled.notify_waiters();
         }
     }
 }
 
-/// Sends a CancelRequest for the query running on `target`.
+/// How long a forwarded cancel may take to be acted on (the server closing its connection).
+const CANCEL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Sends a CancelRequest for the query running on `target`, and waits (up to
+/// `CANCEL_LIMIT`) until the server has acted on it and closed the connection.
 pub async fn send_cancel(target: &CancelTarget) {
     let mut buf = BytesMut::new();
     postgres_protocol::message::frontend::cancel_request(
@@ -131,8 +180,16 @@ pub async fn send_cancel(target: &CancelTarget) {
     let backend = &target.backend;
     match TcpStream::connect((backend.host.as_str(), backend.port)).await {
         Ok(mut s) => {
-            let _ = s.write_all(&buf).await;
-            debug!(server_pid = target.process_id, "cancel request forwarded");
+            let sent = async {
+                s.write_all(&buf).await?;
+                s.read_to_end(&mut Vec::new()).await
+            };
+            let outcome = tokio::time::timeout(CANCEL_LIMIT, sent).await;
+            debug!(
+                server_pid = target.process_id,
+                ?outcome,
+                "cancel request forwarded"
+            );
         }
         Err(e) => debug!(error = %e, "cannot forward cancel request"),
     }

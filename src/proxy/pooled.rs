@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::cancel::{send_cancel, CancelKey};
-use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint};
+use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint, Then};
 use super::{read_client_startup, send_error, Admission, Attempt, Chosen, Route, Shared};
 use crate::auth::{authenticate_client, User};
 use crate::config::{ListenerMode, OnRoleLoss, PoolConfig};
@@ -462,12 +462,18 @@ impl Session {
                 Served::carrying(first)
             }
             LinkEnd::Idle => {
+                if self.cancel_key.cancel_in_flight() {
+                    Box::pin(self.cancel_key.settled()).await;
+                }
                 lease.release();
                 Served::carrying(first)
             }
             LinkEnd::ClientGone(state) => {
                 match state {
                     ServerState::Idle if drained => {}
+                    ServerState::Idle if self.cancel_key.cancel_in_flight() => {
+                        // Closed rather than kept waiting on: the client has left.
+                    }
                     ServerState::Idle if cfg.mode == ListenerMode::Session => {
                         let reset = &shared.pools.settings().server_reset_query;
                         Box::pin(lease.reset_and_release(reset)).await
@@ -752,7 +758,7 @@ impl Link<'_> {
                 }
                 st.client_data_now();
                 // Untracked bytes first; the tracker is engaged at the message that needs it.
-                let (mut plain, mut engage_next) = (buf.len(), false);
+                let (mut plain, mut then) = (buf.len(), Then::More);
                 let engaged = match &tracker {
                     None => None,
                     Some(lazy) => match lazy.get() {
@@ -760,7 +766,7 @@ impl Link<'_> {
                         // Untracked, the link passes on no partial header: the scanner is
                         // never in the middle of one here.
                         None => match untracked(buf, scan.body_left().unwrap_or(0)) {
-                            Ok((0, true)) => {
+                            Ok((0, Then::Engage)) => {
                                 // The tracker must know where the server's next message
                                 // starts: not in the middle of a header, which the server
                                 // completes without waiting for the client.
@@ -777,8 +783,8 @@ impl Link<'_> {
                                     server_body_left,
                                 }))
                             }
-                            Ok((n, engage)) => {
-                                (plain, engage_next) = (n, engage);
+                            Ok((n, next)) => {
+                                (plain, then) = (n, next);
                                 None
                             }
                             Err(e) => {
@@ -793,7 +799,12 @@ impl Link<'_> {
                 let (data, consumed) = match engaged {
                     None => (&buf[..plain], plain),
                     Some(t) => match t.from_client(buf, &mut rewritten) {
-                        Ok(o) => (o.bytes(buf, &rewritten), o.consumed),
+                        Ok(o) => {
+                            if o.barrier {
+                                then = Then::Barrier;
+                            }
+                            (o.bytes(buf, &rewritten), o.consumed)
+                        }
                         Err(error) => {
                             return LinkEnd::Failed {
                                 error,
@@ -862,9 +873,21 @@ impl Link<'_> {
                     return LinkEnd::ClientGone(s);
                 }
                 keep_tail(buf, consumed);
+                if then == Then::Barrier {
+                    // What follows a query that may drop every prepared statement waits
+                    // for its answer, so that the records are right before it is rewritten
+                    // (in transaction mode the link may end meanwhile: the rest then
+                    // starts the next transaction).
+                    std::future::poll_fn(|_| match st.pending.load(Relaxed) {
+                        0 => Poll::Ready(()),
+                        _ => Poll::Pending,
+                    })
+                    .await;
+                }
                 // What is left is a partial message waiting for more, unless it starts with
-                // the message that engages the tracker, which is whole enough to go on.
-                held = if engage_next { 0 } else { buf.len() };
+                // the message that engages the tracker (whole enough to go on), or follows
+                // a barrier.
+                held = if then == Then::More { buf.len() } else { 0 };
             }
         };
 

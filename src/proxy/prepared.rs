@@ -203,6 +203,9 @@ pub struct Output {
     pub consumed: usize,
     /// Whether the bytes to send are in `out` rather than `input[..consumed]`.
     rewritten: bool,
+    /// They end with a query that may drop every statement (see [`may_forget_all`]): what
+    /// follows must wait for its answer.
+    pub barrier: bool,
 }
 
 impl Output {
@@ -243,13 +246,14 @@ impl<'o> Writer<'o> {
         self.copied = at + len;
     }
 
-    fn finish(self, input: &[u8], consumed: usize) -> Output {
+    fn finish(self, input: &[u8], consumed: usize, barrier: bool) -> Output {
         if self.rewritten {
             self.out.extend_from_slice(&input[self.copied..consumed]);
         }
         Output {
             consumed,
             rewritten: self.rewritten,
+            barrier,
         }
     }
 }
@@ -399,13 +403,33 @@ impl<'a> Tracker<'a> {
                     st.up.body_left = total - 5 - names_len;
                     i = body_start + names_len;
                 }
+                b'Q' => {
+                    let prefix = &input[body_start..input.len().min(i + total)];
+                    match may_forget_all(prefix, whole.is_some()) {
+                        None => break,                          // not enough of it yet to tell
+                        Some(true) if whole.is_none() => break, // sent whole, then waited on
+                        Some(true) => {
+                            if !st.skipping {
+                                st.sent.push_back(Sent::Ready);
+                            }
+                            return Ok(w.finish(input, i + total, true));
+                        }
+                        Some(false) => {
+                            if !st.skipping {
+                                st.sent.push_back(Sent::Ready);
+                            }
+                            st.up.body_left = total - 5;
+                            i = body_start;
+                        }
+                    }
+                }
                 _ => {
                     match tag {
                         b'S' => {
                             st.skipping = false;
                             st.sent.push_back(Sent::Ready);
                         }
-                        b'Q' | b'F' if !st.skipping => st.sent.push_back(Sent::Ready),
+                        b'F' if !st.skipping => st.sent.push_back(Sent::Ready),
                         _ => {}
                     }
                     // Syncs the server ignored during a COPY will not be answered.
@@ -419,7 +443,7 @@ impl<'a> Tracker<'a> {
                 }
             }
         }
-        Ok(w.finish(input, i))
+        Ok(w.finish(input, i, false))
     }
 
     /// Server to client: drops the answers to pgvane's own messages and keeps the records
@@ -469,7 +493,7 @@ impl<'a> Tracker<'a> {
             st.down.body_left = total - 5;
             i += 5;
         }
-        Ok(w.finish(input, i))
+        Ok(w.finish(input, i, false))
     }
 }
 
@@ -537,20 +561,61 @@ impl<'a> LazyTracker<'a> {
     }
 }
 
+/// Whether a simple query may drop every prepared statement (DISCARD ALL, DEALLOCATE ALL,
+/// as far as its first word tells: a light look, never a parse). `None`: too little of its
+/// text (`body`, all of it when `whole`) has arrived to tell.
+///
+/// The link lets nothing the client sent after such a query be rewritten before its answer:
+/// a Bind pipelined behind a DISCARD ALL would otherwise be renamed after a statement the
+/// DISCARD ALL then drops, and be prepared again by pgvane, where PostgreSQL fails it.
+fn may_forget_all(body: &[u8], whole: bool) -> Option<bool> {
+    let text = body.trim_ascii_start();
+    let first_word = |w: &[u8]| {
+        text.get(..w.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(w))
+    };
+    match text.first() {
+        // Most queries tell at their first letter: they stream on at once.
+        Some(c) if !c.eq_ignore_ascii_case(&b'd') => Some(false),
+        _ if first_word(b"discard") || first_word(b"deallocate") => Some(true),
+        _ if whole || text.len() >= b"deallocate".len() => Some(false),
+        _ => None,
+    }
+}
+
+/// What follows the untracked start of a client's input.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Then {
+    /// An incomplete message: wait for more.
+    More,
+    /// A message that needs the tracker, which is whole enough to engage it.
+    Engage,
+    /// Nothing more until the answer to the query just passed (see [`may_forget_all`]).
+    Barrier,
+}
+
 /// While the tracker is not engaged: how many bytes at the start of the client's `input`
-/// can be passed on untracked, and whether the message there needs the tracker (else what
-/// follows is an incomplete header). `body_left`: bytes of a message begun earlier.
-pub fn untracked(input: &[u8], body_left: usize) -> Result<(usize, bool), ProtocolError> {
+/// can be passed on untracked, and what comes after them. `body_left`: bytes of a message
+/// begun earlier.
+pub fn untracked(input: &[u8], body_left: usize) -> Result<(usize, Then), ProtocolError> {
     let mut up = Framer { body_left };
     let mut i = 0;
     while let Some((tag, total)) = up.next(input, &mut i)? {
         if !matches!(tag, b'Q' | b'F' | b'S' | b'd' | b'c' | b'f' | b'X') {
-            return Ok((i, true));
+            return Ok((i, Then::Engage));
+        }
+        if tag == b'Q' {
+            let whole = input.len() >= i + total;
+            match may_forget_all(&input[i + 5..input.len().min(i + total)], whole) {
+                None | Some(true) if !whole => return Ok((i, Then::More)),
+                Some(true) => return Ok((i + total, Then::Barrier)),
+                _ => {}
+            }
         }
         up.body_left = total - 5;
         i += 5;
     }
-    Ok((i, false))
+    Ok((i, Then::More))
 }
 
 impl Drop for State<'_> {
@@ -834,6 +899,21 @@ mod tests {
 
     fn name_of(body: &[u8]) -> &[u8] {
         cstring(body).unwrap().0
+    }
+
+    #[test]
+    fn only_discard_and_deallocate_queries_are_barriers() {
+        assert_eq!(
+            may_forget_all(b"SE", false),
+            Some(false),
+            "told at its first letter"
+        );
+        assert_eq!(may_forget_all(b"  discard ALL\0", true), Some(true));
+        assert_eq!(may_forget_all(b"DEALLOCATE ALL", false), Some(true));
+        assert_eq!(may_forget_all(b"dis", false), None, "too little to tell");
+        assert_eq!(may_forget_all(b"delete from t\0", true), Some(false));
+        assert_eq!(may_forget_all(b"do $$ begin", false), Some(false));
+        assert_eq!(may_forget_all(b"   ", false), None);
     }
 
     #[test]

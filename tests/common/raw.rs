@@ -60,8 +60,71 @@ impl RawClient {
         let mut out = BytesMut::new();
         frontend::startup_message(params.iter().copied(), &mut out).unwrap();
         c.send(&out).await;
-        let login = c.until_ready().await;
+        let login = c.authenticate().await;
         (c, login)
+    }
+
+    /// Answers a SCRAM-SHA-256 exchange with the harness password (if the server asks for
+    /// one), then reads up to the first ReadyForQuery.
+    async fn authenticate(&mut self) -> Vec<Msg> {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let mut scram = None;
+        let mut got = Vec::new();
+        loop {
+            let m = self.next().await.expect("login answered");
+            if m.tag == b'R' {
+                let kind = u32::from_be_bytes(m.body[..4].try_into().unwrap());
+                let data = &m.body[4..];
+                let mut out = BytesMut::new();
+                match kind {
+                    0 => {}
+                    10 => {
+                        let s = ScramSha256::new(
+                            super::PASSWORD.as_bytes(),
+                            ChannelBinding::unsupported(),
+                        );
+                        frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                            .unwrap();
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram.as_mut().expect("SASL started");
+                        s.update(data).unwrap();
+                        frontend::sasl_response(s.message(), &mut out).unwrap();
+                    }
+                    12 => scram.as_mut().expect("SASL started").finish(data).unwrap(),
+                    other => panic!("authentication method {other} not supported here"),
+                }
+                if !out.is_empty() {
+                    self.send(&out).await;
+                }
+                continue;
+            }
+            let done = m.tag == b'Z' || (m.tag == b'E' && got.is_empty());
+            got.push(m);
+            if done {
+                return got;
+            }
+        }
+    }
+
+    /// The BackendKeyData of a login's messages: (process id, secret key).
+    pub fn key(login: &[Msg]) -> (i32, i32) {
+        let k = login
+            .iter()
+            .find(|m| m.tag == b'K')
+            .expect("BackendKeyData");
+        let int = |at: usize| i32::from_be_bytes(k.body[at..at + 4].try_into().unwrap());
+        (int(0), int(4))
+    }
+
+    /// Sends a CancelRequest for `key` on a connection of its own.
+    pub async fn cancel(port: u16, key: (i32, i32)) {
+        let mut out = BytesMut::new();
+        frontend::cancel_request(key.0, key.1, &mut out);
+        let mut c = Self::connect(port).await;
+        c.send(&out).await;
+        c.until_closed().await;
     }
 
     pub async fn connect(port: u16) -> RawClient {
