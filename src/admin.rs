@@ -281,6 +281,7 @@ fn status(shared: &Shared) -> Value {
         "last_failover": details.last_failover,
         "paused": pause_json(&shared.paused.borrow()),
         "held_clients": shared.metrics.held_clients.get(),
+        "pinned_sessions": shared.metrics.pinned_sessions.get(),
         "pools": pools,
     })
 }

@@ -37,6 +37,9 @@ pub struct Metrics {
     /// Open client connections, by listener.
     pub clients: IntGaugeVec,
     pub paused: IntGauge,
+    /// Transaction-mode sessions pinned to their server connection by session state.
+    pub pinned_sessions: IntGauge,
+    pub session_state_pins: IntCounterVec,
     pool_connections: IntGaugeVec,
 }
 
@@ -127,6 +130,15 @@ impl Metrics {
             hold_seconds: histogram("hold_seconds", "How long held clients waited for a backend."),
             clients: gauge_vec("client_connections", "Open client connections.", &["listener"]),
             paused: gauge("paused", "1 while PAUSE holds new work (global or any database)."),
+            pinned_sessions: gauge(
+                "pinned_sessions",
+                "Transaction-mode clients pinned to their server connection by session state (LISTEN, session advisory locks, WITH HOLD cursors, temporary tables, SQL PREPARE, SET of unreported parameters).",
+            ),
+            session_state_pins: counter_vec(
+                "session_state_statements_total",
+                "Transaction-mode statements that created session state, by kind; the first pins its client.",
+                &["feature"],
+            ),
             pool_connections: gauge_vec(
                 "pool_server_connections",
                 "Server connections per pool, by state (active = lent to a client).",

@@ -122,7 +122,8 @@ pub struct ServerConn {
     pub params: ServerParams,
     /// Named statements prepared on this connection by pgvane (transaction mode).
     pub prepared: ServerStatements,
-    reported_at_login: Vec<String>,
+    /// Parameters the server reports (ParameterStatus): their values follow each client.
+    pub reported_at_login: Vec<String>,
     cancel: CancelTarget,
     created: coarsetime::Instant,
     last_used: coarsetime::Instant,

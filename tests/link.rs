@@ -407,3 +407,77 @@ async fn a_statement_discarded_in_the_same_pipeline_is_gone() {
         other.until_ready().await;
     }
 }
+
+/// Session state in transaction mode pins the client to its server connection: its later
+/// transactions find the state, and no other client finds it, neither while the client is
+/// there (the other waits for the pool's one connection) nor after it left (the connection
+/// was reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_pins_a_transaction_mode_client() {
+    let (_cluster, _session, tx, _pgvane) =
+        app_behind_both("[pool]\ndefault_pool_size = 1\n").await;
+    let cases = [
+        (
+            "SET work_mem = '1MB'",
+            "SHOW work_mem",
+            "1MB",
+            "SHOW work_mem",
+            "4MB",
+        ),
+        (
+            "PREPARE p AS SELECT 7",
+            "EXECUTE p",
+            "7",
+            "SELECT count(*) FROM pg_prepared_statements",
+            "0",
+        ),
+        (
+            "CREATE TEMP TABLE tt (a int)",
+            "SELECT count(*) FROM tt",
+            "0",
+            "SELECT to_regclass('tt') IS NULL",
+            "t",
+        ),
+        (
+            "LISTEN ch",
+            "SELECT count(*) FROM pg_listening_channels()",
+            "1",
+            "SELECT count(*) FROM pg_listening_channels()",
+            "0",
+        ),
+        (
+            "SELECT pg_advisory_lock(42)",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+            "1",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            "0",
+        ),
+        (
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 5",
+            "FETCH c",
+            "5",
+            "SELECT count(*) FROM pg_cursors",
+            "0",
+        ),
+    ];
+    for (create, own_check, own, other_check, other) in cases {
+        let (mut a, _) = RawClient::login(tx, SUPERUSER, "app").await;
+        let (mut b, _) = RawClient::login(tx, SUPERUSER, "app").await;
+        a.send(&query(create)).await;
+        a.until_ready().await;
+        // Waits for the pool's one connection while `a` is pinned to it.
+        b.send(&query(other_check)).await;
+        a.send(&query(own_check)).await;
+        let got = a.until_ready().await;
+        assert_eq!(rows(&got), [own], "{create}: {}", show(&got));
+        a.send(&terminate()).await;
+        a.until_closed().await;
+        let got = b.until_ready().await;
+        assert_eq!(
+            rows(&got),
+            [other],
+            "{create}, seen by another client: {}",
+            show(&got)
+        );
+    }
+}

@@ -9,6 +9,7 @@ mod cancel;
 mod passthrough;
 mod pooled;
 pub mod prepared;
+mod session_state;
 
 use std::collections::BTreeSet;
 use std::future::Future;

@@ -28,10 +28,12 @@ use tracing::{debug, info};
 
 use super::cancel::{send_cancel, CancelKey};
 use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint, Then};
+use super::session_state::session_state;
 use super::{read_client_startup, send_error, Admission, Attempt, Chosen, Route, Shared};
 use crate::auth::{authenticate_client, User};
 use crate::config::{ListenerMode, OnRoleLoss, PoolConfig};
 use crate::error::ClientError;
+use crate::metrics::Metrics;
 use crate::pool::{LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED};
 use crate::protocol::{
     backend, parameter_status, CopyInSyncs, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3,
@@ -149,6 +151,9 @@ struct Session {
     /// only once there are some: most sessions never prepare one, and idle sessions should
     /// stay small.
     statements: Option<Box<ClientStatements>>,
+    /// Transaction mode: the client created session state (see `session_state`) and keeps
+    /// its server connection until it leaves.
+    pinned: bool,
 }
 
 /// Startup and authentication, returning the session and any bytes the client sent past its
@@ -272,6 +277,7 @@ async fn login(
         overrides,
         cancel_key,
         statements: None,
+        pinned: false,
     };
     let early = (!client.buffer().is_empty()).then(|| LinkBuffer::holding(client.buffer()));
     Ok(Some((session, early)))
@@ -437,6 +443,8 @@ impl Session {
         let link = Link {
             mode: cfg.mode,
             settings,
+            metrics: &shared.metrics,
+            pinned: &mut self.pinned,
         };
         // Boxed on its own: two boxes of up to 1 KiB each cost less than one past it
         // (`a_request_s_future_fits_the_allocator_s_fast_path`).
@@ -455,6 +463,9 @@ impl Session {
         self.cancel_key.set_target(None);
         let drained = lost.is_cancelled();
         let died = matches!(end, LinkEnd::ServerDied { .. });
+        if self.pinned && !matches!(end, LinkEnd::Idle) {
+            shared.metrics.pinned_sessions.dec();
+        }
         let cancel = matches!(end, LinkEnd::Expired { busy: true, .. });
         match end {
             LinkEnd::Idle if drained => {
@@ -474,7 +485,7 @@ impl Session {
                     ServerState::Idle if self.cancel_key.cancel_in_flight() => {
                         // Closed rather than kept waiting on: the client has left.
                     }
-                    ServerState::Idle if cfg.mode == ListenerMode::Session => {
+                    ServerState::Idle if cfg.mode == ListenerMode::Session || self.pinned => {
                         let reset = &shared.pools.settings().server_reset_query;
                         Box::pin(lease.reset_and_release(reset)).await
                     }
@@ -591,6 +602,8 @@ struct LinkState {
     /// Transaction mode: the link is one transaction, active from its start to its end
     /// (a client that stalls before its first message is sent holds the connection too).
     whole_link_active: bool,
+    /// Transaction mode: the client created session state; the link lasts until it leaves.
+    pinned: AtomicBool,
 }
 
 impl LinkState {
@@ -608,6 +621,7 @@ impl LinkState {
             active_since_ms: AtomicU64::new(if whole_link_active { 0 } else { u64::MAX }),
             busy_since_ms: AtomicU64::new(u64::MAX),
             whole_link_active,
+            pinned: AtomicBool::new(false),
         }
     }
 
@@ -658,7 +672,7 @@ impl LinkState {
         };
         mark(
             &self.active_since_ms,
-            self.whole_link_active || state != ServerState::Idle,
+            (self.whole_link_active && !self.pinned.load(Relaxed)) || state != ServerState::Idle,
         );
         mark(&self.busy_since_ms, state == ServerState::Busy);
     }
@@ -708,6 +722,9 @@ type RoleLost<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
 struct Link<'a> {
     mode: ListenerMode,
     settings: &'a PoolConfig,
+    metrics: &'a Metrics,
+    /// The session's `pinned`: set when a transaction-mode client creates session state.
+    pinned: &'a mut bool,
 }
 
 impl Link<'_> {
@@ -735,8 +752,14 @@ impl Link<'_> {
             params,
             read_buf,
             prepared,
+            reported_at_login,
             ..
         } = server;
+        let reported_at_login = &*reported_at_login;
+        // Pinned already (an earlier transaction of this client made session state), or
+        // watched for it in transaction mode.
+        st.pinned.store(*self.pinned, Relaxed);
+        let watch_session_state = self.mode == ListenerMode::Transaction;
         let (mut server_r, mut server_w) = stream.split();
         let max_prepared = self.settings.max_prepared_statements as usize;
         let tracker = statements.map(|c| LazyTracker::new(c, prepared, max_prepared));
@@ -816,8 +839,13 @@ impl Link<'_> {
 
                 let n = data.len();
                 let mut terminate_at = None;
+                let mut created = None;
                 let scanned = scan.feed(data, |e| {
                     if let Event::Start { tag, at } = e {
+                        if watch_session_state && created.is_none() && matches!(tag, b'Q' | b'P') {
+                            created = statement_text(data, tag, at)
+                                .and_then(|sql| session_state(sql, reported_at_login));
+                        }
                         match tag {
                             b'Q' | b'F' => st.change_pending(1),
                             b'S' => {
@@ -845,6 +873,19 @@ impl Link<'_> {
                     };
                 }
                 st.client_mid_message.store(!scan.at_boundary(), Relaxed);
+                if let Some(feature) = created {
+                    if !st.pinned.swap(true, Relaxed) {
+                        debug!(
+                            feature = feature.name(),
+                            "session state: client pinned to its server connection"
+                        );
+                        self.metrics.pinned_sessions.inc();
+                    }
+                    self.metrics
+                        .session_state_pins
+                        .with_label_values(&[feature.name()])
+                        .inc();
+                }
                 st.note_state();
                 // A Terminate is pgvane's to act on; the pooled server connection stays open.
                 let upto = terminate_at.map_or(n, |at: isize| at.max(0) as usize);
@@ -974,6 +1015,7 @@ impl Link<'_> {
                     && ready_last
                     && scan.at_boundary()
                     && state() == ServerState::Idle
+                    && !st.pinned.load(Relaxed)
                 {
                     return LinkEnd::Idle;
                 }
@@ -1023,7 +1065,7 @@ impl Link<'_> {
 
         // Biased: fairness among these branches buys nothing, and the random start would
         // cost a random number per wake-up.
-        tokio::select! {
+        let end = tokio::select! {
             biased;
             end = server_to_client => end,
             end = client_to_server => end,
@@ -1032,8 +1074,25 @@ impl Link<'_> {
                 error: ClientError::ServerLost("the backend no longer serves this listener's target".into()),
                 tell_client: !st.server_mid_message(),
             },
-        }
+        };
+        *self.pinned = st.pinned.load(Relaxed);
+        end
     }
+}
+
+/// The statement text of a Query or Parse whose header starts at `at` in `data` (as much of
+/// it as `data` holds); `None` when its header began in an earlier chunk.
+fn statement_text(data: &[u8], tag: u8, at: isize) -> Option<&[u8]> {
+    let at = usize::try_from(at).ok()?;
+    let len = u32::from_be_bytes(data.get(at + 1..at + 5)?.try_into().ok()?) as usize;
+    let body = data.get(at + 5..data.len().min(at + 1 + len))?;
+    let text = if tag == b'P' {
+        // After the statement's name.
+        &body[body.iter().position(|&b| b == 0)? + 1..]
+    } else {
+        body
+    };
+    Some(text.split(|&b| b == 0).next().unwrap_or_default())
 }
 
 /// The buffer a link reads the client's requests into. Taken from, and given back to, a
