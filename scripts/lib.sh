@@ -34,12 +34,13 @@ pg_bindir() {
     return 1
 }
 
-# Extra packages some scripts want (pgbench's client ships with postgresql-client).
+# Extra packages some scripts want, as COMMAND:PACKAGE (or FILE:PACKAGE); pgbench's client
+# ships with postgresql-client.
 ensure_packages() {
     local missing=()
     for spec in "$@"; do
         local bin=${spec%%:*} pkg=${spec#*:}
-        command -v "$bin" >/dev/null 2>&1 || missing+=("$pkg")
+        command -v "$bin" >/dev/null 2>&1 || [ -e "$bin" ] || missing+=("$pkg")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -eq 0 ]; then
@@ -50,6 +51,25 @@ ensure_packages() {
         echo "missing: ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
         exit 1
     fi
+}
+
+# The drivers of the driver matrix (tests/drivers.rs), from their registries, under
+# target/drivers: psycopg 3 and asyncpg in a venv, node-postgres with npm, and Debian's
+# pgjdbc. Reinstalled only when missing.
+ensure_drivers() {
+    local dir="$PGVANE_ROOT/target/drivers"
+    mkdir -p "$dir"
+    if ! "$dir/venv/bin/python" -c 'import psycopg, asyncpg' 2>/dev/null; then
+        say "installing psycopg and asyncpg (PyPI) into $dir/venv"
+        python3 -m venv "$dir/venv"
+        "$dir/venv/bin/pip" install -q "psycopg[binary]" asyncpg
+    fi
+    if [ ! -d "$dir/node/node_modules/pg" ]; then
+        say "installing node-postgres (npm) into $dir/node"
+        mkdir -p "$dir/node"
+        (cd "$dir/node" && npm install --silent --no-audit --no-fund pg >/dev/null)
+    fi
+    ensure_packages /usr/share/java/postgresql.jar:libpostgresql-jdbc-java
 }
 
 # work_dir PREFIX: a temp dir in WORK, removed on exit together with everything started
