@@ -12,7 +12,9 @@
 #
 #   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"]
 #
-# -w picks workloads by number (0-6, in the order below), -t targets by name.
+# -w picks workloads by number (0-6, in the order below), -t targets by name. -b BINARY
+# adds a target "baseline-txn-1t": another pgvane build (say, the last release) with
+# worker_threads = 1, for an A/B of CPU per transaction within one run.
 #
 # Workloads (simple protocol unless said): -S (select-only) at 32 and 256 clients,
 # TPC-B-like at 32 clients, connection churn (-C -S, a new connection per transaction) at
@@ -23,11 +25,11 @@ set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
 
-DURATION=10 REPS=3 SCALE=10 ONLY_W="" ONLY_T=""
-while getopts "T:r:s:w:t:" o; do
+DURATION=10 REPS=3 SCALE=10 ONLY_W="" ONLY_T="" BASELINE=""
+while getopts "T:r:s:w:t:b:" o; do
     case $o in
         T) DURATION=$OPTARG ;; r) REPS=$OPTARG ;; s) SCALE=$OPTARG ;;
-        w) ONLY_W=$OPTARG ;; t) ONLY_T=$OPTARG ;; *) exit 2 ;;
+        w) ONLY_W=$OPTARG ;; t) ONLY_T=$OPTARG ;; b) BASELINE=$OPTARG ;; *) exit 2 ;;
     esac
 done
 
@@ -55,6 +57,16 @@ sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/pgvane-1t.toml"
 TXN1_PORT=$TX_PORT
 "$PGVANE" --config "$WORK/pgvane-1t.toml" > "$WORK/pgvane-1t.log" 2>&1 &
 PIDS+=($!); PGVANE1_PID=$!
+BASE_TARGET=()
+if [ -n "$BASELINE" ]; then
+    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
+    pgvane_config "$WORK/baseline.toml" 1s
+    sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/baseline.toml"
+    "$BASELINE" --config "$WORK/baseline.toml" > "$WORK/baseline.log" 2>&1 &
+    PIDS+=($!)
+    BASE_TARGET=("baseline-txn-1t:$TX_PORT:$!")
+    wait_port "$TX_PORT"
+fi
 
 HAPROXY_PORT=$(free_port)
 cat > "$WORK/haproxy.cfg" <<CFG
@@ -81,7 +93,7 @@ pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/
 # name:port:pid of the process whose CPU time is measured (none for direct).
 TARGETS=("direct:$DIRECT:" "pgvane-pass:$PASS_PORT:$PGVANE_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID"
          "pgvane-txn:$TXN_PORT:$PGVANE_PID" "pgvane-txn-1t:$TXN1_PORT:$PGVANE1_PID"
-         "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID")
+         "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID" "${BASE_TARGET[@]}")
 # Prepared runs use a pgbench thread per client: pgbench prepares synchronously (PQprepare),
 # blocking its thread while that client waits for a server connection, so with fewer threads
 # than clients a transaction pooler's pool can be held by clients of the blocked thread.
@@ -119,6 +131,7 @@ for w in "${!WORKLOADS[@]}"; do
 done
 
 say "median over $REPS runs of ${DURATION}s: tps as a ratio to direct, then the proxy's CPU per transaction"
+echo "measured $(date -u +%F) at commit $(git -C "$PGVANE_ROOT" rev-parse --short HEAD)$(git -C "$PGVANE_ROOT" diff --quiet || echo ' (with uncommitted changes)'): benches/load.sh -T $DURATION -r $REPS"
 python3 - "$RESULTS" "${NAMES[@]}" <<'PY'
 import sys, statistics, collections
 rows = [l.split() for l in open(sys.argv[1])]
