@@ -403,33 +403,24 @@ impl<'a> Tracker<'a> {
                     st.up.body_left = total - 5 - names_len;
                     i = body_start + names_len;
                 }
-                b'Q' => {
-                    let prefix = &input[body_start..input.len().min(i + total)];
-                    match may_forget_all(prefix, whole.is_some()) {
-                        None => break,                          // not enough of it yet to tell
-                        Some(true) if whole.is_none() => break, // sent whole, then waited on
-                        Some(true) => {
-                            if !st.skipping {
-                                st.sent.push_back(Sent::Ready);
-                            }
-                            return Ok(w.finish(input, i + total, true));
-                        }
-                        Some(false) => {
-                            if !st.skipping {
-                                st.sent.push_back(Sent::Ready);
-                            }
-                            st.up.body_left = total - 5;
-                            i = body_start;
-                        }
-                    }
-                }
                 _ => {
+                    // A query that may drop every statement is sent whole, and nothing after
+                    // it rewritten before its answer (see `may_forget_all`).
+                    let barrier = tag == b'Q'
+                        && match may_forget_all(
+                            &input[body_start..input.len().min(i + total)],
+                            whole.is_some(),
+                        ) {
+                            None => break, // not enough of it yet to tell
+                            Some(true) if whole.is_none() => break,
+                            Some(forgets) => forgets,
+                        };
                     match tag {
                         b'S' => {
                             st.skipping = false;
                             st.sent.push_back(Sent::Ready);
                         }
-                        b'F' if !st.skipping => st.sent.push_back(Sent::Ready),
+                        b'Q' | b'F' if !st.skipping => st.sent.push_back(Sent::Ready),
                         _ => {}
                     }
                     // Syncs the server ignored during a COPY will not be answered.
@@ -437,6 +428,9 @@ impl<'a> Tracker<'a> {
                         if let Some(Sent::Ready) = st.sent.back() {
                             st.sent.pop_back();
                         }
+                    }
+                    if barrier {
+                        return Ok(w.finish(input, i + total, true));
                     }
                     st.up.body_left = total - 5;
                     i = body_start;
@@ -899,6 +893,35 @@ mod tests {
 
     fn name_of(body: &[u8]) -> &[u8] {
         cstring(body).unwrap().0
+    }
+
+    #[test]
+    fn a_query_ends_the_syncs_owed_to_an_earlier_execute() {
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let t = Tracker::new(&mut client, &mut server, 10);
+        run(&t, &[parse("a", "SELECT 1"), SYNC.to_vec()].concat(), true);
+        server_tags(&t, b"1Z");
+        // Bind, Execute, Sync; then a COPY by simple query, its data and CopyDone: the
+        // CopyDone owes nothing back to the Sync before the Query.
+        let execute = msg(b'E', b"\0\0\0\0\0");
+        let copy = [
+            msg(b'Q', b"COPY t FROM STDIN\0"),
+            msg(b'd', b"1\n"),
+            msg(b'c', b""),
+        ];
+        let input = [
+            bind("a", b"\0\0\0\0\0\0"),
+            execute,
+            SYNC.to_vec(),
+            copy.concat(),
+        ];
+        run(&t, &input.concat(), true);
+        assert_eq!(
+            t.state.lock().unwrap().sent.len(),
+            2,
+            "a Ready for the Sync and the Query"
+        );
     }
 
     #[test]
