@@ -290,71 +290,58 @@ async fn run(
     // Bytes of the next request already sent along with the previous one.
     let mut sent_ahead = 0;
     for (i, step) in steps.iter().enumerate() {
-        let mut answers = Vec::new();
-        match step {
-            Step::Request { bytes, readies } => {
-                send_split(
-                    &mut c,
-                    &bytes[sent_ahead..],
-                    &mut rng,
-                    &format!("{who} on port {port}, step {i}"),
-                )
-                .await;
-                sent_ahead = 0;
-                // Sometimes the start of the next request goes out before these answers.
-                if let Some(Step::Request { bytes: next, .. }) = steps.get(i + 1) {
-                    if rng.random_bool(0.25) {
-                        sent_ahead = rng.random_range(1..=next.len().min(16));
-                        c.send(&next[..sent_ahead]).await;
-                    }
-                }
-                for _ in 0..*readies {
-                    answers.extend(c.until_ready().await);
-                }
-            }
-            Step::Cancelled { bytes } => {
-                send_split(
-                    &mut c,
-                    &bytes[sent_ahead..],
-                    &mut rng,
-                    &format!("{who} on port {port}, step {i}"),
-                )
-                .await;
-                sent_ahead = 0;
-                // One cancel, once the query runs: a cancel sent before would find nothing
-                // to cancel, and one sent again might reach the client's next query.
-                let text = String::from_utf8_lossy(&bytes[5..bytes.len() - 1]).into_owned();
-                let deadline = std::time::Instant::now() + PATIENCE;
-                loop {
-                    let rows = direct
-                        .query(
-                            "SELECT coalesce(state, '') || ' ' || query FROM pg_stat_activity \
-                             WHERE datname = 'app' AND pid <> pg_backend_pid()",
-                            &[],
-                        )
-                        .await
-                        .unwrap();
-                    let rows: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-                    if rows.iter().any(|r| *r == format!("active {text}")) {
-                        break;
-                    }
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "{who} on port {port}, step {i}: never ran; the server has {rows:#?}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                RawClient::cancel(port, key).await;
-                // The RowDescription comes or not, as the cancel was early or late.
-                answers.extend(c.until_ready().await.into_iter().filter(|m| m.tag != b'T'));
-            }
+        let bytes = match step {
+            Step::Request { bytes, .. } | Step::Cancelled { bytes } => bytes,
             Step::Leave { bytes } => {
-                // The peer may close at a Terminate's first byte: what fails to go out after
-                // it does not matter.
+                // The peer may close at a Terminate's first byte: what fails to go out
+                // after it does not matter.
                 use tokio::io::AsyncWriteExt;
                 let _ = c.stream.write_all(&bytes[sent_ahead..]).await;
                 return transcript;
             }
+        };
+        let context = format!("{who} on port {port}, step {i}");
+        send_split(&mut c, &bytes[sent_ahead..], &mut rng, &context).await;
+        sent_ahead = 0;
+        let mut answers = Vec::new();
+        if let Step::Request { readies, .. } = step {
+            // Sometimes the start of the next request goes out before these answers.
+            if let Some(Step::Request { bytes: next, .. }) = steps.get(i + 1) {
+                if rng.random_bool(0.25) {
+                    sent_ahead = rng.random_range(1..=next.len().min(16));
+                    c.send(&next[..sent_ahead]).await;
+                }
+            }
+            for _ in 0..*readies {
+                answers.extend(c.until_ready().await);
+            }
+        } else {
+            // A cancelled query: one cancel, once it runs. A cancel sent before would find
+            // nothing to cancel, and one sent again might reach the client's next query.
+            let text = String::from_utf8_lossy(&bytes[5..bytes.len() - 1]).into_owned();
+            let deadline = std::time::Instant::now() + PATIENCE;
+            loop {
+                let rows = direct
+                    .query(
+                        "SELECT coalesce(state, '') || ' ' || query FROM pg_stat_activity \
+                         WHERE datname = 'app' AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let rows: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                if rows.iter().any(|r| *r == format!("active {text}")) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{context}: never ran; the server has {rows:#?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            RawClient::cancel(port, key).await;
+            // The RowDescription comes or not, as the cancel was early or late.
+            answers.extend(c.until_ready().await.into_iter().filter(|m| m.tag != b'T'));
         }
         transcript.push(answers.iter().filter_map(normalized).collect());
     }

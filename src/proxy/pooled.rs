@@ -1213,20 +1213,6 @@ mod tests {
         // a link future of 1,064 bytes took ~180 more instructions per transaction
         // (callgrind, -S 32 clients), in mi_malloc_aligned's generic path.
         let size = output_size(Session::serve_request);
-        eprintln!(
-            "SIZES serve {size} link {} ce {} le {} pe {}",
-            output_size7(Link::run),
-            std::mem::size_of::<ClientError>(),
-            std::mem::size_of::<LinkEnd>(),
-            std::mem::size_of::<PoolError>()
-        );
-        eprintln!(
-            "SIZES serve {size} link {} ce {} le {} pe {}",
-            output_size7(Link::run),
-            std::mem::size_of::<ClientError>(),
-            std::mem::size_of::<LinkEnd>(),
-            std::mem::size_of::<PoolError>()
-        );
         assert!(size <= 1024, "per-request future is {size} bytes");
         let size = output_size7(Link::run);
         assert!(size <= 1024, "link future is {size} bytes");
