@@ -40,6 +40,10 @@ pub enum ClientError {
     Pool(#[from] PoolError),
     #[error("server connection lost: {0}")]
     ServerLost(String),
+    /// The client hung up or cancelled while its work was held for a backend: the work was
+    /// dropped, never sent.
+    #[error("canceling statement due to user request (it was held for a backend and is dropped)")]
+    Abandoned,
     #[error("idle transaction timeout ({0:?})")]
     IdleTransactionTimeout(Duration),
     #[error(
@@ -111,6 +115,8 @@ impl ClientError {
                 format!("pgvane cannot get a server connection: {e}"),
             ),
             ServerLost(_) => fatal("08006", self.to_string()),
+            // query_canceled: the answer to a cancel; a client that hung up reads nothing.
+            Abandoned => fatal("57014", self.to_string()),
             IdleTransactionTimeout(_) => fatal("25P03", self.to_string()),
             // query_canceled, as PostgreSQL's statement_timeout; transaction_timeout (PG 17).
             QueryTimeout(_) => fatal("57014", self.to_string()),

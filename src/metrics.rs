@@ -33,6 +33,8 @@ pub struct Metrics {
     pub held_clients: IntGauge,
     pub held_total: IntCounter,
     pub hold_timeouts: IntCounter,
+    /// Held work dropped because its client hung up or cancelled.
+    pub held_abandoned: IntCounter,
     pub hold_seconds: Histogram,
     /// Open client connections, by listener.
     pub clients: IntGaugeVec,
@@ -128,6 +130,10 @@ impl Metrics {
                 "Waits for a backend that ended with an error at failover_hold_timeout.",
             ),
             hold_seconds: histogram("hold_seconds", "How long held clients waited for a backend."),
+            held_abandoned: counter(
+                "held_abandoned_total",
+                "Held connections and transactions dropped, never sent, because their client hung up or cancelled.",
+            ),
             clients: gauge_vec("client_connections", "Open client connections.", &["listener"]),
             paused: gauge("paused", "1 while PAUSE holds new work (global or any database)."),
             pinned_sessions: gauge(

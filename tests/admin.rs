@@ -14,14 +14,6 @@ async fn status(admin: u16) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-/// The value of one sample line of `/metrics`, e.g. `pgvane_no_primary`.
-async fn metric(admin: u16, sample: &str) -> Option<f64> {
-    let (code, body) = http_async(admin, "GET", "/metrics").await;
-    assert_eq!(code, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Transaction listeners on databases `postgres` and `app`, plus the admin API.
 async fn admin_cluster(replicas: usize) -> (Cluster, Pgvane, u16, u16) {
     let cluster = Cluster::start(replicas);

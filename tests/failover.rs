@@ -323,3 +323,87 @@ async fn a_server_connection_dying_mid_transaction_gets_its_backend_checked_at_o
     assert!(err.as_db_error().is_some() || err.is_closed(), "{err}");
     pgvane.wait_log("to=down", PATIENCE).await;
 }
+
+/// Work held for want of a primary dies with its client: one that hangs up (with or without
+/// sending more meanwhile) or cancels has its transaction dropped, never sent, so the new
+/// primary never commits what its client was told had failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_work_dies_with_its_client() {
+    use common::raw::*;
+    let cluster = Cluster::start(1);
+    cluster
+        .primary()
+        .connect()
+        .await
+        .batch_execute("CREATE TABLE held (id int)")
+        .await
+        .unwrap();
+    cluster.wait_replicated().await;
+    let (tx, admin) = (free_port(), free_port());
+    let listeners = listener("tx", tx, "primary", "mode = \"transaction\"");
+    let extra = format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+    let text = pooled_config(&cluster, &listeners, &extra).replace(
+        "[general]\n",
+        "[general]\nfailover_hold_timeout = \"60s\"\n",
+    );
+    let pgvane = Pgvane::start(&text, &[tx, admin]);
+    pgvane.wait_log("primary elected", PATIENCE).await;
+
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(RawClient::login(tx, SUPERUSER, "postgres").await);
+    }
+    cluster.primary().stop();
+    pgvane.wait_log("no primary available", PATIENCE).await;
+
+    for (i, (c, _)) in clients.iter_mut().enumerate() {
+        c.send(&query(&format!("INSERT INTO held VALUES ({i})")))
+            .await;
+    }
+    eventually(PATIENCE, "three held transactions", || async {
+        (metric(admin, "pgvane_held_clients").await == Some(3.0)).then_some(())
+    })
+    .await;
+    let mut clients = clients.into_iter();
+    // Hangs up.
+    drop(clients.next());
+    // Sends more, then hangs up.
+    let (mut more, _) = clients.next().unwrap();
+    more.send(&query("SELECT 1")).await;
+    drop(more);
+    // Cancels: told so, and the session ends.
+    let (mut cancelled, login) = clients.next().unwrap();
+    RawClient::cancel(tx, RawClient::key(&login)).await;
+    let said = cancelled.until_closed().await;
+    assert!(
+        said.iter()
+            .any(|m| m.field(b'C').as_deref() == Some("57014")),
+        "{}",
+        show(&said)
+    );
+    eventually(PATIENCE, "the held work dropped", || async {
+        let held = metric(admin, "pgvane_held_clients").await;
+        let abandoned = metric(admin, "pgvane_held_abandoned_total").await;
+        (held == Some(0.0) && abandoned == Some(3.0)).then_some(())
+    })
+    .await;
+
+    cluster.nodes[1].promote();
+    let c = eventually(PATIENCE, "writes through the new primary", || async {
+        let c = connect(tx, SUPERUSER, "postgres").await.ok()?;
+        c.batch_execute("INSERT INTO held VALUES (100)")
+            .await
+            .ok()?;
+        Some(c)
+    })
+    .await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM held WHERE id < 100", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n, 0,
+        "held transactions of clients that gave up were committed"
+    );
+}

@@ -45,6 +45,9 @@ struct Slot {
     backend: Mutex<Option<Arc<Backend>>>,
     /// Cancel requests for this client between reading `key` and the server's close.
     in_flight: AtomicU32,
+    /// Told of a cancel that found the client holding no server connection: a request of
+    /// it held for a backend is then dropped.
+    unlinked_cancel: Notify,
     /// Told when `in_flight` drops to 0.
     settled: Notify,
 }
@@ -86,6 +89,11 @@ impl CancelKey {
     /// after `set_target(None)`.
     pub fn cancel_in_flight(&self) -> bool {
         self.slot.in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    /// Resolves at a cancel request that finds this client holding no server connection.
+    pub async fn cancelled_while_unlinked(&self) {
+        self.slot.unlinked_cancel.notified().await
     }
 
     /// Waits until no cancel for this client is in flight: the server connection it held
@@ -157,7 +165,10 @@ impl CancelRegistry {
                 })
                 .await
             }
-            None => debug!("cancel request for an idle client ignored"),
+            None => {
+                slot.unlinked_cancel.notify_waiters();
+                debug!("cancel request for a client holding no server connection");
+            }
         }
         if slot.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             slot.settled.notify_waiters();

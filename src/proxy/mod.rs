@@ -14,6 +14,7 @@ mod session_state;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,20 +116,58 @@ struct Chosen<T> {
     value: T,
 }
 
+/// What ends a hold early: the client hung up or cancelled (see [`watch_client`]). Made
+/// only once a wait begins, so that the common case allocates nothing.
+type Abandon<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// Resolves when `client` hangs up (end of stream, or an error). What it sends meanwhile is
+/// read into `buf` (up to `limit` bytes, after which the watch stops), not lost: the caller
+/// passes it on once its work goes ahead.
+pub(crate) async fn watch_client(client: &TcpStream, buf: &mut BytesMut, limit: usize) {
+    loop {
+        if buf.len() >= limit {
+            return std::future::pending().await;
+        }
+        if client.readable().await.is_err() {
+            return;
+        }
+        buf.reserve(4096);
+        match client.try_read_buf(buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Most bytes a held client's watch reads ahead before it stops watching.
+const HELD_READ_AHEAD: usize = 64 * 1024;
+
+/// The watch of a held client (see [`watch_client`]), for [`Route::with_backend`].
+fn watching<'a>(client: &'a TcpStream, buf: &'a mut BytesMut) -> impl FnOnce() -> Abandon<'a> {
+    move || Box::pin(watch_client(client, buf, HELD_READ_AHEAD))
+}
+
 impl Route {
     /// Runs `attempt` on the backends this route offers, in order, until one succeeds. While
     /// the target has no backend, or every backend offered failed, waits for the routing
     /// table to change, up to `hold` in all (`failover_hold_timeout`): a failover then costs
-    /// clients a pause instead of an error.
-    async fn with_backend<T, F, Fut>(
+    /// clients a pause instead of an error. A wait also ends when what `abandon` makes
+    /// resolves (the client gave up): the work is dropped, never sent, and
+    /// `ClientError::Abandoned` returned.
+    async fn with_backend<'a, T, F, Fut>(
         &self,
         shared: &Shared,
         mut attempt: F,
+        abandon: impl FnOnce() -> Abandon<'a>,
     ) -> Result<Chosen<T>, ClientError>
     where
         F: FnMut(&Arc<Backend>) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
+        let mut abandon = Some(abandon);
+        let mut abandoned: Option<Abandon<'a>> = None;
         let topology = &shared.topology;
         // Only waits for the routing table count as holding (not, say, a pool's queue), and
         // the hold limit counts from the first: the common case never reads the clock.
@@ -183,9 +222,24 @@ impl Route {
                 }
             };
             drop(table);
-            let changed =
-                Box::pin(tokio::time::timeout_at(deadline.into(), changes.changed())).await;
-            if !matches!(changed, Ok(Ok(()))) {
+            // Past the hold (or none allowed): no wait, and no watch of the client.
+            let changed = if Instant::now() >= deadline {
+                None
+            } else {
+                let gave_up = match abandon.take() {
+                    Some(make) => abandoned.insert(make()),
+                    None => abandoned.as_mut().expect("made at the first wait"),
+                };
+                let timed = Box::pin(tokio::time::timeout_at(deadline.into(), changes.changed()));
+                tokio::select! {
+                    changed = timed => Some(changed),
+                    _ = gave_up => {
+                        shared.metrics.held_abandoned.inc();
+                        return Err(ClientError::Abandoned);
+                    }
+                }
+            };
+            if !matches!(changed, Some(Ok(Ok(())))) {
                 shared.metrics.hold_timeouts.inc();
                 return Err(last_error.unwrap_or_else(|| self.no_backend()));
             }
@@ -339,7 +393,7 @@ pub async fn serve(
         let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
             let err = ClientError::TooManyClients(shared.max_client_conn);
             let timeout = shared.client_login_timeout;
-            sessions.spawn(refuse(client, peer, err, timeout).instrument(span));
+            sessions.spawn(refuse(client, BytesMut::new(), peer, err, timeout).instrument(span));
             continue;
         };
         let (route, shared) = (route.clone(), shared.clone());
@@ -407,14 +461,20 @@ async fn read_client_startup<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Answers like a PostgreSQL server that cannot take the connection: decline encryption,
-/// read the StartupMessage, send a FATAL ErrorResponse and close.
+/// read the StartupMessage (its first bytes may have been read already: `early`), send a
+/// FATAL ErrorResponse and close.
 async fn refuse(
     mut client: TcpStream,
+    early: BytesMut,
     peer: SocketAddr,
     err: ClientError,
     login_timeout: Duration,
 ) {
-    let answer = tokio::time::timeout(login_timeout, read_client_startup(&mut client)).await;
+    let mut prefixed = Prefixed {
+        prefix: early,
+        inner: &mut client,
+    };
+    let answer = tokio::time::timeout(login_timeout, read_client_startup(&mut prefixed)).await;
     match answer {
         Ok(Ok(StartupPacket::Startup { major, minor, .. })) if major != PROTOCOL_MAJOR_3 => {
             let err = ClientError::UnsupportedProtocol { major, minor };
@@ -430,6 +490,51 @@ async fn refuse(
 
 /// How long an error may wait for room in the socket of a client that does not read.
 const ERROR_WRITE_LIMIT: Duration = Duration::from_secs(5);
+
+/// A client's stream whose first bytes were read already, into `prefix`.
+struct Prefixed<'a> {
+    prefix: BytesMut,
+    inner: &'a mut TcpStream,
+}
+
+impl AsyncRead for Prefixed<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut *self.inner).poll_read(cx, buf);
+        }
+        let n = buf.remaining().min(self.prefix.len());
+        buf.put_slice(&self.prefix.split_to(n));
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Prefixed<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Sends `err` as an ErrorResponse and closes the client's side of the connection; given up
 /// after `ERROR_WRITE_LIMIT`. Boxed inside: a rare path, which should not enlarge the

@@ -5,11 +5,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::copy_bidirectional;
+use bytes::BytesMut;
+use tokio::io::{copy_bidirectional, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use super::{refuse, Attempt, Chosen, Route, Shared};
+use super::{refuse, watching, Attempt, Chosen, Route, Shared};
 use crate::config::OnRoleLoss;
 use crate::error::ClientError;
 use crate::topology::Backend;
@@ -36,15 +37,24 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
             }
         }
     };
-    let chosen = route.with_backend(shared, connect).await;
+    // While held, the client is watched: one that hangs up is not connected for.
+    let mut early = BytesMut::new();
+    let chosen = route
+        .with_backend(shared, connect, watching(&client, &mut early))
+        .await;
     let Chosen {
         index,
         table,
         value: mut server,
     } = match chosen {
         Ok(c) => c,
-        Err(e) => return refuse(client, peer, e, shared.client_login_timeout).await,
+        Err(ClientError::Abandoned) => return debug!("client left while held"),
+        Err(e) => return refuse(client, early, peer, e, shared.client_login_timeout).await,
     };
+    // What the client sent while held goes first.
+    if !early.is_empty() && server.write_all(&early).await.is_err() {
+        return;
+    }
     let (backend, lost) = (&table.backends[index].backend, &table.backends[index].lost);
     let _ = server.set_nodelay(true);
     let _active = backend.track_session();

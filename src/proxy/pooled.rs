@@ -29,7 +29,10 @@ use tracing::{debug, info};
 use super::cancel::{send_cancel, CancelKey};
 use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint, Then};
 use super::session_state::session_state;
-use super::{read_client_startup, send_error, Admission, Attempt, Chosen, Route, Shared};
+use super::{
+    read_client_startup, send_error, watch_client, watching, Abandon, Admission, Attempt, Chosen,
+    Route, Shared, HELD_READ_AHEAD,
+};
 use crate::auth::{authenticate_client, User};
 use crate::config::{ListenerMode, OnRoleLoss, PoolConfig};
 use crate::error::ClientError;
@@ -134,6 +137,7 @@ async fn login_or_refuse(
     };
     match error {
         ClientError::BadStartup(e) => debug!(client = %peer, error = %e, "connection closed"),
+        ClientError::Abandoned => debug!(client = %peer, "client left while held"),
         error => send_error(client, peer, &error).await,
     }
     None
@@ -238,7 +242,10 @@ async fn login(
             }
         }
     };
-    let chosen = match route.with_backend(shared, login_params).await {
+    // Read ahead while held, and passed on with what the login buffer holds.
+    let mut ahead = BytesMut::new();
+    let watch = watching(client.get_ref(), &mut ahead);
+    let chosen = match route.with_backend(shared, login_params, watch).await {
         Ok(chosen) => chosen,
         Err(e) => {
             // Authenticated: the client learns that first, then the error, as from PostgreSQL.
@@ -279,7 +286,11 @@ async fn login(
         statements: None,
         pinned: false,
     };
-    let early = (!client.buffer().is_empty()).then(|| LinkBuffer::holding(client.buffer()));
+    let early = (!client.buffer().is_empty() || !ahead.is_empty()).then(|| {
+        let mut early = LinkBuffer::holding(client.buffer());
+        early.extend_from_slice(&ahead);
+        early
+    });
     Ok(Some((session, early)))
 }
 
@@ -398,7 +409,20 @@ impl Session {
                 pool.acquire().await.map_err(classify)
             }
         };
-        let chosen = route.with_backend(shared, acquire).await;
+        // While held, the client is watched: one that hangs up or cancels has its request
+        // dropped, never sent (what else it sends meanwhile joins the request).
+        let (cancel_key, watched, read_ahead) = (&self.cancel_key, &*client, &mut *first);
+        let watch = move || {
+            Box::pin(async move {
+                tokio::select! {
+                    _ = watch_client(watched, read_ahead, HELD_READ_AHEAD) => {}
+                    _ = cancel_key.cancelled_while_unlinked() => {}
+                }
+            }) as Abandon
+        };
+        // Boxed: with the watch, its state would take this future past mimalloc's 1 KiB fast
+        // path (`a_request_s_future_fits_the_allocator_s_fast_path`).
+        let chosen = Box::pin(route.with_backend(shared, acquire, watch)).await;
         let Chosen {
             index: i,
             table,

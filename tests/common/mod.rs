@@ -578,6 +578,14 @@ pub async fn http_async(port: u16, method: &'static str, path: &str) -> (u16, St
         .unwrap_or_else(|| panic!("no HTTP answer on port {port}"))
 }
 
+/// The value of one sample line of pgvane's `/metrics` on `admin`, e.g. `pgvane_no_primary`.
+pub async fn metric(admin: u16, sample: &str) -> Option<f64> {
+    let (code, body) = http_async(admin, "GET", "/metrics").await;
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, or panics after `limit`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
 where
