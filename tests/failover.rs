@@ -407,3 +407,46 @@ async fn held_work_dies_with_its_client() {
         "held transactions of clients that gave up were committed"
     );
 }
+
+/// A passthrough client held for want of a primary that hangs up is not connected for: its
+/// hold ends at once (no server connection is ever opened for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_passthrough_client_that_hangs_up_is_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = Cluster::start(1);
+    let (rw, admin) = (free_port(), free_port());
+    let text = config(
+        &cluster,
+        "interval = \"200ms\"\n",
+        &listener("rw", rw, "primary", ""),
+    ) + &format!(
+        "\n[general]\nfailover_hold_timeout = \"60s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+    );
+    let pgvane = Pgvane::start(&text, &[rw, admin]);
+    pgvane.wait_log("primary elected", PATIENCE).await;
+    cluster.primary().stop();
+    pgvane.wait_log("no primary available", PATIENCE).await;
+
+    // A startup packet, then nothing: held.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", rw))
+        .await
+        .unwrap();
+    let mut startup = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", SUPERUSER), ("database", "postgres")],
+        &mut startup,
+    )
+    .unwrap();
+    s.write_all(&startup).await.unwrap();
+    eventually(PATIENCE, "the client held", || async {
+        (metric(admin, "pgvane_held_clients").await == Some(1.0)).then_some(())
+    })
+    .await;
+    drop(s);
+    eventually(PATIENCE, "the hold dropped", || async {
+        let held = metric(admin, "pgvane_held_clients").await;
+        let abandoned = metric(admin, "pgvane_held_abandoned_total").await;
+        (held == Some(0.0) && abandoned == Some(1.0)).then_some(())
+    })
+    .await;
+}
