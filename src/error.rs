@@ -40,9 +40,9 @@ pub enum ClientError {
     Pool(#[from] PoolError),
     #[error("server connection lost: {0}")]
     ServerLost(String),
-    /// The client hung up or cancelled while its work was held for a backend: the work was
-    /// dropped, never sent.
-    #[error("canceling statement due to user request (it was held for a backend and is dropped)")]
+    /// The client hung up or cancelled while its work waited for a backend or a server
+    /// connection: the work was dropped, never sent.
+    #[error("canceling statement due to user request (it was waiting for a server and is dropped, never sent)")]
     Abandoned,
     #[error("idle transaction timeout ({0:?})")]
     IdleTransactionTimeout(Duration),

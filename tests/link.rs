@@ -481,3 +481,28 @@ async fn session_state_pins_a_transaction_mode_client() {
         );
     }
 }
+
+/// A client that hangs up while queued for the pool's one server connection has its request
+/// dropped, never sent: its INSERT is not committed when the connection frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_dies_with_its_client() {
+    let (_cluster, _session, tx, pgvane) = app_behind_both("[pool]\ndefault_pool_size = 1\n").await;
+    let (mut holder, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    holder.send(&query("BEGIN")).await;
+    holder.until_ready().await;
+    let (mut queued, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    queued
+        .send(&query("INSERT INTO t VALUES (7, 'queued')"))
+        .await;
+    drop(queued);
+    pgvane
+        .wait_log("waiting for a server and is dropped", PATIENCE)
+        .await;
+    holder.send(&query("COMMIT")).await;
+    holder.until_ready().await;
+    // FIFO: a request of the dropped client would run before this one.
+    holder
+        .send(&query("SELECT count(*) FROM t WHERE id = 7"))
+        .await;
+    assert_eq!(rows(&holder.until_ready().await), ["0"]);
+}

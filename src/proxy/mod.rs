@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -144,6 +145,17 @@ pub(crate) async fn watch_client(client: &TcpStream, buf: &mut BytesMut, limit: 
 /// Most bytes a held client's watch reads ahead before it stops watching.
 const HELD_READ_AHEAD: usize = 64 * 1024;
 
+/// The watch made by `make` at the first wait, then the same one.
+fn watch<'a, 'b>(
+    make: &mut Option<impl FnOnce() -> Abandon<'a>>,
+    made: &'b mut Option<Abandon<'a>>,
+) -> &'b mut Abandon<'a> {
+    if let Some(make) = make.take() {
+        return made.insert(make());
+    }
+    made.as_mut().expect("made at the first wait")
+}
+
 /// The watch of a held client (see [`watch_client`]), for [`Route::with_backend`].
 fn watching<'a>(client: &'a TcpStream, buf: &'a mut BytesMut) -> impl FnOnce() -> Abandon<'a> {
     move || Box::pin(watch_client(client, buf, HELD_READ_AHEAD))
@@ -153,9 +165,9 @@ impl Route {
     /// Runs `attempt` on the backends this route offers, in order, until one succeeds. While
     /// the target has no backend, or every backend offered failed, waits for the routing
     /// table to change, up to `hold` in all (`failover_hold_timeout`): a failover then costs
-    /// clients a pause instead of an error. A wait also ends when what `abandon` makes
-    /// resolves (the client gave up): the work is dropped, never sent, and
-    /// `ClientError::Abandoned` returned.
+    /// clients a pause instead of an error. A wait (for the table, or inside an attempt:
+    /// a pool's queue, a connect) also ends when what `abandon` makes resolves (the client
+    /// gave up): the work is dropped, never sent, and `ClientError::Abandoned` returned.
     async fn with_backend<'a, T, F, Fut>(
         &self,
         shared: &Shared,
@@ -183,7 +195,30 @@ impl Route {
             let mut won = None;
             for i in self.attempt_order(&table) {
                 let view = &table.backends[i];
-                match attempt(&view.backend).await {
+                // An attempt that waits (for a pool's server connection, a connect) is
+                // watched as a hold is: the watch is made at its first wait only.
+                let attempted = {
+                    let mut attempting = std::pin::pin!(attempt(&view.backend));
+                    std::future::poll_fn(|cx| {
+                        if let Poll::Ready(done) = attempting.as_mut().poll(cx) {
+                            return Poll::Ready(Some(done));
+                        }
+                        watch(&mut abandon, &mut abandoned)
+                            .as_mut()
+                            .poll(cx)
+                            .map(|()| None)
+                    })
+                    .await
+                };
+                let Some(attempted) = attempted else {
+                    // Counted only after a hold: a client that leaves while queued, or a
+                    // port probe that closes during the connect, was never held.
+                    if held.is_some() {
+                        shared.metrics.held_abandoned.inc();
+                    }
+                    return Err(ClientError::Abandoned);
+                };
+                match attempted {
                     Ok(value) => {
                         won = Some((i, value));
                         break;
@@ -226,10 +261,7 @@ impl Route {
             let changed = if Instant::now() >= deadline {
                 None
             } else {
-                let gave_up = match abandon.take() {
-                    Some(make) => abandoned.insert(make()),
-                    None => abandoned.as_mut().expect("made at the first wait"),
-                };
+                let gave_up = watch(&mut abandon, &mut abandoned);
                 let timed = Box::pin(tokio::time::timeout_at(deadline.into(), changes.changed()));
                 tokio::select! {
                     changed = timed => Some(changed),
