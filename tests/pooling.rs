@@ -369,7 +369,21 @@ async fn query_wait_timeout_gives_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_connects_per_backend_are_bounded() {
-    let (cluster, tx, _pgvane) = behind_txn_listener("[pool]\nserver_connect_concurrency = 2\n");
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    // Connections to the server are counted below: a health check timing out on a loaded
+    // machine would add one (the monitor reconnecting to the frozen server), so checks get
+    // all the time they need.
+    let config = pooled_config(
+        &cluster,
+        &txn_listener(tx),
+        "[pool]\nserver_connect_concurrency = 2\n",
+    )
+    .replace(
+        "interval = \"200ms\"\n",
+        "interval = \"200ms\"\ntimeout = \"120s\"\n",
+    );
+    let _pgvane = Pgvane::start(&config, &[tx]);
     // One after the other: only the first login needs a server connection.
     let mut clients = Vec::new();
     for _ in 0..6 {
