@@ -411,9 +411,8 @@ impl Pool {
         defaults: &Arc<LoginParams>,
         overrides: &[(String, String)],
     ) -> Result<(), PoolError> {
-        let is_known = |k: &str, known: &[String]| {
-            defaults.all.iter().any(|(d, _)| d == k) || known.iter().any(|n| n == k)
-        };
+        let is_known =
+            |k: &str, known: &[String]| defaults.value(k).is_some() || known.iter().any(|n| n == k);
         {
             let known = self.known_params.lock().expect("pool lock");
             if overrides.iter().all(|(k, _)| is_known(k, &known)) {
@@ -687,6 +686,13 @@ fn expired(now: coarsetime::Instant, since: coarsetime::Instant, limit: Duration
     !limit.is_zero() && now.duration_since(since) > coarsetime::Duration::from(limit)
 }
 
+/// Whether only the pools' map holds `pool` (no session calls it home, no lease is out) and
+/// it has no server connection open. Asked under the map's lock, under which new holders
+/// are made.
+fn held_by_nothing(pool: &Arc<Pool>) -> bool {
+    Arc::strong_count(pool) == 1 && pool.open_connections() == 0
+}
+
 /// Every pool, created on first use.
 pub struct Pools {
     settings: Arc<PoolConfig>,
@@ -886,9 +892,7 @@ impl Pools {
         for dbs in pools.values_mut() {
             for users in dbs.values_mut() {
                 users.retain(|_, pool| {
-                    // Only the map holds it: no session calls it home, no lease is out.
-                    // Checked under the map's lock, under which new holders are made.
-                    let unused = Arc::strong_count(pool) == 1 && pool.open_connections() == 0;
+                    let unused = held_by_nothing(pool);
                     let mut since = pool.unused_since.lock().expect("pool lock");
                     if !unused {
                         *since = None;
@@ -925,10 +929,7 @@ impl Pools {
         let Some(users) = dbs.get_mut(&key.database) else {
             return;
         };
-        if users
-            .get(&key.user)
-            .is_some_and(|p| Arc::strong_count(p) == 1 && p.open_connections() == 0)
-        {
+        if users.get(&key.user).is_some_and(held_by_nothing) {
             users.remove(&key.user);
             if users.is_empty() {
                 dbs.remove(&key.database);

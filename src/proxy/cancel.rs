@@ -82,9 +82,7 @@ impl CancelKey {
         let key = pack(t.process_id, t.secret_key);
         self.slot.key.store(key, Ordering::Release);
     }
-}
 
-impl CancelKey {
     /// Whether a cancel for this client is still on its way to the server it held; call
     /// after `set_target(None)`.
     pub fn cancel_in_flight(&self) -> bool {

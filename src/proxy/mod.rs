@@ -21,7 +21,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -502,11 +502,10 @@ async fn refuse(
     err: ClientError,
     login_timeout: Duration,
 ) {
-    let mut prefixed = Prefixed {
-        prefix: early,
-        inner: &mut client,
-    };
-    let answer = tokio::time::timeout(login_timeout, read_client_startup(&mut prefixed)).await;
+    // The client's stream with what was read of it already in front.
+    let (read, write) = client.split();
+    let mut stream = tokio::io::join(AsyncReadExt::chain(&early[..], read), write);
+    let answer = tokio::time::timeout(login_timeout, read_client_startup(&mut stream)).await;
     match answer {
         Ok(Ok(StartupPacket::Startup { major, minor, .. })) if major != PROTOCOL_MAJOR_3 => {
             let err = ClientError::UnsupportedProtocol { major, minor };
@@ -522,51 +521,6 @@ async fn refuse(
 
 /// How long an error may wait for room in the socket of a client that does not read.
 const ERROR_WRITE_LIMIT: Duration = Duration::from_secs(5);
-
-/// A client's stream whose first bytes were read already, into `prefix`.
-struct Prefixed<'a> {
-    prefix: BytesMut,
-    inner: &'a mut TcpStream,
-}
-
-impl AsyncRead for Prefixed<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if self.prefix.is_empty() {
-            return Pin::new(&mut *self.inner).poll_read(cx, buf);
-        }
-        let n = buf.remaining().min(self.prefix.len());
-        buf.put_slice(&self.prefix.split_to(n));
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Prefixed<'_> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
-    }
-}
 
 /// Sends `err` as an ErrorResponse and closes the client's side of the connection; given up
 /// after `ERROR_WRITE_LIMIT`. Boxed inside: a rare path, which should not enlarge the
