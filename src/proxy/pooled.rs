@@ -37,7 +37,9 @@ use crate::auth::{authenticate_client, User};
 use crate::config::{ListenerMode, OnRoleLoss, PoolConfig};
 use crate::error::ClientError;
 use crate::metrics::Metrics;
-use crate::pool::{LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED};
+use crate::pool::{
+    CancelTarget, LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED,
+};
 use crate::protocol::{
     backend, parameter_status, CopyInSyncs, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3,
 };
@@ -516,7 +518,7 @@ impl Session {
                     ServerState::Idle => lease.release(),
                     // Whatever the client left open dies with the connection: the server
                     // rolls it back and frees its locks.
-                    ServerState::Busy => Box::pin(send_cancel(lease.conn().cancel_target())).await,
+                    ServerState::Busy => cancel_in_background(lease.conn().cancel_target()),
                     ServerState::InTransaction | ServerState::Broken => {}
                 }
                 debug!(?state, "client left");
@@ -531,12 +533,10 @@ impl Session {
                     shared.topology.report_failure(i);
                 }
                 info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended");
-                // What still runs on the server is cancelled (by a task of its own, which
-                // keeps this rare path out of every request's future), and the connection
-                // closed, before the client is told (a client past a limit may not read).
+                // What still runs on the server is cancelled, and the connection closed,
+                // before the client is told (a client past a limit may not read).
                 if cancel {
-                    let target = lease.conn().cancel_target().clone();
-                    tokio::spawn(async move { send_cancel(&target).await });
+                    cancel_in_background(lease.conn().cancel_target());
                 }
                 drop(lease);
                 if tell_client {
@@ -546,6 +546,14 @@ impl Session {
             }
         }
     }
+}
+
+/// Cancels what runs on a server connection that is about to be closed, in a task of its
+/// own: the connection closes at once rather than after the server has acted on the cancel
+/// (which `send_cancel` waits for), and this rare path stays out of every request's future.
+fn cancel_in_background(target: &CancelTarget) {
+    let target = target.clone();
+    tokio::spawn(async move { send_cancel(&target).await });
 }
 
 /// The server connection's state when a client leaves.
