@@ -36,6 +36,8 @@ pub struct Metrics {
     /// Held work dropped because its client hung up or cancelled.
     pub held_abandoned: IntCounter,
     pub hold_seconds: Histogram,
+    /// Passive health: the data path failed to reach a backend, by backend.
+    pub backend_unreachable: IntCounterVec,
     /// Open client connections, by listener.
     pub clients: IntGaugeVec,
     pub paused: IntGauge,
@@ -133,6 +135,11 @@ impl Metrics {
             held_abandoned: counter(
                 "held_abandoned_total",
                 "Held connections and transactions dropped, never sent, because their client hung up or cancelled.",
+            ),
+            backend_unreachable: counter_vec(
+                "backend_unreachable_total",
+                "Times the data path could not reach a backend or lost a server connection to it; each triggers an immediate health check.",
+                &["backend"],
             ),
             clients: gauge_vec("client_connections", "Open client connections.", &["listener"]),
             paused: gauge("paused", "1 while PAUSE holds new work (global or any database)."),

@@ -54,6 +54,10 @@ impl PoolError {
     pub fn backend_unreachable(&self) -> bool {
         match self {
             PoolError::Connect { .. } | PoolError::Server(_) => true,
+            // Cut during the login: the server went away after accepting.
+            PoolError::Login(ServerLoginError::Protocol(
+                ProtocolError::Closed | ProtocolError::Io(_),
+            )) => true,
             PoolError::Login(ServerLoginError::Refused { body, .. }) => {
                 // admin_shutdown, crash_shutdown, cannot_connect_now
                 matches!(
@@ -309,6 +313,10 @@ pub struct Pool {
 /// others has them tried on a server connection at its login.
 const KNOWN_PARAMS_MAX: usize = 64;
 
+/// How many failed server connections [`Pool::acquire_with`] replaces before giving up: at a
+/// crash, every idle connection may be dead, but those that have noticed are skipped anyway.
+const STALE_RETRIES: u32 = 3;
+
 /// A server connection lent to one client.
 pub struct Lease {
     /// Boxed: a connection moves between the idle list, a lease and back on every
@@ -323,6 +331,15 @@ impl Lease {
         self.conn
             .as_mut()
             .expect("a lease holds its connection until released")
+    }
+
+    /// Closes the lent connection, which failed, and takes another under the same slot.
+    async fn renew(&mut self) -> Result<(), PoolError> {
+        if self.conn.take().is_some() {
+            self.pool.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.conn = Some(self.pool.connection(Duration::ZERO).await?);
+        Ok(())
     }
 
     /// Returns a connection whose state is known to be idle and clean.
@@ -419,9 +436,7 @@ impl Pool {
                 return Ok(());
             }
         }
-        let mut lease = self.acquire().await?;
-        lease.conn().apply_params(defaults, overrides).await?;
-        lease.release();
+        self.acquire_with(defaults, overrides).await?.release();
         let mut known = self.known_params.lock().expect("pool lock");
         for (k, _) in overrides {
             if !is_known(k, &known) && known.len() < KNOWN_PARAMS_MAX {
@@ -446,27 +461,54 @@ impl Pool {
                 (permit, Some(started))
             }
         };
-        loop {
-            let candidate = self.idle.lock().expect("pool lock").pop();
-            let Some(mut conn) = candidate else { break };
-            if self.usable(&mut conn).await {
-                return Ok(Lease {
-                    conn: Some(conn),
-                    pool: self.clone(),
-                    _slot: slot,
-                });
-            }
-            self.open.fetch_sub(1, Ordering::Relaxed);
-        }
         let waited = started.map_or(Duration::ZERO, |s| s.elapsed());
-        let remaining = (!wait.is_zero()).then(|| wait.saturating_sub(waited));
-        // Boxed, as the check in `usable`: rare, and large in every lease's future otherwise.
-        let conn = Box::pin(self.open_connection(remaining)).await?;
+        let conn = self.connection(waited).await?;
         Ok(Lease {
             conn: Some(conn),
             pool: self.clone(),
             _slot: slot,
         })
+    }
+
+    /// As [`Pool::acquire`], with the connection's parameters brought to a client's values
+    /// (see [`ServerConn::apply_params`]). A connection that fails meanwhile (its server
+    /// crashed or closed it since its last use) has had nothing of the client's: it is
+    /// closed and another one taken under the same slot, so the client keeps its place. A
+    /// backend that is down fails the next connect, which the caller reports.
+    pub async fn acquire_with(
+        self: &Arc<Self>,
+        defaults: &Arc<LoginParams>,
+        overrides: &[(String, String)],
+    ) -> Result<Lease, PoolError> {
+        let mut lease = self.acquire().await?;
+        let mut failed = 0;
+        loop {
+            match lease.conn().apply_params(defaults, overrides).await {
+                Err(PoolError::Server(e)) if failed < STALE_RETRIES => {
+                    failed += 1;
+                    info!(pool = ?self.key, error = %e, "server connection failed before use; taking another");
+                    lease.renew().await?;
+                }
+                done => return done.map(|()| lease),
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is still usable, or a new one; `waited`
+    /// is what the caller has already spent of `query_wait_timeout`.
+    async fn connection(&self, waited: Duration) -> Result<Box<ServerConn>, PoolError> {
+        loop {
+            let candidate = self.idle.lock().expect("pool lock").pop();
+            let Some(mut conn) = candidate else { break };
+            if self.usable(&mut conn).await {
+                return Ok(conn);
+            }
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        let wait = self.settings.query_wait_timeout;
+        let remaining = (!wait.is_zero()).then(|| wait.saturating_sub(waited));
+        // Boxed, as the check in `usable`: rare, and large in every lease's future otherwise.
+        Box::pin(self.open_connection(remaining)).await
     }
 
     /// Queues (FIFO) for a slot, within `query_wait_timeout`; after `reserve_pool_timeout`

@@ -450,3 +450,97 @@ async fn a_held_passthrough_client_that_hangs_up_is_dropped() {
     })
     .await;
 }
+
+/// pgvane behind a fault-injecting relay in front of a one-node cluster: a transaction
+/// listener (clients log in with trust; hold 60 s) and the admin API. Periodic checks only
+/// every 60 s, so a check that comes sooner was triggered by the data path.
+async fn behind_relay() -> (Cluster, common::relay::Relay, u16, u16, Pgvane) {
+    let cluster = Cluster::start(0);
+    let relay = common::relay::Relay::start(cluster.primary().port).await;
+    let (tx, admin) = (free_port(), free_port());
+    let health =
+        "interval = \"60s\"\nfast_interval = \"100ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\n";
+    let text = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[auth]\ntype = \"trust\"\n[general]\nfailover_hold_timeout = \"60s\"\n\n[[user]]\nname = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n",
+        config(&relay, health, &listener("tx", tx, "primary", "mode = \"transaction\""))
+    );
+    let pgvane = Pgvane::start(&text, &[tx, admin]);
+    pgvane.wait_log("primary elected", PATIENCE).await;
+    (cluster, relay, tx, admin, pgvane)
+}
+
+/// A client whose application_name differs from the pooled connection's, so that the
+/// connection is set (SET application_name) before the client's request is sent.
+async fn client_named(tx: u16, name: &str) -> common::raw::RawClient {
+    let params = [
+        ("user", SUPERUSER),
+        ("database", "postgres"),
+        ("application_name", name),
+    ];
+    let (c, login) = common::raw::RawClient::login_with(tx, &params).await;
+    assert_eq!(login.last().map(|m| m.tag), Some(b'Z'), "logged in");
+    c
+}
+
+async fn answer(c: &mut common::raw::RawClient, sql: &str) -> Vec<String> {
+    use common::raw::*;
+    c.send(&query(sql)).await;
+    let got = c.until_ready().await;
+    assert!(got.iter().all(|m| m.tag != b'E'), "{}", show(&got));
+    rows(&got)
+}
+
+/// A pooled server connection that died while idle, unnoticed until pgvane sets it up for the
+/// next client, has had nothing of that client's: the request goes to a new connection
+/// instead of failing with 08006, and the backend is checked at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_found_dead_before_use_is_replaced() {
+    let (_cluster, relay, tx, _admin, _pgvane) = behind_relay().await;
+    let mut a = client_named(tx, "a").await;
+    assert_eq!(answer(&mut a, "SELECT 1").await, ["1"]);
+
+    relay.reset_next_sending(b"SET application_name");
+    let mut b = client_named(tx, "b").await;
+    assert_eq!(
+        answer(&mut b, "SELECT current_setting('application_name')").await,
+        ["b"]
+    );
+    assert_eq!(
+        relay.resets(),
+        1,
+        "the idle connection was cut as it was set"
+    );
+    // Both clients go on.
+    assert_eq!(answer(&mut a, "SELECT 2").await, ["2"]);
+    assert_eq!(answer(&mut b, "SELECT 3").await, ["3"]);
+}
+
+/// When the connection set up for a client dies and the backend then refuses connections (a
+/// crash, a restart), the request is held as for a failover, the backend reported at once,
+/// and served when the backend is back, even though no check ever marked it down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_backend_fails_before_it_was_sent_is_held_not_failed() {
+    let (_cluster, relay, tx, admin, pgvane) = behind_relay().await;
+    let mut a = client_named(tx, "a").await;
+    assert_eq!(answer(&mut a, "SELECT 1").await, ["1"]);
+
+    relay.reset_next_sending(b"SET application_name");
+    relay.refuse(true);
+    let mut b = client_named(tx, "b").await;
+    b.send(&common::raw::query("SELECT 'served'")).await;
+    eventually(PATIENCE, "the request held", || async {
+        (metric(admin, "pgvane_held_clients").await == Some(1.0)).then_some(())
+    })
+    .await;
+    let reported = r#"pgvane_backend_unreachable_total{backend="relayed"}"#;
+    eventually(
+        PATIENCE,
+        "the backend reported by the data path",
+        || async { (metric(admin, reported).await >= Some(1.0)).then_some(()) },
+    )
+    .await;
+    relay.refuse(false);
+    let got = b.until_ready().await;
+    assert_eq!(common::raw::rows(&got), ["served"], "{}", pgvane.log());
+    assert_eq!(metric(admin, "pgvane_held_clients").await, Some(0.0));
+}

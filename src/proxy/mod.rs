@@ -142,6 +142,10 @@ pub(crate) async fn watch_client(client: &TcpStream, buf: &mut BytesMut, limit: 
     }
 }
 
+/// How often a held client tries the backends that failed it while the routing table stays
+/// as it is.
+const UNREACHABLE_RETRY: Duration = Duration::from_millis(250);
+
 /// Most bytes a held client's watch reads ahead before it stops watching.
 const HELD_READ_AHEAD: usize = 64 * 1024;
 
@@ -188,6 +192,7 @@ impl Route {
         let mut changes: Option<watch::Receiver<u64>> = None;
         let mut last_error = None;
         loop {
+            let mut failed = false;
             if let Some(c) = &mut changes {
                 c.borrow_and_update();
             }
@@ -225,9 +230,13 @@ impl Route {
                     }
                     Err(Attempt::Fatal(e)) => return Err(e),
                     Err(Attempt::Unreachable(e)) => {
-                        warn!(listener = %self.config.name, backend = %view.backend.name, error = %e, "backend unreachable");
+                        // Once per client: a held client retries every UNREACHABLE_RETRY.
+                        if held.is_none() {
+                            warn!(listener = %self.config.name, backend = %view.backend.name, error = %e, "backend unreachable; holding the client");
+                        }
                         topology.report_failure(i);
                         last_error = Some(e);
+                        failed = true;
                     }
                 }
             }
@@ -257,23 +266,34 @@ impl Route {
                 }
             };
             drop(table);
+            // Backends that failed are tried again even if the table stays as it is: one
+            // back before its checks marked it down (a quick restart) serves at once.
+            let now = Instant::now();
+            let wake = match failed {
+                true => deadline.min(now + UNREACHABLE_RETRY),
+                false => deadline,
+            };
             // Past the hold (or none allowed): no wait, and no watch of the client.
-            let changed = if Instant::now() >= deadline {
+            let woken = if now >= deadline {
                 None
             } else {
                 let gave_up = watch(&mut abandon, &mut abandoned);
-                let timed = Box::pin(tokio::time::timeout_at(deadline.into(), changes.changed()));
+                let timed = Box::pin(tokio::time::timeout_at(wake.into(), changes.changed()));
                 tokio::select! {
-                    changed = timed => Some(changed),
+                    woken = timed => Some(woken),
                     _ = gave_up => {
                         shared.metrics.held_abandoned.inc();
                         return Err(ClientError::Abandoned);
                     }
                 }
             };
-            if !matches!(changed, Some(Ok(Ok(())))) {
-                shared.metrics.hold_timeouts.inc();
-                return Err(last_error.unwrap_or_else(|| self.no_backend()));
+            match woken {
+                Some(Ok(Ok(()))) => {}
+                Some(Err(_)) if wake < deadline => {}
+                _ => {
+                    shared.metrics.hold_timeouts.inc();
+                    return Err(last_error.unwrap_or_else(|| self.no_backend()));
+                }
             }
         }
     }

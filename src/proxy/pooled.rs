@@ -401,14 +401,19 @@ impl Session {
         }
         let cfg = &route.config;
         shared.wait_resumed(Some(&self.home.key.database)).await;
-        let home = &self.home;
+        let (home, defaults, overrides) = (&self.home, &self.defaults, &self.overrides[..]);
+        // A server connection set to the client's parameters: until then nothing of the
+        // client's is sent, so a connection that fails is replaced, and a backend that
+        // fails is reported and the request held as for a failover.
         let acquire = |backend: &Arc<Backend>| {
             // Usually the backend the client logged in through: no pool lookup then.
             let other = (!Arc::ptr_eq(home.backend(), backend))
                 .then(|| shared.pools.get(backend, home.user(), &home.key.database));
             async move {
                 let pool = other.as_ref().unwrap_or(home);
-                pool.acquire().await.map_err(classify)
+                pool.acquire_with(defaults, overrides)
+                    .await
+                    .map_err(classify)
             }
         };
         // While held, the client is watched: one that hangs up or cancels has its request
@@ -437,14 +442,6 @@ impl Session {
             }
         };
         let (backend, lost) = (&table.backends[i].backend, &table.backends[i].lost);
-        if let Err(e) = lease
-            .conn()
-            .apply_params(&self.defaults, &self.overrides)
-            .await
-        {
-            send_error(client, peer_of(client), &e.into()).await;
-            return Served::End;
-        }
         self.cancel_key
             .set_target(Some(lease.conn().cancel_target()));
         let _active = backend.track_session();

@@ -132,6 +132,10 @@ impl Topology {
     /// than at its next interval.
     pub fn report_failure(&self, i: usize) {
         if let Some(n) = self.recheck.get(i) {
+            self.metrics
+                .backend_unreachable
+                .with_label_values(&[&self.backends[i].name])
+                .inc();
             n.notify_one();
         }
     }

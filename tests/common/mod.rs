@@ -9,6 +9,7 @@
 
 pub mod patroni;
 pub mod raw;
+pub mod relay;
 
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
