@@ -26,7 +26,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub pool: PoolConfig,
-    #[serde(rename = "user", default)]
+    // Skipped when empty: TOML would print `user = []` above the tables (`pgvane check`).
+    #[serde(rename = "user", default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<UserConfig>,
     #[serde(rename = "backend", default)]
     pub backends: Vec<BackendConfig>,

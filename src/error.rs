@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::auth::{AuthError, ServerLoginError};
+use crate::auth::{error_code, AuthError, ServerLoginError};
 use crate::config::Target;
 use crate::pool::PoolError;
 use crate::protocol::{put_message, ErrorResponse, ProtocolError};
@@ -126,6 +126,16 @@ impl ClientError {
             TooLargeToTrack { .. } => fatal("54000", self.to_string()).with_hint(
                 "use the unnamed statement for such queries, or set pool.max_prepared_statements = 0",
             ),
+        }
+    }
+
+    /// The SQLSTATE the client is sent.
+    pub fn sqlstate(&self) -> String {
+        match self {
+            ClientError::Pool(PoolError::Login(ServerLoginError::Refused { body, .. })) => {
+                error_code(body).unwrap_or_else(|| "XX000".into())
+            }
+            other => other.to_response().code.to_owned(),
         }
     }
 

@@ -36,6 +36,8 @@ pub struct Metrics {
     /// Held work dropped because its client hung up or cancelled.
     pub held_abandoned: IntCounter,
     pub hold_seconds: Histogram,
+    /// ErrorResponses pgvane itself sent to clients, by SQLSTATE.
+    pub client_errors: IntCounterVec,
     /// Passive health: the data path failed to reach a backend, by backend.
     pub backend_unreachable: IntCounterVec,
     /// Open client connections, by listener.
@@ -135,6 +137,11 @@ impl Metrics {
             held_abandoned: counter(
                 "held_abandoned_total",
                 "Held connections and transactions dropped, never sent, because their client hung up or cancelled.",
+            ),
+            client_errors: counter_vec(
+                "client_errors_total",
+                "ErrorResponses pgvane itself sent to clients before closing their connection, by SQLSTATE (a server's own errors inside a session are passed on, not counted).",
+                &["sqlstate"],
             ),
             backend_unreachable: counter_vec(
                 "backend_unreachable_total",

@@ -888,7 +888,7 @@ impl Pools {
             for (old, new) in prev.backends.iter().zip(&next.backends) {
                 if old.serving != new.serving {
                     let closed = self.close_idle(&new.backend.name);
-                    info!(backend = %new.backend.name, from = ?old.serving, to = ?new.serving, closed, "backend changed role; idle server connections closed");
+                    info!(backend = %new.backend.name, role = new.role.as_str(), serving = new.serving.as_str(), was_serving = old.serving.as_str(), closed, "backend serves another target now; its idle server connections closed");
                 }
             }
             prev = next;

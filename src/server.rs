@@ -89,6 +89,10 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
     topology
         .wait_first_checks(config.health.timeout + config.health.interval)
         .await;
+    // An election that finds none changes nothing, so the topology does not say it.
+    if topology.snapshot().primary().is_none() {
+        warn!("no primary available at start-up; writes are held (failover_hold_timeout) until a backend is primary");
+    }
 
     let shared = Arc::new(Shared {
         topology,

@@ -44,6 +44,37 @@ fn check_prints_the_resolved_example_config() {
     assert!(stdout.contains("shutdown_timeout = \"30s\""), "{stdout}");
 }
 
+/// A config without users prints no `user = []` line (TOML would put it above every
+/// table), and what `check` prints is itself a valid config.
+#[test]
+fn check_prints_a_config_that_checks_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("minimal.toml");
+    std::fs::write(
+        &path,
+        "[[backend]]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 5432\n\
+         [[listener]]\nname = \"rw\"\naddress = \"127.0.0.1\"\nport = 6432\ntarget = \"primary\"\n",
+    )
+    .unwrap();
+    let out = check(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(printed.starts_with("[general]\n"), "{printed}");
+    assert!(!printed.contains("user = []"), "{printed}");
+    let again = dir.path().join("printed.toml");
+    std::fs::write(&again, &printed).unwrap();
+    let out = check(&again);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn check_names_every_bad_key() {
     let dir = tempfile::tempdir().unwrap();

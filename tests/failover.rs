@@ -155,8 +155,10 @@ async fn a_crash_costs_idle_transaction_clients_nothing() {
 #[tokio::test]
 async fn no_primary_past_the_hold_timeout_is_a_clean_error() {
     let cluster = Cluster::start(0);
-    let tx = free_port();
-    let pgvane = Pgvane::start(&pooled_failover_config(&cluster, tx, "1s"), &[tx]);
+    let (tx, admin) = (free_port(), free_port());
+    let text = pooled_failover_config(&cluster, tx, "1s")
+        + &format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+    let pgvane = Pgvane::start(&text, &[tx, admin]);
     let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
     c.batch_execute("SELECT 1").await.unwrap();
 
@@ -171,6 +173,22 @@ async fn no_primary_past_the_hold_timeout_is_a_clean_error() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "held {waited:?}"
     );
+    let sent = r#"pgvane_client_errors_total{sqlstate="57P03"}"#;
+    assert_eq!(metric(admin, sent).await, Some(1.0));
+    assert!(pgvane
+        .log()
+        .contains("request failed before reaching a server"));
+}
+
+#[tokio::test]
+async fn starting_without_a_primary_says_so() {
+    let cluster = Cluster::start(0);
+    cluster.primary().stop();
+    let tx = free_port();
+    let pgvane = Pgvane::start(&pooled_failover_config(&cluster, tx, "1s"), &[tx]);
+    pgvane
+        .wait_log("no primary available at start-up", PATIENCE)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

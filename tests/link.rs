@@ -496,7 +496,7 @@ async fn a_queued_request_dies_with_its_client() {
         .await;
     drop(queued);
     pgvane
-        .wait_log("waiting for a server and is dropped", PATIENCE)
+        .wait_log("request dropped, never sent", PATIENCE)
         .await;
     holder.send(&query("COMMIT")).await;
     holder.until_ready().await;

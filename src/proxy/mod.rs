@@ -444,8 +444,12 @@ pub async fn serve(
         let span = tracing::debug_span!("session", listener = %name, client = %peer);
         let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
             let err = ClientError::TooManyClients(shared.max_client_conn);
-            let timeout = shared.client_login_timeout;
-            sessions.spawn(refuse(client, BytesMut::new(), peer, err, timeout).instrument(span));
+            let shared = shared.clone();
+            let refused = async move {
+                let timeout = shared.client_login_timeout;
+                refuse(client, BytesMut::new(), peer, err, timeout, &shared.metrics).await
+            };
+            sessions.spawn(refused.instrument(span));
             continue;
         };
         let (route, shared) = (route.clone(), shared.clone());
@@ -521,17 +525,21 @@ async fn refuse(
     peer: SocketAddr,
     err: ClientError,
     login_timeout: Duration,
+    metrics: &Metrics,
 ) {
     // The client's stream with what was read of it already in front.
     let (read, write) = client.split();
     let mut stream = tokio::io::join(AsyncReadExt::chain(&early[..], read), write);
     let answer = tokio::time::timeout(login_timeout, read_client_startup(&mut stream)).await;
     match answer {
-        Ok(Ok(StartupPacket::Startup { major, minor, .. })) if major != PROTOCOL_MAJOR_3 => {
-            let err = ClientError::UnsupportedProtocol { major, minor };
-            send_error(&mut client, peer, &err).await
+        Ok(Ok(StartupPacket::Startup { major, minor, .. })) => {
+            let err = match major {
+                PROTOCOL_MAJOR_3 => err,
+                _ => ClientError::UnsupportedProtocol { major, minor },
+            };
+            info!(client = %peer, sqlstate = %err.sqlstate(), error = %err, "client refused");
+            send_error(&mut client, &err, metrics).await
         }
-        Ok(Ok(StartupPacket::Startup { .. })) => send_error(&mut client, peer, &err).await,
         // Nothing of ours to cancel: PostgreSQL closes silently too.
         Ok(Ok(_)) => {}
         Ok(Err(e)) => debug!(error = %e, "bad startup from refused client"),
@@ -545,8 +553,12 @@ const ERROR_WRITE_LIMIT: Duration = Duration::from_secs(5);
 /// Sends `err` as an ErrorResponse and closes the client's side of the connection; given up
 /// after `ERROR_WRITE_LIMIT`. Boxed inside: a rare path, which should not enlarge the
 /// futures of its callers (a pooled transaction's is boxed anew per request).
-async fn send_error(client: &mut TcpStream, peer: SocketAddr, err: &ClientError) {
-    info!(client = %peer, error = %err, "client refused");
+/// Counted by SQLSTATE in `pgvane_client_errors_total`; the caller logs why.
+async fn send_error(client: &mut TcpStream, err: &ClientError, metrics: &Metrics) {
+    metrics
+        .client_errors
+        .with_label_values(&[&err.sqlstate()])
+        .inc();
     let mut buf = BytesMut::new();
     err.encode(&mut buf);
     let write = async {

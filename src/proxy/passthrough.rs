@@ -49,7 +49,10 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
     } = match chosen {
         Ok(c) => c,
         Err(ClientError::Abandoned) => return debug!("client left while held"),
-        Err(e) => return refuse(client, early, peer, e, shared.client_login_timeout).await,
+        Err(e) => {
+            let timeout = shared.client_login_timeout;
+            return refuse(client, early, peer, e, timeout, &shared.metrics).await;
+        }
     };
     // What the client sent while held goes first.
     if !early.is_empty() && server.write_all(&early).await.is_err() {

@@ -140,7 +140,10 @@ async fn login_or_refuse(
     match error {
         ClientError::BadStartup(e) => debug!(client = %peer, error = %e, "connection closed"),
         ClientError::Abandoned => debug!(client = %peer, "client left while held"),
-        error => send_error(client, peer, &error).await,
+        error => {
+            info!(client = %peer, sqlstate = %error.sqlstate(), error = %error, "client refused");
+            send_error(client, &error, &shared.metrics).await
+        }
     }
     None
 }
@@ -437,7 +440,16 @@ impl Session {
         } = match chosen {
             Ok(c) => c,
             Err(e) => {
-                send_error(client, peer_of(client), &e).await;
+                let peer = peer_of(client);
+                match e {
+                    ClientError::Abandoned => {
+                        info!(client = %peer, "request dropped, never sent: the client gave up while it waited")
+                    }
+                    _ => {
+                        info!(client = %peer, sqlstate = %e.sqlstate(), error = %e, "request failed before reaching a server; client connection closed")
+                    }
+                }
+                send_error(client, &e, &shared.metrics).await;
                 return Served::End;
             }
         };
@@ -537,7 +549,7 @@ impl Session {
                 }
                 drop(lease);
                 if tell_client {
-                    send_error(client, peer_of(client), &error).await;
+                    send_error(client, &error, &shared.metrics).await;
                 }
                 Served::End
             }

@@ -118,7 +118,7 @@ impl SqlProbe {
                     .config
                     .connect(NoTls)
                     .await
-                    .map_err(|e| format!("connect: {e}"))?;
+                    .map_err(|e| format!("connect: {}", pg_cause(&e)))?;
                 tokio::spawn(conn);
                 self.client.insert(client)
             }
@@ -126,7 +126,7 @@ impl SqlProbe {
         let messages = client
             .simple_query(SQL_CHECK)
             .await
-            .map_err(|e| format!("query: {e}"))?;
+            .map_err(|e| format!("query: {}", pg_cause(&e)))?;
         let row = messages
             .iter()
             .find_map(|m| match m {
@@ -200,20 +200,46 @@ impl PatroniProbe {
             .map_err(|e| format!("patroni {}:{}: {e}", self.host, self.port))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| format!("patroni: {e}"))?;
+            .map_err(|e| format!("patroni: {}", with_causes(&e)))?;
         // Only the status matters: the connection is dropped without reading the body.
         let conn = AbortOnDrop(tokio::spawn(conn));
         let req = Request::get(path)
             .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
             .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("patroni: {e}"))?;
+            .map_err(|e| format!("patroni: {}", with_causes(&e)))?;
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| format!("patroni GET {path}: {e}"))?;
+            .map_err(|e| format!("patroni GET {path}: {}", with_causes(&e)))?;
         drop(conn);
         Ok(resp.status())
     }
+}
+
+/// A tokio-postgres error as an operator needs it: its Display alone says only "db error"
+/// or "error connecting to server"; the server's message and SQLSTATE, or the I/O cause
+/// (refused, timed out), are what tell a crash from a shutdown or a bad password.
+fn pg_cause(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => with_causes(e),
+    }
+}
+
+/// An error followed by its chain of causes.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        // Some errors repeat their cause in their own Display.
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

@@ -70,8 +70,8 @@ struct Lag {
 pub struct Failover {
     pub previous: Option<String>,
     pub primary: String,
-    /// When the new primary was elected.
-    #[serde(with = "unix_seconds")]
+    /// When the new primary was elected (RFC 3339, UTC).
+    #[serde(with = "rfc3339")]
     pub at: SystemTime,
     /// How long no primary was elected (0 when one table replaced the old primary with the
     /// new one).
@@ -80,15 +80,11 @@ pub struct Failover {
     pub clients_held: i64,
 }
 
-mod unix_seconds {
-    use std::time::{SystemTime, UNIX_EPOCH};
+mod rfc3339 {
+    use std::time::SystemTime;
 
     pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        let secs = t
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        s.serialize_f64(secs)
+        s.collect_str(&humantime::format_rfc3339_millis(*t))
     }
 }
 
