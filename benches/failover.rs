@@ -13,13 +13,15 @@
 //! with default settings, transaction listener. HAProxy: the configuration Patroni ships
 //! (`option httpchk`, `inter 3s fall 3 rise 2 on-marked-down shutdown-sessions`).
 //! - `patroni-crash`: the leader's Patroni and PostgreSQL are frozen, then killed;
-//! - `patroni-switchover`: `patronictl switchover`, inside PAUSE/RESUME over pgvane's admin
-//!   API (HAProxy has no such thing).
+//! - `patroni-switchover`: `patronictl switchover`, no pause;
+//! - `patroni-switchover-paused`: the same inside PAUSE/RESUME over pgvane's admin API
+//!   (HAProxy has no such thing).
 //!
 //! Reported per run: promotion (the new leader answering 200 on `/primary` for Patroni, the
 //! return of `pg_ctl promote` otherwise) -> first committed write, failed attempts, the
 //! longest time any writer went without a commit, and for Patroni how many idle clients
-//! failed their next transaction (15 s after the promotion).
+//! failed their next transaction (15 s after the promotion) and the phantom commits: rows
+//! on the new leader whose INSERT the writer saw fail.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -37,22 +39,32 @@ use std::process::{Child, Command, Stdio};
 struct Seen {
     commits: Vec<Instant>,
     failed: u32,
+    /// Rows whose INSERT the writer saw fail: none may exist afterwards.
+    failed_ids: Vec<i64>,
 }
 
-async fn writer(port: u16, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
+/// Writes rows `first`, `first + 1`, ... through `port`, one autocommit INSERT each.
+async fn writer(port: u16, first: i64, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
     let mut conn = None;
+    let mut id = first;
     while !stop.load(Ordering::Relaxed) {
         if conn.is_none() {
             conn = connect(port, SUPERUSER, "postgres").await.ok();
         }
+        id += 1;
         let ok = match &conn {
-            Some(c) => c.batch_execute("INSERT INTO w VALUES (1)").await.is_ok(),
+            Some(c) => c
+                .batch_execute(&format!("INSERT INTO w VALUES ({id})"))
+                .await
+                .is_ok(),
             None => false,
         };
         if ok {
             seen.lock().unwrap().commits.push(Instant::now());
         } else {
-            seen.lock().unwrap().failed += 1;
+            let mut seen = seen.lock().unwrap();
+            seen.failed += 1;
+            seen.failed_ids.push(id);
             conn = None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -63,6 +75,7 @@ struct Outcome {
     promotion_to_write: Duration,
     failed: u32,
     longest_stall: Duration,
+    failed_ids: Vec<i64>,
 }
 
 /// Writers through one proxy, each with what it saw.
@@ -73,12 +86,17 @@ struct WriterGroup {
 }
 
 impl WriterGroup {
-    fn start(port: u16, writers: usize) -> Self {
+    /// `writers` writers through `port`; writer k writes ids from `(group + k) * 10^7` on.
+    fn start(port: u16, writers: usize, group: i64) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Vec<Arc<Mutex<Seen>>> = (0..writers).map(|_| Arc::default()).collect();
         let tasks = seen
             .iter()
-            .map(|s| tokio::spawn(writer(port, stop.clone(), s.clone())))
+            .enumerate()
+            .map(|(k, s)| {
+                let first = (group + k as i64) * 10_000_000;
+                tokio::spawn(writer(port, first, stop.clone(), s.clone()))
+            })
             .collect();
         Self { stop, seen, tasks }
     }
@@ -92,9 +110,11 @@ impl WriterGroup {
         let mut first_after = None::<Instant>;
         let mut failed = 0;
         let mut longest_stall = Duration::ZERO;
+        let mut failed_ids = Vec::new();
         for s in &self.seen {
             let s = s.lock().unwrap();
             failed += s.failed;
+            failed_ids.extend(&s.failed_ids);
             if let Some(t) = s.commits.iter().find(|t| **t > promoted) {
                 first_after = Some(first_after.map_or(*t, |f| f.min(*t)));
             }
@@ -106,8 +126,18 @@ impl WriterGroup {
             promotion_to_write: first_after.expect("a write after the promotion") - promoted,
             failed,
             longest_stall,
+            failed_ids,
         }
     }
+}
+
+/// Rows of `ids` (writes their clients saw fail) that exist on the server at `port`.
+async fn phantoms(port: u16, ids: &[i64]) -> i64 {
+    let c = connect(port, SUPERUSER, "postgres").await.unwrap();
+    c.query_one("SELECT count(*) FROM w WHERE x = ANY($1)", &[&ids])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 async fn run_once(mode: &str, writers: usize) -> Outcome {
@@ -119,10 +149,10 @@ async fn run_once(mode: &str, writers: usize) -> Outcome {
     );
     let pgvane = Pgvane::start(&text, &[tx]);
     let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
-    setup.batch_execute("CREATE TABLE w (x int)").await.unwrap();
+    setup.batch_execute("CREATE TABLE w (x bigint)").await.unwrap();
     cluster.wait_replicated().await;
 
-    let group = WriterGroup::start(tx, writers);
+    let group = WriterGroup::start(tx, writers, 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let promoted = match mode {
@@ -202,7 +232,10 @@ async fn idle_failures(idle: &[tokio_postgres::Client]) -> usize {
 
 /// One Patroni failover, seen through pgvane and HAProxy at once: (event -> new leader,
 /// pgvane's outcome and idle failures, HAProxy's).
-async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize), (Outcome, usize)) {
+/// What one proxy's clients saw: writers' outcome, idle clients that failed, phantom commits.
+type Seen3 = (Outcome, usize, i64);
+
+async fn run_patroni(mode: &str, writers: usize) -> (Duration, Seen3, Seen3) {
     let mut cluster = tokio::task::spawn_blocking(|| PatroniCluster::start(3))
         .await
         .unwrap();
@@ -223,7 +256,7 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize),
         .wait_log("primary elected", Duration::from_secs(10))
         .await;
     let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
-    setup.batch_execute("CREATE TABLE w (x int)").await.unwrap();
+    setup.batch_execute("CREATE TABLE w (x bigint)").await.unwrap();
     // HAProxy starts with every server up and takes fall x inter (9 s) to mark the replicas
     // down: wait until six connections in a row reach the leader.
     eventually(
@@ -242,8 +275,8 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize),
     .await;
     let (idle_pgvane, idle_haproxy) = (idle_clients(tx, 8).await, idle_clients(ha, 8).await);
     let (via_pgvane, via_haproxy) = (
-        WriterGroup::start(tx, writers),
-        WriterGroup::start(ha, writers),
+        WriterGroup::start(tx, writers, 1),
+        WriterGroup::start(ha, writers, 101),
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -253,8 +286,11 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize),
         cluster.wait_new_leader(0, Duration::from_secs(60)).await;
         Instant::now()
     } else {
-        let (code, body) = http_async(admin, "POST", "/pause").await;
-        assert_eq!(code, 200, "{body}");
+        let paused = mode == "patroni-switchover-paused";
+        if paused {
+            let (code, body) = http_async(admin, "POST", "/pause").await;
+            assert_eq!(code, 200, "{body}");
+        }
         let candidate_api = cluster.nodes[1].api_port;
         let switch = tokio::task::spawn_blocking(move || {
             cluster.switchover(0, 1);
@@ -273,8 +309,10 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize),
             body.contains("\"primary\": \"pt1\"").then_some(())
         })
         .await;
-        let (code, body) = http_async(admin, "POST", "/resume").await;
-        assert_eq!(code, 200, "{body}");
+        if paused {
+            let (code, body) = http_async(admin, "POST", "/resume").await;
+            assert_eq!(code, 200, "{body}");
+        }
         promoted
     };
     let to_leader = promoted - event;
@@ -284,11 +322,15 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, (Outcome, usize),
     let haproxy_idle = idle_failures(&idle_haproxy).await;
     let pgvane_outcome = via_pgvane.finish(promoted).await;
     let haproxy_outcome = via_haproxy.finish(promoted).await;
+    let leader = cluster.leader().expect("a leader after the failover");
+    let leader_port = cluster.nodes[leader].pg_port;
+    let pgvane_phantoms = phantoms(leader_port, &pgvane_outcome.failed_ids).await;
+    let haproxy_phantoms = phantoms(leader_port, &haproxy_outcome.failed_ids).await;
     drop((haproxy, pgvane, cluster));
     (
         to_leader,
-        (pgvane_outcome, pgvane_idle),
-        (haproxy_outcome, haproxy_idle),
+        (pgvane_outcome, pgvane_idle, pgvane_phantoms),
+        (haproxy_outcome, haproxy_idle, haproxy_phantoms),
     )
 }
 
@@ -322,14 +364,14 @@ fn main() {
                 );
             }
         }
-        "patroni-crash" | "patroni-switchover" => {
-            println!("| {mode} run | proxy | event -> new leader | promotion -> first write | failed attempts | longest stall | idle clients failed |");
-            println!("|---|---|---:|---:|---:|---:|---:|");
+        "patroni-crash" | "patroni-switchover" | "patroni-switchover-paused" => {
+            println!("| {mode} run | proxy | event -> new leader | promotion -> first write | failed attempts | longest stall | idle clients failed | phantom commits |");
+            println!("|---|---|---:|---:|---:|---:|---:|---:|");
             for run in 1..=runs {
                 let (to_leader, pgvane, haproxy) = rt.block_on(run_patroni(&mode, writers));
-                for (name, (o, idle)) in [("pgvane", pgvane), ("HAProxy", haproxy)] {
+                for (name, (o, idle, phantom)) in [("pgvane", pgvane), ("HAProxy", haproxy)] {
                     println!(
-                        "| {run} | {name} | {} ms | {} ms | {} | {} ms | {idle} of 8 |",
+                        "| {run} | {name} | {} ms | {} ms | {} | {} ms | {idle} of 8 | {phantom} |",
                         ms(to_leader),
                         ms(o.promotion_to_write),
                         o.failed,
@@ -338,6 +380,6 @@ fn main() {
                 }
             }
         }
-        _ => panic!("mode is crash, switchover, patroni-crash or patroni-switchover"),
+        _ => panic!("mode is crash, switchover, patroni-crash, patroni-switchover or patroni-switchover-paused"),
     }
 }
