@@ -149,7 +149,10 @@ async fn run_once(mode: &str, writers: usize) -> Outcome {
     );
     let pgvane = Pgvane::start(&text, &[tx]);
     let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
-    setup.batch_execute("CREATE TABLE w (x bigint)").await.unwrap();
+    setup
+        .batch_execute("CREATE TABLE w (x bigint)")
+        .await
+        .unwrap();
     cluster.wait_replicated().await;
 
     let group = WriterGroup::start(tx, writers, 1);
@@ -256,7 +259,10 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, Seen3, Seen3) {
         .wait_log("primary elected", Duration::from_secs(10))
         .await;
     let setup = connect(tx, SUPERUSER, "postgres").await.unwrap();
-    setup.batch_execute("CREATE TABLE w (x bigint)").await.unwrap();
+    setup
+        .batch_execute("CREATE TABLE w (x bigint)")
+        .await
+        .unwrap();
     // HAProxy starts with every server up and takes fall x inter (9 s) to mark the replicas
     // down: wait until six connections in a row reach the leader.
     eventually(

@@ -398,6 +398,9 @@ pub struct ListenerConfig {
     pub fallback_to_primary: bool,
     #[serde(default)]
     pub on_role_loss: OnRoleLoss,
+    /// Transaction mode: what a statement that creates session state gets.
+    #[serde(default)]
+    pub session_state: SessionStatePolicy,
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
 }
@@ -424,6 +427,20 @@ impl ListenerMode {
     pub fn is_pooled(self) -> bool {
         self != ListenerMode::Passthrough
     }
+}
+
+/// What a transaction-mode listener does with a statement that would leave state on the
+/// server connection past its transaction (LISTEN, a session advisory lock, a WITH HOLD
+/// cursor, a temporary table, SQL PREPARE, SET of a parameter the server does not report).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionStatePolicy {
+    /// The statement runs and the client keeps its server connection until it leaves: it
+    /// works as in session mode, at the cost of a pooled connection.
+    #[default]
+    Pin,
+    /// The statement is not run: ERROR 0A000 (feature_not_supported), the session goes on.
+    Reject,
 }
 
 /// Which backends a listener may send clients to.
@@ -736,6 +753,22 @@ impl Config {
                     ),
                 );
             }
+            if l.session_state == SessionStatePolicy::Reject && l.mode != ListenerMode::Transaction
+            {
+                bad(
+                    format!("listener[{i}].session_state"),
+                    "\"reject\" only applies to mode = \"transaction\" (other modes keep a server connection per session); remove it".into(),
+                );
+            }
+            if l.session_state == SessionStatePolicy::Reject
+                && l.mode == ListenerMode::Transaction
+                && self.pool.max_prepared_statements == 0
+            {
+                bad(
+                    format!("listener[{i}].session_state"),
+                    "\"reject\" needs pool.max_prepared_statements > 0: extended-protocol statements are refused through the statement tracking it enables".into(),
+                );
+            }
             if l.connect_timeout.is_zero() {
                 bad(
                     format!("listener[{i}].connect_timeout"),
@@ -1009,6 +1042,7 @@ mod tests {
             port = 1
             target = "primary"
             fallback_to_primary = true
+            session_state = "reject"
         "#;
         let keys: Vec<String> = problems(text).into_iter().map(|p| p.key).collect();
         assert_eq!(
@@ -1021,6 +1055,7 @@ mod tests {
                 "backend[1].name",
                 "listener[0].address",
                 "listener[0].fallback_to_primary",
+                "listener[0].session_state",
             ]
         );
     }

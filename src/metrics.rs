@@ -46,6 +46,7 @@ pub struct Metrics {
     /// Transaction-mode sessions pinned to their server connection by session state.
     pub pinned_sessions: IntGauge,
     pub session_state_pins: IntCounterVec,
+    pub session_state_refused: IntCounterVec,
     pool_connections: IntGaugeVec,
 }
 
@@ -157,6 +158,11 @@ impl Metrics {
             session_state_pins: counter_vec(
                 "session_state_statements_total",
                 "Transaction-mode statements that created session state, by kind; the first pins its client.",
+                &["feature"],
+            ),
+            session_state_refused: counter_vec(
+                "session_state_refused_total",
+                "Transaction-mode statements refused with 0A000 (session_state = \"reject\") because they would have created session state, by kind.",
                 &["feature"],
             ),
             pool_connections: gauge_vec(

@@ -506,3 +506,167 @@ async fn a_queued_request_dies_with_its_client() {
         .await;
     assert_eq!(rows(&holder.until_ready().await), ["0"]);
 }
+
+/// With `session_state = "reject"`, a statement that would create session state is not run:
+/// the client gets ERROR 0A000 in its place (simple query, named and unnamed extended
+/// statements alike), in order, and its session goes on unpinned. A pinning listener on the
+/// same pool still runs the same text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_is_refused_where_the_listener_says_so() {
+    let cluster = Cluster::start(0);
+    create_app_db(&cluster).await;
+    let (pin, strict, admin) = (free_port(), free_port(), free_port());
+    let listeners = pooled_listener("transaction", pin)
+        + &listener(
+            "strict",
+            strict,
+            "primary",
+            "mode = \"transaction\"\nsession_state = \"reject\"",
+        );
+    let extra = format!(
+        "[auth]\ntype = \"trust\"\n[pool]\ndefault_pool_size = 1\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+    );
+    let _pgvane = Pgvane::start(
+        &pooled_config(&cluster, &listeners, &extra),
+        &[pin, strict, admin],
+    );
+
+    let refused = |got: &[Msg], what: &str| {
+        let e = got.iter().find(|m| m.tag == b'E');
+        let e = e.unwrap_or_else(|| panic!("{what}: no error in {}", show(got)));
+        assert_eq!(e.field(b'C').as_deref(), Some("0A000"), "{what}");
+        let message = e.field(b'M').unwrap();
+        assert!(
+            message.contains("not supported in transaction mode"),
+            "{what}: {message}"
+        );
+        assert!(
+            e.field(b'H').unwrap().contains("session-mode listener"),
+            "{what}"
+        );
+    };
+    let (mut c, _) = RawClient::login(strict, SUPERUSER, "app").await;
+    let cases = [
+        ("SET work_mem = '1MB'", "SHOW work_mem", "4MB"),
+        (
+            "PREPARE p AS SELECT 7",
+            "SELECT count(*) FROM pg_prepared_statements",
+            "0",
+        ),
+        (
+            "CREATE TEMP TABLE tt (a int)",
+            "SELECT to_regclass('tt') IS NULL",
+            "t",
+        ),
+        (
+            "LISTEN ch",
+            "SELECT count(*) FROM pg_listening_channels()",
+            "0",
+        ),
+        (
+            "SELECT pg_advisory_lock(42)",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            "0",
+        ),
+        (
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 5",
+            "SELECT count(*) FROM pg_cursors",
+            "0",
+        ),
+    ];
+    for (create, check, none) in cases {
+        c.send(&query(create)).await;
+        let got = c.until_ready().await;
+        refused(&got, create);
+        assert_eq!(
+            got.last().unwrap().body,
+            b"I",
+            "{create}: idle after the error"
+        );
+        c.send(&query(check)).await;
+        assert_eq!(
+            rows(&c.until_ready().await),
+            [none],
+            "{create} left nothing"
+        );
+    }
+    // Inside a transaction the refusal fails it, as the statement's own error would.
+    c.send(&query("BEGIN")).await;
+    c.until_ready().await;
+    c.send(&query("SELECT 1; LISTEN ch")).await;
+    let got = c.until_ready().await;
+    refused(&got, "LISTEN in a transaction");
+    assert_eq!(got.last().unwrap().body, b"E", "{}", show(&got));
+    c.send(&query("ROLLBACK")).await;
+    c.until_ready().await;
+
+    // Unnamed extended statement with a parameter, as psycopg sends it.
+    let mut out = bytes::BytesMut::new();
+    use postgres_protocol::message::frontend;
+    frontend::parse("", "SELECT pg_advisory_lock($1)", [20], &mut out).unwrap();
+    frontend::bind(
+        "",
+        "",
+        [0i16],
+        [Some(&b"42"[..])],
+        |v: Option<&[u8]>, buf: &mut bytes::BytesMut| {
+            buf.extend_from_slice(v.unwrap());
+            Ok::<_, Box<dyn std::error::Error + Sync + Send>>(postgres_protocol::IsNull::No)
+        },
+        [0i16],
+        &mut out,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    frontend::describe(b'P', "", &mut out).unwrap();
+    frontend::execute("", 0, &mut out).unwrap();
+    frontend::sync(&mut out);
+    c.send(&out).await;
+    let got = c.until_ready().await;
+    refused(&got, "unnamed extended");
+    let tags: String = got.iter().map(|m| m.tag as char).collect();
+    assert_eq!(tags, "12nEZ", "{}", show(&got));
+    drop(c);
+
+    // Named statements through a driver that checks types (tokio-postgres).
+    let strict_client = connect(strict, SUPERUSER, "app").await.unwrap();
+    let err = strict_client
+        .query("SELECT pg_advisory_lock($1)", &[&42i64])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+    let listen = strict_client.prepare("LISTEN jobs").await.unwrap();
+    let err = strict_client.execute(&listen, &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+    let locks: i64 = strict_client
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(locks, 0);
+    drop(strict_client);
+
+    // The pinning listener runs the same text on the same pool.
+    let pinned = connect(pin, SUPERUSER, "app").await.unwrap();
+    pinned
+        .query("SELECT pg_advisory_lock($1)", &[&42i64])
+        .await
+        .unwrap();
+    let mine: i64 = pinned
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mine, 1);
+    for (feature, n) in [("listen", 3.0), ("advisory_lock", 3.0), ("set", 1.0)] {
+        let sample = format!("pgvane_session_state_refused_total{{feature=\"{feature}\"}}");
+        assert_eq!(metric(admin, &sample).await, Some(n), "{sample}");
+    }
+    assert_eq!(metric(admin, "pgvane_pinned_sessions").await, Some(1.0));
+}

@@ -22,19 +22,19 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::cancel::{send_cancel, CancelKey};
 use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint, Then};
-use super::session_state::session_state;
+use super::session_state::{session_state, with_rejections, Feature};
 use super::{
     read_client_startup, send_error, watch_client, watching, Abandon, Admission, Attempt, Chosen,
     Route, Shared, HELD_READ_AHEAD,
 };
 use crate::auth::{authenticate_client, User};
-use crate::config::{ListenerMode, OnRoleLoss, PoolConfig};
+use crate::config::{ListenerMode, OnRoleLoss, PoolConfig, SessionStatePolicy};
 use crate::error::ClientError;
 use crate::metrics::Metrics;
 use crate::pool::{
@@ -479,6 +479,7 @@ impl Session {
             mode: cfg.mode,
             settings,
             metrics: &shared.metrics,
+            session_state: (cfg.mode == ListenerMode::Transaction).then_some(cfg.session_state),
             pinned: &mut self.pinned,
         };
         // Boxed on its own: two boxes of up to 1 KiB each cost less than one past it
@@ -764,11 +765,47 @@ struct Link<'a> {
     mode: ListenerMode,
     settings: &'a PoolConfig,
     metrics: &'a Metrics,
+    /// Transaction mode: what a statement that creates session state gets.
+    session_state: Option<SessionStatePolicy>,
     /// The session's `pinned`: set when a transaction-mode client creates session state.
     pinned: &'a mut bool,
 }
 
 impl Link<'_> {
+    fn refused(&self, feature: Feature) {
+        debug!(
+            feature = feature.name(),
+            "session state: statement refused (session_state = \"reject\")"
+        );
+        self.metrics
+            .session_state_refused
+            .with_label_values(&[feature.name()])
+            .inc();
+    }
+
+    /// With `session_state = "reject"`, the parameters the server reports: what a statement
+    /// is classified with.
+    fn refusing<'r>(&self, reported: &'r [String]) -> Option<&'r [String]> {
+        (self.session_state == Some(SessionStatePolicy::Reject)).then_some(reported)
+    }
+
+    /// Sends `data` from `skip` on with each statement that would create session state,
+    /// from the one at `first` on, replaced by its refusal (see `with_rejections`).
+    async fn send_refusing<W: AsyncWrite + Unpin>(
+        &self,
+        server: &mut W,
+        data: &[u8],
+        (skip, first): (usize, usize),
+        reported: &[String],
+        carry: &mut usize,
+    ) -> std::io::Result<()> {
+        let (out, refused) = with_rejections(data, data.len(), first, reported, carry);
+        for feature in refused {
+            self.refused(feature);
+        }
+        server.write_all(&out[skip..]).await
+    }
+
     /// Pumps bytes between a client and its leased server connection until the link ends.
     /// Both directions run concurrently in this one task, so neither can stall the other,
     /// and they share their view of the protocol state through `LinkState`. Each socket is
@@ -800,7 +837,6 @@ impl Link<'_> {
         // Pinned already (an earlier transaction of this client made session state), or
         // watched for it in transaction mode.
         st.pinned.store(*self.pinned, Relaxed);
-        let watch_session_state = self.mode == ListenerMode::Transaction;
         let (mut server_r, mut server_w) = stream.split();
         let max_prepared = self.settings.max_prepared_statements as usize;
         let tracker = statements.map(|c| LazyTracker::new(c, prepared, max_prepared));
@@ -812,6 +848,8 @@ impl Link<'_> {
             let mut rewritten = BytesMut::new();
             let mut scan = Scanner::new(b"");
             let mut copy_in_syncs = CopyInSyncs::default();
+            // Bytes still to come of a Query refused (`session_state = "reject"`).
+            let mut carry = 0;
             loop {
                 if buf.len() == held {
                     make_room(buf, LINK_BUFFER);
@@ -862,30 +900,52 @@ impl Link<'_> {
                 };
                 let (data, consumed) = match engaged {
                     None => (&buf[..plain], plain),
-                    Some(t) => match t.from_client(buf, &mut rewritten) {
-                        Ok(o) => {
-                            if o.barrier {
-                                then = Then::Barrier;
+                    Some(t) => {
+                        match t.from_client(buf, &mut rewritten, self.refusing(reported_at_login)) {
+                            Ok(o) => {
+                                if o.barrier {
+                                    then = Then::Barrier;
+                                }
+                                for feature in &o.refused {
+                                    self.refused(*feature);
+                                }
+                                (o.bytes(buf, &rewritten), o.consumed)
                             }
-                            (o.bytes(buf, &rewritten), o.consumed)
-                        }
-                        Err(error) => {
-                            return LinkEnd::Failed {
-                                error,
-                                tell_client: !st.server_mid_message(),
+                            Err(error) => {
+                                return LinkEnd::Failed {
+                                    error,
+                                    tell_client: !st.server_mid_message(),
+                                }
                             }
                         }
-                    },
+                    }
                 };
 
                 let n = data.len();
                 let mut terminate_at = None;
                 let mut created = None;
+                // Where the first statement to refuse starts: a plain value, so that the
+                // common case keeps nothing more across the write below.
+                let mut refuse_from = None;
                 let scanned = scan.feed(data, |e| {
                     if let Event::Start { tag, at } = e {
-                        if watch_session_state && created.is_none() && matches!(tag, b'Q' | b'P') {
-                            created = statement_text(data, tag, at)
+                        let look = match self.session_state {
+                            Some(SessionStatePolicy::Pin) => created.is_none(),
+                            Some(SessionStatePolicy::Reject) => true,
+                            None => false,
+                        };
+                        if look && matches!(tag, b'Q' | b'P') {
+                            let found = statement_text(data, tag, at)
                                 .and_then(|sql| session_state(sql, reported_at_login));
+                            match (found, self.session_state, tag) {
+                                // A Parse creates nothing: a refused statement's Bind is
+                                // pointed elsewhere by the tracker.
+                                (_, Some(SessionStatePolicy::Reject), b'P') => {}
+                                (Some(_), Some(SessionStatePolicy::Reject), _) => {
+                                    refuse_from = refuse_from.or(Some(at as usize))
+                                }
+                                (found, _, _) => created = created.or(found),
+                            }
                         }
                         match tag {
                             b'Q' | b'F' => st.change_pending(1),
@@ -930,7 +990,24 @@ impl Link<'_> {
                 st.note_state();
                 // A Terminate is pgvane's to act on; the pooled server connection stays open.
                 let upto = terminate_at.map_or(n, |at: isize| at.max(0) as usize);
-                if server_w.write_all(&data[..upto]).await.is_err() {
+                // The rest of a refused Query, read since: not sent.
+                let dropped = carry.min(upto);
+                carry -= dropped;
+                let written = match refuse_from {
+                    None => server_w.write_all(&data[dropped..upto]).await,
+                    // Boxed: a rare path, kept out of every transaction's future.
+                    Some(first) => {
+                        Box::pin(self.send_refusing(
+                            &mut server_w,
+                            &data[..upto],
+                            (dropped, first),
+                            reported_at_login,
+                            &mut carry,
+                        ))
+                        .await
+                    }
+                };
+                if written.is_err() {
                     return LinkEnd::ServerDied {
                         error: ClientError::ServerLost("cannot write to the server".into()),
                         tell_client: !st.server_mid_message(),

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::{BufMut, BytesMut};
 use sha2::{Digest, Sha256};
 
+use super::session_state::{refusal_parse_rest, session_state, Feature};
 use crate::error::ClientError;
 use crate::protocol::{CopyInSyncs, ProtocolError};
 
@@ -57,6 +58,9 @@ pub struct Statement {
     server_name: Box<[u8]>,
     /// Query text with its NUL, then the parameter type count and OIDs.
     text: Box<[u8]>,
+    /// `session_state = "reject"`: the session state running it would create; its Binds
+    /// are pointed at a statement that refuses it instead.
+    refused: Option<Feature>,
 }
 
 impl Statement {
@@ -69,6 +73,7 @@ impl Statement {
         Self {
             server_name: name.into(),
             text: text.into(),
+            refused: None,
         }
     }
 }
@@ -169,6 +174,8 @@ struct State<'a> {
     /// The server reported an error with no Sync sent since: it ignores messages up to the
     /// next Sync, so pgvane passes them on untouched and records nothing for them.
     skipping: bool,
+    /// `session_state = "reject"`: what the unnamed statement's Binds refuse, if anything.
+    unnamed_refused: Option<Feature>,
     copy_in_syncs: CopyInSyncs,
     /// Client to server.
     up: Framer,
@@ -206,6 +213,8 @@ pub struct Output {
     /// They end with a query that may drop every statement (see [`may_forget_all`]): what
     /// follows must wait for its answer.
     pub barrier: bool,
+    /// Statements refused (`session_state = "reject"`), by what they would have created.
+    pub refused: Vec<Feature>,
 }
 
 impl Output {
@@ -254,6 +263,7 @@ impl<'o> Writer<'o> {
             consumed,
             rewritten: self.rewritten,
             barrier,
+            refused: Vec::new(),
         }
     }
 }
@@ -282,6 +292,24 @@ fn header(input: &[u8], at: usize) -> Result<Option<(u8, usize)>, ProtocolError>
 }
 
 /// The NUL-terminated string at the start of `bytes` and what follows it.
+/// Whether each value of a Bind is in binary, from its body past the names (`None` until
+/// the format codes and the value count have arrived).
+fn bind_formats(after_names: &[u8]) -> Option<impl ExactSizeIterator<Item = bool> + '_> {
+    let int16 = |at: usize| {
+        let b = after_names.get(at..at + 2)?;
+        Some(u16::from_be_bytes([b[0], b[1]]) as usize)
+    };
+    let formats = int16(0)?;
+    let values = int16(2 + 2 * formats)?;
+    let codes = &after_names[2..2 + 2 * formats];
+    let binary = move |k: usize| match formats {
+        0 => false,
+        1 => codes[1] == 1,
+        _ => codes.get(2 * k + 1) == Some(&1),
+    };
+    Some((0..values).map(binary))
+}
+
 fn cstring(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     let nul = bytes.iter().position(|&b| b == 0)?;
     Some((&bytes[..nul], &bytes[nul + 1..]))
@@ -335,6 +363,7 @@ impl<'a> Tracker<'a> {
                 client,
                 server,
                 skipping: false,
+                unnamed_refused: None,
                 copy_in_syncs: at.copy_in_syncs,
                 up: Framer::default(),
                 down: Framer {
@@ -346,10 +375,18 @@ impl<'a> Tracker<'a> {
     }
 
     /// Client to server: renames, records and adds what named statements need. `input`
-    /// holds what the client sent and pgvane has not passed on yet.
-    pub fn from_client(&self, input: &[u8], out: &mut BytesMut) -> Result<Output, ClientError> {
+    /// holds what the client sent and pgvane has not passed on yet. `refuse`, with
+    /// `session_state = "reject"`: the parameters the server reports (see `session_state`);
+    /// a named Parse that would create session state is then rewritten to be refused.
+    pub fn from_client(
+        &self,
+        input: &[u8],
+        out: &mut BytesMut,
+        refuse: Option<&[String]>,
+    ) -> Result<Output, ClientError> {
         let mut st = self.state.lock().expect("tracker lock");
         let mut w = Writer::new(out);
+        let mut refused = Vec::new();
         let mut i = 0;
         while let Some((tag, total)) = st.up.next(input, &mut i)? {
             let body_start = i + 5;
@@ -362,6 +399,13 @@ impl<'a> Tracker<'a> {
                     };
                     if !named {
                         // The unnamed statement or a portal: streamed, never held.
+                        if tag == b'P' {
+                            // What its Binds refuse, if anything: told from its start.
+                            let text = cstring(prefix)
+                                .and_then(|(_, rest)| rest.split(|&b| b == 0).next())
+                                .unwrap_or_default();
+                            st.unnamed_refused = refuse.and_then(|r| session_state(text, r));
+                        }
                         st.record_unnamed(tag);
                         st.up.body_left = total - 5;
                         i = body_start;
@@ -371,7 +415,9 @@ impl<'a> Tracker<'a> {
                         return Err(too_large(tag, total));
                     }
                     let Some(body) = whole else { break };
-                    st.client_message(tag, body, self.limit, |put| w.replace(input, i, total, put));
+                    st.client_message(tag, body, self.limit, refuse, |put| {
+                        w.replace(input, i, total, put)
+                    });
                     i += total;
                 }
                 b'B' => {
@@ -387,9 +433,29 @@ impl<'a> Tracker<'a> {
                         break;
                     };
                     let names_len = portal.len() + stmt.len() + 2;
-                    if let Some(server_name) =
-                        st.bind(stmt, self.limit, |put| w.replace(input, i, 0, put))
-                    {
+                    let refusing = match refuse {
+                        Some(_) if !st.skipping => st.refuses(stmt),
+                        _ => None,
+                    };
+                    let server_name = match refusing {
+                        None => st.bind(stmt, self.limit, |put| w.replace(input, i, 0, put)),
+                        Some(feature) => {
+                            let Some(binary) = bind_formats(&avail[names_len..]) else {
+                                if avail.len() >= total - 5 {
+                                    return Err(ProtocolError::Malformed("Bind formats").into());
+                                }
+                                if total > MAX_TRACKED_MESSAGE {
+                                    return Err(too_large(tag, total));
+                                }
+                                break; // not enough of it yet
+                            };
+                            refused.push(feature);
+                            Some(st.refusal(feature, binary, self.limit, |put| {
+                                w.replace(input, i, 0, put)
+                            }))
+                        }
+                    };
+                    if let Some(server_name) = server_name {
                         let new_total = total - stmt.len() + server_name.len();
                         w.replace(input, i, 5 + names_len, |out| {
                             out.put_u8(b'B');
@@ -430,14 +496,20 @@ impl<'a> Tracker<'a> {
                         }
                     }
                     if barrier {
-                        return Ok(w.finish(input, i + total, true));
+                        return Ok(Output {
+                            refused,
+                            ..w.finish(input, i + total, true)
+                        });
                     }
                     st.up.body_left = total - 5;
                     i = body_start;
                 }
             }
         }
-        Ok(w.finish(input, i, false))
+        Ok(Output {
+            refused,
+            ..w.finish(input, i, false)
+        })
     }
 
     /// Server to client: drops the answers to pgvane's own messages and keeps the records
@@ -627,6 +699,7 @@ impl State<'_> {
         tag: u8,
         body: &[u8],
         limit: usize,
+        refuse: Option<&[String]>,
         replace: impl FnOnce(&mut dyn FnMut(&mut BytesMut)),
     ) {
         // Parse starts with the name; Describe and Close with 'S' (checked) and the name.
@@ -656,7 +729,9 @@ impl State<'_> {
                     });
                     return;
                 }
-                let statement = Arc::new(Statement::new(rest));
+                let mut statement = Statement::new(rest);
+                statement.refused = refuse.and_then(|r| session_state(cstring(rest)?.0, r));
+                let statement = Arc::new(statement);
                 self.client.insert(name.into(), statement.clone());
                 if self.server.touch(&statement.server_name) {
                     // Prepared anew, as a Parse on PostgreSQL is: the server's copy may
@@ -745,6 +820,32 @@ impl State<'_> {
             insert(&mut |out| out.put_slice(&own));
         }
         Some(statement.server_name.clone())
+    }
+
+    /// What a Bind of the client's statement `name` refuses, if anything.
+    fn refuses(&self, name: &[u8]) -> Option<Feature> {
+        match name {
+            [] => self.unnamed_refused,
+            _ => self.client.get(name)?.refused,
+        }
+    }
+
+    /// The server name of the statement that refuses `feature` for a Bind of values in the
+    /// formats `binary`, prepared first (into `insert`) unless the server has it.
+    fn refusal(
+        &mut self,
+        feature: Feature,
+        binary: impl ExactSizeIterator<Item = bool>,
+        limit: usize,
+        insert: impl FnOnce(&mut dyn FnMut(&mut BytesMut)),
+    ) -> Box<[u8]> {
+        let statement = Statement::new(&refusal_parse_rest(feature, binary));
+        let mut own = Vec::new();
+        self.ensure(&statement, limit, &mut own);
+        if !own.is_empty() {
+            insert(&mut |out| out.put_slice(&own));
+        }
+        statement.server_name
     }
 
     /// Prepares `statement` on the server connection (into `own`) unless it is there.
@@ -862,7 +963,7 @@ mod tests {
     fn run(t: &Tracker, input: &[u8], from_client: bool) -> Vec<u8> {
         let mut out = BytesMut::new();
         let o = if from_client {
-            t.from_client(input, &mut out).unwrap()
+            t.from_client(input, &mut out, None).unwrap()
         } else {
             t.from_server(input, &mut out).unwrap()
         };
@@ -872,6 +973,54 @@ mod tests {
         } else {
             input.to_vec()
         }
+    }
+
+    /// Statements that would create session state are prepared as they are, and their Binds
+    /// pointed at a statement that refuses them, prepared first (its answer hidden), with
+    /// one parameter per value in the Bind's formats.
+    #[test]
+    fn binds_of_refused_statements_go_to_a_refusal() {
+        let (mut client, mut server) = Default::default();
+        let t = Tracker::new(&mut client, &mut server, 10);
+        let reported: &[String] = &[];
+        // One text value (no format codes), then one binary value (one code, 1).
+        let one_text = b"\0\0\0\x01\0\0\0\x01x\0\0";
+        let one_binary = b"\0\x01\0\x01\0\x01\0\0\0\x01x\0\0";
+        let input = [
+            parse("l", "LISTEN jobs"),
+            bind("l", one_text),
+            parse("", "SELECT pg_advisory_lock($1)"),
+            bind("", one_binary),
+            parse("ok", "SELECT 1"),
+            bind("ok", b"\0\0\0\0\0\0"),
+            SYNC.to_vec(),
+        ]
+        .concat();
+        let mut out = BytesMut::new();
+        let o = t.from_client(&input, &mut out, Some(reported)).unwrap();
+        assert_eq!(o.consumed, input.len());
+        assert_eq!(o.refused, [Feature::Listen, Feature::AdvisoryLock]);
+        let sent = messages(&out);
+        let tags: String = sent.iter().map(|(t, _)| *t).collect();
+        assert_eq!(tags, "PPBPPBPBS");
+        // The client's statement is prepared as it is.
+        assert_eq!(name_of(&sent[0].1), server_name("LISTEN jobs"));
+        // Its Bind goes to a refusal with one text parameter.
+        let listen = refusal_parse_rest(Feature::Listen, [false].into_iter());
+        assert_eq!(&sent[1].1[name_of(&sent[1].1).len() + 1..], &listen[..]);
+        assert_eq!(
+            sent[2].1[1..].split(|&b| b == 0).next(),
+            Some(name_of(&sent[1].1))
+        );
+        // The unnamed statement's Bind: a refusal with one bytea parameter.
+        let lock = refusal_parse_rest(Feature::AdvisoryLock, [true].into_iter());
+        assert_eq!(&sent[4].1[name_of(&sent[4].1).len() + 1..], &lock[..]);
+        assert_eq!(
+            sent[5].1[1..].split(|&b| b == 0).next(),
+            Some(name_of(&sent[4].1))
+        );
+        // The refusals' ParseCompletes are pgvane's, the rest the client's.
+        assert_eq!(server_tags(&t, b"11211212Z"), "121212Z");
     }
 
     fn server_tags(t: &Tracker, tags: &[u8]) -> String {
@@ -1102,7 +1251,7 @@ mod tests {
         for chunk in [&input[..3], &input[3..6], &input[6..4000], &input[4000..]] {
             pending.extend_from_slice(chunk);
             let mut out = BytesMut::new();
-            let o = t.from_client(&pending, &mut out).unwrap();
+            let o = t.from_client(&pending, &mut out, None).unwrap();
             sent.extend_from_slice(if o.rewritten {
                 &out
             } else {

@@ -9,6 +9,15 @@
 //!
 //! Detection is a light look at each statement's first words (and a search for the
 //! session-level advisory lock functions), never a parse: a false alarm costs only a pin.
+//!
+//! With `session_state = "reject"` the statement is not run: it is replaced by one that
+//! makes the server raise ERROR 0A000 in its place ([`rejecting_query`],
+//! [`rejecting_parse_rest`]), so that the error reaches the client in order, in the
+//! transaction state the statement itself would have met, and the session goes on.
+
+use bytes::{BufMut, BytesMut};
+
+use crate::protocol::put_message;
 
 /// A kind of session state, as named in logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +31,18 @@ pub enum Feature {
 }
 
 impl Feature {
+    /// How the client wrote it, for the error message.
+    fn statement(self) -> &'static str {
+        match self {
+            Feature::Listen => "LISTEN",
+            Feature::AdvisoryLock => "a session-level advisory lock",
+            Feature::HoldCursor => "a WITH HOLD cursor",
+            Feature::TempTable => "a temporary table",
+            Feature::SqlPrepare => "SQL-level PREPARE",
+            Feature::UnreportedSet => "SET of a parameter the server does not report",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Feature::Listen => "listen",
@@ -93,6 +114,83 @@ fn statement_state(statement: &[u8], reported: &[String]) -> Option<Feature> {
     }
 }
 
+/// A DO block that raises what the client is told instead of running `feature`'s statement.
+/// Plain ASCII and no quote of the client's text: nothing in it needs escaping.
+fn raising(feature: Feature) -> String {
+    format!(
+        "DO $pgvane$BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', \
+         MESSAGE = 'pgvane: {} is not supported in transaction mode', \
+         DETAIL = 'It would outlive the transaction on a server connection that other clients share next.', \
+         HINT = 'Use a session-mode listener, or session_state = \"pin\" on this one.'; END$pgvane$",
+        feature.statement()
+    )
+}
+
+/// A simple Query that has the server refuse `feature` with 0A000, for one that would
+/// have created it: one ReadyForQuery, as the client expects.
+pub fn rejecting_query(feature: Feature) -> BytesMut {
+    let mut out = BytesMut::new();
+    put_message(&mut out, b'Q', |b| {
+        b.put_slice(raising(feature).as_bytes());
+        b.put_u8(0);
+    });
+    out
+}
+
+/// A Parse's body past its name for the statement a refused one's Bind is pointed at: the
+/// DO block that refuses `feature`, with one parameter per value the Bind carries, typed by
+/// its format (text for text, bytea for binary), so that whatever types the client's
+/// statement has, its values bind and the Execute gets the error.
+pub fn refusal_parse_rest(
+    feature: Feature,
+    binary: impl ExactSizeIterator<Item = bool>,
+) -> Vec<u8> {
+    let mut out = raising(feature).into_bytes();
+    out.push(0);
+    out.extend_from_slice(&(binary.len() as u16).to_be_bytes());
+    for b in binary {
+        out.extend_from_slice(&if b { BYTEA_OID } else { TEXT_OID }.to_be_bytes());
+    }
+    out
+}
+
+const BYTEA_OID: u32 = 17;
+const TEXT_OID: u32 = 25;
+
+/// `data[..upto]` with each simple Query from `first` on (the start of the first one to
+/// refuse; messages follow each other from there) that would create session state replaced
+/// by its refusal. Returns the bytes and what was refused. A Query may go on past `data`:
+/// `carry` is set to how many of the bytes that follow are the rest of it, to drop.
+pub fn with_rejections(
+    data: &[u8],
+    upto: usize,
+    first: usize,
+    reported: &[String],
+    carry: &mut usize,
+) -> (BytesMut, Vec<Feature>) {
+    let mut out = BytesMut::with_capacity(upto + 512);
+    let mut refused = Vec::new();
+    let (mut from, mut at) = (0, first);
+    while let Some(header) = data.get(at..at + 5).filter(|_| at < upto) {
+        let len = u32::from_be_bytes(header[1..].try_into().expect("4 bytes")) as usize;
+        let end = at + 1 + len.max(4);
+        let text = data[at + 5..end.min(data.len())].split(|&b| b == 0).next();
+        let feature = text
+            .filter(|t| header[0] == b'Q' && !t.is_empty())
+            .and_then(|t| session_state(t, reported));
+        if let Some(feature) = feature {
+            out.extend_from_slice(&data[from..at]);
+            out.extend_from_slice(&rejecting_query(feature));
+            refused.push(feature);
+            from = end.min(upto);
+            *carry = end.saturating_sub(data.len());
+        }
+        at = end;
+    }
+    out.extend_from_slice(&data[from..upto]);
+    (out, refused)
+}
+
 fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
     haystack
         .windows(needle.len())
@@ -142,5 +240,48 @@ mod tests {
         for (sql, want) in cases {
             assert_eq!(session_state(sql.as_bytes(), &reported), *want, "{sql}");
         }
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn refused_queries_are_replaced_in_place() {
+        let before = message(b'Q', b"SELECT 1\0");
+        let listen = message(b'Q', b"LISTEN jobs\0");
+        let parse = message(b'P', b"\0LISTEN jobs\0\0\0");
+        let lock = message(b'Q', b"SELECT pg_advisory_lock(1)\0");
+        let data = [&before[..], &listen, &parse, &lock].concat();
+        let mut carry = 0;
+        let (out, refused) = with_rejections(&data, data.len(), before.len(), &[], &mut carry);
+        assert_eq!(carry, 0);
+        assert_eq!(refused, [Feature::Listen, Feature::AdvisoryLock]);
+        let listen_refused = rejecting_query(Feature::Listen);
+        let lock_refused = rejecting_query(Feature::AdvisoryLock);
+        let want = [&before[..], &listen_refused, &parse, &lock_refused].concat();
+        assert_eq!(&out[..], &want[..]);
+        let text = String::from_utf8_lossy(&listen_refused);
+        assert!(text.contains("LISTEN is not supported"), "{text}");
+    }
+
+    #[test]
+    fn a_refused_query_cut_short_drops_its_rest() {
+        let listen = message(b'Q', b"LISTEN jobs\0");
+        let mut carry = 0;
+        let (out, _) = with_rejections(&listen[..14], 14, 0, &[], &mut carry);
+        assert_eq!(carry, listen.len() - 14);
+        assert_eq!(&out[..], &rejecting_query(Feature::Listen)[..]);
+    }
+
+    #[test]
+    fn a_refusal_statement_takes_the_bind_s_values_whatever_their_format() {
+        let rest = refusal_parse_rest(Feature::TempTable, [false, true].into_iter());
+        let nul = rest.iter().position(|&b| b == 0).unwrap();
+        assert!(rest.starts_with(b"DO $pgvane$"));
+        assert_eq!(&rest[nul + 1..], &[0, 2, 0, 0, 0, 25, 0, 0, 0, 17]);
     }
 }
