@@ -221,8 +221,9 @@ impl ServerConn {
     }
 
     /// Brings the server's parameters to a client's values (its `overrides`, else the
-    /// `defaults`) with one round trip of SETs, so that no value leaks from one client to
-    /// the next.
+    /// `defaults`) with one round trip, so that no value leaks from one client to the next.
+    /// `set_config`, not `SET x TO '...'`: a value is then read as in a startup packet, so
+    /// a list (`search_path=a, b`) stays a list rather than one quoted name.
     pub async fn apply_params(
         &mut self,
         defaults: &Arc<LoginParams>,
@@ -235,9 +236,12 @@ impl ServerConn {
         if !changes.is_empty() {
             let sets: Vec<String> = changes
                 .iter()
-                .map(|(k, v)| format!("SET {k} TO {}", quote_literal(v)))
+                .map(|(k, v)| {
+                    let (k, v) = (quote_literal(k), quote_literal(v));
+                    format!("pg_catalog.set_config({k}, {v}, false)")
+                })
                 .collect();
-            self.run(&sets.join("; ")).await?;
+            self.run(&format!("SELECT {}", sets.join(", "))).await?;
             for (k, v) in changes {
                 self.params.set(k, v);
             }

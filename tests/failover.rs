@@ -488,7 +488,7 @@ async fn behind_relay() -> (Cluster, common::relay::Relay, u16, u16, Pgvane) {
 }
 
 /// A client whose application_name differs from the pooled connection's, so that the
-/// connection is set (SET application_name) before the client's request is sent.
+/// connection is set (set_config of application_name) before the client's request is sent.
 async fn client_named(tx: u16, name: &str) -> common::raw::RawClient {
     let params = [
         ("user", SUPERUSER),
@@ -517,7 +517,7 @@ async fn a_server_connection_found_dead_before_use_is_replaced() {
     let mut a = client_named(tx, "a").await;
     assert_eq!(answer(&mut a, "SELECT 1").await, ["1"]);
 
-    relay.reset_next_sending(b"SET application_name");
+    relay.reset_next_sending(b"set_config(E'application_name'");
     let mut b = client_named(tx, "b").await;
     assert_eq!(
         answer(&mut b, "SELECT current_setting('application_name')").await,
@@ -542,7 +542,7 @@ async fn a_request_whose_backend_fails_before_it_was_sent_is_held_not_failed() {
     let mut a = client_named(tx, "a").await;
     assert_eq!(answer(&mut a, "SELECT 1").await, ["1"]);
 
-    relay.reset_next_sending(b"SET application_name");
+    relay.reset_next_sending(b"set_config(E'application_name'");
     relay.refuse(true);
     let mut b = client_named(tx, "b").await;
     b.send(&common::raw::query("SELECT 'served'")).await;

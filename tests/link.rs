@@ -670,3 +670,26 @@ async fn session_state_is_refused_where_the_listener_says_so() {
     }
     assert_eq!(metric(admin, "pgvane_pinned_sessions").await, Some(1.0));
 }
+
+/// A list-valued parameter given at login (`search_path=a, b`) means on a pooled server
+/// connection what it means on a direct one: two schemas, not one named "a, b".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_parameter_from_the_login_keeps_its_meaning() {
+    let (cluster, session, tx, _pgvane) = app_behind_both("").await;
+    let params = [
+        ("user", SUPERUSER),
+        ("database", "app"),
+        ("search_path", "app_a, public"),
+        ("DateStyle", "ISO, DMY"),
+    ];
+    let show = "SELECT current_setting('search_path') || ' / ' || current_setting('DateStyle')";
+    let (mut direct, _) = RawClient::login_with(cluster.primary().port, &params).await;
+    direct.send(&query(show)).await;
+    let want = rows(&direct.until_ready().await);
+    assert_eq!(want, ["app_a, public / ISO, DMY"]);
+    for port in [session, tx] {
+        let (mut c, _) = RawClient::login_with(port, &params).await;
+        c.send(&query(show)).await;
+        assert_eq!(rows(&c.until_ready().await), want, "port {port}");
+    }
+}
