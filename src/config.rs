@@ -242,6 +242,10 @@ pub struct PoolConfig {
     /// Transaction mode: named prepared statements kept per server connection, so that a
     /// client's statements follow it to any server connection (0 = not tracked).
     pub max_prepared_statements: u32,
+    /// Parameters the server does not report whose values follow a transaction-mode client
+    /// from one server connection to the next, as reported ones do (read back after a
+    /// transaction that SETs one) instead of pinning it.
+    pub track_extra_parameters: Vec<String>,
 }
 
 impl Default for PoolConfig {
@@ -267,6 +271,7 @@ impl Default for PoolConfig {
             server_check_query: String::new(),
             ignore_startup_parameters: Vec::new(),
             max_prepared_statements: 200,
+            track_extra_parameters: vec!["search_path".into()],
         }
     }
 }
@@ -776,6 +781,19 @@ impl Config {
                 );
             }
         }
+        let is_name = |n: &str| {
+            n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        };
+        for name in &self.pool.track_extra_parameters {
+            if !is_name(name) {
+                bad(
+                    "pool.track_extra_parameters".into(),
+                    format!("\"{name}\" is not a parameter name (letters, digits, '_' and '.', e.g. \"search_path\")"),
+                );
+            }
+        }
         if let Some(addr) = self.admin.listen {
             if addrs.contains(&addr) {
                 bad(
@@ -1058,6 +1076,17 @@ mod tests {
                 "listener[0].session_state",
             ]
         );
+    }
+
+    #[test]
+    fn extra_parameters_must_be_names() {
+        let text = "[pool]\ntrack_extra_parameters = [\"search_path\", \"a; DROP\"]\n";
+        let bad: Vec<Problem> = problems(text)
+            .into_iter()
+            .filter(|p| p.key == "pool.track_extra_parameters")
+            .collect();
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].message.contains("\"a; DROP\""), "{}", bad[0].message);
     }
 
     #[test]

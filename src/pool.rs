@@ -195,6 +195,37 @@ impl ServerConn {
     /// Runs a simple-protocol statement whose rows nobody needs, up to its ReadyForQuery.
     /// Returns the transaction status the server reports afterwards.
     pub async fn run(&mut self, sql: &str) -> Result<u8, PoolError> {
+        self.run_for_row(sql, None).await
+    }
+
+    /// The current values of `names`, of those the server knows.
+    pub async fn current_settings(
+        &mut self,
+        names: &[String],
+    ) -> Result<Vec<(String, String)>, PoolError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let columns: Vec<String> = names
+            .iter()
+            .map(|n| format!("pg_catalog.current_setting({}, true)", quote_literal(n)))
+            .collect();
+        let mut row = Vec::new();
+        self.run_for_row(&format!("SELECT {}", columns.join(", ")), Some(&mut row))
+            .await?;
+        let known = names
+            .iter()
+            .zip(row)
+            .filter_map(|(n, v)| Some((n.clone(), v?)));
+        Ok(known.collect())
+    }
+
+    /// As [`ServerConn::run`], keeping the first row's values in `row`.
+    async fn run_for_row(
+        &mut self,
+        sql: &str,
+        mut row: Option<&mut Vec<Option<String>>>,
+    ) -> Result<u8, PoolError> {
         let mut buf = BytesMut::new();
         postgres_protocol::message::frontend::query(sql, &mut buf)?;
         self.stream.write_all(&buf).await?;
@@ -202,6 +233,11 @@ impl ServerConn {
         loop {
             let m = read_message(&mut self.stream, 1 << 20).await?;
             match m.tag {
+                b'D' => {
+                    if let Some(row) = row.take() {
+                        *row = data_row(&m.body).ok_or(ProtocolError::Malformed("DataRow"))?;
+                    }
+                }
                 b'E' => error = Some((error_message(&m.body), error_code(&m.body))),
                 b'S' => {
                     if let Some((k, v)) = crate::protocol::parameter_status(&m.body) {
@@ -257,6 +293,26 @@ impl ServerConn {
         self.params.synced = None;
         self.params.values.retain(|k, _| reported.contains(k));
     }
+}
+
+/// The values of a DataRow's columns (`None` for NULL).
+fn data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let n = u16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let mut at = 2;
+    let mut values = Vec::with_capacity(n.into());
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        values.push(match usize::try_from(len) {
+            Ok(len) => {
+                let v = body.get(at..at + len)?;
+                at += len;
+                Some(String::from_utf8_lossy(v).into_owned())
+            }
+            Err(_) => None,
+        });
+    }
+    Some(values)
 }
 
 /// Whether a reset query leaves no prepared statement on the connection.
@@ -635,24 +691,17 @@ impl Pool {
                     self.settings.server_connect_timeout
                 ),
             })??;
-        self.login_params
-            .lock()
-            .expect("pool lock")
-            .get_or_insert_with(|| {
-                Arc::new(LoginParams {
-                    all: hello.params.clone(),
-                    tracked: hello
-                        .params
-                        .iter()
-                        .filter(|(k, _)| TRACKED.contains(&k.as_str()))
-                        .cloned()
-                        .collect(),
-                })
-            });
         self.open.fetch_add(1, Ordering::Relaxed);
         debug!(pool = ?self.key, server_pid = hello.process_id, "server connection opened");
         let now = coarse_now();
-        Ok(Box::new(ServerConn {
+        let tracked: Vec<(String, String)> = hello
+            .params
+            .iter()
+            .filter(|(k, _)| TRACKED.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        let all = hello.params.clone();
+        let mut conn = Box::new(ServerConn {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
             params: ServerParams::new(hello.params.into_iter().collect()),
             cancel: CancelTarget {
@@ -666,7 +715,28 @@ impl Pool {
             created: now,
             last_used: now,
             _caps: caps,
-        }))
+        });
+        if self.login_params.lock().expect("pool lock").is_none() {
+            // The pool's first connection: its values are the pool's defaults, those of
+            // the extra parameters too (read here, since the server does not report them).
+            let mut tracked = tracked;
+            let extra = &self.settings.track_extra_parameters;
+            let values = conn.current_settings(extra).await.inspect_err(|_| {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+            })?;
+            for (k, v) in values {
+                if !tracked.iter().any(|(t, _)| *t == k) {
+                    conn.params.set(&k, &v);
+                    tracked.push((k, v));
+                }
+            }
+            let params = Arc::new(LoginParams { all, tracked });
+            self.login_params
+                .lock()
+                .expect("pool lock")
+                .get_or_insert(params);
+        }
+        Ok(conn)
     }
 
     fn put_back(&self, mut conn: Box<ServerConn>) {

@@ -693,3 +693,37 @@ async fn a_list_parameter_from_the_login_keeps_its_meaning() {
         assert_eq!(rows(&c.until_ready().await), want, "port {port}");
     }
 }
+
+/// A `track_extra_parameters` parameter (search_path, which the server does not report)
+/// set by a transaction-mode client follows it to its next transaction instead of pinning
+/// it, and never reaches another client: with one server connection, another client is
+/// served between the two (a pinned client would keep it from them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_path_follows_a_transaction_mode_client() {
+    let (cluster, _session, tx, _pgvane) = app_behind_both("[pool]\ndefault_pool_size = 1\n").await;
+    connect(cluster.primary().port, SUPERUSER, "app")
+        .await
+        .unwrap()
+        .batch_execute("CREATE SCHEMA app_a")
+        .await
+        .unwrap();
+    let one = |msgs: Vec<Msg>| rows(&msgs).join("");
+    let path = "SELECT current_setting('search_path')";
+    let (mut a, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    let (mut b, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    a.send(&query("SET search_path = app_a, public")).await;
+    a.until_ready().await;
+    b.send(&query(path)).await;
+    assert_eq!(one(b.until_ready().await), "\"$user\", public");
+    a.send(&query(path)).await;
+    assert_eq!(one(a.until_ready().await), "app_a, public");
+    // RESET is followed too.
+    a.send(&query("BEGIN; RESET search_path; COMMIT")).await;
+    a.until_ready().await;
+    b.send(&query("SET search_path = app_a")).await;
+    b.until_ready().await;
+    a.send(&query(path)).await;
+    assert_eq!(one(a.until_ready().await), "\"$user\", public");
+    b.send(&query(path)).await;
+    assert_eq!(one(b.until_ready().await), "app_a");
+}

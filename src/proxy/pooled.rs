@@ -28,7 +28,7 @@ use tracing::{debug, info};
 
 use super::cancel::{send_cancel, CancelKey};
 use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint, Then};
-use super::session_state::{session_state, with_rejections, Feature};
+use super::session_state::{session_state, sets_extra, with_rejections, Carried, Feature};
 use super::{
     read_client_startup, send_error, watch_client, watching, Abandon, Admission, Attempt, Chosen,
     Route, Shared, HELD_READ_AHEAD,
@@ -373,6 +373,21 @@ fn set_param(params: &mut Vec<(String, String)>, name: &str, value: String) {
 }
 
 impl Session {
+    /// After a transaction that may have changed `extra` parameters (which the server does
+    /// not report): their values now become the client's, carried to its next server
+    /// connection as reported ones are.
+    async fn read_back(
+        &mut self,
+        conn: &mut ServerConn,
+        extra: &[String],
+    ) -> Result<(), PoolError> {
+        for (name, value) in conn.current_settings(extra).await? {
+            conn.params.set(&name, &value);
+            set_param(&mut self.overrides, &name, value);
+        }
+        Ok(())
+    }
+
     /// Serves the client's next request: `early` is its start if already read. Its future
     /// is moved into a box per request, so the rare paths (cancel, reset; error replies box
     /// themselves) are boxed on their own to keep it small.
@@ -499,16 +514,26 @@ impl Session {
         self.cancel_key.set_target(None);
         let drained = lost.is_cancelled();
         let died = matches!(end, LinkEnd::ServerDied { .. });
-        if self.pinned && !matches!(end, LinkEnd::Idle) {
+        if self.pinned && !matches!(end, LinkEnd::Idle { .. }) {
             shared.metrics.pinned_sessions.dec();
         }
         let cancel = matches!(end, LinkEnd::Expired { busy: true, .. });
+        if let LinkEnd::Idle { read_back: true } = end {
+            let extra = &settings.track_extra_parameters;
+            if let Err(e) = Box::pin(self.read_back(lease.conn(), extra)).await {
+                let error = ClientError::from(e);
+                info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended: cannot read back the client's parameters");
+                drop(lease);
+                send_error(client, &error, &shared.metrics).await;
+                return Served::End;
+            }
+        }
         match end {
-            LinkEnd::Idle if drained => {
+            LinkEnd::Idle { .. } if drained => {
                 debug!(backend = %backend.name, "backend changed role; server connection closed");
                 Served::carrying(first)
             }
-            LinkEnd::Idle => {
+            LinkEnd::Idle { .. } => {
                 if self.cancel_key.cancel_in_flight() {
                     Box::pin(self.cancel_key.settled()).await;
                 }
@@ -580,8 +605,11 @@ enum ServerState {
 }
 
 enum LinkEnd {
-    /// Transaction mode: the transaction is over and the server connection is clean.
-    Idle,
+    /// Transaction mode: the transaction is over and the server connection is clean;
+    /// `read_back`: the values of `track_extra_parameters` may have changed.
+    Idle {
+        read_back: bool,
+    },
     ClientGone(ServerState),
     /// The session must end; `tell_client` says whether an ErrorResponse can still be sent
     /// without landing in the middle of a server message.
@@ -646,6 +674,8 @@ struct LinkState {
     whole_link_active: bool,
     /// Transaction mode: the client created session state; the link lasts until it leaves.
     pinned: AtomicBool,
+    /// Transaction mode: the client may have changed a `track_extra_parameters` parameter.
+    read_back: AtomicBool,
 }
 
 impl LinkState {
@@ -664,6 +694,7 @@ impl LinkState {
             busy_since_ms: AtomicU64::new(u64::MAX),
             whole_link_active,
             pinned: AtomicBool::new(false),
+            read_back: AtomicBool::new(false),
         }
     }
 
@@ -785,8 +816,17 @@ impl Link<'_> {
 
     /// With `session_state = "reject"`, the parameters the server reports: what a statement
     /// is classified with.
-    fn refusing<'r>(&self, reported: &'r [String]) -> Option<&'r [String]> {
-        (self.session_state == Some(SessionStatePolicy::Reject)).then_some(reported)
+    fn refusing<'r>(&'r self, reported: &'r [String]) -> Option<Carried<'r>> {
+        (self.session_state == Some(SessionStatePolicy::Reject)).then(|| self.carried(reported))
+    }
+
+    /// The parameters a SET of which is no session state: `reported` by the server, and
+    /// the extra ones pgvane reads back.
+    fn carried<'r>(&'r self, reported: &'r [String]) -> Carried<'r> {
+        Carried {
+            reported,
+            extra: &self.settings.track_extra_parameters,
+        }
     }
 
     /// Sends `data` from `skip` on with each statement that would create session state,
@@ -799,7 +839,8 @@ impl Link<'_> {
         reported: &[String],
         carry: &mut usize,
     ) -> std::io::Result<()> {
-        let (out, refused) = with_rejections(data, data.len(), first, reported, carry);
+        let carried = self.carried(reported);
+        let (out, refused) = with_rejections(data, data.len(), first, carried, carry);
         for feature in refused {
             self.refused(feature);
         }
@@ -934,9 +975,16 @@ impl Link<'_> {
                             Some(SessionStatePolicy::Reject) => true,
                             None => false,
                         };
-                        if look && matches!(tag, b'Q' | b'P') {
-                            let found = statement_text(data, tag, at)
-                                .and_then(|sql| session_state(sql, reported_at_login));
+                        let sql = match look && matches!(tag, b'Q' | b'P') {
+                            true => statement_text(data, tag, at),
+                            false => None,
+                        };
+                        if let Some(sql) = sql {
+                            let carried = self.carried(reported_at_login);
+                            if sets_extra(sql, carried.extra) {
+                                st.read_back.store(true, Relaxed);
+                            }
+                            let found = session_state(sql, carried);
                             match (found, self.session_state, tag) {
                                 // A Parse creates nothing: a refused statement's Bind is
                                 // pointed elsewhere by the tracker.
@@ -1135,7 +1183,8 @@ impl Link<'_> {
                     && state() == ServerState::Idle
                     && !st.pinned.load(Relaxed)
                 {
-                    return LinkEnd::Idle;
+                    let read_back = st.read_back.load(Relaxed);
+                    return LinkEnd::Idle { read_back };
                 }
             }
         };

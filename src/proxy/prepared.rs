@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::{BufMut, BytesMut};
 use sha2::{Digest, Sha256};
 
-use super::session_state::{refusal_parse_rest, session_state, Feature};
+use super::session_state::{refusal_parse_rest, session_state, Carried, Feature};
 use crate::error::ClientError;
 use crate::protocol::{CopyInSyncs, ProtocolError};
 
@@ -376,13 +376,13 @@ impl<'a> Tracker<'a> {
 
     /// Client to server: renames, records and adds what named statements need. `input`
     /// holds what the client sent and pgvane has not passed on yet. `refuse`, with
-    /// `session_state = "reject"`: the parameters the server reports (see `session_state`);
-    /// a named Parse that would create session state is then rewritten to be refused.
+    /// `session_state = "reject"`: the parameters a SET of which is no session state; a
+    /// Bind of a statement that would create session state is then pointed at a refusal.
     pub fn from_client(
         &self,
         input: &[u8],
         out: &mut BytesMut,
-        refuse: Option<&[String]>,
+        refuse: Option<Carried>,
     ) -> Result<Output, ClientError> {
         let mut st = self.state.lock().expect("tracker lock");
         let mut w = Writer::new(out);
@@ -699,7 +699,7 @@ impl State<'_> {
         tag: u8,
         body: &[u8],
         limit: usize,
-        refuse: Option<&[String]>,
+        refuse: Option<Carried>,
         replace: impl FnOnce(&mut dyn FnMut(&mut BytesMut)),
     ) {
         // Parse starts with the name; Describe and Close with 'S' (checked) and the name.
@@ -982,7 +982,10 @@ mod tests {
     fn binds_of_refused_statements_go_to_a_refusal() {
         let (mut client, mut server) = Default::default();
         let t = Tracker::new(&mut client, &mut server, 10);
-        let reported: &[String] = &[];
+        let carried = Carried {
+            reported: &[],
+            extra: &[],
+        };
         // One text value (no format codes), then one binary value (one code, 1).
         let one_text = b"\0\0\0\x01\0\0\0\x01x\0\0";
         let one_binary = b"\0\x01\0\x01\0\x01\0\0\0\x01x\0\0";
@@ -997,7 +1000,7 @@ mod tests {
         ]
         .concat();
         let mut out = BytesMut::new();
-        let o = t.from_client(&input, &mut out, Some(reported)).unwrap();
+        let o = t.from_client(&input, &mut out, Some(carried)).unwrap();
         assert_eq!(o.consumed, input.len());
         assert_eq!(o.refused, [Feature::Listen, Feature::AdvisoryLock]);
         let sent = messages(&out);

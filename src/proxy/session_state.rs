@@ -55,10 +55,28 @@ impl Feature {
     }
 }
 
+/// The parameters whose values follow a client from one server connection to the next, so
+/// that a SET of one is no session state: those the server reports, and
+/// `pool.track_extra_parameters` (read back after a transaction that sets one, see
+/// [`sets_extra`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Carried<'a> {
+    pub reported: &'a [String],
+    pub extra: &'a [String],
+}
+
+impl Carried<'_> {
+    fn contains(&self, name: &[u8]) -> bool {
+        self.reported
+            .iter()
+            .chain(self.extra)
+            .any(|r| r.as_bytes().eq_ignore_ascii_case(name))
+    }
+}
+
 /// The session state `sql` (a simple query, or a Parse's statement; possibly only its
-/// start) would create, if any. `reported`: the parameters the server reports (their
-/// values follow the client from one server connection to the next).
-pub fn session_state(sql: &[u8], reported: &[String]) -> Option<Feature> {
+/// start) would create, if any.
+pub fn session_state(sql: &[u8], carried: Carried) -> Option<Feature> {
     if contains_ignore_case(sql, b"advisory_lock")
         && (contains_ignore_case(sql, b"pg_advisory_lock")
             || contains_ignore_case(sql, b"pg_try_advisory_lock"))
@@ -68,15 +86,41 @@ pub fn session_state(sql: &[u8], reported: &[String]) -> Option<Feature> {
     // Each statement of a multi-statement query; a ';' inside a literal only makes an
     // extra, harmless look.
     sql.split(|&b| b == b';')
-        .find_map(|s| statement_state(s, reported))
+        .find_map(|s| statement_state(s, carried))
 }
 
-fn statement_state(statement: &[u8], reported: &[String]) -> Option<Feature> {
-    let mut words = statement
+/// Whether `sql` may change one of `extra` (SET or RESET of one, RESET ALL, DISCARD ALL):
+/// the client's value is then read back from the server after the transaction.
+pub fn sets_extra(sql: &[u8], extra: &[String]) -> bool {
+    let named = |w: &[u8]| extra.iter().any(|e| e.as_bytes().eq_ignore_ascii_case(w));
+    sql.split(|&b| b == b';').any(|statement| {
+        let mut words = words(statement);
+        let (Some(first), Some(mut second)) = (words.next(), words.next()) else {
+            return false;
+        };
+        if is(second, "session") || is(second, "local") {
+            second = words.next().unwrap_or_default();
+        }
+        let second = second.split(|&b| b == b'=').next().unwrap_or_default();
+        (is(first, "set") && named(second))
+            || (is(first, "reset") && (named(second) || is(second, "all")))
+            || (is(first, "discard") && is(second, "all"))
+    })
+}
+
+fn words(statement: &[u8]) -> impl Iterator<Item = &[u8]> {
+    statement
         .split(|b| b.is_ascii_whitespace() || *b == b'(')
-        .filter(|w| !w.is_empty());
+        .filter(|w| !w.is_empty())
+}
+
+fn is(w: &[u8], keyword: &str) -> bool {
+    w.eq_ignore_ascii_case(keyword.as_bytes())
+}
+
+fn statement_state(statement: &[u8], carried: Carried) -> Option<Feature> {
+    let mut words = words(statement);
     let first = words.next()?;
-    let is = |w: &[u8], k: &str| w.eq_ignore_ascii_case(k.as_bytes());
     if is(first, "listen") {
         Some(Feature::Listen)
     } else if is(first, "prepare") {
@@ -105,10 +149,7 @@ fn statement_state(statement: &[u8], reported: &[String]) -> Option<Feature> {
             }
         }
         let name = name.split(|&b| b == b'=').next().unwrap_or_default();
-        let followed = reported
-            .iter()
-            .any(|r| r.as_bytes().eq_ignore_ascii_case(name));
-        (!followed).then_some(Feature::UnreportedSet)
+        (!carried.contains(name)).then_some(Feature::UnreportedSet)
     } else {
         None
     }
@@ -165,7 +206,7 @@ pub fn with_rejections(
     data: &[u8],
     upto: usize,
     first: usize,
-    reported: &[String],
+    carried: Carried,
     carry: &mut usize,
 ) -> (BytesMut, Vec<Feature>) {
     let mut out = BytesMut::with_capacity(upto + 512);
@@ -177,7 +218,7 @@ pub fn with_rejections(
         let text = data[at + 5..end.min(data.len())].split(|&b| b == 0).next();
         let feature = text
             .filter(|t| header[0] == b'Q' && !t.is_empty())
-            .and_then(|t| session_state(t, reported));
+            .and_then(|t| session_state(t, carried));
         if let Some(feature) = feature {
             out.extend_from_slice(&data[from..at]);
             out.extend_from_slice(&rejecting_query(feature));
@@ -237,10 +278,39 @@ mod tests {
             ),
         ];
         let reported = ["TimeZone".to_string(), "application_name".to_string()];
+        let extra = ["search_path".to_string()];
+        let carried = Carried {
+            reported: &reported,
+            extra: &extra,
+        };
         for (sql, want) in cases {
-            assert_eq!(session_state(sql.as_bytes(), &reported), *want, "{sql}");
+            assert_eq!(session_state(sql.as_bytes(), carried), *want, "{sql}");
+        }
+        assert_eq!(session_state(b"SET search_path = app", carried), None);
+    }
+
+    #[test]
+    fn changes_of_extra_parameters_are_told() {
+        let extra = ["search_path".to_string()];
+        for sql in [
+            "SET search_path = app",
+            "set SESSION search_path to app, public",
+            "SET search_path=app",
+            "BEGIN; RESET search_path",
+            "RESET ALL",
+            "discard all",
+        ] {
+            assert!(sets_extra(sql.as_bytes(), &extra), "{sql}");
+        }
+        for sql in ["SET work_mem = 1", "SELECT 1", "RESET work_mem", "SET"] {
+            assert!(!sets_extra(sql.as_bytes(), &extra), "{sql}");
         }
     }
+
+    const NONE: Carried = Carried {
+        reported: &[],
+        extra: &[],
+    };
 
     fn message(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut m = vec![tag];
@@ -257,7 +327,7 @@ mod tests {
         let lock = message(b'Q', b"SELECT pg_advisory_lock(1)\0");
         let data = [&before[..], &listen, &parse, &lock].concat();
         let mut carry = 0;
-        let (out, refused) = with_rejections(&data, data.len(), before.len(), &[], &mut carry);
+        let (out, refused) = with_rejections(&data, data.len(), before.len(), NONE, &mut carry);
         assert_eq!(carry, 0);
         assert_eq!(refused, [Feature::Listen, Feature::AdvisoryLock]);
         let listen_refused = rejecting_query(Feature::Listen);
@@ -272,7 +342,7 @@ mod tests {
     fn a_refused_query_cut_short_drops_its_rest() {
         let listen = message(b'Q', b"LISTEN jobs\0");
         let mut carry = 0;
-        let (out, _) = with_rejections(&listen[..14], 14, 0, &[], &mut carry);
+        let (out, _) = with_rejections(&listen[..14], 14, 0, NONE, &mut carry);
         assert_eq!(carry, listen.len() - 14);
         assert_eq!(&out[..], &rejecting_query(Feature::Listen)[..]);
     }
