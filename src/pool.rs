@@ -387,6 +387,10 @@ pub struct Lease {
 }
 
 impl Lease {
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
     pub fn conn(&mut self) -> &mut ServerConn {
         self.conn
             .as_mut()

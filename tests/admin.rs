@@ -78,6 +78,13 @@ async fn status_and_metrics_follow_a_failover_and_a_split_brain() {
     );
     let at = f["at"].as_str().expect("RFC 3339 time");
     humantime::parse_rfc3339(at).unwrap_or_else(|e| panic!("{at}: {e}"));
+    // The old primary's pool went with the only client that logged in through it.
+    eventually(PATIENCE, "the dead backend's pool freed", || async {
+        let s = status(admin).await;
+        let pools = s["pools"].as_array().unwrap().clone();
+        pools.iter().all(|p| p["backend"] != "pg0").then_some(())
+    })
+    .await;
     assert_eq!(
         metric(admin, "pgvane_primary_changes_total").await,
         Some(1.0)

@@ -43,7 +43,7 @@ use crate::pool::{
 use crate::protocol::{
     backend, parameter_status, CopyInSyncs, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3,
 };
-use crate::topology::Backend;
+use crate::topology::{Backend, RoutingTable};
 
 /// Read buffer for a client's request while linked (PgBouncer's pkt_buf is 4 KiB).
 const LINK_BUFFER: usize = 8192;
@@ -94,7 +94,7 @@ pub fn handle(
             // Everything a request needs lives in its own boxed future, so that an idle
             // session costs no more than the state above.
             match Box::pin(session.serve_request(&mut client, route, shared, begun.take())).await {
-                Served::End => return,
+                Served::End => return session.leave(route, shared),
                 Served::Done => {}
                 Served::Begun(next) => begun = Some(next),
             }
@@ -373,6 +373,36 @@ fn set_param(params: &mut Vec<(String, String)>, name: &str, value: String) {
 }
 
 impl Session {
+    /// Whether the backend of the pool the client logged in through still serves its
+    /// listener's target.
+    fn home_serves(&self, table: &RoutingTable, route: &Route) -> bool {
+        let c = &route.config;
+        let home = self.home.backend();
+        let i = table
+            .backends
+            .iter()
+            .position(|b| Arc::ptr_eq(&b.backend, home));
+        i.is_some_and(|i| table.qualifies(i, c.target, c.fallback_to_primary))
+    }
+
+    /// A transaction went to another backend's pool `to`: once the home backend no longer
+    /// serves the listener (a failover), `to` becomes home, which spares later transactions
+    /// a pool lookup, and the old pool is freed if nothing else holds it.
+    fn move_home(&mut self, table: &RoutingTable, to: &Arc<Pool>, route: &Route, shared: &Shared) {
+        if !self.home_serves(table, route) {
+            let old = std::mem::replace(&mut self.home, to.clone());
+            shared.pools.free_if_unused(old);
+        }
+    }
+
+    /// The session is over: a home pool on a backend that no longer serves the listener is
+    /// freed if this was the last hold on it, rather than kept until `autodb_idle_timeout`.
+    fn leave(self, route: &Route, shared: &Shared) {
+        if !self.home_serves(&shared.topology.snapshot(), route) {
+            shared.pools.free_if_unused(self.home);
+        }
+    }
+
     /// After a transaction that may have changed `extra` parameters (which the server does
     /// not report): their values now become the client's, carried to its next server
     /// connection as reported ones are.
@@ -468,6 +498,9 @@ impl Session {
                 return Served::End;
             }
         };
+        if !Arc::ptr_eq(lease.pool(), &self.home) {
+            self.move_home(&table, lease.pool(), route, shared);
+        }
         let (backend, lost) = (&table.backends[i].backend, &table.backends[i].lost);
         self.cancel_key
             .set_target(Some(lease.conn().cancel_target()));
