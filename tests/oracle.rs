@@ -274,22 +274,30 @@ async fn send_split(c: &mut RawClient, bytes: &[u8], rng: &mut StdRng, context: 
     }
 }
 
-/// Runs a script on `port`, returning the normalized answers of each step; `who` names the
-/// run in failure messages.
+/// What a run of a script saw: the normalized answers of each step, and the longest any
+/// step took from its first byte sent to its last answer.
+struct Seen {
+    transcript: Vec<Vec<String>>,
+    longest_step: Duration,
+}
+
+/// Runs a script on `port`; `who` names the run in failure messages.
 async fn run(
     port: u16,
     steps: &[Step],
     split_seed: u64,
     who: &str,
     direct: &tokio_postgres::Client,
-) -> Vec<Vec<String>> {
+) -> Seen {
     let mut rng = StdRng::seed_from_u64(split_seed);
     let (mut c, login) = RawClient::login(port, SUPERUSER, "app").await;
     let key = RawClient::key(&login);
     let mut transcript = Vec::new();
+    let mut longest_step = Duration::ZERO;
     // Bytes of the next request already sent along with the previous one.
     let mut sent_ahead = 0;
     for (i, step) in steps.iter().enumerate() {
+        let started = std::time::Instant::now();
         let bytes = match step {
             Step::Request { bytes, .. } | Step::Cancelled { bytes } => bytes,
             Step::Leave { bytes } => {
@@ -297,7 +305,10 @@ async fn run(
                 // after it does not matter.
                 use tokio::io::AsyncWriteExt;
                 let _ = c.stream.write_all(&bytes[sent_ahead..]).await;
-                return transcript;
+                return Seen {
+                    transcript,
+                    longest_step,
+                };
             }
         };
         let context = format!("{who} on port {port}, step {i}");
@@ -344,9 +355,19 @@ async fn run(
             answers.extend(c.until_ready().await.into_iter().filter(|m| m.tag != b'T'));
         }
         transcript.push(answers.iter().filter_map(normalized).collect());
+        longest_step = longest_step.max(started.elapsed());
     }
-    transcript
+    Seen {
+        transcript,
+        longest_step,
+    }
 }
+
+/// How much longer than the longest step on a direct connection a proxied step may take:
+/// queueing for one of the pool's connections behind other clients' short transactions,
+/// on a busy machine. A released connection left unused while a client waits (a lost
+/// wake-up, a missed hand-off) shows as a step that waits far longer.
+const WAIT_ALLOWANCE: Duration = Duration::from_secs(15);
 
 /// Server connections of database `app` (other than `direct`'s own) working or inside a
 /// transaction.
@@ -423,6 +444,13 @@ async fn proxied_scripts_answer_as_direct_ones() {
                 direct,
             )
             .await;
+            assert!(
+                got.longest_step < expected.longest_step + WAIT_ALLOWANCE,
+                "seed {seed}, client {c}: a step took {:?} through pgvane, at most {:?} directly",
+                got.longest_step,
+                expected.longest_step
+            );
+            let (expected, got) = (expected.transcript, got.transcript);
             for (i, (want, got)) in expected.iter().zip(&got).enumerate() {
                 assert_eq!(
                     got,
