@@ -152,6 +152,9 @@ impl User {
 pub struct UserStore {
     method: AuthMethod,
     users: HashMap<String, Arc<User>>,
+    /// Derives the salt shown to a user pgvane does not know: fixed per name, as a real
+    /// user's is, so that the salt does not tell who exists (PostgreSQL's mock salt).
+    mock_key: [u8; 32],
 }
 
 impl UserStore {
@@ -174,6 +177,7 @@ impl UserStore {
         Ok(UserStore {
             method: config.auth.method,
             users,
+            mock_key: rand::random(),
         })
     }
 
@@ -265,7 +269,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
         AuthMethod::Trust => {}
         AuthMethod::Md5 => match known.as_ref().and_then(|u| u.secret.as_ref()) {
             // PostgreSQL too switches to SCRAM when only a SCRAM verifier is stored.
-            Some(Secret::Scram(_)) => scram_exchange(stream, known.as_deref(), user, reply).await?,
+            Some(Secret::Scram(_)) => scram_exchange(stream, store, user, reply).await?,
             secret => md5_exchange(stream, secret, user).await?,
         },
         AuthMethod::ScramSha256 => {
@@ -275,7 +279,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
             ) {
                 return Err(AuthError::NoUsableSecret(user.into(), "scram-sha-256"));
             }
-            scram_exchange(stream, known.as_deref(), user, reply).await?
+            scram_exchange(stream, store, user, reply).await?
         }
     }
     backend::authentication_ok(reply);
@@ -325,21 +329,23 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// SCRAM-SHA-256 without channel binding (pgvane does not terminate TLS yet). An unknown
-/// user goes through the whole exchange against a random verifier, as PostgreSQL does, so
-/// the answer does not reveal which users exist.
+/// user goes through the whole exchange against a verifier that cannot match, with a salt
+/// fixed per name (derived from a per-process key, as PostgreSQL derives its mock salt from
+/// a cluster secret), so neither the answer nor the salt reveals which users exist.
 async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    user: Option<&User>,
+    store: &UserStore,
     name: &str,
     reply: &mut BytesMut,
 ) -> Result<(), AuthError> {
     let mock;
-    let secret = match user.and_then(|u| u.scram.as_ref()) {
+    let user = store.get(name);
+    let secret = match user.as_deref().and_then(|u| u.scram.as_ref()) {
         Some(s) => s,
         None => {
             mock = ScramSecret {
-                iterations: 4096,
-                salt: rand::random::<[u8; 16]>().to_vec(),
+                iterations: MOCK_ITERATIONS,
+                salt: hmac_sha256(&store.mock_key, name.as_bytes())[..16].to_vec(),
                 stored_key: rand::random(),
                 server_key: rand::random(),
             };
@@ -410,7 +416,8 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .map(|(p, s)| p ^ s)
         .collect();
     let stored_key = <Sha256 as sha2::Digest>::digest(&client_key);
-    let Some(user) = user.filter(|_| constant_time_eq(&stored_key, &secret.stored_key)) else {
+    let matched = constant_time_eq(&stored_key, &secret.stored_key);
+    let Some(user) = user.as_deref().filter(|_| matched) else {
         return Err(AuthError::Failed(name.into()));
     };
     if let Ok(key) = client_key.try_into() {
@@ -423,6 +430,9 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     );
     Ok(())
 }
+
+/// PostgreSQL's default `scram_iterations`, which most verifiers have.
+const MOCK_ITERATIONS: u32 = 4096;
 
 fn scram_attr(message: &str, name: char) -> Option<&str> {
     message
@@ -788,6 +798,49 @@ mod tests {
             assert!(client_verified_server, "server signature must verify");
         }
         result
+    }
+
+    /// The salt the server offers `user` in a SCRAM exchange.
+    async fn scram_salt(store: &UserStore, user: &str) -> String {
+        use postgres_protocol::message::frontend;
+        let (mut server, mut client) = tokio::io::duplex(4096);
+        let client_side = async move {
+            read_message(&mut client, 1024).await.unwrap();
+            let scram = ScramSha256::new(b"guess", ChannelBinding::unsupported());
+            let mut buf = BytesMut::new();
+            frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut buf).unwrap();
+            client.write_all(&buf).await.unwrap();
+            let m = read_message(&mut client, 1024).await.unwrap();
+            let first = String::from_utf8(m.body[4..].to_vec()).unwrap();
+            scram_attr(&first, 's').unwrap().to_owned()
+        };
+        let mut reply = BytesMut::new();
+        let server_side = authenticate_client(&mut server, store, user, &mut reply);
+        tokio::select! {
+            salt = client_side => salt,
+            _ = server_side => panic!("the exchange ended before the salt"),
+        }
+    }
+
+    /// An unknown user is offered the same salt at every attempt, as a known one is, so the
+    /// salt does not tell who exists; two unknown names get different ones.
+    #[tokio::test]
+    async fn scram_salts_do_not_reveal_which_users_exist() {
+        let text = "[auth]\ntype = \"scram-sha-256\"\n[[user]]\nname = \"u\"\npassword = \"p\"\n\
+             [[backend]]\nname = \"b\"\nhost = \"h\"\nport = 1\n\
+             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1\"\nport = 1\ntarget = \"any\"\nmode = \"transaction\"\n";
+        let store = UserStore::load(&Config::parse(text).unwrap()).unwrap();
+        for user in ["u", "ghost"] {
+            assert_eq!(
+                scram_salt(&store, user).await,
+                scram_salt(&store, user).await,
+                "{user}"
+            );
+        }
+        assert_ne!(
+            scram_salt(&store, "ghost").await,
+            scram_salt(&store, "ghost2").await
+        );
     }
 
     #[tokio::test]
