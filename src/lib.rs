@@ -8,6 +8,7 @@
 //! - [`auth`]: client authentication (SCRAM, md5, trust) and server login.
 //! - [`protocol`]: the bits of the PostgreSQL wire protocol pgvane speaks itself.
 //! - [`error`]: client-facing failures and their PostgreSQL ErrorResponses.
+//! - [`limits`]: bounds on what clients can make pgvane spend (refusals, descriptors, logs).
 //! - [`admin`]: PAUSE/RESUME and the HTTP admin API (metrics, status).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`server`]: process lifecycle (bind, start, signals, drain).
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

@@ -36,6 +36,8 @@ pub struct Metrics {
     /// Held work dropped because its client hung up or cancelled.
     pub held_abandoned: IntCounter,
     pub hold_seconds: Histogram,
+    /// Clients refused by a limit, by limit and whether they were answered.
+    pub refusals: IntCounterVec,
     /// ErrorResponses pgvane itself sent to clients, by SQLSTATE.
     pub client_errors: IntCounterVec,
     /// Passive health: the data path failed to reach a backend, by backend.
@@ -138,6 +140,11 @@ impl Metrics {
             held_abandoned: counter(
                 "held_abandoned_total",
                 "Held connections and transactions dropped, never sent, because their client hung up or cancelled.",
+            ),
+            refusals: counter_vec(
+                "refusals_total",
+                "Clients refused by a limit, by limit and whether they were answered (no: closed at once, past the refusals in flight).",
+                &["limit", "answered"],
             ),
             client_errors: counter_vec(
                 "client_errors_total",

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::auth::UserStore;
 use crate::config::{Config, ConfigError};
+use crate::limits::{self, LogBudget, FILES_HEADROOM, REFUSALS_IN_FLIGHT, REFUSAL_LOG_LINES};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::proxy::{self, CancelRegistry, PauseState, Route, Shared};
@@ -44,8 +45,26 @@ pub fn load_users(config: &Config) -> Result<UserStore, ConfigError> {
 
 /// Runs pgvane until a shutdown signal has been handled. `users` comes from
 /// [`load_users`], which start-up has already called to validate the config.
+/// Raises the open files limit as far as allowed, and warns if it is still short of what
+/// `max_client_conn` may take (clients and refusals, plus room for server connections,
+/// checks and the admin API).
+fn check_open_files(config: &Config) {
+    let needed =
+        u64::from(config.general.max_client_conn) + REFUSALS_IN_FLIGHT as u64 + FILES_HEADROOM;
+    match limits::raise_open_files() {
+        Ok(limit) if limit < needed => warn!(
+            limit,
+            needed,
+            "the open files limit is below what max_client_conn may need: raise it (ulimit -n, systemd LimitNOFILE) or lower max_client_conn"
+        ),
+        Ok(limit) => info!(limit, "open files limit"),
+        Err(e) => warn!(error = %e, "cannot read or raise the open files limit"),
+    }
+}
+
 pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
     let users = Arc::new(users);
+    check_open_files(&config);
     // Bind everything first so a taken port fails start-up before any work begins.
     let mut bound = Vec::new();
     for l in &config.listeners {
@@ -100,6 +119,8 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         users,
         cancels: Arc::new(CancelRegistry::default()),
         client_slots: Arc::new(Semaphore::new(config.general.max_client_conn as usize)),
+        refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT)),
+        refusal_log: LogBudget::per_second(REFUSAL_LOG_LINES),
         max_client_conn: config.general.max_client_conn,
         client_login_timeout: config.general.client_login_timeout,
         failover_hold_timeout: config.general.failover_hold_timeout,

@@ -33,6 +33,7 @@ pub use cancel::CancelRegistry;
 use crate::auth::UserStore;
 use crate::config::{Balance, ListenerConfig};
 use crate::error::ClientError;
+use crate::limits::{LogBudget, REFUSAL_LIMIT};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::protocol::{read_startup, ProtocolError, StartupPacket, PROTOCOL_MAJOR_3};
@@ -395,6 +396,10 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
     /// `max_client_conn` permits; a client holds one for its whole connection.
     pub client_slots: Arc<Semaphore>,
+    /// Over-limit clients being answered (see `limits::REFUSALS_IN_FLIGHT`).
+    pub refusals: Arc<Semaphore>,
+    /// What refused and broken clients may log.
+    pub refusal_log: LogBudget,
     pub max_client_conn: u32,
     pub client_login_timeout: Duration,
     pub failover_hold_timeout: Duration,
@@ -432,7 +437,9 @@ pub async fn serve(
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
-                    warn!(listener = %name, error = %e, "accept failed");
+                    if let Some(not_logged) = shared.refusal_log.take() {
+                        warn!(listener = %name, error = %e, not_logged, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -443,11 +450,22 @@ pub async fn serve(
         // info-level events name the client themselves.
         let span = tracing::debug_span!("session", listener = %name, client = %peer);
         let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
+            // Answered as PostgreSQL would, by a bounded number of short refusals; past
+            // them a flood is closed at once, so that it cannot take every descriptor.
+            let refusals = &shared.metrics.refusals;
+            let Ok(refusing) = shared.refusals.clone().try_acquire_owned() else {
+                refusals.with_label_values(&["max_client_conn", "no"]).inc();
+                continue;
+            };
+            refusals
+                .with_label_values(&["max_client_conn", "yes"])
+                .inc();
             let err = ClientError::TooManyClients(shared.max_client_conn);
             let shared = shared.clone();
             let refused = async move {
-                let timeout = shared.client_login_timeout;
-                refuse(client, BytesMut::new(), peer, err, timeout, &shared.metrics).await
+                let limit = shared.client_login_timeout.min(REFUSAL_LIMIT);
+                refuse(client, BytesMut::new(), peer, err, limit, &shared).await;
+                drop(refusing);
             };
             sessions.spawn(refused.instrument(span));
             continue;
@@ -525,7 +543,7 @@ async fn refuse(
     peer: SocketAddr,
     err: ClientError,
     login_timeout: Duration,
-    metrics: &Metrics,
+    shared: &Shared,
 ) {
     // The client's stream with what was read of it already in front.
     let (read, write) = client.split();
@@ -537,8 +555,10 @@ async fn refuse(
                 PROTOCOL_MAJOR_3 => err,
                 _ => ClientError::UnsupportedProtocol { major, minor },
             };
-            info!(client = %peer, sqlstate = %err.sqlstate(), error = %err, "client refused");
-            send_error(&mut client, &err, metrics).await
+            if let Some(not_logged) = shared.refusal_log.take() {
+                info!(client = %peer, sqlstate = %err.sqlstate(), error = %err, not_logged, "client refused");
+            }
+            send_error(&mut client, &err, &shared.metrics).await
         }
         // Nothing of ours to cancel: PostgreSQL closes silently too.
         Ok(Ok(_)) => {}

@@ -51,7 +51,7 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
         Err(ClientError::Abandoned) => return debug!("client left while held"),
         Err(e) => {
             let timeout = shared.client_login_timeout;
-            return refuse(client, early, peer, e, timeout, &shared.metrics).await;
+            return refuse(client, early, peer, e, timeout, shared).await;
         }
     };
     // What the client sent while held goes first.

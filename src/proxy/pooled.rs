@@ -141,7 +141,9 @@ async fn login_or_refuse(
         ClientError::BadStartup(e) => debug!(client = %peer, error = %e, "connection closed"),
         ClientError::Abandoned => debug!(client = %peer, "client left while held"),
         error => {
-            info!(client = %peer, sqlstate = %error.sqlstate(), error = %error, "client refused");
+            if let Some(not_logged) = shared.refusal_log.take() {
+                info!(client = %peer, sqlstate = %error.sqlstate(), error = %error, not_logged, "client refused");
+            }
             send_error(client, &error, &shared.metrics).await
         }
     }
