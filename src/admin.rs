@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -140,8 +140,16 @@ fn running(shared: &Shared) -> usize {
         .sum()
 }
 
+/// Admin API connections served at once; more are closed at accept.
+const ADMIN_CONNECTIONS: usize = 32;
+
+/// How long a request's headers may take to arrive (a client that trickles them, or a kept
+/// connection with no request, is closed after this).
+const HEADER_READ_LIMIT: Duration = Duration::from_secs(5);
+
 /// Serves the HTTP admin API on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -154,18 +162,27 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(not_logged) = shared.refusal_log.take() {
+                warn!(client = %peer, not_logged, "admin API connection closed: {ADMIN_CONNECTIONS} already open");
+            }
+            continue;
+        };
         let shared = shared.clone();
         let service = service_fn(move |req| {
             let shared = shared.clone();
             async move { Ok::<_, Infallible>(handle(req, &shared, peer).await) }
         });
         tokio::spawn(async move {
-            if let Err(e) = http1::Builder::new()
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_LIMIT)
                 .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+                .await;
+            if let Err(e) = served {
                 debug!(client = %peer, error = %e, "admin connection ended");
             }
+            drop(slot);
         });
     }
 }
@@ -186,6 +203,16 @@ async fn handle(
             reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         (&Method::GET, "/status") => json_reply(StatusCode::OK, status(shared)),
+        (&Method::POST, "/pause")
+            if database
+                .as_deref()
+                .is_some_and(|d| !shared.pools.serves_database(d)) =>
+        {
+            json_reply(
+                StatusCode::NOT_FOUND,
+                json!({"error": "no pool serves this database: PAUSE names a database clients use"}),
+            )
+        }
         (&Method::POST, "/pause") => {
             info!(client = %peer, database = database.as_deref(), "PAUSE requested over HTTP");
             pause(shared, database);

@@ -1037,6 +1037,12 @@ impl Pools {
         }
     }
 
+    /// Whether any pool serves `database`.
+    pub fn serves_database(&self, database: &str) -> bool {
+        let pools = self.pools.lock().expect("pools lock");
+        pools.values().any(|dbs| dbs.contains_key(database))
+    }
+
     /// Frees `pool` at once if nothing else holds it and it has no server connection: a
     /// login the server refused (an unknown database, say) leaves no pool behind.
     pub fn free_if_unused(&self, pool: Arc<Pool>) {

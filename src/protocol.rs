@@ -370,6 +370,44 @@ impl Scanner {
 }
 
 /// Reads one startup-phase packet (length-prefixed, no type byte).
+/// First byte of a TLS handshake record: a client negotiating TLS directly (PostgreSQL 17's
+/// `sslnegotiation=direct`) starts with one instead of a startup packet.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Longest TLS record (2^14 bytes of plaintext plus the most expansion allowed).
+const MAX_TLS_RECORD: usize = (1 << 14) + 2048;
+
+/// Reads a client's first packet whole, as it is, into `buf`: a startup packet (SSL, GSS and
+/// cancel requests included) or, for direct TLS, the first TLS record. For a relay that
+/// must not spend a server connection on a client that sends nothing.
+pub async fn read_first_packet<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<(), ProtocolError> {
+    let mut header = [0u8; 5];
+    r.read_exact(&mut header[..4]).await?;
+    let len = if header[0] == TLS_HANDSHAKE {
+        r.read_exact(&mut header[4..]).await?;
+        let record = u16::from_be_bytes([header[3], header[4]]) as usize;
+        if record > MAX_TLS_RECORD {
+            return Err(ProtocolError::Malformed("TLS record too long"));
+        }
+        5 + record
+    } else {
+        let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes"));
+        if !(8..=MAX_STARTUP_PACKET_LEN as u32).contains(&len) {
+            return Err(ProtocolError::BadLength(len));
+        }
+        len as usize
+    };
+    let have = if header[0] == TLS_HANDSHAKE { 5 } else { 4 };
+    buf.extend_from_slice(&header[..have]);
+    let start = buf.len();
+    buf.resize(start + len - have, 0);
+    r.read_exact(&mut buf[start..]).await?;
+    Ok(())
+}
+
 pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, ProtocolError> {
     let len = match r.read_u32().await {
         Ok(len) => len,
@@ -521,6 +559,25 @@ impl ErrorResponse {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_first_packet_is_read_whole_as_it_is() {
+        let startup = [&[0u8, 0, 0, 9][..], b"abcd\0"].concat();
+        let ssl = [0u8, 0, 0, 8, 4, 210, 22, 47];
+        let tls = [&[0x16u8, 3, 1, 0, 3][..], b"xyz"].concat();
+        for packet in [&startup[..], &ssl, &tls] {
+            let input = [packet, b"more"].concat();
+            let mut buf = BytesMut::new();
+            read_first_packet(&mut &input[..], &mut buf).await.unwrap();
+            assert_eq!(&buf[..], packet);
+        }
+        let huge = [0u8, 1, 0, 0, 0, 0, 0, 0];
+        let mut buf = BytesMut::new();
+        let err = read_first_packet(&mut &huge[..], &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProtocolError::BadLength(65536)), "{err}");
+    }
+
     use super::*;
 
     #[test]

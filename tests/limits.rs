@@ -88,3 +88,61 @@ async fn a_flood_over_max_client_conn_is_refused_not_kept() {
     assert!(fds < 200, "{fds} descriptors open");
     drop(admitted);
 }
+
+/// The admin API bounds what a client can hold: connections that trickle their headers are
+/// closed (and past a cap, refused at once), and PAUSE of a database no pool serves is
+/// refused rather than remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_cannot_be_held_or_bloated() {
+    use tokio::io::AsyncWriteExt;
+    let (_cluster, _tx, admin, _pgvane) = limited("").await;
+    let mut trickling = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(("127.0.0.1", admin)).await.unwrap();
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        trickling.push(s);
+    }
+    for s in &mut trickling {
+        closed_by_peer(s).await;
+    }
+    let (code, _) = http_async(admin, "GET", "/status").await;
+    assert_eq!(code, 200);
+
+    let name = "x".repeat(60_000);
+    let (code, body) = http_async(admin, "POST", &format!("/pause?database={name}")).await;
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(metric(admin, "pgvane_paused").await, Some(0.0));
+}
+
+/// A passthrough listener spends no server connection on a client that sends nothing: its
+/// first packet must arrive within client_login_timeout, or it is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_passthrough_clients_cost_no_server_connection() {
+    let cluster = Cluster::start(0);
+    let rw = free_port();
+    let text = config(
+        &cluster,
+        "interval = \"200ms\"\n",
+        &listener("rw", rw, "primary", ""),
+    ) + "\n[general]\nclient_login_timeout = \"2s\"\n";
+    let _pgvane = Pgvane::start(&text, &[rw]);
+    let server = cluster.primary().port;
+    let before = connections_to(server);
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(TcpStream::connect(("127.0.0.1", rw)).await.unwrap());
+    }
+    // A client that logs in meanwhile is served.
+    let c = connect(rw, SUPERUSER, "postgres").await.unwrap();
+    c.batch_execute("SELECT 1").await.unwrap();
+    assert!(
+        connections_to(server) <= before + 2,
+        "{} connections to the server for 50 silent clients",
+        connections_to(server) - before
+    );
+    for s in &mut silent {
+        closed_by_peer(s).await;
+    }
+}

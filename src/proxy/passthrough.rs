@@ -13,10 +13,28 @@ use tracing::{debug, info};
 use super::{refuse, watching, Attempt, Chosen, Route, Shared};
 use crate::config::OnRoleLoss;
 use crate::error::ClientError;
+use crate::protocol::read_first_packet;
 use crate::topology::Backend;
 
 pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shared: &Shared) {
     let cfg = &route.config;
+    // No server connection for a client that sends nothing: its first packet must arrive
+    // whole within client_login_timeout (PostgreSQL would keep a backend process for it
+    // until its own authentication_timeout).
+    let mut early = BytesMut::new();
+    let limit = shared.client_login_timeout;
+    let first = tokio::time::timeout(limit, read_first_packet(&mut client, &mut early));
+    match first.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return debug!(error = %e, "no valid first packet; closed"),
+        Err(_) => {
+            let refusals = &shared.metrics.refusals;
+            refusals
+                .with_label_values(&["client_login_timeout", "no"])
+                .inc();
+            return debug!("no first packet within client_login_timeout; closed");
+        }
+    }
     shared.wait_resumed(None).await;
     // Nothing has been read from the client yet, so a failed connect can be retried on
     // another backend, or after the routing table changes.
@@ -37,8 +55,8 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
             }
         }
     };
-    // While held, the client is watched: one that hangs up is not connected for.
-    let mut early = BytesMut::new();
+    // While held, the client is watched: one that hangs up is not connected for (what it
+    // sends meanwhile joins its first packet).
     let chosen = route
         .with_backend(shared, connect, watching(&client, &mut early))
         .await;
@@ -54,8 +72,8 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
             return refuse(client, early, peer, e, timeout, shared).await;
         }
     };
-    // What the client sent while held goes first.
-    if !early.is_empty() && server.write_all(&early).await.is_err() {
+    // Its first packet, and what it sent while held, go first.
+    if server.write_all(&early).await.is_err() {
         return;
     }
     let (backend, lost) = (&table.backends[index].backend, &table.backends[index].lost);
