@@ -35,6 +35,127 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Limits per client address and per user: `[limits]` for every listener, a listener's
+/// `limits` table overriding keys for it, `[[user]]` entries overriding the per-user ones.
+/// Unset: no limit.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Client addresses (CIDRs) allowed to connect; empty: all. Checked first, with `deny`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<ipnet::IpNet>>,
+    /// Client addresses refused whatever `allow` says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<ipnet::IpNet>>,
+    /// New connections per client address, over a sliding second, e.g. "20/s".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_connection_rate: Option<RateLimit>,
+    /// Connections an address may open above its rate in one go (default: the rate's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_connection_burst: Option<u32>,
+    /// Connections open at once per client address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_max_connections: Option<u32>,
+    /// Failed logins within `ip_auth_failure_window` after which an address is locked out
+    /// for `ip_auth_lockout`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_auth_failures: Option<u32>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub ip_auth_failure_window: Option<Duration>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub ip_auth_lockout: Option<Duration>,
+    /// Width of the count-min sketches that hold per-address counts (memory is fixed at
+    /// about 64 bytes times this per limit; past about this many active addresses the
+    /// counts over-estimate, so limits refuse early, never late).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tracked_addresses: Option<u32>,
+    /// New logins per user, e.g. "50/s" (pooled listeners).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_connection_rate: Option<RateLimit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_connection_burst: Option<u32>,
+    /// Client connections open at once per user, and per database (PgBouncer 1.24's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_user_client_connections: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_db_client_connections: Option<u32>,
+}
+
+impl LimitsConfig {
+    /// These settings with each unset key taken from `defaults`.
+    pub fn over(&self, defaults: &LimitsConfig) -> LimitsConfig {
+        let d = defaults.clone();
+        LimitsConfig {
+            allow: self.allow.clone().or(d.allow),
+            deny: self.deny.clone().or(d.deny),
+            ip_connection_rate: self.ip_connection_rate.or(d.ip_connection_rate),
+            ip_connection_burst: self.ip_connection_burst.or(d.ip_connection_burst),
+            ip_max_connections: self.ip_max_connections.or(d.ip_max_connections),
+            ip_auth_failures: self.ip_auth_failures.or(d.ip_auth_failures),
+            ip_auth_failure_window: self.ip_auth_failure_window.or(d.ip_auth_failure_window),
+            ip_auth_lockout: self.ip_auth_lockout.or(d.ip_auth_lockout),
+            max_tracked_addresses: self.max_tracked_addresses.or(d.max_tracked_addresses),
+            user_connection_rate: self.user_connection_rate.or(d.user_connection_rate),
+            user_connection_burst: self.user_connection_burst.or(d.user_connection_burst),
+            max_user_client_connections: self
+                .max_user_client_connections
+                .or(d.max_user_client_connections),
+            max_db_client_connections: self
+                .max_db_client_connections
+                .or(d.max_db_client_connections),
+        }
+    }
+}
+
+/// Events per second, written "20/s", "600/m" or "3600/h".
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+}
+
+impl std::str::FromStr for RateLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("\"{s}\" is not a rate; use e.g. \"20/s\", \"600/m\" or \"3600/h\"");
+        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
+        let n: f64 = n.trim().parse().map_err(|_| bad())?;
+        let seconds = match unit.trim() {
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        if !(n > 0.0 && n.is_finite()) {
+            return Err(bad());
+        }
+        Ok(RateLimit {
+            per_second: n / seconds,
+        })
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/s", self.per_second)
+    }
+}
+
+impl<'de> Deserialize<'de> for RateLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for RateLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// The HTTP admin API: `/metrics` (Prometheus), `/status`, `/pause`, `/resume`.
@@ -168,6 +289,18 @@ pub struct UserConfig {
     /// Overrides `pool.max_user_connections` for this user (0 = unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_user_connections: Option<u32>,
+    /// Override `limits.max_user_client_connections` and `limits.user_connection_rate` /
+    /// `user_connection_burst` for this user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_user_client_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_connection_rate: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_connection_burst: Option<u32>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl fmt::Debug for UserConfig {
@@ -408,6 +541,9 @@ pub struct ListenerConfig {
     pub session_state: SessionStatePolicy,
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+    /// Keys of `[limits]` overridden for this listener (a table: it comes last).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub limits: LimitsConfig,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -774,6 +910,30 @@ impl Config {
                     "\"reject\" needs pool.max_prepared_statements > 0: extended-protocol statements are refused through the statement tracking it enables".into(),
                 );
             }
+            let per_user = [
+                (
+                    "user_connection_rate",
+                    l.limits.user_connection_rate.is_some(),
+                ),
+                (
+                    "user_connection_burst",
+                    l.limits.user_connection_burst.is_some(),
+                ),
+                (
+                    "max_user_client_connections",
+                    l.limits.max_user_client_connections.is_some(),
+                ),
+                (
+                    "max_db_client_connections",
+                    l.limits.max_db_client_connections.is_some(),
+                ),
+            ];
+            for (key, _) in per_user.iter().filter(|(_, set)| *set) {
+                bad(
+                    format!("listener[{i}].limits.{key}"),
+                    "per-user and per-database limits count over all listeners: set it in [limits] or a [[user]] entry".into(),
+                );
+            }
             if l.connect_timeout.is_zero() {
                 bad(
                     format!("listener[{i}].connect_timeout"),
@@ -896,6 +1056,24 @@ impl<'de> Deserialize<'de> for LagLimit {
 }
 
 /// Durations as pgbouncer.ini writes them (a number of seconds) or as text ("500ms", "2m").
+/// `duration` for optional keys.
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
+
 mod duration {
     use std::fmt;
     use std::time::Duration;

@@ -57,6 +57,8 @@ pub enum ClientError {
     /// A first packet that is no startup packet: closed without an answer.
     #[error("invalid startup packet: {0}")]
     BadStartup(ProtocolError),
+    #[error(transparent)]
+    Limited(#[from] crate::limits::Refusal),
     #[error("named prepared statement message '{tag}' of {len} bytes is too large to track (limit {max} bytes)", max = crate::proxy::prepared::MAX_TRACKED_MESSAGE)]
     TooLargeToTrack { tag: char, len: usize },
 }
@@ -122,6 +124,7 @@ impl ClientError {
             QueryTimeout(_) => fatal("57014", self.to_string()),
             TransactionTimeout(_) => fatal("25P04", self.to_string()),
             Protocol(_) | BadStartup(_) => fatal("08P01", self.to_string()),
+            Limited(r) => fatal(r.sqlstate(), format!("pgvane: {r}")),
             // 54000 program_limit_exceeded
             TooLargeToTrack { .. } => fatal("54000", self.to_string()).with_hint(
                 "use the unnamed statement for such queries, or set pool.max_prepared_statements = 0",

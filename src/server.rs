@@ -8,6 +8,7 @@
 //! shutdown signal of its own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -19,7 +20,9 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::auth::UserStore;
 use crate::config::{Config, ConfigError};
-use crate::limits::{self, LogBudget, FILES_HEADROOM, REFUSALS_IN_FLIGHT, REFUSAL_LOG_LINES};
+use crate::limits::{
+    self, LogBudget, UserLimits, FILES_HEADROOM, REFUSALS_IN_FLIGHT, REFUSAL_LOG_LINES,
+};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::proxy::{self, CancelRegistry, PauseState, Route, Shared};
@@ -45,6 +48,19 @@ pub fn load_users(config: &Config) -> Result<UserStore, ConfigError> {
 
 /// Runs pgvane until a shutdown signal has been handled. `users` comes from
 /// [`load_users`], which start-up has already called to validate the config.
+/// The per-user limits, if any is set (in `[limits]` or a `[[user]]`).
+fn user_limits_of(config: &Config) -> Option<Arc<UserLimits>> {
+    let l = &config.limits;
+    let any = l.user_connection_rate.is_some()
+        || l.max_user_client_connections.is_some()
+        || l.max_db_client_connections.is_some()
+        || config
+            .users
+            .iter()
+            .any(|u| u.user_connection_rate.is_some() || u.max_user_client_connections.is_some());
+    any.then(|| Arc::new(UserLimits::new(l, &config.users)))
+}
+
 /// Raises the open files limit as far as allowed, and warns if it is still short of what
 /// `max_client_conn` may take (clients and refusals, plus room for server connections,
 /// checks and the admin API).
@@ -76,7 +92,7 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
                 addr,
                 source,
             })?;
-        bound.push((socket, Arc::new(Route::new(l.clone()))));
+        bound.push((socket, Arc::new(Route::new(l.clone(), &config.limits))));
     }
     let admin_socket = match config.admin.listen {
         Some(addr) => Some(
@@ -113,6 +129,17 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         warn!("no primary available at start-up; writes are held (failover_hold_timeout) until a backend is primary");
     }
 
+    let user_limits = user_limits_of(&config);
+    if let Some(limits) = user_limits.clone() {
+        // Login-rate state of users idle long enough to have full buckets again goes.
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                limits.forget_idle();
+            }
+        });
+    }
     let shared = Arc::new(Shared {
         topology,
         pools,
@@ -121,6 +148,7 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         client_slots: Arc::new(Semaphore::new(config.general.max_client_conn as usize)),
         refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT)),
         refusal_log: LogBudget::per_second(REFUSAL_LOG_LINES),
+        user_limits: user_limits.clone(),
         max_client_conn: config.general.max_client_conn,
         client_login_timeout: config.general.client_login_timeout,
         failover_hold_timeout: config.general.failover_hold_timeout,

@@ -418,13 +418,7 @@ async fn server_connects_per_backend_are_bounded() {
 #[tokio::test]
 async fn a_full_database_cap_closes_another_pools_idle_connection() {
     let cluster = Cluster::start(0);
-    cluster
-        .primary()
-        .connect()
-        .await
-        .batch_execute(&format!("CREATE ROLE other LOGIN PASSWORD '{PASSWORD}'"))
-        .await
-        .unwrap();
+    create_role(&cluster, "other").await;
     let tx = free_port();
     let extra = format!(
         "[pool]\nmax_db_connections = 1\nquery_wait_timeout = \"5s\"\n\n[[user]]\nname = \"other\"\npassword = \"{PASSWORD}\"\n"

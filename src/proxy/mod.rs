@@ -31,23 +31,26 @@ use tracing::{debug, info, warn, Instrument};
 pub use cancel::CancelRegistry;
 
 use crate::auth::UserStore;
-use crate::config::{Balance, ListenerConfig};
+use crate::config::{Balance, LimitsConfig, ListenerConfig};
 use crate::error::ClientError;
-use crate::limits::{LogBudget, REFUSAL_LIMIT};
+use crate::limits::{AddressGuard, AddressLimits, LogBudget, UserLimits, REFUSAL_LIMIT};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::protocol::{read_startup, ProtocolError, StartupPacket, PROTOCOL_MAJOR_3};
 use crate::topology::{Backend, RoutingTable, Topology};
 
-/// A listener's routing policy plus its round-robin cursor.
+/// A listener's routing policy plus its round-robin cursor and its per-address limits.
 pub struct Route {
     config: ListenerConfig,
     cursor: AtomicUsize,
+    addresses: AddressLimits,
 }
 
 impl Route {
-    pub fn new(config: ListenerConfig) -> Self {
+    /// `limits`: the `[limits]` defaults, under the listener's own.
+    pub fn new(config: ListenerConfig, limits: &LimitsConfig) -> Self {
         Self {
+            addresses: AddressLimits::new(&config.limits.over(limits)),
             config,
             cursor: AtomicUsize::new(0),
         }
@@ -76,6 +79,14 @@ impl Route {
             .chain(rotated().filter(move |&j| j != first))
             .take(n)
             .map(move |j| candidates[j])
+    }
+
+    /// A login through this listener from `peer` failed: counted toward the address's
+    /// lockout (see `limits.ip_auth_failures`).
+    fn auth_failed(&self, peer: SocketAddr) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.addresses.auth_failed(peer.ip())
+        }));
     }
 
     fn no_backend(&self) -> ClientError {
@@ -400,6 +411,8 @@ pub struct Shared {
     pub refusals: Arc<Semaphore>,
     /// What refused and broken clients may log.
     pub refusal_log: LogBudget,
+    /// Per-user and per-database limits of pooled logins; `None` when none is set.
+    pub user_limits: Option<Arc<UserLimits>>,
     pub max_client_conn: u32,
     pub client_login_timeout: Duration,
     pub failover_hold_timeout: Duration,
@@ -449,31 +462,32 @@ pub async fn serve(
         // A debug-level span: at the default level it costs an idle client nothing, and the
         // info-level events name the client themselves.
         let span = tracing::debug_span!("session", listener = %name, client = %peer);
-        let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
-            // Answered as PostgreSQL would, by a bounded number of short refusals; past
-            // them a flood is closed at once, so that it cannot take every descriptor.
-            let refusals = &shared.metrics.refusals;
-            let Ok(refusing) = shared.refusals.clone().try_acquire_owned() else {
-                refusals.with_label_values(&["max_client_conn", "no"]).inc();
+        let address = match admit_address(&route.addresses, peer) {
+            Ok(guard) => guard,
+            Err(refusal) => {
+                let err = ClientError::Limited(refusal);
+                turn_away(client, peer, err, refusal.label(), &shared, &sessions, span);
                 continue;
-            };
-            refusals
-                .with_label_values(&["max_client_conn", "yes"])
-                .inc();
+            }
+        };
+        let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
             let err = ClientError::TooManyClients(shared.max_client_conn);
-            let shared = shared.clone();
-            let refused = async move {
-                let limit = shared.client_login_timeout.min(REFUSAL_LIMIT);
-                refuse(client, BytesMut::new(), peer, err, limit, &shared).await;
-                drop(refusing);
-            };
-            sessions.spawn(refused.instrument(span));
+            turn_away(
+                client,
+                peer,
+                err,
+                "max_client_conn",
+                &shared,
+                &sessions,
+                span,
+            );
             continue;
         };
         let (route, shared) = (route.clone(), shared.clone());
         let admission = Admission {
             _slot: slot,
             _open: ClientGauge::open(&clients),
+            _address: address.map(Box::new),
         };
         if route.config.mode.is_pooled() {
             // One task type per mode (a task is as large as its largest state), spawned with
@@ -494,11 +508,54 @@ pub async fn serve(
     }
 }
 
-/// What an admitted client holds until its session ends: its place under max_client_conn
-/// and its count in the listener's gauge.
+/// What an admitted client holds until its session ends: its place under max_client_conn,
+/// its count in the listener's gauge and (with `ip_max_connections`) among its address's
+/// connections (boxed: idle sessions stay small when no such limit is set).
 pub struct Admission {
     _slot: tokio::sync::OwnedSemaphorePermit,
     _open: ClientGauge,
+    _address: Option<Box<pingora_limits::inflight::Guard>>,
+}
+
+/// The per-address limits' verdict on a new connection from `peer`. Nothing is spent when
+/// none is set. A panic inside the estimator (pingora-limits asserts on clock skew between
+/// threads) admits the client rather than end the accept loop.
+fn admit_address(
+    limits: &AddressLimits,
+    peer: SocketAddr,
+) -> Result<AddressGuard, crate::limits::Refusal> {
+    if !limits.any() {
+        return Ok(None);
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| limits.admit(peer.ip())))
+        .unwrap_or(Ok(None))
+}
+
+/// Refuses a new client for `limit`: answered as PostgreSQL would (its startup packet read,
+/// then a FATAL `err`) by a bounded number of short refusals; past them a flood is closed
+/// at once, so that it cannot take every descriptor.
+fn turn_away(
+    client: TcpStream,
+    peer: SocketAddr,
+    err: ClientError,
+    limit: &'static str,
+    shared: &Arc<Shared>,
+    sessions: &TaskTracker,
+    span: tracing::Span,
+) {
+    let refusals = &shared.metrics.refusals;
+    let Ok(refusing) = shared.refusals.clone().try_acquire_owned() else {
+        refusals.with_label_values(&[limit, "no"]).inc();
+        return;
+    };
+    refusals.with_label_values(&[limit, "yes"]).inc();
+    let shared = shared.clone();
+    let refused = async move {
+        let wait = shared.client_login_timeout.min(REFUSAL_LIMIT);
+        refuse(client, BytesMut::new(), peer, err, wait, &shared).await;
+        drop(refusing);
+    };
+    sessions.spawn(refused.instrument(span));
 }
 
 /// Counts an open client connection in its listener's gauge until dropped.

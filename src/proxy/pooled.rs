@@ -33,9 +33,10 @@ use super::{
     read_client_startup, send_error, watch_client, watching, Abandon, Admission, Attempt, Chosen,
     Route, Shared, HELD_READ_AHEAD,
 };
-use crate::auth::{authenticate_client, User};
+use crate::auth::{authenticate_client, AuthError, User};
 use crate::config::{ListenerMode, OnRoleLoss, PoolConfig, SessionStatePolicy};
 use crate::error::ClientError;
+use crate::limits::UserGuard;
 use crate::metrics::Metrics;
 use crate::pool::{
     CancelTarget, LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED,
@@ -137,6 +138,10 @@ async fn login_or_refuse(
         Ok(Err(e)) => e,
         Err(_) => ClientError::LoginTimeout(limit),
     };
+    if let ClientError::Limited(refusal) = &error {
+        let refusals = &shared.metrics.refusals;
+        refusals.with_label_values(&[refusal.label(), "yes"]).inc();
+    }
     match error {
         ClientError::BadStartup(e) => debug!(client = %peer, error = %e, "connection closed"),
         ClientError::Abandoned => debug!(client = %peer, "client left while held"),
@@ -151,6 +156,8 @@ async fn login_or_refuse(
 }
 
 struct Session {
+    /// The client's count under max_user_client_connections and max_db_client_connections.
+    _limited: Option<Box<UserGuard>>,
     /// The pool the client logged in through: its user and database.
     home: Arc<Pool>,
     /// The server's parameter values shown at login, shared by all clients of the pool.
@@ -230,7 +237,17 @@ async fn login(
     // What the client is told from here on goes out in one write: authentication's last
     // messages, then the parameters, key and ReadyForQuery.
     let mut reply = BytesMut::new();
-    authenticate_client(client, &shared.users, &user, &mut reply).await?;
+    let authenticated = authenticate_client(client, &shared.users, &user, &mut reply).await;
+    if let Err(AuthError::Failed(_)) = &authenticated {
+        route.auth_failed(peer_of(client.get_ref()));
+    }
+    authenticated?;
+    // Counted from here on toward the user's and the database's caps (boxed: an idle
+    // session stays small when no such limit is set).
+    let limited = match &shared.user_limits {
+        Some(limits) => Some(Box::new(limits.admit(&user, &database)?)),
+        None => None,
+    };
     let user = shared
         .users
         .get(&user)
@@ -286,6 +303,7 @@ async fn login(
         .await
         .map_err(crate::protocol::ProtocolError::from)?;
     let session = Session {
+        _limited: limited,
         home: pool,
         defaults,
         overrides,

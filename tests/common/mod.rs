@@ -667,6 +667,17 @@ pub fn pooled_config(cluster: &impl Backends, listeners: &str, extra: &str) -> S
     )
 }
 
+/// Creates login role `name` with the harness password on the primary.
+pub async fn create_role(cluster: &Cluster, name: &str) {
+    cluster
+        .primary()
+        .connect()
+        .await
+        .batch_execute(&format!("CREATE ROLE {name} LOGIN PASSWORD '{PASSWORD}'"))
+        .await
+        .unwrap();
+}
+
 /// Creates database `app` with a table `t (id int, note text)` on the primary.
 pub async fn create_app_db(cluster: &Cluster) {
     let c = cluster.primary().connect().await;

@@ -56,7 +56,31 @@ impl RawClient {
     }
 
     pub async fn login_with(port: u16, params: &[(&str, &str)]) -> (RawClient, Vec<Msg>) {
-        let mut c = Self::connect(port).await;
+        Self::connect(port).await.start(params).await
+    }
+
+    /// As [`RawClient::login`], from local address `source` (127.0.0.2, ...): a client
+    /// another address than the other tests' clients.
+    pub async fn login_from(
+        port: u16,
+        source: &str,
+        user: &str,
+        database: &str,
+    ) -> (RawClient, Vec<Msg>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let c = RawClient {
+            stream,
+            buf: Vec::new(),
+        };
+        c.start(&[("user", user), ("database", database)]).await
+    }
+
+    /// Sends the startup packet and logs in (see [`RawClient::authenticate`]).
+    async fn start(self, params: &[(&str, &str)]) -> (RawClient, Vec<Msg>) {
+        let mut c = self;
         let mut out = BytesMut::new();
         frontend::startup_message(params.iter().copied(), &mut out).unwrap();
         c.send(&out).await;
@@ -142,7 +166,8 @@ impl RawClient {
 
     /// The next message; `None` when the peer closed the connection.
     pub async fn next(&mut self) -> Option<Msg> {
-        tokio::time::timeout(ANSWER_LIMIT, self.next_unbounded())
+        // Boxed: its 64 KiB read buffer would otherwise be part of every caller's future.
+        tokio::time::timeout(ANSWER_LIMIT, Box::pin(self.next_unbounded()))
             .await
             .expect("no message within the answer limit")
     }
