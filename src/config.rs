@@ -379,7 +379,14 @@ pub struct PoolConfig {
     /// from one server connection to the next, as reported ones do (read back after a
     /// transaction that SETs one) instead of pinning it.
     pub track_extra_parameters: Vec<String>,
+    /// Longest message a pooled client may send (bytes, length field included); a longer
+    /// one ends its session with 08P01 before any of it is passed on. PostgreSQL's own
+    /// limit by default.
+    pub max_packet_size: u32,
 }
+
+/// PostgreSQL's limit on a client message (`PQ_LARGE_MESSAGE_LIMIT`, 1 GiB - 1).
+const MAX_PACKET_SIZE: u32 = (1 << 30) - 1;
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -405,6 +412,7 @@ impl Default for PoolConfig {
             ignore_startup_parameters: Vec::new(),
             max_prepared_statements: 200,
             track_extra_parameters: vec!["search_path".into()],
+            max_packet_size: MAX_PACKET_SIZE,
         }
     }
 }

@@ -243,14 +243,22 @@ pub struct Scanner {
     tag: u8,
     capturing: bool,
     captured: Vec<u8>,
-    capture_tags: &'static [u8],
+    /// The kinds of message captured, up to three (0: none); inline rather than a slice,
+    /// since two scanners are part of every transaction's link future.
+    capture_tags: [u8; 3],
+    /// Longest message length accepted (`max_packet_size`).
+    max_len: u32,
 }
 
 /// Longest body the scanner captures; longer ones of a captured kind are only followed.
 const CAPTURE_LIMIT: usize = 4096;
 
 impl Scanner {
-    pub fn new(capture_tags: &'static [u8]) -> Self {
+    /// A scanner capturing the bodies of small messages of the kinds in `capture` (at most
+    /// three).
+    pub fn new(capture: &[u8]) -> Self {
+        let mut capture_tags = [0; 3];
+        capture_tags[..capture.len()].copy_from_slice(capture);
         Self {
             header: [0; 5],
             have: 0,
@@ -259,7 +267,28 @@ impl Scanner {
             capturing: false,
             captured: Vec::new(),
             capture_tags,
+            max_len: u32::MAX,
         }
+    }
+
+    /// A scanner that fails on a message longer than `max_len` bytes, before any of it is
+    /// passed on.
+    pub fn limited(capture: &[u8], max_len: u32) -> Self {
+        Self {
+            max_len,
+            ..Self::new(capture)
+        }
+    }
+
+    fn check_len(&self, tag: u8, len: u32) -> Result<(), ProtocolError> {
+        if len < 4 {
+            return Err(ProtocolError::BadLength(len));
+        }
+        if len > self.max_len {
+            let max = self.max_len as usize;
+            return Err(ProtocolError::TooLong { tag, len, max });
+        }
+        Ok(())
     }
 
     /// True between two messages: nothing of a next message has been seen yet.
@@ -297,16 +326,14 @@ impl Scanner {
             if self.have == 0 {
                 if let Some(&[tag, a, b, c, d]) = chunk.get(i..i + 5) {
                     let len = u32::from_be_bytes([a, b, c, d]);
-                    if len < 4 {
-                        return Err(ProtocolError::BadLength(len));
-                    }
+                    self.check_len(tag, len)?;
                     let body = len as usize - 4;
                     if body <= chunk.len() - i - 5 {
                         on(Event::Start {
                             tag,
                             at: i as isize,
                         });
-                        if body <= CAPTURE_LIMIT && self.capture_tags.contains(&tag) {
+                        if body <= CAPTURE_LIMIT && tag != 0 && self.capture_tags.contains(&tag) {
                             on(Event::Complete {
                                 tag,
                                 body: &chunk[i + 5..i + 5 + body],
@@ -328,15 +355,14 @@ impl Scanner {
             self.have = 0;
             self.tag = self.header[0];
             let len = u32::from_be_bytes(self.header[1..5].try_into().expect("4 bytes"));
-            if len < 4 {
-                return Err(ProtocolError::BadLength(len));
-            }
+            self.check_len(self.tag, len)?;
             on(Event::Start {
                 tag: self.tag,
                 at: i as isize - 5,
             });
             let body = len as usize - 4;
-            self.capturing = self.capture_tags.contains(&self.tag) && body <= CAPTURE_LIMIT;
+            self.capturing =
+                self.tag != 0 && self.capture_tags.contains(&self.tag) && body <= CAPTURE_LIMIT;
             // A captured body that lies whole in this chunk is handed over from it: no copy,
             // and no allocation for the ReadyForQuery that ends every transaction.
             if self.capturing && body <= chunk.len() - i {

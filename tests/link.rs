@@ -727,3 +727,24 @@ async fn search_path_follows_a_transaction_mode_client() {
     b.send(&query(path)).await;
     assert_eq!(one(b.until_ready().await), "app_a");
 }
+
+/// A client message longer than `max_packet_size` ends that client's session with 08P01
+/// before any of it reaches the server; other clients go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_max_packet_size_is_refused() {
+    let (_cluster, _session, tx, _pgvane) =
+        app_behind_both("[pool]\nmax_packet_size = 1000\n").await;
+    let (mut other, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    let (mut c, _) = RawClient::login(tx, SUPERUSER, "app").await;
+    let long = format!("SELECT '{}'", "x".repeat(2000));
+    c.send(&query(&long)).await;
+    let got = c.until_closed().await;
+    let e = got.iter().find(|m| m.tag == b'E').expect("an error");
+    assert_eq!(e.field(b'C').as_deref(), Some("08P01"), "{}", show(&got));
+    assert!(e
+        .field(b'M')
+        .unwrap()
+        .contains("exceeds the limit of 1000 bytes"));
+    other.send(&query("SELECT 1")).await;
+    assert_eq!(rows(&other.until_ready().await), ["1"]);
+}

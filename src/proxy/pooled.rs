@@ -940,7 +940,7 @@ impl Link<'_> {
             // Bytes kept from the last round: the start of a message the tracker needs whole.
             let mut held = 0;
             let mut rewritten = BytesMut::new();
-            let mut scan = Scanner::new(b"");
+            let mut scan = Scanner::limited(b"", self.settings.max_packet_size);
             let mut copy_in_syncs = CopyInSyncs::default();
             // Bytes still to come of a Query refused (`session_state = "reject"`).
             let mut carry = 0;
