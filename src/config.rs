@@ -83,6 +83,14 @@ pub struct LimitsConfig {
     pub max_user_client_connections: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_db_client_connections: Option<u32>,
+    /// Transactions per user (transaction mode), e.g. "100/s", with a burst; one over the
+    /// rate waits up to `user_transaction_shape` for its turn, then gets an ERROR.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_transaction_rate: Option<RateLimit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_transaction_burst: Option<u32>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub user_transaction_shape: Option<Duration>,
 }
 
 impl LimitsConfig {
@@ -107,6 +115,9 @@ impl LimitsConfig {
             max_db_client_connections: self
                 .max_db_client_connections
                 .or(d.max_db_client_connections),
+            user_transaction_rate: self.user_transaction_rate.or(d.user_transaction_rate),
+            user_transaction_burst: self.user_transaction_burst.or(d.user_transaction_burst),
+            user_transaction_shape: self.user_transaction_shape.or(d.user_transaction_shape),
         }
     }
 }
@@ -934,6 +945,18 @@ impl Config {
                 (
                     "max_db_client_connections",
                     l.limits.max_db_client_connections.is_some(),
+                ),
+                (
+                    "user_transaction_rate",
+                    l.limits.user_transaction_rate.is_some(),
+                ),
+                (
+                    "user_transaction_burst",
+                    l.limits.user_transaction_burst.is_some(),
+                ),
+                (
+                    "user_transaction_shape",
+                    l.limits.user_transaction_shape.is_some(),
                 ),
             ];
             for (key, _) in per_user.iter().filter(|(_, set)| *set) {

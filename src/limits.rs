@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::config::RateLimit;
@@ -106,6 +107,8 @@ pub enum Refusal {
     UserConnections(u32),
     #[error("too many client connections for this database (max_db_client_connections = {0})")]
     DatabaseConnections(u32),
+    #[error("transaction rate of this user exceeded (limits.user_transaction_rate); the transaction was not run")]
+    TransactionRate,
 }
 
 impl Refusal {
@@ -118,6 +121,7 @@ impl Refusal {
             Refusal::UserRate => "user_connection_rate",
             Refusal::UserConnections(_) => "max_user_client_connections",
             Refusal::DatabaseConnections(_) => "max_db_client_connections",
+            Refusal::TransactionRate => "user_transaction_rate",
         }
     }
 
@@ -131,6 +135,8 @@ impl Refusal {
             | Refusal::UserConnections(_)
             | Refusal::DatabaseConnections(_) => "53300",
             Refusal::AddressRate | Refusal::LockedOut | Refusal::UserRate => "08004",
+            // configuration_limit_exceeded: an ERROR, the session goes on.
+            Refusal::TransactionRate => "53400",
         }
     }
 }
@@ -280,6 +286,9 @@ pub struct UserLimits {
     own_rate: HashMap<String, DefaultDirectRateLimiter>,
     open_by_user: Mutex<HashMap<String, u32>>,
     open_by_db: Mutex<HashMap<String, u32>>,
+    transactions: Option<DefaultKeyedRateLimiter<String>>,
+    /// How long a transaction over the rate may wait for its turn.
+    shape: Duration,
 }
 
 fn quota(rate: RateLimit, burst: Option<u32>) -> Quota {
@@ -314,6 +323,35 @@ impl UserLimits {
             own_rate,
             open_by_user: Mutex::default(),
             open_by_db: Mutex::default(),
+            transactions: c
+                .user_transaction_rate
+                .map(|r| RateLimiter::keyed(quota(r, c.user_transaction_burst))),
+            shape: c.user_transaction_shape.unwrap_or_default(),
+        }
+    }
+
+    /// Whether transactions are rate-limited at all: without, pacing costs nothing.
+    pub fn paces_transactions(&self) -> bool {
+        self.transactions.is_some()
+    }
+
+    /// Waits for `user`'s next transaction to be within its rate, up to
+    /// `user_transaction_shape`; refuses it if that is not long enough.
+    pub async fn pace_transaction(&self, user: &str) -> Result<(), Refusal> {
+        let Some(limiter) = &self.transactions else {
+            return Ok(());
+        };
+        let key = user.to_owned();
+        let deadline = tokio::time::Instant::now() + self.shape;
+        loop {
+            let Err(not_until) = limiter.check_key(&key) else {
+                return Ok(());
+            };
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            if tokio::time::Instant::now() + wait > deadline {
+                return Err(Refusal::TransactionRate);
+            }
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -351,7 +389,7 @@ impl UserLimits {
 
     /// Drops the rate state of users idle long enough that their buckets are full again.
     pub fn forget_idle(&self) {
-        if let Some(r) = &self.rate {
+        for r in [&self.rate, &self.transactions].into_iter().flatten() {
             r.retain_recent();
             r.shrink_to_fit();
         }

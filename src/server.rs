@@ -54,6 +54,7 @@ fn user_limits_of(config: &Config) -> Option<Arc<UserLimits>> {
     let any = l.user_connection_rate.is_some()
         || l.max_user_client_connections.is_some()
         || l.max_db_client_connections.is_some()
+        || l.user_transaction_rate.is_some()
         || config
             .users
             .iter()

@@ -332,3 +332,79 @@ async fn auth_limit(port: u16) {
     assert_eq!(login_code(port, "127.0.0.7", SUPERUSER).await, None);
     logs_in_eventually(port, "127.0.0.6", "the lockout to end").await;
 }
+
+/// A user over its transaction rate gets an ERROR (53400) for the transaction, not run,
+/// and its session goes on (simple and extended requests alike); another user is not
+/// affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_its_transaction_rate_is_refused_a_transaction_not_the_session() {
+    let cluster = Cluster::start(0);
+    create_role(&cluster, "other").await;
+    let tx = free_port();
+    let text = pooled_config(
+        &cluster,
+        &listener("tx", tx, "primary", "mode = \"transaction\""),
+        "[limits]\nuser_transaction_rate = \"2/s\"\nuser_transaction_burst = 3\nuser_transaction_shape = 0\n",
+    ) + "\n[[user]]\nname = \"other\"\npassword = \"pgvane-test\"\n";
+    let _pgvane = Pgvane::start(&text, &[tx]);
+    let (mut c, _) = RawClient::login(tx, SUPERUSER, "postgres").await;
+    let (mut o, _) = RawClient::login(tx, "other", "postgres").await;
+    let mut refused = 0;
+    for _ in 0..10 {
+        c.send(&query("SELECT 1")).await;
+        let got = c.until_ready().await;
+        match got.iter().find(|m| m.tag == b'E') {
+            Some(e) => {
+                assert_eq!(e.field(b'C').as_deref(), Some("53400"), "{}", show(&got));
+                assert_eq!(e.field(b'S').as_deref(), Some("ERROR"));
+                refused += 1;
+            }
+            None => assert_eq!(rows(&got), ["1"]),
+        }
+    }
+    assert!(refused >= 5, "{refused} of 10 refused");
+    // The other user is not limited by this one's rate.
+    o.send(&query("SELECT 2")).await;
+    assert_eq!(rows(&o.until_ready().await), ["2"]);
+    // An extended request over the rate is refused whole, up to its Sync.
+    c.send(&extended("", "SELECT 3")).await;
+    let got = c.until_ready().await;
+    let tags: String = got.iter().map(|m| m.tag as char).collect();
+    assert_eq!(tags, "EZ", "{}", show(&got));
+    // Within the rate again, the session works.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        c.send(&query("SELECT 4")).await;
+        if rows(&c.until_ready().await) == ["4"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never within the rate again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// With `user_transaction_shape`, transactions over the rate wait for their turn instead of
+/// failing: all are served, at the rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_over_the_rate_are_shaped_within_the_shape() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let text = pooled_config(
+        &cluster,
+        &listener("tx", tx, "primary", "mode = \"transaction\""),
+        "[limits]\nuser_transaction_rate = \"4/s\"\nuser_transaction_burst = 1\nuser_transaction_shape = \"30s\"\n",
+    );
+    let _pgvane = Pgvane::start(&text, &[tx]);
+    let (mut c, _) = RawClient::login(tx, SUPERUSER, "postgres").await;
+    let started = Instant::now();
+    for i in 0..9 {
+        c.send(&query(&format!("SELECT {i}"))).await;
+        assert_eq!(rows(&c.until_ready().await), [i.to_string()]);
+    }
+    // Nine at 4 a second with a burst of one: the last no sooner than 2 s after the first.
+    assert!(
+        started.elapsed().as_secs_f64() >= 1.9,
+        "{:?}",
+        started.elapsed()
+    );
+}

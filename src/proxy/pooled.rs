@@ -36,13 +36,14 @@ use super::{
 use crate::auth::{authenticate_client, AuthError, User};
 use crate::config::{ListenerMode, OnRoleLoss, PoolConfig, SessionStatePolicy};
 use crate::error::ClientError;
-use crate::limits::UserGuard;
+use crate::limits::{Refusal, UserGuard};
 use crate::metrics::Metrics;
 use crate::pool::{
     CancelTarget, LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED,
 };
 use crate::protocol::{
-    backend, parameter_status, CopyInSyncs, Event, Scanner, StartupPacket, PROTOCOL_MAJOR_3,
+    backend, parameter_status, CopyInSyncs, ErrorResponse, Event, Scanner, StartupPacket,
+    PROTOCOL_MAJOR_3,
 };
 use crate::topology::{Backend, RoutingTable};
 
@@ -469,6 +470,18 @@ impl Session {
         }
         let cfg = &route.config;
         shared.wait_resumed(Some(&self.home.key.database)).await;
+        if cfg.mode == ListenerMode::Transaction {
+            let paced = shared
+                .user_limits
+                .as_ref()
+                .filter(|l| l.paces_transactions());
+            if let Some(limits) = paced {
+                let user = &self.home.key.user;
+                if let Err(refusal) = Box::pin(limits.pace_transaction(user)).await {
+                    return Box::pin(refuse_request(client, first, refusal, shared)).await;
+                }
+            }
+        }
         let (home, defaults, overrides) = (&self.home, &self.defaults, &self.overrides[..]);
         // A server connection set to the client's parameters: until then nothing of the
         // client's is sent, so a connection that fails is replaced, and a backend that
@@ -634,6 +647,58 @@ impl Session {
             }
         }
     }
+}
+
+/// Answers a request that `refusal` keeps from any server, as a server answers a failed
+/// one: its messages are read and dropped up to its end (a Query, or a Sync), then ERROR and
+/// ReadyForQuery; the session goes on with what the client sent past it.
+async fn refuse_request(
+    client: &mut TcpStream,
+    mut first: LinkBuffer,
+    refusal: Refusal,
+    shared: &Shared,
+) -> Served {
+    let mut taken = 0;
+    {
+        let mut request = AsyncReadExt::chain(&first[..], &mut *client);
+        loop {
+            let mut header = [0u8; 5];
+            if request.read_exact(&mut header).await.is_err() {
+                return Served::End;
+            }
+            let len = u32::from_be_bytes(header[1..].try_into().expect("4 bytes"));
+            let Some(body) = len.checked_sub(4) else {
+                return Served::End;
+            };
+            let mut rest = (&mut request).take(u64::from(body));
+            let skipped = tokio::io::copy(&mut rest, &mut tokio::io::sink()).await;
+            if skipped.ok() != Some(u64::from(body)) {
+                return Served::End;
+            }
+            taken += 5 + body as usize;
+            match header[0] {
+                b'X' => return Served::End,
+                b'Q' | b'S' => break,
+                _ => {}
+            }
+        }
+    }
+    let consumed = taken.min(first.len());
+    keep_tail(&mut first, consumed);
+    let refusals = &shared.metrics.refusals;
+    refusals.with_label_values(&[refusal.label(), "yes"]).inc();
+    if let Some(not_logged) = shared.refusal_log.take() {
+        info!(client = %peer_of(client), error = %refusal, not_logged, "request refused");
+    }
+    let mut reply = BytesMut::new();
+    ErrorResponse::error(refusal.sqlstate(), format!("pgvane: {refusal}"))
+        .with_hint("retry later, or ask for a higher limit")
+        .encode(&mut reply);
+    backend::ready_for_query(&mut reply, b'I');
+    if client.write_all(&reply).await.is_err() {
+        return Served::End;
+    }
+    Served::carrying(first)
 }
 
 /// Cancels what runs on a server connection that is about to be closed, in a task of its
