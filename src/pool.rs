@@ -545,6 +545,20 @@ impl Pool {
         overrides: &[(String, String)],
     ) -> Result<Lease, PoolError> {
         let mut lease = self.acquire().await?;
+        if lease.conn().params.synced_with(defaults, overrides) {
+            return Ok(lease);
+        }
+        // Boxed: the common case above stays out of every transaction's future.
+        Box::pin(self.set_params(lease, defaults, overrides)).await
+    }
+
+    /// The part of [`Pool::acquire_with`] that sets parameters.
+    async fn set_params(
+        self: &Arc<Self>,
+        mut lease: Lease,
+        defaults: &Arc<LoginParams>,
+        overrides: &[(String, String)],
+    ) -> Result<Lease, PoolError> {
         let mut failed = 0;
         loop {
             match lease.conn().apply_params(defaults, overrides).await {

@@ -787,3 +787,81 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod framing_properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Messages (tag, body) and the stream they make.
+    fn stream(messages: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (tag, body) in messages {
+            out.push(*tag);
+            out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+            out.extend_from_slice(body);
+        }
+        out
+    }
+
+    fn messages() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+        let tag = prop::sample::select(b"QPBEDSHCdcfXZTD1n2".to_vec());
+        prop::collection::vec((tag, prop::collection::vec(any::<u8>(), 0..300)), 0..40)
+    }
+
+    proptest! {
+        /// However a stream of messages is cut into chunks, the scanner sees every message
+        /// start, in order, where it is, captures small bodies whole, and ends between two
+        /// messages.
+        #[test]
+        fn any_cut_of_a_stream_scans_the_same(
+            msgs in messages(),
+            cuts in prop::collection::vec(1usize..64, 1..200),
+        ) {
+            let bytes = stream(&msgs);
+            let mut scanner = Scanner::new(b"ZSC");
+            let (mut starts, mut captured) = (Vec::new(), Vec::new());
+            let (mut at, mut cut) = (0, cuts.iter().cycle());
+            while at < bytes.len() {
+                let end = (at + cut.next().unwrap()).min(bytes.len());
+                scanner
+                    .feed(&bytes[at..end], |e| match e {
+                        Event::Start { tag, at: i } => starts.push((tag, at as isize + i)),
+                        Event::Complete { tag, body } => captured.push((tag, body.to_vec())),
+                    })
+                    .unwrap();
+                at = end;
+            }
+            let mut offset = 0isize;
+            let want: Vec<(u8, isize)> = msgs
+                .iter()
+                .map(|(tag, body)| {
+                    let start = offset;
+                    offset += 5 + body.len() as isize;
+                    (*tag, start)
+                })
+                .collect();
+            prop_assert_eq!(starts, want);
+            let small: Vec<(u8, Vec<u8>)> = msgs
+                .iter()
+                .filter(|(tag, _)| b"ZSC".contains(tag))
+                .cloned()
+                .collect();
+            prop_assert_eq!(captured, small);
+            prop_assert!(scanner.at_boundary());
+        }
+
+        /// A length field over the limit, or under 4, is refused wherever the cut falls,
+        /// before any of the message's body is reported.
+        #[test]
+        fn a_bad_length_is_refused_at_any_cut(len in prop_oneof![0u32..4, 1001u32..u32::MAX], cut in 1usize..5) {
+            let mut bytes = vec![b'Q'];
+            bytes.extend_from_slice(&len.to_be_bytes());
+            let mut scanner = Scanner::limited(b"", 1000);
+            let first = scanner.feed(&bytes[..cut], |_| {});
+            let second = first.and_then(|()| scanner.feed(&bytes[cut..], |_| {}));
+            prop_assert!(second.is_err());
+        }
+    }
+}
