@@ -408,3 +408,54 @@ async fn transactions_over_the_rate_are_shaped_within_the_shape() {
         started.elapsed()
     );
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Per-address state stays bounded however many addresses appear: 100,000 connections from
+/// 100,000 distinct addresses (127.1.0.0 and up), each limited, move pgvane's RSS by a few
+/// MiB at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_addresses_cost_bounded_memory() {
+    let cluster = Cluster::start(0);
+    let rw = free_port();
+    let limits = "[listener.limits]\nip_connection_rate = \"1/s\"\nip_max_connections = 1\nip_auth_failures = 5\n";
+    let text = config(
+        &cluster,
+        "interval = \"1s\"\n",
+        &listener("rw", rw, "primary", limits),
+    ) + "\n[general]\nmax_client_conn = 5000\nclient_login_timeout = \"1s\"\n";
+    let pgvane = Pgvane::start(&text, &[rw]);
+    // Warm up: the first connections set up what every connection uses.
+    let flood = |from: u32, to: u32| async move {
+        let lanes = (0..8u32).map(|lane| async move {
+            for i in (from + lane..to).step_by(8) {
+                let ip = std::net::Ipv4Addr::from(0x7f01_0000 + i);
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind((ip, 0).into()).unwrap();
+                // Closed at once by the client: pgvane still admits it and counts its address.
+                drop(socket.connect(([127, 0, 0, 1], rw).into()).await);
+            }
+        });
+        futures_util::future::join_all(lanes).await;
+    };
+    flood(0, 5_000).await;
+    let before = rss_kib(pgvane.pid());
+    let started = Instant::now();
+    flood(5_000, 105_000).await;
+    let after = rss_kib(pgvane.pid());
+    eprintln!(
+        "100,000 addresses in {:?}: RSS {before} KiB -> {after} KiB",
+        started.elapsed()
+    );
+    assert!(after < before + 8 * 1024, "RSS {before} KiB -> {after} KiB");
+    // Still serving.
+    connect(rw, SUPERUSER, "postgres").await.unwrap();
+}
