@@ -45,20 +45,19 @@ async fn limited(general: &str) -> (Cluster, u16, u16, Pgvane) {
 async fn a_flood_over_max_client_conn_is_refused_not_kept() {
     let (_cluster, tx, admin, pgvane) =
         limited("max_client_conn = 10\nclient_login_timeout = \"600s\"").await;
+    let open = |n: f64| {
+        eventually(PATIENCE, "the clients admitted", move || async move {
+            let open = r#"pgvane_client_connections{listener="tx"}"#;
+            (metric(admin, open).await == Some(n)).then_some(())
+        })
+    };
     // The harness's readiness probe may still hold a slot for a moment.
-    let open = r#"pgvane_client_connections{listener="tx"}"#;
-    eventually(PATIENCE, "no client yet", || async {
-        (metric(admin, open).await == Some(0.0)).then_some(())
-    })
-    .await;
+    open(0.0).await;
     let mut admitted = Vec::new();
     for _ in 0..10 {
         admitted.push(TcpStream::connect(("127.0.0.1", tx)).await.unwrap());
     }
-    eventually(PATIENCE, "ten clients admitted", || async {
-        (metric(admin, open).await == Some(10.0)).then_some(())
-    })
-    .await;
+    open(10.0).await;
     let mut flood = Vec::new();
     for _ in 0..300 {
         flood.push(TcpStream::connect(("127.0.0.1", tx)).await.unwrap());
@@ -212,22 +211,44 @@ async fn per_address_limits_refuse_one_address_and_serve_another() {
     }
 }
 
-/// Per-user caps count over all listeners; a user's own entry overrides `[limits]`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_user_limits_cap_a_user_and_not_another() {
+/// One primary behind a transaction listener with `limits` (keys of `[limits]`); the
+/// harness superuser's `[[user]]` entry gets `superuser_keys`, and each of `roles` is
+/// created on the server and given an entry with the harness password.
+async fn behind_limits(
+    limits: &str,
+    superuser_keys: &str,
+    roles: &[&str],
+) -> (Cluster, u16, Pgvane) {
     let cluster = Cluster::start(0);
+    for role in roles {
+        create_role(&cluster, role).await;
+    }
     let tx = free_port();
-    let text = pooled_config(
+    let mut text = pooled_config(
         &cluster,
         &listener("tx", tx, "primary", "mode = \"transaction\""),
-        "[limits]\nmax_user_client_connections = 2\n",
+        &format!("[limits]\n{limits}\n"),
     )
     .replace(
         &format!("name = \"{SUPERUSER}\"\n"),
-        &format!("name = \"{SUPERUSER}\"\nmax_user_client_connections = 3\n"),
-    ) + "\n[[user]]\nname = \"other\"\npassword = \"pgvane-test\"\n";
-    create_role(&cluster, "other").await;
-    let _pgvane = Pgvane::start(&text, &[tx]);
+        &format!("name = \"{SUPERUSER}\"\n{superuser_keys}\n"),
+    );
+    for role in roles {
+        text += &format!("\n[[user]]\nname = \"{role}\"\npassword = \"{PASSWORD}\"\n");
+    }
+    let pgvane = Pgvane::start(&text, &[tx]);
+    (cluster, tx, pgvane)
+}
+
+/// Per-user caps count over all listeners; a user's own entry overrides `[limits]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_limits_cap_a_user_and_not_another() {
+    let (_cluster, tx, _pgvane) = behind_limits(
+        "max_user_client_connections = 2",
+        "max_user_client_connections = 3",
+        &["other"],
+    )
+    .await;
     let mut open = Vec::new();
     for _ in 0..3 {
         let (c, login) = RawClient::login(tx, SUPERUSER, "postgres").await;
@@ -338,15 +359,9 @@ async fn auth_limit(port: u16) {
 /// affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_over_its_transaction_rate_is_refused_a_transaction_not_the_session() {
-    let cluster = Cluster::start(0);
-    create_role(&cluster, "other").await;
-    let tx = free_port();
-    let text = pooled_config(
-        &cluster,
-        &listener("tx", tx, "primary", "mode = \"transaction\""),
-        "[limits]\nuser_transaction_rate = \"2/s\"\nuser_transaction_burst = 3\nuser_transaction_shape = 0\n",
-    ) + "\n[[user]]\nname = \"other\"\npassword = \"pgvane-test\"\n";
-    let _pgvane = Pgvane::start(&text, &[tx]);
+    let limits =
+        "user_transaction_rate = \"2/s\"\nuser_transaction_burst = 3\nuser_transaction_shape = 0";
+    let (_cluster, tx, _pgvane) = behind_limits(limits, "", &["other"]).await;
     let (mut c, _) = RawClient::login(tx, SUPERUSER, "postgres").await;
     let (mut o, _) = RawClient::login(tx, "other", "postgres").await;
     let mut refused = 0;
@@ -387,14 +402,8 @@ async fn a_user_over_its_transaction_rate_is_refused_a_transaction_not_the_sessi
 /// failing: all are served, at the rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_over_the_rate_are_shaped_within_the_shape() {
-    let cluster = Cluster::start(0);
-    let tx = free_port();
-    let text = pooled_config(
-        &cluster,
-        &listener("tx", tx, "primary", "mode = \"transaction\""),
-        "[limits]\nuser_transaction_rate = \"4/s\"\nuser_transaction_burst = 1\nuser_transaction_shape = \"30s\"\n",
-    );
-    let _pgvane = Pgvane::start(&text, &[tx]);
+    let limits = "user_transaction_rate = \"4/s\"\nuser_transaction_burst = 1\nuser_transaction_shape = \"30s\"";
+    let (_cluster, tx, _pgvane) = behind_limits(limits, "", &[]).await;
     let (mut c, _) = RawClient::login(tx, SUPERUSER, "postgres").await;
     let started = Instant::now();
     for i in 0..9 {

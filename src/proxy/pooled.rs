@@ -650,8 +650,9 @@ impl Session {
 }
 
 /// Answers a request that `refusal` keeps from any server, as a server answers a failed
-/// one: its messages are read and dropped up to its end (a Query, or a Sync), then ERROR and
-/// ReadyForQuery; the session goes on with what the client sent past it.
+/// one: its messages are read and dropped up to its end (a Query, a function call or a
+/// Sync), then ERROR and ReadyForQuery; the session goes on with what the client sent past
+/// it.
 async fn refuse_request(
     client: &mut TcpStream,
     mut first: LinkBuffer,
@@ -678,7 +679,8 @@ async fn refuse_request(
             taken += 5 + body as usize;
             match header[0] {
                 b'X' => return Served::End,
-                b'Q' | b'S' => break,
+                // What ends a request: a Query or a function call, or a pipeline's Sync.
+                b'Q' | b'F' | b'S' => break,
                 _ => {}
             }
         }
