@@ -465,6 +465,10 @@ async fn a_hundred_thousand_addresses_cost_bounded_memory() {
         started.elapsed()
     );
     assert!(after < before + 8 * 1024, "RSS {before} KiB -> {after} KiB");
-    // Still serving.
-    connect(rw, SUPERUSER, "postgres").await.unwrap();
+    // Still serving, once the last second's counts (over-estimated with this many
+    // addresses in the sketches, as documented) have passed.
+    eventually(PATIENCE, "a login after the flood", || async {
+        connect(rw, SUPERUSER, "postgres").await.ok().map(drop)
+    })
+    .await;
 }
