@@ -10,11 +10,12 @@
 # and noisy: only ratios from one run mean anything, and CPU per transaction varies far
 # less between runs than tps does.
 #
-#   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"]
+#   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"] [-l]
 #
 # -w picks workloads by number (0-6, in the order below), -t targets by name. -b BINARY
 # adds a target "baseline-txn-1t": another pgvane build (say, the last release) with
-# worker_threads = 1, for an A/B of CPU per transaction within one run.
+# worker_threads = 1, for an A/B of CPU per transaction within one run. -l adds
+# "pgvane-txn-1t-limits": the same on one thread with every [limits] key set but never hit.
 #
 # Workloads (simple protocol unless said): -S (select-only) at 32 and 256 clients,
 # TPC-B-like at 32 clients, connection churn (-C -S, a new connection per transaction) at
@@ -25,11 +26,12 @@ set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
 
-DURATION=10 REPS=3 SCALE=10 ONLY_W="" ONLY_T="" BASELINE=""
-while getopts "T:r:s:w:t:b:" o; do
+DURATION=10 REPS=3 SCALE=10 ONLY_W="" ONLY_T="" BASELINE="" LIMITS=""
+while getopts "T:r:s:w:t:b:l" o; do
     case $o in
         T) DURATION=$OPTARG ;; r) REPS=$OPTARG ;; s) SCALE=$OPTARG ;;
-        w) ONLY_W=$OPTARG ;; t) ONLY_T=$OPTARG ;; b) BASELINE=$OPTARG ;; *) exit 2 ;;
+        w) ONLY_W=$OPTARG ;; t) ONLY_T=$OPTARG ;; b) BASELINE=$OPTARG ;; l) LIMITS=1 ;;
+        *) exit 2 ;;
     esac
 done
 
@@ -57,6 +59,31 @@ sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/pgvane-1t.toml"
 TXN1_PORT=$TX_PORT
 "$PGVANE" --config "$WORK/pgvane-1t.toml" > "$WORK/pgvane-1t.log" 2>&1 &
 PIDS+=($!); PGVANE1_PID=$!
+LIMITS_TARGET=()
+if [ -n "$LIMITS" ]; then
+    # Every limit on, set far above what the workloads reach: the cost of checking them.
+    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
+    pgvane_config "$WORK/limits.toml" 1s
+    sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/limits.toml"
+    cat >> "$WORK/limits.toml" <<'TOML'
+
+[limits]
+allow = ["127.0.0.0/8"]
+deny = ["10.255.255.0/24"]
+ip_connection_rate = "1000000/s"
+ip_max_connections = 1000000
+ip_auth_failures = 1000000
+user_connection_rate = "1000000/s"
+max_user_client_connections = 1000000
+max_db_client_connections = 1000000
+user_transaction_rate = "100000000/s"
+user_transaction_burst = 100000000
+TOML
+    "$PGVANE" --config "$WORK/limits.toml" > "$WORK/limits.log" 2>&1 &
+    PIDS+=($!)
+    LIMITS_TARGET=("pgvane-txn-1t-limits:$TX_PORT:$!")
+    wait_port "$TX_PORT"
+fi
 BASE_TARGET=()
 if [ -n "$BASELINE" ]; then
     RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
@@ -93,7 +120,7 @@ pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/
 # name:port:pid of the process whose CPU time is measured (none for direct).
 TARGETS=("direct:$DIRECT:" "pgvane-pass:$PASS_PORT:$PGVANE_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID"
          "pgvane-txn:$TXN_PORT:$PGVANE_PID" "pgvane-txn-1t:$TXN1_PORT:$PGVANE1_PID"
-         "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID" "${BASE_TARGET[@]}")
+         "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID" "${BASE_TARGET[@]}" "${LIMITS_TARGET[@]}")
 # Prepared runs use a pgbench thread per client: pgbench prepares synchronously (PQprepare),
 # blocking its thread while that client waits for a server connection, so with fewer threads
 # than clients a transaction pooler's pool can be held by clients of the blocked thread.
