@@ -8,7 +8,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use futures_util::FutureExt;
 use pgvane::config::LimitsConfig;
 use pgvane::limits::{AddressLimits, UserLimits};
 
@@ -60,22 +59,18 @@ fn bench(c: &mut Criterion) {
             contended(cores, per, |i| drop(addresses.admit(address(i)))) * n as u32
         })
     });
-    group.bench_function("user transaction pace, 1 thread", |b| {
-        b.iter(|| {
-            let paced = users.pace_transaction("app").now_or_never();
-            paced.expect("no wait").unwrap()
-        })
+    let (app, report) = ("app".to_string(), "report".to_string());
+    group.bench_function("user transaction turn, 1 thread", |b| {
+        b.iter(|| assert!(users.transaction_turn(&app).is_none()))
     });
-    group.bench_function(format!("user transaction pace, {cores} threads"), |b| {
+    group.bench_function(format!("user transaction turn, {cores} threads"), |b| {
         b.iter_custom(|n| {
             let per = (n as u32 / cores as u32).max(1);
-            let pace = |i: u32| {
-                let user = if i % 2 == 0 { "app" } else { "report" };
-                // The bucket never runs dry here: the future is ready at once.
-                let paced = users.pace_transaction(user).now_or_never();
-                paced.expect("no wait").unwrap();
+            let turn = |i: u32| {
+                let user = if i % 2 == 0 { &app } else { &report };
+                assert!(users.transaction_turn(user).is_none());
             };
-            contended(cores, per, pace) * n as u32
+            contended(cores, per, turn) * n as u32
         })
     });
     group.finish();

@@ -335,24 +335,25 @@ impl UserLimits {
         self.transactions.is_some()
     }
 
+    /// Takes a turn for `user`'s next transaction if one is free now: `None`, or how long
+    /// until the next one. Checked per transaction, so no allocation and no future.
+    pub fn transaction_turn(&self, user: &String) -> Option<Duration> {
+        let limiter = self.transactions.as_ref()?;
+        let not_until = limiter.check_key(user).err()?;
+        Some(not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
     /// Waits for `user`'s next transaction to be within its rate, up to
     /// `user_transaction_shape`; refuses it if that is not long enough.
-    pub async fn pace_transaction(&self, user: &str) -> Result<(), Refusal> {
-        let Some(limiter) = &self.transactions else {
-            return Ok(());
-        };
-        let key = user.to_owned();
+    pub async fn pace_transaction(&self, user: &String) -> Result<(), Refusal> {
         let deadline = tokio::time::Instant::now() + self.shape;
-        loop {
-            let Err(not_until) = limiter.check_key(&key) else {
-                return Ok(());
-            };
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
+        while let Some(wait) = self.transaction_turn(user) {
             if tokio::time::Instant::now() + wait > deadline {
                 return Err(Refusal::TransactionRate);
             }
             tokio::time::sleep(wait).await;
         }
+        Ok(())
     }
 
     /// Admits a logged-in client of `user` on `database`, or says which limit refuses it.

@@ -476,9 +476,12 @@ impl Session {
                 .as_ref()
                 .filter(|l| l.paces_transactions());
             if let Some(limits) = paced {
+                // A free turn costs a check; only a wait takes a future (boxed: rare).
                 let user = &self.home.key.user;
-                if let Err(refusal) = Box::pin(limits.pace_transaction(user)).await {
-                    return Box::pin(refuse_request(client, first, refusal, shared)).await;
+                if limits.transaction_turn(user).is_some() {
+                    if let Err(refusal) = Box::pin(limits.pace_transaction(user)).await {
+                        return Box::pin(refuse_request(client, first, refusal, shared)).await;
+                    }
                 }
             }
         }
