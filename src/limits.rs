@@ -224,7 +224,10 @@ impl AddressLimits {
 
     /// Admits a new connection from `ip`, or says which limit refuses it.
     pub fn admit(&self, ip: IpAddr) -> Result<AddressGuard, Refusal> {
-        let ip = canonical(ip);
+        guarded(Ok(None), || self.check(canonical(ip)))
+    }
+
+    fn check(&self, ip: IpAddr) -> Result<AddressGuard, Refusal> {
         if self.deny.iter().any(|n| n.contains(&ip))
             || (!self.allow.is_empty() && !self.allow.iter().any(|n| n.contains(&ip)))
         {
@@ -257,11 +260,20 @@ impl AddressLimits {
     pub fn auth_failed(&self, ip: IpAddr) {
         let Some(auth) = &self.auth else { return };
         let ip = canonical(ip);
-        auth.failures.observe(&ip, 1);
-        if auth.failures.rate_with(&ip, sliding) >= auth.max {
-            auth.lockouts.observe(&ip, 1);
-        }
+        guarded((), || {
+            auth.failures.observe(&ip, 1);
+            if auth.failures.rate_with(&ip, sliding) >= auth.max {
+                auth.lockouts.observe(&ip, 1);
+            }
+        })
     }
+}
+
+/// Runs a count of pingora-limits' `Rate`, which asserts on clock skew between threads
+/// (a panic on a badly stalled machine): if it ever fires, `otherwise` stands, rather than
+/// a panic ending the accept loop or a login.
+fn guarded<T>(otherwise: T, count: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(count)).unwrap_or(otherwise)
 }
 
 const DEFAULT_AUTH_WINDOW: Duration = Duration::from_secs(60);

@@ -84,9 +84,7 @@ impl Route {
     /// A login through this listener from `peer` failed: counted toward the address's
     /// lockout (see `limits.ip_auth_failures`).
     fn auth_failed(&self, peer: SocketAddr) {
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.addresses.auth_failed(peer.ip())
-        }));
+        self.addresses.auth_failed(peer.ip());
     }
 
     fn no_backend(&self) -> ClientError {
@@ -518,8 +516,7 @@ pub struct Admission {
 }
 
 /// The per-address limits' verdict on a new connection from `peer`. Nothing is spent when
-/// none is set. A panic inside the estimator (pingora-limits asserts on clock skew between
-/// threads) admits the client rather than end the accept loop.
+/// none is set.
 fn admit_address(
     limits: &AddressLimits,
     peer: SocketAddr,
@@ -527,8 +524,7 @@ fn admit_address(
     if !limits.any() {
         return Ok(None);
     }
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| limits.admit(peer.ip())))
-        .unwrap_or(Ok(None))
+    limits.admit(peer.ip())
 }
 
 /// Refuses a new client for `limit`: answered as PostgreSQL would (its startup packet read,
