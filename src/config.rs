@@ -175,6 +175,11 @@ impl Serialize for RateLimit {
 pub struct AdminConfig {
     /// Address and port of the admin API, e.g. "127.0.0.1:9930". Unset: no admin API.
     pub listen: Option<SocketAddr>,
+    /// Users who may run every command on the admin console (virtual database `pgbouncer`
+    /// or `pgvane` on a pooled listener), as PgBouncer's `admin_users`.
+    pub admin_users: Vec<String>,
+    /// Users who may run SHOW commands there (PgBouncer's `stats_users`).
+    pub stats_users: Vec<String>,
 }
 
 /// Process-wide settings.

@@ -30,6 +30,8 @@ pub enum ClientError {
     TooManyClients(u32),
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
+    #[error("user \"{0}\" may not use the admin console")]
+    NotConsoleUser(String),
     #[error("unsupported startup parameter: {0}")]
     UnsupportedParameter(String),
     #[error(transparent)]
@@ -102,6 +104,8 @@ impl ClientError {
             UnsupportedProtocol { .. } => fatal("0A000", format!("{self}: pgvane supports 3.0")),
             TooManyClients(_) => fatal("53300", self.to_string()),
             NoUser => fatal("28000", self.to_string()),
+            NotConsoleUser(_) => fatal("28000", self.to_string())
+                .with_hint("list the user in admin.admin_users or admin.stats_users"),
             UnsupportedParameter(_) => fatal("08P01", self.to_string())
                 .with_hint("list it in pool.ignore_startup_parameters to have pgvane drop it"),
             Auth(AuthError::Protocol(e)) => {

@@ -23,4 +23,5 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod server;
+pub mod stats;
 pub mod topology;

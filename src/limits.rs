@@ -33,6 +33,11 @@ pub const REFUSAL_LOG_LINES: u32 = 10;
 /// API, the log.
 pub const FILES_HEADROOM: u64 = 512;
 
+/// Client slots beyond `max_client_conn` kept for `admin_users` on the admin console, so
+/// that an operator can still look when every client slot is taken. A client in one must
+/// log in within [`REFUSAL_LIMIT`], and only to the console, or it is refused (53300).
+pub const CONSOLE_RESERVED_SLOTS: usize = 4;
+
 /// A rate at which a kind of log line may be written; lines over it are counted.
 pub struct LogBudget {
     limiter: DefaultDirectRateLimiter,

@@ -12,7 +12,7 @@
 //! A [`Lease`] returned to the pool as clean is reused; dropped any other way, its connection
 //! is closed: a connection in an unknown state is never handed out.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use crate::auth::{error_code, error_message, login_to_server, ServerLoginError, 
 use crate::config::PoolConfig;
 use crate::protocol::{read_message, ProtocolError};
 use crate::proxy::prepared::ServerStatements;
+use crate::stats::{DbStats, LinkCounts, Stats, STATS_PERIOD};
 use crate::topology::{Backend, Topology};
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +129,8 @@ pub struct ServerConn {
     pub prepared: ServerStatements,
     /// Parameters the server reports (ParameterStatus): their values follow each client.
     pub reported_at_login: Vec<String>,
+    /// What the current link counted, added to the database's statistics when it ends.
+    pub counts: LinkCounts,
     cancel: CancelTarget,
     created: coarsetime::Instant,
     last_used: coarsetime::Instant,
@@ -344,6 +347,8 @@ pub struct PoolKey {
 
 pub struct Pool {
     pub key: PoolKey,
+    /// SHOW STATS counters of the pool's database.
+    pub stats: Arc<DbStats>,
     backend: Arc<Backend>,
     user: Arc<User>,
     settings: Arc<PoolConfig>,
@@ -364,6 +369,11 @@ pub struct Pool {
     /// Names of startup parameters the server accepted (bounded by `KNOWN_PARAMS_MAX`).
     known_params: Mutex<Vec<String>>,
     open: AtomicUsize,
+    /// Client sessions in this pool (see [`Pool::join`]).
+    sessions: AtomicUsize,
+    /// When each client now waiting for a slot started to (SHOW POOLS' cl_waiting and
+    /// maxwait); touched only by clients that wait.
+    waits: Mutex<BTreeMap<Instant, usize>>,
     /// Since when no session or lease holds the pool: read and written only by the upkeep
     /// task, once a second, so the data path pays nothing for it.
     unused_since: Mutex<Option<coarsetime::Instant>>,
@@ -376,6 +386,32 @@ const KNOWN_PARAMS_MAX: usize = 64;
 /// How many failed server connections [`Pool::acquire_with`] replaces before giving up: at a
 /// crash, every idle connection may be dead, but those that have noticed are skipped anyway.
 const STALE_RETRIES: u32 = 3;
+
+/// A client's place among a pool's waiting clients, from its start to its end.
+struct Waiting<'a> {
+    waits: &'a Mutex<BTreeMap<Instant, usize>>,
+    since: Instant,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(waits: &'a Mutex<BTreeMap<Instant, usize>>) -> Self {
+        let since = Instant::now();
+        *waits.lock().expect("pool lock").entry(since).or_default() += 1;
+        Self { waits, since }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waits = self.waits.lock().expect("pool lock");
+        if let Some(n) = waits.get_mut(&self.since) {
+            *n -= 1;
+            if *n == 0 {
+                waits.remove(&self.since);
+            }
+        }
+    }
+}
 
 /// A server connection lent to one client.
 pub struct Lease {
@@ -395,6 +431,13 @@ impl Lease {
         self.conn
             .as_mut()
             .expect("a lease holds its connection until released")
+    }
+
+    /// Adds what the connection's last link counted to its database's statistics.
+    pub fn record_stats(&mut self) {
+        if let Some(conn) = &self.conn {
+            self.pool.stats.record(&conn.counts);
+        }
     }
 
     /// Closes the lent connection, which failed, and takes another under the same slot.
@@ -451,6 +494,36 @@ impl Pool {
 
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
+    }
+
+    pub fn size(&self) -> usize {
+        self.pool_size
+    }
+
+    /// Clients whose session is in this pool (SHOW POOLS' cl_active + cl_waiting).
+    pub fn clients(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// A client's session joined the pool (at its login, or moved here at a failover).
+    pub fn join(&self) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client's session left the pool.
+    pub fn part(&self) {
+        self.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Clients waiting for a server connection now.
+    pub fn waiting_clients(&self) -> usize {
+        self.waits.lock().expect("pool lock").values().sum()
+    }
+
+    /// How long the longest-waiting client has waited.
+    pub fn longest_wait(&self) -> Option<Duration> {
+        let waits = self.waits.lock().expect("pool lock");
+        waits.keys().next().map(Instant::elapsed)
     }
 
     pub fn open_connections(&self) -> usize {
@@ -592,6 +665,7 @@ impl Pool {
     /// Queues (FIFO) for a slot, within `query_wait_timeout`; after `reserve_pool_timeout`
     /// a reserve slot will do too.
     async fn wait_for_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let _waiting = Waiting::new(&self.waits);
         let normal = self.slots.clone().acquire_owned();
         let reserve = async {
             if self.settings.reserve_pool_size == 0 {
@@ -730,6 +804,7 @@ impl Pool {
             stream,
             read_buf: BytesMut::with_capacity(SERVER_READ_BUFFER),
             prepared: ServerStatements::default(),
+            counts: LinkCounts::default(),
             created: now,
             last_used: now,
             _caps: caps,
@@ -838,6 +913,8 @@ pub struct Pools {
     /// backend → its `server_connect_concurrency` permits.
     connecting: Mutex<HashMap<String, Arc<Semaphore>>>,
     user_settings: HashMap<String, (Option<u32>, Option<u32>)>,
+    /// SHOW STATS counters, per database.
+    pub stats: Stats,
 }
 
 impl Pools {
@@ -852,6 +929,7 @@ impl Pools {
                 .iter()
                 .map(|u| (u.name.clone(), (u.pool_size, u.max_user_connections)))
                 .collect(),
+            stats: Stats::default(),
         })
     }
 
@@ -908,6 +986,7 @@ impl Pools {
         );
         let pool = Arc::new(Pool {
             key: key.clone(),
+            stats: self.stats.of(database),
             backend: backend.clone(),
             user: user.clone(),
             settings: self.settings.clone(),
@@ -921,6 +1000,8 @@ impl Pools {
             login_params: Mutex::default(),
             known_params: Mutex::default(),
             open: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
+            waits: Mutex::default(),
             unused_since: Mutex::default(),
         });
         pools
@@ -997,18 +1078,22 @@ impl Pools {
             .collect()
     }
 
-    /// Runs pool upkeep every second until `stop`.
+    /// Runs pool upkeep every second, and closes a statistics period every `STATS_PERIOD`,
+    /// until `stop`.
     pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut period = tokio::time::interval(STATS_PERIOD);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = period.tick() => self.stats.roll(),
+                _ = tick.tick() => {
+                    for pool in self.all() {
+                        pool.maintain().await;
+                    }
+                    self.free_unused();
+                }
             }
-            for pool in self.all() {
-                pool.maintain().await;
-            }
-            self.free_unused();
         }
     }
 

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin;
+use crate::admin::console::Console;
 use crate::auth::UserStore;
 use crate::config::{Config, ConfigError};
 use crate::limits::{
@@ -154,6 +155,7 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         client_login_timeout: config.general.client_login_timeout,
         failover_hold_timeout: config.general.failover_hold_timeout,
         paused: PauseState::default(),
+        console: Console::new(&config),
         metrics,
     });
     let stop_accepting = CancellationToken::new();

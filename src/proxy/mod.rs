@@ -30,6 +30,7 @@ use tracing::{debug, info, warn, Instrument};
 
 pub use cancel::CancelRegistry;
 
+use crate::admin::console::Console;
 use crate::auth::UserStore;
 use crate::config::{Balance, LimitsConfig, ListenerConfig};
 use crate::error::ClientError;
@@ -414,8 +415,10 @@ pub struct Shared {
     pub max_client_conn: u32,
     pub client_login_timeout: Duration,
     pub failover_hold_timeout: Duration,
-    /// Set by PAUSE and RESUME (admin API, signals).
+    /// Set by PAUSE and RESUME (admin API, console, signals).
     pub paused: PauseState,
+    /// Who may use the admin console, and what it shows of the configuration.
+    pub console: Console,
     pub metrics: Arc<Metrics>,
 }
 
@@ -468,7 +471,16 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
+        let admitted = match shared.client_slots.clone().try_acquire_owned() {
+            Ok(slot) => Some((slot, false)),
+            // Full: a pooled listener still takes an admin console login, in a reserved slot.
+            Err(_) if route.config.mode.is_pooled() => {
+                let reserved = shared.console.reserved.clone().try_acquire_owned();
+                reserved.ok().map(|slot| (slot, true))
+            }
+            Err(_) => None,
+        };
+        let Some((slot, reserved)) = admitted else {
             let err = ClientError::TooManyClients(shared.max_client_conn);
             turn_away(
                 client,
@@ -484,6 +496,7 @@ pub async fn serve(
         let (route, shared) = (route.clone(), shared.clone());
         let admission = Admission {
             _slot: slot,
+            reserved,
             _open: ClientGauge::open(&clients),
             _address: address.map(Box::new),
         };
@@ -511,6 +524,9 @@ pub async fn serve(
 /// connections (boxed: idle sessions stay small when no such limit is set).
 pub struct Admission {
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// The slot is one of the console's reserved ones: only an admin console login may
+    /// use it.
+    pub reserved: bool,
     _open: ClientGauge,
     _address: Option<Box<pingora_limits::inflight::Guard>>,
 }

@@ -33,10 +33,11 @@ use super::{
     read_client_startup, send_error, watch_client, watching, Abandon, Admission, Attempt, Chosen,
     Route, Shared, HELD_READ_AHEAD,
 };
+use crate::admin::console::{self, Access, ConsoleLogin};
 use crate::auth::{authenticate_client, AuthError, User};
 use crate::config::{ListenerMode, OnRoleLoss, PoolConfig, SessionStatePolicy};
 use crate::error::ClientError;
-use crate::limits::{Refusal, UserGuard};
+use crate::limits::{Refusal, UserGuard, REFUSAL_LIMIT};
 use crate::metrics::Metrics;
 use crate::pool::{
     CancelTarget, LoginParams, Pool, PoolError, ServerConn, SERVER_READ_BUFFER, TRACKED,
@@ -45,6 +46,7 @@ use crate::protocol::{
     backend, parameter_status, CopyInSyncs, ErrorResponse, Event, Scanner, StartupPacket,
     PROTOCOL_MAJOR_3,
 };
+use crate::stats::{bump, now_us, LinkCounts};
 use crate::topology::{Backend, RoutingTable};
 
 /// Read buffer for a client's request while linked (PgBouncer's pkt_buf is 4 KiB).
@@ -68,14 +70,25 @@ pub fn handle(
     admission: Admission,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     async move {
-        let _admission = admission;
+        let reserved = admission.reserved;
+        let owner = &shared;
         let (route, shared) = (&*route, &*shared);
         // Boxed: a logged-in session should not keep carrying the login's state.
-        let Some((mut session, early)) =
-            Box::pin(login_or_refuse(&mut client, peer, route, shared)).await
-        else {
-            return;
-        };
+        let (mut session, early) =
+            match Box::pin(login_or_refuse(&mut client, peer, route, shared, reserved)).await {
+                Some(LoggedIn::Session(session, early)) => (session, early),
+                Some(LoggedIn::Console(login)) => {
+                    // A task of its own: awaited here, it would take room in every
+                    // session's future.
+                    let console = console::serve(client, peer, login, owner.clone());
+                    tokio::spawn(async move {
+                        console.await;
+                        drop(admission);
+                    });
+                    return;
+                }
+                None => return,
+            };
         info!(client = %peer, listener = %route.config.name, user = %session.home.key.user, database = %session.home.key.database, "client logged in");
         // A request the client sent along with its login without waiting for it to
         // complete, or one a transaction's link read the start of: served without a wait.
@@ -102,6 +115,14 @@ pub fn handle(
             }
         }
     }
+}
+
+/// A logged-in client.
+enum LoggedIn {
+    /// A pooled session, with what the client sent past its login.
+    Session(Session, Option<LinkBuffer>),
+    /// An admin console user.
+    Console(ConsoleLogin),
 }
 
 /// How a request's service ended.
@@ -132,16 +153,25 @@ async fn login_or_refuse(
     peer: SocketAddr,
     route: &Route,
     shared: &Shared,
-) -> Option<(Session, Option<LinkBuffer>)> {
-    let limit = shared.client_login_timeout;
-    let error = match tokio::time::timeout(limit, login(client, route, shared)).await {
+    reserved: bool,
+) -> Option<LoggedIn> {
+    let limit = match reserved {
+        true => shared.client_login_timeout.min(REFUSAL_LIMIT),
+        false => shared.client_login_timeout,
+    };
+    let error = match tokio::time::timeout(limit, login(client, route, shared, reserved)).await {
         Ok(Ok(session)) => return session,
         Ok(Err(e)) => e,
         Err(_) => ClientError::LoginTimeout(limit),
     };
-    if let ClientError::Limited(refusal) = &error {
+    let refused = match &error {
+        ClientError::Limited(refusal) => Some(refusal.label()),
+        ClientError::TooManyClients(_) => Some("max_client_conn"),
+        _ => None,
+    };
+    if let Some(limit) = refused {
         let refusals = &shared.metrics.refusals;
-        refusals.with_label_values(&[refusal.label(), "yes"]).inc();
+        refusals.with_label_values(&[limit, "yes"]).inc();
     }
     match error {
         ClientError::BadStartup(e) => debug!(client = %peer, error = %e, "connection closed"),
@@ -175,13 +205,16 @@ struct Session {
     pinned: bool,
 }
 
-/// Startup and authentication, returning the session and any bytes the client sent past its
-/// login. `None`: the connection was a CancelRequest.
+/// Startup and authentication, returning the session (or console) and any bytes the client
+/// sent past its login. `None`: the connection was a CancelRequest. `reserved`: the client
+/// is over `max_client_conn` in a console slot, where only `admin_users` may log in, and
+/// only to the console.
 async fn login(
     client: &mut TcpStream,
     route: &Route,
     shared: &Shared,
-) -> Result<Option<(Session, Option<LinkBuffer>)>, ClientError> {
+    reserved: bool,
+) -> Result<Option<LoggedIn>, ClientError> {
     // Buffered: each login message then takes one system call, not one per header field
     // and one for the body.
     let mut client = BufReader::with_capacity(LOGIN_BUFFER, client);
@@ -234,6 +267,10 @@ async fn login(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
+    let to_console = console::DATABASES.contains(&database.as_str());
+    if reserved && !(to_console && shared.console.access(&user) == Some(Access::Admin)) {
+        return Err(ClientError::TooManyClients(shared.max_client_conn));
+    }
 
     // What the client is told from here on goes out in one write: authentication's last
     // messages, then the parameters, key and ReadyForQuery.
@@ -243,6 +280,23 @@ async fn login(
         route.auth_failed(peer_of(client.get_ref()));
     }
     authenticated?;
+    if to_console {
+        let access = shared
+            .console
+            .access(&user)
+            .ok_or(ClientError::NotConsoleUser(user.clone()))?;
+        console::greet(&mut reply);
+        client
+            .write_all(&reply)
+            .await
+            .map_err(crate::protocol::ProtocolError::from)?;
+        let early = client.buffer().to_vec();
+        return Ok(Some(LoggedIn::Console(ConsoleLogin {
+            user,
+            access,
+            early,
+        })));
+    }
     // Counted from here on toward the user's and the database's caps (boxed: an idle
     // session stays small when no such limit is set).
     let limited = match &shared.user_limits {
@@ -279,6 +333,7 @@ async fn login(
         }
     };
     let (pool, defaults) = chosen.value;
+    pool.stats.logged_in();
     if let Some((_, v)) = overrides.iter_mut().find(|(k, _)| k == "client_encoding") {
         *v = encoding_name(v, defaults.value("client_encoding"));
     }
@@ -303,6 +358,7 @@ async fn login(
         .write_all(&buf)
         .await
         .map_err(crate::protocol::ProtocolError::from)?;
+    pool.join();
     let session = Session {
         _limited: limited,
         home: pool,
@@ -317,7 +373,7 @@ async fn login(
         early.extend_from_slice(&ahead);
         early
     });
-    Ok(Some((session, early)))
+    Ok(Some(LoggedIn::Session(session, early)))
 }
 
 /// The client's address, for the log. Asked of the socket rather than kept per session:
@@ -393,6 +449,12 @@ fn set_param(params: &mut Vec<(String, String)>, name: &str, value: String) {
     }
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.home.part();
+    }
+}
+
 impl Session {
     /// Whether the backend of the pool the client logged in through still serves its
     /// listener's target.
@@ -411,7 +473,9 @@ impl Session {
     /// a pool lookup, and the old pool is freed if nothing else holds it.
     fn move_home(&mut self, table: &RoutingTable, to: &Arc<Pool>, route: &Route, shared: &Shared) {
         if !self.home_serves(table, route) {
+            to.join();
             let old = std::mem::replace(&mut self.home, to.clone());
+            old.part();
             shared.pools.free_if_unused(old);
         }
     }
@@ -420,7 +484,9 @@ impl Session {
     /// freed if this was the last hold on it, rather than kept until `autodb_idle_timeout`.
     fn leave(self, route: &Route, shared: &Shared) {
         if !self.home_serves(&shared.topology.snapshot(), route) {
-            shared.pools.free_if_unused(self.home);
+            let home = self.home.clone();
+            drop(self);
+            shared.pools.free_if_unused(home);
         }
     }
 
@@ -513,6 +579,7 @@ impl Session {
         };
         // Boxed: with the watch, its state would take this future past mimalloc's 1 KiB fast
         // path (`a_request_s_future_fits_the_allocator_s_fast_path`).
+        let asked = now_us();
         let chosen = Box::pin(route.with_backend(shared, acquire, watch)).await;
         let Chosen {
             index: i,
@@ -534,6 +601,7 @@ impl Session {
                 return Served::End;
             }
         };
+        lease.pool().stats.assigned(now_us().saturating_sub(asked));
         if !Arc::ptr_eq(lease.pool(), &self.home) {
             self.move_home(&table, lease.pool(), route, shared);
         }
@@ -577,6 +645,7 @@ impl Session {
             role_lost,
         ))
         .await;
+        lease.record_stats();
         if !first_statements.is_empty() {
             self.statements = Some(Box::new(first_statements));
         }
@@ -768,7 +837,7 @@ fn time_limits(settings: &PoolConfig) -> [Duration; 3] {
 
 /// Protocol state shared by the two directions of a link. Both run in the same task; the
 /// atomics (all relaxed) are there only to keep the session future `Send`.
-struct LinkState {
+struct LinkState<'c> {
     /// Requests sent (Query, Sync, FunctionCall) that still owe a ReadyForQuery.
     pending: AtomicU32,
     /// Extended-protocol messages sent since the last Sync.
@@ -799,10 +868,12 @@ struct LinkState {
     pinned: AtomicBool,
     /// Transaction mode: the client may have changed a `track_extra_parameters` parameter.
     read_back: AtomicBool,
+    /// What the link counts for SHOW STATS (kept with the server connection).
+    counts: &'c LinkCounts,
 }
 
-impl LinkState {
-    fn new(timed: bool, whole_link_active: bool) -> Self {
+impl<'c> LinkState<'c> {
+    fn new(timed: bool, whole_link_active: bool, counts: &'c LinkCounts) -> Self {
         Self {
             pending: AtomicU32::new(0),
             unsynced: AtomicBool::new(false),
@@ -818,6 +889,42 @@ impl LinkState {
             whole_link_active,
             pinned: AtomicBool::new(false),
             read_back: AtomicBool::new(false),
+            counts,
+        }
+    }
+
+    /// A request (Query, Sync, FunctionCall) went to the server: it now owes one more
+    /// ReadyForQuery. The first from nothing owed starts query time; from idle, a
+    /// transaction.
+    fn request_sent(&self) {
+        if self.pending.load(Relaxed) == 0 {
+            let now = now_us();
+            self.counts.busy_from_us.store(now, Relaxed);
+            if self.tx_status.load(Relaxed) == b'I' {
+                self.counts.xact_from_us.store(now, Relaxed);
+            }
+        }
+        self.change_pending(1);
+    }
+
+    /// Counts a ReadyForQuery with transaction `status` (after `pending` went down).
+    fn count_ready(&self, status: u8) {
+        let c = self.counts;
+        bump(&c.queries, 1);
+        let idle = status == b'I';
+        if self.pending.load(Relaxed) > 0 && !idle {
+            return;
+        }
+        let now = now_us();
+        if self.pending.load(Relaxed) == 0 {
+            bump(
+                &c.query_us,
+                now.saturating_sub(c.busy_from_us.load(Relaxed)),
+            );
+        }
+        if idle {
+            bump(&c.xacts, 1);
+            bump(&c.xact_us, now.saturating_sub(c.xact_from_us.load(Relaxed)));
         }
     }
 
@@ -985,7 +1092,11 @@ impl Link<'_> {
         role_lost: Option<RoleLost<'_>>,
     ) -> LinkEnd {
         let timed = time_limits(self.settings).iter().any(|l| !l.is_zero());
-        let st = LinkState::new(timed, self.mode == ListenerMode::Transaction);
+        let st = LinkState::new(
+            timed,
+            self.mode == ListenerMode::Transaction,
+            &server.counts,
+        );
         let state = || st.server_state();
 
         let (mut client_r, mut client_w) = client.split();
@@ -1070,6 +1181,7 @@ impl Link<'_> {
                                 if o.barrier {
                                     then = Then::Barrier;
                                 }
+                                bump(&st.counts.client_parses, u64::from(o.client_parses));
                                 for feature in &o.refused {
                                     self.refused(*feature);
                                 }
@@ -1119,12 +1231,17 @@ impl Link<'_> {
                             }
                         }
                         match tag {
-                            b'Q' | b'F' => st.change_pending(1),
+                            b'Q' | b'F' => st.request_sent(),
                             b'S' => {
-                                st.change_pending(1);
+                                st.request_sent();
                                 st.unsynced.store(false, Relaxed);
                             }
                             b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => {
+                                match tag {
+                                    b'P' => bump(&st.counts.server_parses, 1),
+                                    b'B' => bump(&st.counts.binds, 1),
+                                    _ => {}
+                                }
                                 st.unsynced.store(true, Relaxed)
                             }
                             b'X' => terminate_at = terminate_at.or(Some(at)),
@@ -1164,6 +1281,13 @@ impl Link<'_> {
                 // The rest of a refused Query, read since: not sent.
                 let dropped = carry.min(upto);
                 carry -= dropped;
+                // Counted before the write: nothing of it is kept across the wait.
+                bump(&st.counts.bytes_up, (upto - dropped) as u64);
+                if engaged.is_none() {
+                    // Untracked, the client's Parses are those the server got.
+                    let parses = st.counts.server_parses.load(Relaxed);
+                    st.counts.client_parses.store(parses, Relaxed);
+                }
                 let written = match refuse_from {
                     None => server_w.write_all(&data[dropped..upto]).await,
                     // Boxed: a rare path, kept out of every transaction's future.
@@ -1252,8 +1376,9 @@ impl Link<'_> {
                     Event::Complete { tag: b'Z', body } => {
                         st.change_pending(-1);
                         st.copy_in.store(false, Relaxed);
-                        st.tx_status
-                            .store(body.first().copied().unwrap_or(b'I'), Relaxed);
+                        let status = body.first().copied().unwrap_or(b'I');
+                        st.tx_status.store(status, Relaxed);
+                        st.count_ready(status);
                         ready_last = true;
                     }
                     Event::Complete { tag: b'S', body } => {
@@ -1288,6 +1413,7 @@ impl Link<'_> {
                 st.server_body_left
                     .store(scan.body_left().unwrap_or(usize::MAX), Relaxed);
                 st.note_state();
+                bump(&st.counts.bytes_down, data.len() as u64);
                 if client_w.write_all(data).await.is_err() {
                     return LinkEnd::ClientGone(state());
                 }

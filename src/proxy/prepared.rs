@@ -215,6 +215,8 @@ pub struct Output {
     pub barrier: bool,
     /// Statements refused (`session_state = "reject"`), by what they would have created.
     pub refused: Vec<Feature>,
+    /// Parse messages the client sent in the input consumed (for SHOW STATS).
+    pub client_parses: u32,
 }
 
 impl Output {
@@ -264,6 +266,7 @@ impl<'o> Writer<'o> {
             rewritten: self.rewritten,
             barrier,
             refused: Vec::new(),
+            client_parses: 0,
         }
     }
 }
@@ -387,6 +390,7 @@ impl<'a> Tracker<'a> {
         let mut st = self.state.lock().expect("tracker lock");
         let mut w = Writer::new(out);
         let mut refused = Vec::new();
+        let mut client_parses = 0;
         let mut i = 0;
         while let Some((tag, total)) = st.up.next(input, &mut i)? {
             let body_start = i + 5;
@@ -400,6 +404,7 @@ impl<'a> Tracker<'a> {
                     if !named {
                         // The unnamed statement or a portal: streamed, never held.
                         if tag == b'P' {
+                            client_parses += 1;
                             // What its Binds refuse, if anything: told from its start.
                             let text = cstring(prefix)
                                 .and_then(|(_, rest)| rest.split(|&b| b == 0).next())
@@ -415,6 +420,7 @@ impl<'a> Tracker<'a> {
                         return Err(too_large(tag, total));
                     }
                     let Some(body) = whole else { break };
+                    client_parses += u32::from(tag == b'P');
                     st.client_message(tag, body, self.limit, refuse, |put| {
                         w.replace(input, i, total, put)
                     });
@@ -498,6 +504,7 @@ impl<'a> Tracker<'a> {
                     if barrier {
                         return Ok(Output {
                             refused,
+                            client_parses,
                             ..w.finish(input, i + total, true)
                         });
                     }
@@ -508,6 +515,7 @@ impl<'a> Tracker<'a> {
         }
         Ok(Output {
             refused,
+            client_parses,
             ..w.finish(input, i, false)
         })
     }

@@ -7,6 +7,7 @@
 //! when a test fails. [`Pgvane`] runs the built binary with a generated config.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod bouncer;
 pub mod patroni;
 pub mod raw;
 pub mod relay;
@@ -74,7 +75,7 @@ fn run_as() -> Option<RunAs> {
 }
 
 /// Gives `path` to the user PostgreSQL runs as.
-fn hand_over(path: &Path) {
+pub(crate) fn hand_over(path: &Path) {
     if let Some(r) = run_as() {
         std::os::unix::fs::chown(path, Some(r.uid), Some(r.gid)).expect("chown");
     }

@@ -301,3 +301,40 @@ pub fn copy_data(data: &[u8]) -> BytesMut {
     frontend::CopyData::new(data).unwrap().write(&mut out);
     out
 }
+
+/// The columns of the first RowDescription: (name, type OID).
+pub fn columns(msgs: &[Msg]) -> Vec<(String, u32)> {
+    let Some(t) = msgs.iter().find(|m| m.tag == b'T') else {
+        return Vec::new();
+    };
+    let mut at = 2;
+    let mut out = Vec::new();
+    for _ in 0..u16::from_be_bytes(t.body[..2].try_into().unwrap()) {
+        let end = at + t.body[at..].iter().position(|&b| b == 0).unwrap();
+        let name = String::from_utf8_lossy(&t.body[at..end]).into_owned();
+        let oid = u32::from_be_bytes(t.body[end + 7..end + 11].try_into().unwrap());
+        out.push((name, oid));
+        at = end + 19;
+    }
+    out
+}
+
+/// Every DataRow as its values (`None` for NULL).
+pub fn table(msgs: &[Msg]) -> Vec<Vec<Option<String>>> {
+    msgs.iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| {
+            let mut at = 2;
+            let n = u16::from_be_bytes(m.body[..2].try_into().unwrap());
+            (0..n)
+                .map(|_| {
+                    let len = i32::from_be_bytes(m.body[at..at + 4].try_into().unwrap());
+                    at += 4;
+                    let len = usize::try_from(len).ok()?;
+                    at += len;
+                    Some(String::from_utf8_lossy(&m.body[at - len..at]).into_owned())
+                })
+                .collect()
+        })
+        .collect()
+}

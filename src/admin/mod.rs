@@ -30,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::proxy::{Pause, Shared};
+
+pub mod console;
 use crate::topology::Election;
 
 /// How long `POST /pause` waits for running transactions before answering 202.
@@ -129,6 +131,13 @@ pub fn resume(shared: &Shared, database: Option<&str>) -> Result<(), AdminError>
 }
 
 /// Server connections in use in pools that the current PAUSE holds.
+/// PAUSE, answered once no transaction of the paused databases runs (or after
+/// [`PAUSE_WAIT`]): how many still run then.
+pub async fn pause_and_wait(shared: &Arc<Shared>, database: Option<String>) -> usize {
+    pause(shared, database);
+    drained(shared, Some(tokio::time::Instant::now() + PAUSE_WAIT)).await
+}
+
 fn running(shared: &Shared) -> usize {
     let pause = shared.paused.borrow().clone();
     shared
@@ -215,8 +224,7 @@ async fn handle(
         }
         (&Method::POST, "/pause") => {
             info!(client = %peer, database = database.as_deref(), "PAUSE requested over HTTP");
-            pause(shared, database);
-            let left = drained(shared, Some(tokio::time::Instant::now() + PAUSE_WAIT)).await;
+            let left = pause_and_wait(shared, database).await;
             let code = if left == 0 {
                 StatusCode::OK
             } else {

@@ -1,0 +1,826 @@
+//! The admin console: PgBouncer's virtual database `pgbouncer` (also `pgvane`) on the pooled
+//! listeners, simple query protocol only, with PgBouncer's SHOW commands (column names, order
+//! and types as PgBouncer 1.25 sends them) and pgvane's own beside them.
+//!
+//! `admin_users` may run everything, `stats_users` only SHOW. SUSPEND is not offered: it
+//! exists for PgBouncer's online restart, which pgvane does not do that way.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use std::net::SocketAddr;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tracing::info;
+
+use crate::config::{AdminConfig, Config, GeneralConfig, ListenerConfig, ListenerMode, PoolConfig};
+use crate::limits::CONSOLE_RESERVED_SLOTS;
+use crate::pool::Pool;
+use crate::protocol::{backend, put_message, read_message, ProtocolError};
+use crate::proxy::{Pause, Shared};
+use crate::stats::Totals;
+use crate::topology::Election;
+
+/// Names of the virtual database.
+pub const DATABASES: [&str; 2] = ["pgbouncer", "pgvane"];
+
+/// Longest console query read (a command line, not data).
+const MAX_QUERY: usize = 64 * 1024;
+
+/// What a console user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `admin_users`: every command.
+    Admin,
+    /// `stats_users`: SHOW only.
+    Stats,
+}
+
+/// What the console needs beyond the data path's shared state, fixed at start.
+#[derive(Debug)]
+pub struct Console {
+    admin_users: Vec<String>,
+    stats_users: Vec<String>,
+    /// SHOW CONFIG rows: key, value, default.
+    config: Vec<[String; 3]>,
+    /// The pooled listeners, for SHOW ROUTES and pool_mode.
+    listeners: Vec<ListenerConfig>,
+    /// Client slots past `max_client_conn` for `admin_users` (none without any).
+    pub reserved: Arc<Semaphore>,
+}
+
+impl Console {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            admin_users: config.admin.admin_users.clone(),
+            stats_users: config.admin.stats_users.clone(),
+            config: config_rows(config),
+            listeners: config.listeners.clone(),
+            reserved: Arc::new(Semaphore::new(match config.admin.admin_users.is_empty() {
+                true => 0,
+                false => CONSOLE_RESERVED_SLOTS,
+            })),
+        }
+    }
+
+    /// What `user` may do on the console; `None`: not a console user.
+    pub fn access(&self, user: &str) -> Option<Access> {
+        if self.admin_users.iter().any(|u| u == user) {
+            Some(Access::Admin)
+        } else if self.stats_users.iter().any(|u| u == user) {
+            Some(Access::Stats)
+        } else {
+            None
+        }
+    }
+
+    /// The pool modes of the pooled listeners, as SHOW POOLS' pool_mode.
+    fn pool_mode(&self) -> String {
+        let modes: BTreeSet<&str> = self
+            .listeners
+            .iter()
+            .filter_map(|l| match l.mode {
+                ListenerMode::Session => Some("session"),
+                ListenerMode::Transaction => Some("transaction"),
+                ListenerMode::Passthrough => None,
+            })
+            .collect();
+        modes.into_iter().collect::<Vec<_>>().join(",")
+    }
+}
+
+/// SHOW CONFIG: every setting PgBouncer also has, with its value and default.
+fn config_rows(config: &Config) -> Vec<[String; 3]> {
+    let mut rows = Vec::new();
+    let mut add = |value: toml::Value, default: toml::Value| {
+        let (Some(value), Some(default)) = (value.as_table(), default.as_table()) else {
+            return;
+        };
+        for (k, v) in value {
+            let shown = |v: &toml::Value| match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => other.to_string(),
+            };
+            if v.is_table() {
+                continue;
+            }
+            let d = default.get(k).map(shown).unwrap_or_default();
+            rows.push([k.clone(), shown(v), d]);
+        }
+    };
+    add(section(&config.general), section(&GeneralConfig::default()));
+    add(section(&config.pool), section(&PoolConfig::default()));
+    add(section(&config.admin), section(&AdminConfig::default()));
+    rows.sort();
+    rows
+}
+
+/// A config section as a TOML table.
+fn section<T: serde::Serialize>(v: &T) -> toml::Value {
+    toml::Value::try_from(v).unwrap_or(toml::Value::Table(Default::default()))
+}
+
+/// Column types, as PgBouncer's `pktbuf_write_RowDescription` letters name them.
+#[derive(Clone, Copy)]
+enum Type {
+    Text,
+    Int4,
+    Int8,
+    Numeric,
+    /// A timestamp sent as text (PgBouncer's `T`).
+    Timestamp,
+}
+
+impl Type {
+    fn oid(self) -> u32 {
+        match self {
+            Type::Text => 25,
+            Type::Int4 => 23,
+            Type::Int8 => 20,
+            Type::Numeric => 1700,
+            Type::Timestamp => 1184,
+        }
+    }
+
+    fn size(self) -> i16 {
+        match self {
+            Type::Int4 => 4,
+            Type::Int8 | Type::Timestamp => 8,
+            Type::Text | Type::Numeric => -1,
+        }
+    }
+
+    /// From PgBouncer's letter: s, i, q, N, T.
+    fn of(letter: u8) -> Type {
+        match letter {
+            b'i' => Type::Int4,
+            b'q' => Type::Int8,
+            b'N' => Type::Numeric,
+            b'T' => Type::Timestamp,
+            _ => Type::Text,
+        }
+    }
+}
+
+/// One result set being written.
+struct ResultSet<'a> {
+    out: &'a mut BytesMut,
+    rows: usize,
+}
+
+impl<'a> ResultSet<'a> {
+    /// RowDescription of `names` typed by PgBouncer's type letters.
+    fn new(out: &'a mut BytesMut, names: &[&str], types: &str) -> Self {
+        debug_assert_eq!(names.len(), types.len());
+        put_message(out, b'T', |b| {
+            b.put_u16(names.len() as u16);
+            for (name, t) in names.iter().zip(types.bytes()) {
+                let t = Type::of(t);
+                b.put_slice(name.as_bytes());
+                b.put_u8(0);
+                b.put_u32(0);
+                b.put_u16(0);
+                b.put_u32(t.oid());
+                b.put_i16(t.size());
+                b.put_i32(-1);
+                b.put_u16(0);
+            }
+        });
+        Self { out, rows: 0 }
+    }
+
+    /// A DataRow: `None` is NULL.
+    fn row<S: AsRef<str>>(&mut self, values: impl IntoIterator<Item = Option<S>>) {
+        let values: Vec<Option<S>> = values.into_iter().collect();
+        put_message(self.out, b'D', |b| {
+            b.put_u16(values.len() as u16);
+            for v in &values {
+                match v {
+                    None => b.put_i32(-1),
+                    Some(v) => {
+                        b.put_i32(v.as_ref().len() as i32);
+                        b.put_slice(v.as_ref().as_bytes());
+                    }
+                }
+            }
+        });
+        self.rows += 1;
+    }
+
+    fn done(self) {
+        let tag = format!("SHOW {}", self.rows);
+        command_complete(self.out, &tag);
+    }
+}
+
+fn command_complete(out: &mut BytesMut, tag: &str) {
+    put_message(out, b'C', |b| {
+        b.put_slice(tag.as_bytes());
+        b.put_u8(0);
+    });
+}
+
+/// An ErrorResponse (ERROR) or NoticeResponse with `code` and `message`.
+fn notice_or_error(out: &mut BytesMut, tag: u8, severity: &str, code: &str, message: &str) {
+    put_message(out, tag, |b| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', message),
+        ] {
+            b.put_u8(field);
+            b.put_slice(value.as_bytes());
+            b.put_u8(0);
+        }
+        b.put_u8(0);
+    });
+}
+
+fn error(out: &mut BytesMut, code: &str, message: &str) {
+    notice_or_error(out, b'E', "ERROR", code, message);
+}
+
+/// The rest of a console login after AuthenticationOk: what PgBouncer's console reports.
+pub fn greet(out: &mut BytesMut) {
+    for (k, v) in [
+        (
+            "server_version",
+            concat!(env!("CARGO_PKG_VERSION"), "/pgvane"),
+        ),
+        ("client_encoding", "UTF8"),
+        ("server_encoding", "UTF8"),
+        ("DateStyle", "ISO"),
+        ("TimeZone", "UTC"),
+        ("standard_conforming_strings", "on"),
+        ("integer_datetimes", "on"),
+    ] {
+        backend::parameter_status(out, k, v);
+    }
+    backend::backend_key_data(out, 0, 0);
+    backend::ready_for_query(out, b'I');
+}
+
+/// A console user, logged in.
+pub struct ConsoleLogin {
+    pub user: String,
+    pub access: Access,
+    /// What the client sent past its login.
+    pub early: Vec<u8>,
+}
+
+/// Serves a logged-in console user until it leaves.
+pub async fn serve(client: TcpStream, peer: SocketAddr, login: ConsoleLogin, shared: Arc<Shared>) {
+    let ConsoleLogin {
+        user,
+        access,
+        early,
+    } = login;
+    info!(client = %peer, user, ?access, "admin console user logged in");
+    let (user, shared) = (&user[..], &shared);
+    let (read, mut write) = tokio::io::split(client);
+    let mut read = tokio::io::AsyncReadExt::chain(&early[..], read);
+    let mut out = BytesMut::new();
+    // An extended-protocol request is refused once, then skipped up to its Sync, which gets
+    // the ReadyForQuery (as PostgreSQL answers a failed extended request).
+    let mut skipping = false;
+    loop {
+        let message = match read_message(&mut read, MAX_QUERY).await {
+            Ok(m) => m,
+            Err(ProtocolError::Io(_)) => return,
+            Err(e) => {
+                error(&mut out, "08P01", &e.to_string());
+                let _ = write.write_all(&out).await;
+                return;
+            }
+        };
+        out.clear();
+        match message.tag {
+            b'X' => return,
+            b'Q' => {
+                let text = String::from_utf8_lossy(&message.body);
+                let text = text.trim_end_matches('\0');
+                run(&mut out, text, user, access, shared).await;
+            }
+            b'S' if skipping => skipping = false,
+            _ if skipping => continue,
+            tag => {
+                error(
+                    &mut out,
+                    "08P01",
+                    "the admin console speaks the simple query protocol only",
+                );
+                if tag != b'S' {
+                    skipping = true;
+                    let _ = write.write_all(&out).await;
+                    continue;
+                }
+            }
+        }
+        backend::ready_for_query(&mut out, b'I');
+        if write.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs one console query: `;`-separated commands, each answered in turn.
+async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared: &Arc<Shared>) {
+    let commands: Vec<&str> = text
+        .split(';')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    if commands.is_empty() {
+        put_message(out, b'I', |_| {});
+        return;
+    }
+    for command in commands {
+        let words: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
+        let verb = words[0].to_ascii_uppercase();
+        let arg = words.get(1).map(|w| w.trim_matches('"').to_owned());
+        if access == Access::Stats && verb != "SHOW" {
+            error(
+                out,
+                "42501",
+                "admin access needed: only SHOW is open to stats_users",
+            );
+            return;
+        }
+        match verb.as_str() {
+            "SHOW" => {
+                let what = arg.as_deref().unwrap_or("").to_ascii_uppercase();
+                if !show(out, &what, shared) {
+                    error(
+                        out,
+                        "42601",
+                        &format!("invalid command 'SHOW {what}', use SHOW HELP;"),
+                    );
+                    return;
+                }
+            }
+            "PAUSE" => {
+                info!(
+                    user,
+                    database = arg.as_deref(),
+                    "PAUSE requested on the console"
+                );
+                if arg
+                    .as_deref()
+                    .is_some_and(|d| !shared.pools.serves_database(d))
+                {
+                    error(
+                        out,
+                        "3D000",
+                        "no pool serves this database: PAUSE names a database clients use",
+                    );
+                    return;
+                }
+                super::pause_and_wait(shared, arg).await;
+                command_complete(out, "PAUSE");
+            }
+            "RESUME" => {
+                info!(
+                    user,
+                    database = arg.as_deref(),
+                    "RESUME requested on the console"
+                );
+                if let Err(e) = super::resume(shared, arg.as_deref()) {
+                    error(out, "55000", &e.to_string());
+                    return;
+                }
+                command_complete(out, "RESUME");
+            }
+            _ => {
+                error(
+                    out,
+                    "42601",
+                    &format!("invalid command '{command}', use SHOW HELP;"),
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Writes the answer to SHOW `what`; false if there is no such SHOW.
+fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
+    match what {
+        "HELP" => {
+            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]";
+            notice_or_error(out, b'N', "NOTICE", "00000", help);
+            command_complete(out, "SHOW");
+        }
+        "VERSION" => {
+            let mut rs = ResultSet::new(out, &["version"], "s");
+            rs.row([Some(format!("pgvane {}", env!("CARGO_PKG_VERSION")))]);
+            rs.done();
+        }
+        "STATE" => {
+            let paused = *shared.paused.borrow() == Pause::All;
+            let mut rs = ResultSet::new(out, &["key", "value"], "ss");
+            for (k, v) in [
+                ("active", !paused),
+                ("paused", paused),
+                ("suspended", false),
+            ] {
+                rs.row([Some(k), Some(if v { "yes" } else { "no" })]);
+            }
+            rs.done();
+        }
+        "CONFIG" => {
+            let mut rs = ResultSet::new(out, &["key", "value", "default", "changeable"], "ssss");
+            for [k, v, d] in &shared.console.config {
+                rs.row([Some(k.as_str()), Some(v), Some(d), Some("no")]);
+            }
+            rs.done();
+        }
+        "POOLS" => show_pools(out, shared),
+        "STATS" => {
+            let names: Vec<String> = std::iter::once("database".to_owned())
+                .chain(
+                    TOTALS_COLUMNS
+                        .iter()
+                        .map(|c| format!("total_{}", total_name(c))),
+                )
+                .chain(
+                    TOTALS_COLUMNS
+                        .iter()
+                        .map(|c| format!("avg_{}", avg_name(c))),
+                )
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let types = format!("s{}", "N".repeat(24));
+            let mut rs = ResultSet::new(out, &names, &types);
+            let averages: BTreeMap<String, Totals> =
+                shared.pools.stats.averages().into_iter().collect();
+            for (db, totals) in shared.pools.stats.totals() {
+                let avg = averages.get(&db).copied().unwrap_or_default();
+                let values = totals.values().into_iter().chain(avg.values());
+                rs.row(std::iter::once(Some(db)).chain(values.map(|v| Some(v.to_string()))));
+            }
+            rs.done();
+        }
+        "STATS_TOTALS" | "STATS_AVERAGES" => {
+            let averages = what == "STATS_AVERAGES";
+            let names: Vec<String> = std::iter::once("database".to_owned())
+                .chain(TOTALS_COLUMNS.iter().enumerate().map(|(i, c)| {
+                    // PgBouncer's quirk: in STATS_AVERAGES only the last four carry avg_.
+                    match averages && i >= 8 {
+                        true => format!("avg_{c}"),
+                        false => (*c).to_owned(),
+                    }
+                }))
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let types = format!("s{}", "N".repeat(12));
+            let mut rs = ResultSet::new(out, &names, &types);
+            let rows = match averages {
+                true => shared.pools.stats.averages(),
+                false => shared.pools.stats.totals(),
+            };
+            for (db, t) in rows {
+                rs.row(std::iter::once(Some(db)).chain(t.values().map(|v| Some(v.to_string()))));
+            }
+            rs.done();
+        }
+        "TOTALS" => {
+            let (totals, averages) = shared.pools.stats.overall();
+            let mut rs = ResultSet::new(out, &["name", "value"], "sN");
+            for (prefix, values) in [("total", totals.values()), ("avg", averages.values())] {
+                for (name, v) in TOTALS_ROWS.iter().zip(values) {
+                    rs.row([Some(format!("{prefix}_{name}")), Some(v.to_string())]);
+                }
+            }
+            rs.done();
+        }
+        "DATABASES" => show_databases(out, shared),
+        "USERS" => show_users(out, shared),
+        "LISTS" => {
+            let pools = shared.pools.all();
+            let databases: BTreeSet<&str> = pools.iter().map(|p| p.key.database.as_str()).collect();
+            let users: BTreeSet<&str> = pools.iter().map(|p| p.key.user.as_str()).collect();
+            let pairs: BTreeSet<(&str, &str)> = pools
+                .iter()
+                .map(|p| (p.key.database.as_str(), p.key.user.as_str()))
+                .collect();
+            let clients = shared.max_client_conn as usize - shared.client_slots.available_permits();
+            let idle: usize = pools.iter().map(|p| p.idle_connections()).sum();
+            let open: usize = pools.iter().map(|p| p.open_connections()).sum();
+            let mut rs = ResultSet::new(out, &["list", "items"], "si");
+            for (k, v) in [
+                ("databases", databases.len()),
+                ("users", users.len()),
+                ("pools", pairs.len()),
+                ("free_clients", shared.client_slots.available_permits()),
+                ("used_clients", clients),
+                ("login_clients", 0),
+                ("free_servers", idle),
+                ("used_servers", open - idle),
+                ("dns_names", 0),
+                ("dns_zones", 0),
+                ("dns_queries", 0),
+                ("dns_pending", 0),
+            ] {
+                rs.row([Some(k.to_owned()), Some(v.to_string())]);
+            }
+            rs.done();
+        }
+        "BACKENDS" => show_backends(out, shared),
+        "ROUTES" => show_routes(out, shared),
+        _ => return false,
+    }
+    true
+}
+
+/// SHOW STATS_TOTALS' columns (without the `database` one).
+const TOTALS_COLUMNS: [&str; 12] = [
+    "server_assignment_count",
+    "xact_count",
+    "query_count",
+    "bytes_received",
+    "bytes_sent",
+    "xact_time",
+    "query_time",
+    "wait_time",
+    "client_parse_count",
+    "server_parse_count",
+    "bind_count",
+    "client_login_count",
+];
+
+/// SHOW TOTALS' row names (after `total_` and `avg_`): PgBouncer's field names there.
+const TOTALS_ROWS: [&str; 12] = [
+    "server_assignment_count",
+    "xact_count",
+    "query_count",
+    "client_bytes",
+    "server_bytes",
+    "xact_time",
+    "query_time",
+    "wait_time",
+    "ps_client_parse_count",
+    "ps_server_parse_count",
+    "ps_bind_count",
+    "client_login_count",
+];
+
+/// SHOW STATS' name of a total: `total_received`, not `total_bytes_received`.
+fn total_name(column: &str) -> &str {
+    column.strip_prefix("bytes_").unwrap_or(column)
+}
+
+/// SHOW STATS' name of an average: `avg_recv`, `avg_sent`.
+fn avg_name(column: &str) -> &str {
+    match column {
+        "bytes_received" => "recv",
+        "bytes_sent" => "sent",
+        c => c,
+    }
+}
+
+/// The pools of each (database, user), over all backends.
+fn pools_by_pair(shared: &Shared) -> BTreeMap<(String, String), Vec<Arc<Pool>>> {
+    let mut pairs: BTreeMap<(String, String), Vec<_>> = BTreeMap::new();
+    for pool in shared.pools.all() {
+        let key = (pool.key.database.clone(), pool.key.user.clone());
+        pairs.entry(key).or_default().push(pool);
+    }
+    pairs
+}
+
+fn show_pools(out: &mut BytesMut, shared: &Shared) {
+    let names = [
+        "database",
+        "user",
+        "cl_active",
+        "cl_waiting",
+        "cl_active_cancel_req",
+        "cl_waiting_cancel_req",
+        "sv_active",
+        "sv_active_cancel",
+        "sv_being_canceled",
+        "sv_idle",
+        "sv_used",
+        "sv_tested",
+        "sv_login",
+        "maxwait",
+        "maxwait_us",
+        "pool_mode",
+        "load_balance_hosts",
+    ];
+    let mode = shared.console.pool_mode();
+    let mut rs = ResultSet::new(out, &names, "ssiiiiiiiiiiiiiss");
+    for ((db, user), pools) in pools_by_pair(shared) {
+        let sum = |f: &dyn Fn(&Arc<Pool>) -> usize| pools.iter().map(f).sum::<usize>();
+        let waiting = sum(&|p| p.waiting_clients());
+        let clients = sum(&|p| p.clients());
+        let maxwait = pools
+            .iter()
+            .filter_map(|p| p.longest_wait())
+            .max()
+            .unwrap_or_default();
+        let n = |v: usize| Some(v.to_string());
+        rs.row([
+            Some(db),
+            Some(user),
+            n(clients.saturating_sub(waiting)),
+            n(waiting),
+            n(0),
+            n(0),
+            n(sum(&|p| p.busy_connections())),
+            n(0),
+            n(0),
+            n(sum(&|p| p.idle_connections())),
+            n(0),
+            n(0),
+            n(0),
+            Some(maxwait.as_secs().to_string()),
+            Some(maxwait.subsec_micros().to_string()),
+            Some(mode.clone()),
+            None,
+        ]);
+    }
+    rs.done();
+}
+
+fn show_databases(out: &mut BytesMut, shared: &Shared) {
+    let names = [
+        "name",
+        "host",
+        "port",
+        "database",
+        "force_user",
+        "pool_size",
+        "min_pool_size",
+        "reserve_pool_size",
+        "server_lifetime",
+        "pool_mode",
+        "load_balance_hosts",
+        "max_connections",
+        "current_connections",
+        "max_client_connections",
+        "current_client_connections",
+        "paused",
+        "disabled",
+    ];
+    let settings = shared.pools.settings();
+    let mode = shared.console.pool_mode();
+    let paused = shared.paused.borrow().clone();
+    let mut databases: BTreeMap<String, Vec<Arc<Pool>>> = BTreeMap::new();
+    for pool in shared.pools.all() {
+        databases
+            .entry(pool.key.database.clone())
+            .or_default()
+            .push(pool);
+    }
+    let mut rs = ResultSet::new(out, &names, "ssissiiiissiiiiii");
+    for (db, pools) in databases {
+        let backends: BTreeSet<(&str, u16)> = pools
+            .iter()
+            .map(|p| (p.backend().host.as_str(), p.backend().port))
+            .collect();
+        let hosts: Vec<&str> = backends.iter().map(|(h, _)| *h).collect();
+        let port = backends.iter().next().map_or(0, |(_, p)| *p);
+        let open: usize = pools.iter().map(|p| p.open_connections()).sum();
+        let clients: usize = pools.iter().map(|p| p.clients()).sum();
+        let n = |v: u64| Some(v.to_string());
+        rs.row([
+            Some(db.clone()),
+            Some(hosts.join(",")),
+            n(port.into()),
+            Some(db.clone()),
+            None,
+            n(settings.default_pool_size.into()),
+            n(settings.min_pool_size.into()),
+            n(settings.reserve_pool_size.into()),
+            n(settings.server_lifetime.as_secs()),
+            Some(mode.clone()),
+            None,
+            n(settings.max_db_connections.into()),
+            n(open as u64),
+            n(0),
+            n(clients as u64),
+            n(u64::from(paused.holds(Some(&db)))),
+            n(0),
+        ]);
+    }
+    rs.done();
+}
+
+fn show_users(out: &mut BytesMut, shared: &Shared) {
+    let names = [
+        "name",
+        "pool_size",
+        "reserve_pool_size",
+        "pool_mode",
+        "max_user_connections",
+        "current_connections",
+        "max_user_client_connections",
+        "current_client_connections",
+    ];
+    let settings = shared.pools.settings();
+    let mode = shared.console.pool_mode();
+    let mut users: BTreeMap<String, Vec<Arc<Pool>>> = BTreeMap::new();
+    for pool in shared.pools.all() {
+        users.entry(pool.key.user.clone()).or_default().push(pool);
+    }
+    let mut rs = ResultSet::new(out, &names, "siisiiii");
+    for (user, pools) in users {
+        let open: usize = pools.iter().map(|p| p.open_connections()).sum();
+        let clients: usize = pools.iter().map(|p| p.clients()).sum();
+        let size = pools.first().map_or(0, |p| p.size());
+        let n = |v: usize| Some(v.to_string());
+        rs.row([
+            Some(user),
+            n(size),
+            n(settings.reserve_pool_size as usize),
+            Some(mode.clone()),
+            n(settings.max_user_connections as usize),
+            n(open),
+            n(0),
+            n(clients),
+        ]);
+    }
+    rs.done();
+}
+
+/// pgvane's SHOW BACKENDS: each backend's role and health as the last checks saw them.
+fn show_backends(out: &mut BytesMut, shared: &Shared) {
+    let table = shared.topology.snapshot();
+    let details = shared.topology.details();
+    let names = [
+        "name",
+        "host",
+        "port",
+        "role",
+        "serving",
+        "suspect",
+        "lag_bytes",
+        "replay_delay_ms",
+        "active_sessions",
+        "last_error",
+    ];
+    let mut rs = ResultSet::new(out, &names, "ssissiqqis");
+    for (b, d) in table.backends.iter().zip(&details.backends) {
+        rs.row([
+            Some(b.backend.name.clone()),
+            Some(b.backend.host.clone()),
+            Some(b.backend.port.to_string()),
+            Some(b.role.as_str().to_owned()),
+            Some(b.serving.as_str().to_owned()),
+            Some(u8::from(b.suspect).to_string()),
+            d.lag_bytes.map(|v| v.to_string()),
+            d.replay_delay_ms.map(|v| v.to_string()),
+            Some(b.backend.active_sessions().to_string()),
+            d.last_error.clone(),
+        ]);
+    }
+    rs.done();
+}
+
+/// pgvane's SHOW ROUTES: each listener's target and the backends it routes to now.
+fn show_routes(out: &mut BytesMut, shared: &Shared) {
+    let table = shared.topology.snapshot();
+    let names = [
+        "listener",
+        "mode",
+        "target",
+        "backends",
+        "generation",
+        "primary",
+    ];
+    let primary = match &table.election {
+        Election::Elected(i) => Some(table.backends[*i].backend.name.clone()),
+        Election::None | Election::Ambiguous(_) => None,
+    };
+    let mut rs = ResultSet::new(out, &names, "ssssqs");
+    for l in &shared.console.listeners {
+        let backends: Vec<&str> = (0..table.backends.len())
+            .filter(|&i| table.qualifies(i, l.target, l.fallback_to_primary))
+            .map(|i| table.backends[i].backend.name.as_str())
+            .collect();
+        let mode = match l.mode {
+            ListenerMode::Passthrough => "passthrough",
+            ListenerMode::Session => "session",
+            ListenerMode::Transaction => "transaction",
+        };
+        rs.row([
+            Some(l.name.clone()),
+            Some(mode.to_owned()),
+            Some(l.target.to_string()),
+            Some(backends.join(",")),
+            Some(table.generation.to_string()),
+            primary.clone(),
+        ]);
+    }
+    rs.done();
+}
