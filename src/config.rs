@@ -180,6 +180,10 @@ pub struct AdminConfig {
     pub admin_users: Vec<String>,
     /// Users who may run SHOW commands there (PgBouncer's `stats_users`).
     pub stats_users: Vec<String>,
+    /// Bearer token for the HTTP API's control endpoints (`POST /pause`, `/resume`). Unset:
+    /// they answer loopback callers only. Set: every caller must send
+    /// `Authorization: Bearer <token>`. `/metrics` and `/status` stay open.
+    pub token: Option<String>,
 }
 
 /// Process-wide settings.
@@ -541,6 +545,10 @@ pub struct BackendConfig {
     /// Overrides `health.patroni.port` for this backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patroni_port: Option<u16>,
+    /// Drained (HAProxy's `set server state drain`): no new session or transaction goes
+    /// there, running ones finish, pooled connections close as they are released.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 /// A listening socket and where its clients go.
@@ -721,6 +729,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.health.sql.password.is_some() {
             shown.health.sql.password = Some("<redacted>".into());
+        }
+        if shown.admin.token.is_some() {
+            shown.admin.token = Some("<redacted>".into());
         }
         for u in &mut shown.users {
             if u.password.is_some() {

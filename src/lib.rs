@@ -9,7 +9,8 @@
 //! - [`protocol`]: the bits of the PostgreSQL wire protocol pgvane speaks itself.
 //! - [`error`]: client-facing failures and their PostgreSQL ErrorResponses.
 //! - [`limits`]: bounds on what clients can make pgvane spend (refusals, descriptors, logs).
-//! - [`admin`]: PAUSE/RESUME and the HTTP admin API (metrics, status).
+//! - [`admin`]: PAUSE/RESUME, the HTTP admin API (metrics, status) and the admin console.
+//! - [`stats`]: PgBouncer's SHOW STATS counters, per database.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`server`]: process lifecycle (bind, start, signals, drain).
 
@@ -25,3 +26,6 @@ pub mod proxy;
 pub mod server;
 pub mod stats;
 pub mod topology;
+
+/// pgvane's version and the git commit it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PGVANE_COMMIT"), ")");

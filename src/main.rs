@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Health-aware PostgreSQL proxy for replicated clusters.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = pgvane::VERSION, about)]
 struct Cli {
     /// Path of the TOML configuration file.
     #[arg(long, short, global = true, default_value = "/etc/pgvane/pgvane.toml")]

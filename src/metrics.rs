@@ -42,6 +42,8 @@ pub struct Metrics {
     pub client_errors: IntCounterVec,
     /// Passive health: the data path failed to reach a backend, by backend.
     pub backend_unreachable: IntCounterVec,
+    /// 1 while a backend is drained.
+    pub backend_draining: IntGaugeVec,
     /// Open client connections, by listener.
     pub clients: IntGaugeVec,
     pub paused: IntGauge,
@@ -154,6 +156,11 @@ impl Metrics {
             backend_unreachable: counter_vec(
                 "backend_unreachable_total",
                 "Times the data path could not reach a backend or lost a server connection to it; each triggers an immediate health check.",
+                &["backend"],
+            ),
+            backend_draining: gauge_vec(
+                "backend_draining",
+                "1 while the backend is drained: it takes no new sessions or transactions.",
                 &["backend"],
             ),
             clients: gauge_vec("client_connections", "Open client connections.", &["listener"]),

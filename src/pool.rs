@@ -833,6 +833,11 @@ impl Pool {
     }
 
     fn put_back(&self, mut conn: Box<ServerConn>) {
+        if self.backend.is_draining() {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            debug!(pool = ?self.key, "backend drained; server connection closed at release");
+            return;
+        }
         let now = coarse_now();
         if expired(now, conn.created, self.settings.server_lifetime) {
             self.open.fetch_sub(1, Ordering::Relaxed);
@@ -854,10 +859,12 @@ impl Pool {
             let mut closable = open.saturating_sub(min);
             let before = idle.len();
             let now = coarse_now();
+            let draining = self.backend.is_draining();
             idle.retain(|c| {
-                let close = (expired(now, c.last_used, s.server_idle_timeout)
-                    || expired(now, c.created, s.server_lifetime))
-                    && closable > 0;
+                let close = draining
+                    || (expired(now, c.last_used, s.server_idle_timeout)
+                        || expired(now, c.created, s.server_lifetime))
+                        && closable > 0;
                 closable -= close as usize;
                 !close
             });
@@ -867,7 +874,7 @@ impl Pool {
                 debug!(pool = ?self.key, closed, "idle server connections closed");
             }
         }
-        while self.open.load(Ordering::Relaxed) < min {
+        while self.open.load(Ordering::Relaxed) < min && !self.backend.is_draining() {
             match self.open_connection(Some(s.server_connect_timeout)).await {
                 Ok(conn) => self.idle.lock().expect("pool lock").insert(0, conn),
                 Err(e) => {

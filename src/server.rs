@@ -177,6 +177,7 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         tokio::spawn(admin::serve(
             socket,
             shared.clone(),
+            config.admin.token.as_deref().map(Arc::from),
             stop_background.clone(),
         ));
     }

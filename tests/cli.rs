@@ -186,3 +186,18 @@ async fn sigterm_drains_open_sessions_then_exits() {
         .expect("exit after the last session");
     assert!(status.success(), "{status}");
 }
+
+/// `pgvane --version` names the git commit it was built from.
+#[test]
+fn version_names_the_commit() {
+    let out = pgvane().arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+    assert!(text.starts_with("pgvane 0."), "{text}");
+    assert!(text.contains(&format!("({head})")), "{text} (HEAD {head})");
+}

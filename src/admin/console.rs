@@ -387,6 +387,27 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
                 super::pause_and_wait(shared, arg).await;
                 command_complete(out, "PAUSE");
             }
+            "DRAIN" | "ENABLE"
+                if arg
+                    .as_deref()
+                    .is_some_and(|a| a.eq_ignore_ascii_case("backend")) =>
+            {
+                let Some(name) = words.get(2) else {
+                    error(
+                        out,
+                        "42601",
+                        &format!("{verb} BACKEND needs a backend name"),
+                    );
+                    return;
+                };
+                let on = verb == "DRAIN";
+                info!(user, backend = %name, drain = on, "backend drain change requested on the console");
+                if let Err(e) = super::drain(shared, name, on) {
+                    error(out, "42704", &e.to_string());
+                    return;
+                }
+                command_complete(out, &verb);
+            }
             "RESUME" => {
                 info!(
                     user,
@@ -415,13 +436,13 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
 fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
     match what {
         "HELP" => {
-            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]";
+            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>";
             notice_or_error(out, b'N', "NOTICE", "00000", help);
             command_complete(out, "SHOW");
         }
         "VERSION" => {
             let mut rs = ResultSet::new(out, &["version"], "s");
-            rs.row([Some(format!("pgvane {}", env!("CARGO_PKG_VERSION")))]);
+            rs.row([Some(format!("pgvane {}", crate::VERSION))]);
             rs.done();
         }
         "STATE" => {
@@ -767,9 +788,11 @@ fn show_backends(out: &mut BytesMut, shared: &Shared) {
         "lag_bytes",
         "replay_delay_ms",
         "active_sessions",
+        "draining",
+        "server_connections",
         "last_error",
     ];
-    let mut rs = ResultSet::new(out, &names, "ssissiqqis");
+    let mut rs = ResultSet::new(out, &names, "ssissiqqiiis");
     for (b, d) in table.backends.iter().zip(&details.backends) {
         rs.row([
             Some(b.backend.name.clone()),
@@ -781,6 +804,8 @@ fn show_backends(out: &mut BytesMut, shared: &Shared) {
             d.lag_bytes.map(|v| v.to_string()),
             d.replay_delay_ms.map(|v| v.to_string()),
             Some(b.backend.active_sessions().to_string()),
+            Some(u8::from(b.draining).to_string()),
+            Some(super::server_connections(shared, &b.backend.name).to_string()),
             d.last_error.clone(),
         ]);
     }

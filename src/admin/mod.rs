@@ -1,4 +1,4 @@
-//! Admin: operator controls (PAUSE, RESUME) and the HTTP admin API.
+//! Admin: operator controls (PAUSE, RESUME), the HTTP admin API and the admin console.
 //!
 //! The HTTP API (`[admin] listen`) serves:
 //! - `GET /metrics`: Prometheus text exposition.
@@ -8,12 +8,18 @@
 //!   once no server connection of the paused databases is in use (200), or after
 //!   [`PAUSE_WAIT`] with the count still running (202).
 //! - `POST /resume[?database=NAME]`: RESUME.
+//! - `POST /drain?backend=NAME`, `POST /enable?backend=NAME`: drain a backend (no new
+//!   sessions or transactions; running ones finish) or take it back into service.
+//!
+//! Control requests (POST) come from loopback only, or, with `admin.token` set, carry it as
+//! a bearer token (401/403 otherwise). The same controls are on the admin console
+//! ([`console`]).
 //!
 //! Signals reach the same controls: SIGUSR1 = PAUSE, SIGUSR2 = RESUME (as in PgBouncer).
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +38,7 @@ use tracing::{debug, info, warn};
 use crate::proxy::{Pause, Shared};
 
 pub mod console;
-use crate::topology::Election;
+use crate::topology::{Election, UnknownBackend};
 
 /// How long `POST /pause` waits for running transactions before answering 202.
 pub const PAUSE_WAIT: Duration = Duration::from_secs(30);
@@ -138,6 +144,31 @@ pub async fn pause_and_wait(shared: &Arc<Shared>, database: Option<String>) -> u
     drained(shared, Some(tokio::time::Instant::now() + PAUSE_WAIT)).await
 }
 
+/// Drains backend `name` (`on`: HAProxy's `set server state drain`) or takes it back into
+/// service. Draining closes its idle pooled connections at once; the others close as they
+/// are released. Returns whether anything changed.
+pub fn drain(shared: &Shared, name: &str, on: bool) -> Result<bool, UnknownBackend> {
+    let changed = shared.topology.set_draining(name, on)?;
+    if changed && on {
+        let closed = shared.pools.close_idle(name);
+        info!(
+            backend = name,
+            closed_idle = closed,
+            "backend drained: no new sessions or transactions go there; running ones finish"
+        );
+    } else if changed {
+        info!(backend = name, "backend back in service");
+    }
+    Ok(changed)
+}
+
+/// Server connections open to backend `name`, over all its pools.
+pub fn server_connections(shared: &Shared, name: &str) -> usize {
+    let pools = shared.pools.all();
+    let of_backend = pools.iter().filter(|p| p.key.backend == name);
+    of_backend.map(|p| p.open_connections()).sum()
+}
+
 fn running(shared: &Shared) -> usize {
     let pause = shared.paused.borrow().clone();
     shared
@@ -157,7 +188,13 @@ const ADMIN_CONNECTIONS: usize = 32;
 const HEADER_READ_LIMIT: Duration = Duration::from_secs(5);
 
 /// Serves the HTTP admin API on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+/// `token`: `admin.token`, required of control requests when set (see [`may_control`]).
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    token: Option<Arc<str>>,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
@@ -177,10 +214,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
             }
             continue;
         };
-        let shared = shared.clone();
+        let (shared, token) = (shared.clone(), token.clone());
         let service = service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(req, &shared, peer).await) }
+            let (shared, token) = (shared.clone(), token.clone());
+            async move { Ok::<_, Infallible>(handle(req, &shared, peer, token.as_deref()).await) }
         });
         tokio::spawn(async move {
             let served = http1::Builder::new()
@@ -200,12 +237,26 @@ async fn handle(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
     peer: SocketAddr,
+    token: Option<&str>,
 ) -> Response<Full<Bytes>> {
-    let database = req.uri().query().and_then(|q| {
-        form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "database")
-            .map(|(_, v)| v.into_owned())
-    });
+    if req.method() == Method::POST {
+        let authorization = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Err(refused) = may_control(authorization, peer.ip(), token) {
+            warn!(client = %peer, path = req.uri().path(), "admin API control request refused: {}", refused.1);
+            return refused_reply(refused);
+        }
+    }
+    let param = |name: &str| {
+        req.uri().query().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
+    };
+    let database = param("database");
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             let text = shared.metrics.render(&shared.pools);
@@ -245,15 +296,78 @@ async fn handle(
                 Err(e) => json_reply(StatusCode::CONFLICT, json!({"error": e.to_string()})),
             }
         }
-        (_, "/metrics" | "/status" | "/pause" | "/resume") => json_reply(
+        (&Method::POST, path @ ("/drain" | "/enable")) => {
+            let Some(backend) = param("backend") else {
+                return json_reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "name the backend: ?backend=NAME"}),
+                );
+            };
+            let on = path == "/drain";
+            info!(client = %peer, backend, drain = on, "backend drain change requested over HTTP");
+            match drain(shared, &backend, on) {
+                Ok(changed) => json_reply(
+                    StatusCode::OK,
+                    json!({
+                        "backend": backend,
+                        "draining": on,
+                        "changed": changed,
+                        "server_connections": server_connections(shared, &backend),
+                    }),
+                ),
+                Err(e) => json_reply(StatusCode::NOT_FOUND, json!({"error": e.to_string()})),
+            }
+        }
+        (_, "/metrics" | "/status" | "/pause" | "/resume" | "/drain" | "/enable") => json_reply(
             StatusCode::METHOD_NOT_ALLOWED,
-            json!({"error": "GET /metrics and /status; POST /pause and /resume"}),
+            json!({"error": "GET /metrics and /status; POST /pause, /resume, /drain and /enable"}),
         ),
         _ => json_reply(
             StatusCode::NOT_FOUND,
-            json!({"error": "unknown path; try /metrics, /status, /pause, /resume"}),
+            json!({"error": "unknown path; try /metrics, /status, /pause, /resume, /drain, /enable"}),
         ),
     }
+}
+
+/// Whether a control request (any POST) may run: with `admin.token` set, it must carry it
+/// as a bearer token; without, it must come from a loopback address.
+fn may_control(
+    authorization: Option<&str>,
+    peer: IpAddr,
+    token: Option<&str>,
+) -> Result<(), (StatusCode, &'static str)> {
+    let Some(token) = token else {
+        return match peer.is_loopback() {
+            true => Ok(()),
+            false => Err((
+                StatusCode::FORBIDDEN,
+                "control endpoints answer loopback callers only unless admin.token is set",
+            )),
+        };
+    };
+    match authorization.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(sent) if constant_time_eq(sent.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err((
+            StatusCode::UNAUTHORIZED,
+            "control endpoints need Authorization: Bearer <admin.token>",
+        )),
+    }
+}
+
+/// Compares without stopping at the first difference, so timing tells nothing of the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn refused_reply((code, why): (StatusCode, &'static str)) -> Response<Full<Bytes>> {
+    let mut reply = json_reply(code, json!({ "error": why }));
+    if code == StatusCode::UNAUTHORIZED {
+        reply.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    reply
 }
 
 fn pause_json(p: &Pause) -> Value {
@@ -281,6 +395,8 @@ fn status(shared: &Shared) -> Value {
                 "suspect": b.suspect,
                 "timeline": b.timeline,
                 "active_sessions": b.backend.active_sessions(),
+                "draining": b.draining,
+                "server_connections": server_connections(shared, &b.backend.name),
                 "last_error": d.last_error,
                 "lag_bytes": d.lag_bytes,
                 "replay_delay_ms": d.replay_delay_ms,
@@ -331,4 +447,29 @@ fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<By
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_needs_loopback_or_the_token() {
+        let (lo, far): (IpAddr, IpAddr) =
+            ("127.0.0.1".parse().unwrap(), "10.1.2.3".parse().unwrap());
+        assert!(may_control(None, lo, None).is_ok());
+        assert_eq!(
+            may_control(None, far, None).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
+        // A token, once set, is asked of every caller, loopback included.
+        assert_eq!(
+            may_control(None, lo, Some("t")).unwrap_err().0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert!(may_control(Some("Bearer t"), far, Some("t")).is_ok());
+        assert!(may_control(Some("Bearer u"), far, Some("t")).is_err());
+        assert!(may_control(Some("Bearer tt"), far, Some("t")).is_err());
+        assert!(may_control(Some("t"), far, Some("t")).is_err());
+    }
 }

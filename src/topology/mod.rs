@@ -35,6 +35,8 @@ pub struct Topology {
     published: watch::Sender<u64>,
     /// One per backend: wakes its check task for an immediate check.
     recheck: Vec<Notify>,
+    /// Wakes the publisher to rebuild the table from unchanged health (a drain changed).
+    rebuild: Notify,
     metrics: Arc<Metrics>,
     /// What the admin API shows beyond the routing table; written by the publisher only.
     details: Mutex<Details>,
@@ -65,6 +67,11 @@ struct Lag {
     delay: Option<Duration>,
 }
 
+/// A backend name no `[[backend]]` entry has.
+#[derive(Debug, thiserror::Error)]
+#[error("no backend is named \"{0}\"")]
+pub struct UnknownBackend(pub String);
+
 /// One change of primary, as the admin API reports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Failover {
@@ -94,11 +101,16 @@ impl Topology {
         let backends: Vec<Arc<Backend>> = config
             .backends
             .iter()
-            .map(|b| Arc::new(Backend::new(b.name.clone(), b.host.clone(), b.port)))
+            .map(|b| {
+                let backend = Backend::new(b.name.clone(), b.host.clone(), b.port);
+                backend.set_draining(b.drain);
+                Arc::new(backend)
+            })
             .collect();
         let table = RoutingTable::initial(&backends);
         Arc::new(Self {
             recheck: backends.iter().map(|_| Notify::new()).collect(),
+            rebuild: Notify::new(),
             backends,
             table: ArcSwap::from_pointee(table),
             published: watch::channel(0).0,
@@ -108,6 +120,26 @@ impl Topology {
                 last_failover: None,
             }),
         })
+    }
+
+    /// Drains backend `name` (`on`) or takes it back into service: a new routing table
+    /// leaves it out of (or puts it back into) every listener's candidates; its sessions
+    /// keep running. Returns whether anything changed.
+    pub fn set_draining(&self, name: &str, on: bool) -> Result<bool, UnknownBackend> {
+        let backend = self
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| UnknownBackend(name.to_owned()))?;
+        let changed = backend.set_draining(on);
+        if changed {
+            self.metrics
+                .backend_draining
+                .with_label_values(&[name])
+                .set(i64::from(on));
+            self.rebuild.notify_one();
+        }
+        Ok(changed)
     }
 
     /// Per-check details and the last failover, for the admin API.
@@ -208,7 +240,17 @@ impl Topology {
         let snapshot = |s: &HealthState| (s.role(), s.is_suspect(), s.timeline(), s.is_lagging());
         let mut outage = Outage::default();
         // Ends when every check task has stopped (shutdown).
-        while let Some((i, obs, progress)) = rx.recv().await {
+        loop {
+            let (i, obs, progress) = tokio::select! {
+                checked = rx.recv() => match checked {
+                    Some(c) => c,
+                    None => return,
+                },
+                _ = self.rebuild.notified() => {
+                    self.publish(&states, &mut outage);
+                    continue;
+                }
+            };
             let name = &self.backends[i].name;
             if let Observation::Failed(e) = &obs {
                 debug!(backend = %name, error = %e, "health check failed");
@@ -236,15 +278,19 @@ impl Topology {
             if before == snapshot(&states[i]) {
                 continue;
             }
-            let prev = self.table.load_full();
-            let next =
-                RoutingTable::build(prev.generation + 1, &self.backends, &states, Some(&prev));
-            log_election(&prev, &next, outage.previous.as_deref());
-            self.record_table(&prev, &next, &mut outage);
-            let generation = next.generation;
-            self.table.store(Arc::new(next));
-            self.published.send_replace(generation);
+            self.publish(&states, &mut outage);
         }
+    }
+
+    /// Builds the next routing table from `states` and swaps it in.
+    fn publish(&self, states: &[HealthState], outage: &mut Outage) {
+        let prev = self.table.load_full();
+        let next = RoutingTable::build(prev.generation + 1, &self.backends, states, Some(&prev));
+        log_election(&prev, &next, outage.previous.as_deref());
+        self.record_table(&prev, &next, outage);
+        let generation = next.generation;
+        self.table.store(Arc::new(next));
+        self.published.send_replace(generation);
     }
 
     fn record_details(&self, i: usize, state: &HealthState, lag: Lag) {

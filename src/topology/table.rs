@@ -5,7 +5,7 @@
 //! that is cancelled the moment the backend stops serving the role it had in that table, so
 //! sessions routed by it can be shut down without polling.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,8 @@ pub struct Backend {
     pub host: String,
     pub port: u16,
     active: AtomicUsize,
+    /// Set by [`super::Topology::set_draining`]; the routing table is rebuilt from it.
+    draining: AtomicBool,
 }
 
 impl Backend {
@@ -29,7 +31,18 @@ impl Backend {
             host,
             port,
             active: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Drained: pooled connections to it close as they are released.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Returns whether this changed anything.
+    pub(super) fn set_draining(&self, on: bool) -> bool {
+        self.draining.swap(on, Ordering::Relaxed) != on
     }
 
     pub fn addr(&self) -> String {
@@ -84,6 +97,8 @@ pub struct BackendView {
     pub serving: Serving,
     pub suspect: bool,
     pub timeline: Option<u32>,
+    /// Drained: serves the sessions it has, takes no new work.
+    pub draining: bool,
     /// Cancelled when this backend's `serving` changes in a later table.
     pub lost: CancellationToken,
 }
@@ -130,6 +145,8 @@ pub struct RoutingTable {
     pub backends: Vec<BackendView>,
     pub election: Election,
     primary: Option<usize>,
+    /// The primary unless it is drained; `replicas` and `any` leave drained backends out.
+    routable_primary: Option<usize>,
     replicas: Vec<usize>,
     any: Vec<usize>,
 }
@@ -179,14 +196,20 @@ impl RoutingTable {
                     serving,
                     suspect: state.is_suspect(),
                     timeline: state.timeline(),
+                    draining: backend.is_draining(),
                     lost,
                 }
             })
             .collect();
+        // New work goes to backends that are not drained; a drained one keeps its role
+        // (and its sessions their tokens).
+        let takes_work = |i: &usize| !views[*i].draining;
+        let routable_primary = primary.filter(takes_work);
         let replicas: Vec<usize> = (0..views.len())
             .filter(|&i| views[i].serving == Serving::Replica)
+            .filter(takes_work)
             .collect();
-        let any = primary
+        let any = routable_primary
             .into_iter()
             .chain(replicas.iter().copied())
             .collect();
@@ -195,6 +218,7 @@ impl RoutingTable {
             backends: views,
             election,
             primary,
+            routable_primary,
             replicas,
             any,
         }
@@ -207,9 +231,9 @@ impl RoutingTable {
     /// Indexes of the backends a listener may use right now, best choice set first.
     pub fn candidates(&self, target: Target, fallback_to_primary: bool) -> &[usize] {
         match target {
-            Target::Primary => self.primary.as_slice(),
+            Target::Primary => self.routable_primary.as_slice(),
             Target::Replica if self.replicas.is_empty() && fallback_to_primary => {
-                self.primary.as_slice()
+                self.routable_primary.as_slice()
             }
             Target::Replica => &self.replicas,
             Target::Any => &self.any,
