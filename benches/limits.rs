@@ -42,7 +42,7 @@ fn contended(threads: usize, per_thread: u32, check: impl Fn(u32) + Sync) -> Dur
 fn bench(c: &mut Criterion) {
     let config = limits();
     let addresses = AddressLimits::new(&config);
-    let users = std::sync::Arc::new(UserLimits::new(&config, &[]));
+    let users = std::sync::Arc::new(UserLimits::new(&config, &[], None));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     let mut group = c.benchmark_group("limits");

@@ -184,6 +184,13 @@ impl UserStore {
     pub fn get(&self, name: &str) -> Option<Arc<User>> {
         self.users.get(name).cloned()
     }
+
+    /// Whether `user` (as a pool holds it) still has the secret this store gives its name:
+    /// a pool whose user's password changed on reload logs in with the new one.
+    pub fn has_same(&self, user: &User) -> bool {
+        let now = self.users.get(&user.name).and_then(|u| u.secret.as_ref());
+        now == user.secret.as_ref()
+    }
 }
 
 /// Parses a PgBouncer `auth_file`: `"user" "secret"` per line, `""` escapes a quote, lines

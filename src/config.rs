@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 /// A validated pgvane configuration.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -170,7 +170,7 @@ impl Serialize for RateLimit {
 }
 
 /// The HTTP admin API: `/metrics` (Prometheus), `/status`, `/pause`, `/resume`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address and port of the admin API, e.g. "127.0.0.1:9930". Unset: no admin API.
@@ -187,7 +187,7 @@ pub struct AdminConfig {
 }
 
 /// Process-wide settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GeneralConfig {
     /// On SIGTERM/SIGINT pgvane stops accepting and waits this long for open sessions to end
@@ -274,7 +274,7 @@ impl<'de> Deserialize<'de> for WorkerThreads {
 
 /// How pooled listeners authenticate clients. Passthrough listeners leave authentication
 /// to PostgreSQL.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     #[serde(rename = "type")]
@@ -295,7 +295,7 @@ pub enum AuthMethod {
 }
 
 /// A user of the pooled listeners.
-#[derive(Clone, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -336,7 +336,7 @@ impl fmt::Debug for UserConfig {
 
 /// Server connection pools of the session and transaction listeners. Names and defaults
 /// follow pgbouncer.ini; durations also accept a plain number of seconds, as there.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Server connections per (backend, database, user) pool.
@@ -439,7 +439,7 @@ impl Default for PoolConfig {
 
 /// How backends are checked. HAProxy semantics: `rise` consecutive successful checks mark a
 /// backend up, `fall` consecutive failures mark it down.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     pub method: CheckMethod,
@@ -487,7 +487,7 @@ pub enum CheckMethod {
 }
 
 /// Credentials of the monitor connection used by `method = "sql"`.
-#[derive(Clone, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SqlCheckConfig {
     pub user: String,
@@ -516,7 +516,7 @@ impl fmt::Debug for SqlCheckConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PatroniCheckConfig {
     /// Patroni REST API port, unless a backend sets its own `patroni_port`.
@@ -536,7 +536,7 @@ impl Default for PatroniCheckConfig {
 }
 
 /// One PostgreSQL server of the cluster.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub name: String,
@@ -552,7 +552,7 @@ pub struct BackendConfig {
 }
 
 /// A listening socket and where its clients go.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub name: String,

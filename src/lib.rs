@@ -12,6 +12,7 @@
 //! - [`admin`]: PAUSE/RESUME, the HTTP admin API (metrics, status) and the admin console.
 //! - [`stats`]: PgBouncer's SHOW STATS counters, per database.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`reload`]: applies a changed configuration file to the running process.
 //! - [`server`]: process lifecycle (bind, start, signals, drain).
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod stats;
 pub mod topology;

@@ -301,11 +301,19 @@ pub struct UserLimits {
     own_max_user: HashMap<String, u32>,
     rate: Option<DefaultKeyedRateLimiter<String>>,
     own_rate: HashMap<String, DefaultDirectRateLimiter>,
-    open_by_user: Mutex<HashMap<String, u32>>,
-    open_by_db: Mutex<HashMap<String, u32>>,
+    /// Shared with the limits a reload replaces, so that clients counted before it are
+    /// still counted (and given back) after it.
+    open: Arc<OpenCounts>,
     transactions: Option<DefaultKeyedRateLimiter<String>>,
     /// How long a transaction over the rate may wait for its turn.
     shape: Duration,
+}
+
+/// Client connections open per user and per database, for the keys that have a cap.
+#[derive(Default)]
+struct OpenCounts {
+    by_user: Mutex<HashMap<String, u32>>,
+    by_db: Mutex<HashMap<String, u32>>,
 }
 
 fn quota(rate: RateLimit, burst: Option<u32>) -> Quota {
@@ -317,7 +325,13 @@ fn quota(rate: RateLimit, burst: Option<u32>) -> Quota {
 }
 
 impl UserLimits {
-    pub fn new(c: &crate::config::LimitsConfig, users: &[crate::config::UserConfig]) -> Self {
+    /// `before`: the limits these replace on a reload, whose open counts carry over (rates
+    /// start with full buckets).
+    pub fn new(
+        c: &crate::config::LimitsConfig,
+        users: &[crate::config::UserConfig],
+        before: Option<&UserLimits>,
+    ) -> Self {
         let own_rate = users
             .iter()
             .filter_map(|u| {
@@ -338,8 +352,7 @@ impl UserLimits {
                 .user_connection_rate
                 .map(|r| RateLimiter::keyed(quota(r, c.user_connection_burst))),
             own_rate,
-            open_by_user: Mutex::default(),
-            open_by_db: Mutex::default(),
+            open: before.map(|b| b.open.clone()).unwrap_or_default(),
             transactions: c
                 .user_transaction_rate
                 .map(|r| RateLimiter::keyed(quota(r, c.user_transaction_burst))),
@@ -388,12 +401,12 @@ impl UserLimits {
         }
         let max_user = self.own_max_user.get(user).copied().or(self.max_user);
         let user_slot =
-            take(&self.open_by_user, user, max_user).map_err(Refusal::UserConnections)?;
-        let db_slot = match take(&self.open_by_db, database, self.max_db) {
+            take(&self.open.by_user, user, max_user).map_err(Refusal::UserConnections)?;
+        let db_slot = match take(&self.open.by_db, database, self.max_db) {
             Ok(taken) => taken,
             Err(max) => {
                 if user_slot {
-                    give_back(&self.open_by_user, user);
+                    give_back(&self.open.by_user, user);
                 }
                 return Err(Refusal::DatabaseConnections(max));
             }
@@ -450,10 +463,10 @@ pub struct UserGuard {
 impl Drop for UserGuard {
     fn drop(&mut self) {
         if let Some(u) = &self.user {
-            give_back(&self.limits.open_by_user, u);
+            give_back(&self.limits.open.by_user, u);
         }
         if let Some(d) = &self.database {
-            give_back(&self.limits.open_by_db, d);
+            give_back(&self.limits.open.by_db, d);
         }
     }
 }

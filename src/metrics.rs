@@ -44,6 +44,8 @@ pub struct Metrics {
     pub backend_unreachable: IntCounterVec,
     /// 1 while a backend is drained.
     pub backend_draining: IntGaugeVec,
+    /// Configuration reloads, by result (ok, failed).
+    pub reloads: IntCounterVec,
     /// Open client connections, by listener.
     pub clients: IntGaugeVec,
     pub paused: IntGauge,
@@ -162,6 +164,11 @@ impl Metrics {
                 "backend_draining",
                 "1 while the backend is drained: it takes no new sessions or transactions.",
                 &["backend"],
+            ),
+            reloads: counter_vec(
+                "reloads_total",
+                "Configuration reloads (SIGHUP, console RELOAD, POST /reload), by result: ok, or failed (the file was invalid; nothing changed).",
+                &["result"],
             ),
             clients: gauge_vec("client_connections", "Open client connections.", &["listener"]),
             paused: gauge("paused", "1 while PAUSE holds new work (global or any database)."),

@@ -13,7 +13,9 @@
 //! is closed: a connection in an unknown state is never handed out.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,8 +26,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::auth::UserStore;
 use crate::auth::{error_code, error_message, login_to_server, ServerLoginError, User};
-use crate::config::PoolConfig;
+use crate::config::{PoolConfig, UserConfig};
 use crate::protocol::{read_message, ProtocolError};
 use crate::proxy::prepared::ServerStatements;
 use crate::stats::{DbStats, LinkCounts, Stats, STATS_PERIOD};
@@ -347,6 +350,9 @@ pub struct PoolKey {
 
 pub struct Pool {
     pub key: PoolKey,
+    /// Replaced on reload (its settings or its user's changed): it takes no new sessions,
+    /// its idle connections are closed and the others close as they are released.
+    retired: AtomicBool,
     /// SHOW STATS counters of the pool's database.
     pub stats: Arc<DbStats>,
     backend: Arc<Backend>,
@@ -498,6 +504,15 @@ impl Pool {
 
     pub fn size(&self) -> usize {
         self.pool_size
+    }
+
+    /// The settings this pool was made with (see [`Pools::reconfigure`]).
+    pub fn settings(&self) -> &PoolConfig {
+        &self.settings
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// Clients whose session is in this pool (SHOW POOLS' cl_active + cl_waiting).
@@ -833,9 +848,9 @@ impl Pool {
     }
 
     fn put_back(&self, mut conn: Box<ServerConn>) {
-        if self.backend.is_draining() {
+        if self.backend.is_draining() || self.is_retired() {
             self.open.fetch_sub(1, Ordering::Relaxed);
-            debug!(pool = ?self.key, "backend drained; server connection closed at release");
+            debug!(pool = ?self.key, "backend drained or pool replaced by a reload; server connection closed at release");
             return;
         }
         let now = coarse_now();
@@ -886,6 +901,14 @@ impl Pool {
     }
 }
 
+/// `[[user]]` name → (pool_size, max_user_connections).
+type UserPoolSettings = HashMap<String, (Option<u32>, Option<u32>)>;
+
+fn user_pool_settings(users: &[UserConfig]) -> UserPoolSettings {
+    let of = |u: &UserConfig| (u.name.clone(), (u.pool_size, u.max_user_connections));
+    users.iter().map(of).collect()
+}
+
 /// database → user → pool.
 type PoolsOfBackend = HashMap<String, HashMap<String, Arc<Pool>>>;
 
@@ -911,7 +934,7 @@ fn held_by_nothing(pool: &Arc<Pool>) -> bool {
 
 /// Every pool, created on first use.
 pub struct Pools {
-    settings: Arc<PoolConfig>,
+    settings: ArcSwap<PoolConfig>,
     /// backend → database → user → pool: looked up by `&str` per transaction, without
     /// building a key.
     pools: Mutex<HashMap<String, PoolsOfBackend>>,
@@ -919,7 +942,7 @@ pub struct Pools {
     user_caps: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// backend → its `server_connect_concurrency` permits.
     connecting: Mutex<HashMap<String, Arc<Semaphore>>>,
-    user_settings: HashMap<String, (Option<u32>, Option<u32>)>,
+    user_settings: ArcSwap<UserPoolSettings>,
     /// SHOW STATS counters, per database.
     pub stats: Stats,
 }
@@ -927,21 +950,74 @@ pub struct Pools {
 impl Pools {
     pub fn new(settings: PoolConfig, users: &[crate::config::UserConfig]) -> Arc<Self> {
         Arc::new(Self {
-            settings: Arc::new(settings),
+            settings: ArcSwap::from_pointee(settings),
             pools: Mutex::default(),
             db_caps: Mutex::default(),
             user_caps: Mutex::default(),
             connecting: Mutex::default(),
-            user_settings: users
-                .iter()
-                .map(|u| (u.name.clone(), (u.pool_size, u.max_user_connections)))
-                .collect(),
+            user_settings: ArcSwap::from_pointee(user_pool_settings(users)),
             stats: Stats::default(),
         })
     }
 
-    pub fn settings(&self) -> &PoolConfig {
-        &self.settings
+    /// The pool settings in force (a pool keeps those it was made with).
+    pub fn settings(&self) -> Arc<PoolConfig> {
+        self.settings.load_full()
+    }
+
+    /// Takes a reloaded `[pool]` section and `[[user]]` pool settings: every pool whose
+    /// settings, user settings or user secret changed is retired (its idle connections
+    /// closed now, the others as they are released) and replaced by a new one at its next
+    /// use; sessions move to it at their next transaction. Returns how many were retired.
+    pub fn reconfigure(
+        &self,
+        settings: &PoolConfig,
+        users: &[UserConfig],
+        store: &UserStore,
+    ) -> usize {
+        let caps_changed = {
+            let old = self.settings.load();
+            old.max_db_connections != settings.max_db_connections
+                || old.max_user_connections != settings.max_user_connections
+                || old.server_connect_concurrency != settings.server_connect_concurrency
+        };
+        let settings_changed = **self.settings.load() != *settings;
+        let per_user = user_pool_settings(users);
+        let old_per_user = self.user_settings.load_full();
+        self.settings.store(Arc::new(settings.clone()));
+        self.user_settings.store(Arc::new(per_user.clone()));
+        if caps_changed {
+            // New pools count under new caps; the retired ones' connections keep the old
+            // permits until they close.
+            for caps in [&self.db_caps, &self.user_caps, &self.connecting] {
+                caps.lock().expect("caps lock").clear();
+            }
+        }
+        let mut retired = Vec::new();
+        {
+            let mut pools = self.pools.lock().expect("pools lock");
+            for dbs in pools.values_mut() {
+                for users in dbs.values_mut() {
+                    users.retain(|name, pool| {
+                        let keep = !settings_changed
+                            && per_user.get(name) == old_per_user.get(name)
+                            && store.has_same(pool.user());
+                        if !keep {
+                            retired.push(pool.clone());
+                        }
+                        keep
+                    });
+                }
+                dbs.retain(|_, users| !users.is_empty());
+            }
+            pools.retain(|_, dbs| !dbs.is_empty());
+        }
+        for pool in &retired {
+            pool.retired.store(true, Ordering::Relaxed);
+            let idle = std::mem::take(&mut *pool.idle.lock().expect("pool lock"));
+            pool.open.fetch_sub(idle.len(), Ordering::Relaxed);
+        }
+        retired.len()
     }
 
     /// The pool of `user` on `database` at `backend`.
@@ -964,12 +1040,14 @@ impl Pools {
             database: database.to_owned(),
             user: user.name.clone(),
         };
+        let settings = self.settings.load_full();
         let (user_pool_size, user_max) = self
             .user_settings
+            .load()
             .get(&user.name)
             .copied()
             .unwrap_or_default();
-        let pool_size = user_pool_size.unwrap_or(self.settings.default_pool_size) as usize;
+        let pool_size = user_pool_size.unwrap_or(settings.default_pool_size) as usize;
         let mut caps = Vec::new();
         let cap = |map: &Mutex<HashMap<String, Arc<Semaphore>>>, name: &str, limit: u32| {
             map.lock()
@@ -978,29 +1056,30 @@ impl Pools {
                 .or_insert_with(|| Arc::new(Semaphore::new(limit as usize)))
                 .clone()
         };
-        if self.settings.max_db_connections > 0 {
-            let limit = self.settings.max_db_connections;
+        if settings.max_db_connections > 0 {
+            let limit = settings.max_db_connections;
             caps.push((Cap::Database, cap(&self.db_caps, database, limit)));
         }
-        match user_max.unwrap_or(self.settings.max_user_connections) {
+        match user_max.unwrap_or(settings.max_user_connections) {
             0 => {}
             limit => caps.push((Cap::User, cap(&self.user_caps, &user.name, limit))),
         }
         let connecting = cap(
             &self.connecting,
             &backend.name,
-            self.settings.server_connect_concurrency,
+            settings.server_connect_concurrency,
         );
         let pool = Arc::new(Pool {
             key: key.clone(),
+            retired: AtomicBool::new(false),
             stats: self.stats.of(database),
             backend: backend.clone(),
             user: user.clone(),
-            settings: self.settings.clone(),
+            settings: settings.clone(),
             pool_size,
             idle: Mutex::default(),
             slots: Arc::new(Semaphore::new(pool_size)),
-            reserve: Arc::new(Semaphore::new(self.settings.reserve_pool_size as usize)),
+            reserve: Arc::new(Semaphore::new(settings.reserve_pool_size as usize)),
             caps,
             siblings: Arc::downgrade(self),
             connecting,
@@ -1108,7 +1187,7 @@ impl Pools {
     /// server connection open (PgBouncer's autodb_idle_timeout), and the caps of databases
     /// and users no pool has any more.
     fn free_unused(&self) {
-        let limit = self.settings.autodb_idle_timeout;
+        let limit = self.settings.load().autodb_idle_timeout;
         if limit.is_zero() {
             return;
         }

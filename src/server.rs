@@ -7,9 +7,12 @@
 //! returning: the runtime drops every task with it, so the data path never has to watch a
 //! shutdown signal of its own.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Semaphore;
@@ -21,12 +24,11 @@ use crate::admin;
 use crate::admin::console::Console;
 use crate::auth::UserStore;
 use crate::config::{Config, ConfigError};
-use crate::limits::{
-    self, LogBudget, UserLimits, FILES_HEADROOM, REFUSALS_IN_FLIGHT, REFUSAL_LOG_LINES,
-};
+use crate::limits::{self, LogBudget, FILES_HEADROOM, REFUSALS_IN_FLIGHT, REFUSAL_LOG_LINES};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
-use crate::proxy::{self, CancelRegistry, PauseState, Route, Shared};
+use crate::proxy::{self, CancelRegistry, ClientSettings, PauseState, Route, Shared};
+use crate::reload::{user_limits_of, ReloadHandle, Reloader};
 use crate::topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,22 +49,6 @@ pub fn load_users(config: &Config) -> Result<UserStore, ConfigError> {
     UserStore::load(config).map_err(|p| ConfigError::Invalid(vec![p]))
 }
 
-/// Runs pgvane until a shutdown signal has been handled. `users` comes from
-/// [`load_users`], which start-up has already called to validate the config.
-/// The per-user limits, if any is set (in `[limits]` or a `[[user]]`).
-fn user_limits_of(config: &Config) -> Option<Arc<UserLimits>> {
-    let l = &config.limits;
-    let any = l.user_connection_rate.is_some()
-        || l.max_user_client_connections.is_some()
-        || l.max_db_client_connections.is_some()
-        || l.user_transaction_rate.is_some()
-        || config
-            .users
-            .iter()
-            .any(|u| u.user_connection_rate.is_some() || u.max_user_client_connections.is_some());
-    any.then(|| Arc::new(UserLimits::new(l, &config.users)))
-}
-
 /// Raises the open files limit as far as allowed, and warns if it is still short of what
 /// `max_client_conn` may take (clients and refusals, plus room for server connections,
 /// checks and the admin API).
@@ -80,7 +66,10 @@ fn check_open_files(config: &Config) {
     }
 }
 
-pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
+/// Runs pgvane until a shutdown signal has been handled. `users` comes from
+/// [`load_users`], which start-up has already called to validate the config; `path` is
+/// where a reload reads the configuration again.
+pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), StartError> {
     let users = Arc::new(users);
     check_open_files(&config);
     // Bind everything first so a taken port fails start-up before any work begins.
@@ -94,7 +83,8 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
                 addr,
                 source,
             })?;
-        bound.push((socket, Arc::new(Route::new(l.clone(), &config.limits))));
+        let route = Arc::new(ArcSwap::from_pointee(Route::new(l.clone(), &config.limits)));
+        bound.push((socket, route));
     }
     let admin_socket = match config.admin.listen {
         Some(addr) => Some(
@@ -131,38 +121,40 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         warn!("no primary available at start-up; writes are held (failover_hold_timeout) until a backend is primary");
     }
 
-    let user_limits = user_limits_of(&config);
-    if let Some(limits) = user_limits.clone() {
-        // Login-rate state of users idle long enough to have full buckets again goes.
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                every.tick().await;
-                limits.forget_idle();
-            }
-        });
-    }
+    let (reloads, mut reload_requests) = ReloadHandle::new();
     let shared = Arc::new(Shared {
         topology,
         pools,
-        users,
+        users: ArcSwap::new(users),
         cancels: Arc::new(CancelRegistry::default()),
         client_slots: Arc::new(Semaphore::new(config.general.max_client_conn as usize)),
         refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT)),
         refusal_log: LogBudget::per_second(REFUSAL_LOG_LINES),
-        user_limits: user_limits.clone(),
-        max_client_conn: config.general.max_client_conn,
-        client_login_timeout: config.general.client_login_timeout,
-        failover_hold_timeout: config.general.failover_hold_timeout,
+        user_limits: ArcSwapOption::new(user_limits_of(&config, None)),
+        general: ArcSwap::from_pointee(ClientSettings::of(&config.general)),
         paused: PauseState::default(),
         console: Console::new(&config),
+        reloads,
         metrics,
+    });
+    // Login-rate state of users idle long enough to have full buckets again goes.
+    let idle_users = shared.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            if let Some(limits) = &*idle_users.user_limits.load() {
+                limits.forget_idle();
+            }
+        }
     });
     let stop_accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
     let listeners = TaskTracker::new();
+    let mut routes = HashMap::new();
     for ((socket, route), l) in bound.into_iter().zip(&config.listeners) {
         info!(listener = %l.name, addr = %l.socket_addr(), mode = ?l.mode, target = %l.target, "listening");
+        routes.insert(l.name.clone(), route.clone());
         listeners.spawn(proxy::serve(
             socket,
             route,
@@ -177,16 +169,14 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
         tokio::spawn(admin::serve(
             socket,
             shared.clone(),
-            config.admin.token.as_deref().map(Arc::from),
             stop_background.clone(),
         ));
     }
 
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(StartError::Signal)?;
     let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
-    // Installed even though reload is not built yet: SIGHUP's default action would end the
-    // process, and operators send it out of habit (PgBouncer reloads on it).
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
+    let mut reloader = Reloader::new(path, config, shared.clone(), routes);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
@@ -196,18 +186,25 @@ pub async fn run(config: Config, users: UserStore) -> Result<(), StartError> {
             _ = sigusr2.recv() => {
                 let _ = admin::resume(&shared, None);
             }
-            _ = sighup.recv() => warn!("SIGHUP: configuration reload is not supported yet; the running configuration is unchanged (restart pgvane to apply a new one)"),
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                let _ = reloader.reload();
+            }
+            Some(asked) = reload_requests.recv() => {
+                let _ = asked.send(reloader.reload());
+            }
         }
     }
+    let shutdown_timeout = reloader.current().general.shutdown_timeout;
     stop_accepting.cancel();
     listeners.wait().await;
     sessions.close();
     let open = sessions.len();
     if open > 0 {
-        info!(sessions = open, timeout = ?config.general.shutdown_timeout, "waiting for open sessions to end");
+        info!(sessions = open, timeout = ?shutdown_timeout, "waiting for open sessions to end");
         tokio::select! {
             _ = sessions.wait() => {}
-            _ = tokio::time::sleep(config.general.shutdown_timeout) => {
+            _ = tokio::time::sleep(shutdown_timeout) => {
                 warn!(sessions = sessions.len(), "shutdown timeout reached; closing sessions");
             }
             _ = sigterm.recv() => warn!("second signal: closing sessions now"),

@@ -18,7 +18,10 @@ fn start(cluster: &Cluster, backend_extra: &str, admin_extra: &str) -> (u16, u16
     );
     let mut text = pooled_config(cluster, &listeners, &extra);
     if let Some(pg1) = cluster.nodes.get(1) {
-        let entry = format!("name = \"pg1\"\nhost = \"127.0.0.1\"\nport = {}\n", pg1.port);
+        let entry = format!(
+            "name = \"pg1\"\nhost = \"127.0.0.1\"\nport = {}\n",
+            pg1.port
+        );
         text = text.replace(&entry, &format!("{entry}{backend_extra}\n"));
     }
     let pgvane = Pgvane::start(&text, &[session, tx, admin]);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 use std::net::SocketAddr;
 
+use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -39,47 +40,82 @@ pub enum Access {
     Stats,
 }
 
-/// What the console needs beyond the data path's shared state, fixed at start.
-#[derive(Debug)]
+/// What the console and the admin API need beyond the data path's shared state: the
+/// configuration in force, replaced on reload.
 pub struct Console {
+    settings: ArcSwap<ConsoleSettings>,
+    /// Client slots past `max_client_conn` for `admin_users` (none while there are none).
+    pub reserved: Arc<Semaphore>,
+}
+
+struct ConsoleSettings {
     admin_users: Vec<String>,
     stats_users: Vec<String>,
+    /// The HTTP API's bearer token for control requests.
+    token: Option<String>,
     /// SHOW CONFIG rows: key, value, default.
     config: Vec<[String; 3]>,
-    /// The pooled listeners, for SHOW ROUTES and pool_mode.
+    /// The listeners, for SHOW ROUTES and pool_mode.
     listeners: Vec<ListenerConfig>,
-    /// Client slots past `max_client_conn` for `admin_users` (none without any).
-    pub reserved: Arc<Semaphore>,
+}
+
+impl ConsoleSettings {
+    fn of(config: &Config) -> Self {
+        Self {
+            admin_users: config.admin.admin_users.clone(),
+            stats_users: config.admin.stats_users.clone(),
+            token: config.admin.token.clone(),
+            config: config_rows(config),
+            listeners: config.listeners.clone(),
+        }
+    }
 }
 
 impl Console {
     pub fn new(config: &Config) -> Self {
-        Self {
-            admin_users: config.admin.admin_users.clone(),
-            stats_users: config.admin.stats_users.clone(),
-            config: config_rows(config),
-            listeners: config.listeners.clone(),
-            reserved: Arc::new(Semaphore::new(match config.admin.admin_users.is_empty() {
-                true => 0,
-                false => CONSOLE_RESERVED_SLOTS,
-            })),
+        let console = Self {
+            settings: ArcSwap::from_pointee(ConsoleSettings::of(config)),
+            reserved: Arc::new(Semaphore::new(0)),
+        };
+        console.reserve(config);
+        console
+    }
+
+    /// Takes the configuration in force (at start and on reload).
+    pub fn reconfigure(&self, config: &Config) {
+        self.settings.store(Arc::new(ConsoleSettings::of(config)));
+        self.reserve(config);
+    }
+
+    /// Keeps the reserved slots while there are admin users (taken ones are given back
+    /// as their sessions end, so a reload can only add the missing ones).
+    fn reserve(&self, config: &Config) {
+        if !config.admin.admin_users.is_empty() && self.reserved.available_permits() == 0 {
+            self.reserved.add_permits(CONSOLE_RESERVED_SLOTS);
         }
     }
 
     /// What `user` may do on the console; `None`: not a console user.
     pub fn access(&self, user: &str) -> Option<Access> {
-        if self.admin_users.iter().any(|u| u == user) {
+        let s = self.settings.load();
+        if s.admin_users.iter().any(|u| u == user) {
             Some(Access::Admin)
-        } else if self.stats_users.iter().any(|u| u == user) {
+        } else if s.stats_users.iter().any(|u| u == user) {
             Some(Access::Stats)
         } else {
             None
         }
     }
 
+    /// `admin.token`, as in force.
+    pub fn token(&self) -> Option<String> {
+        self.settings.load().token.clone()
+    }
+
     /// The pool modes of the pooled listeners, as SHOW POOLS' pool_mode.
     fn pool_mode(&self) -> String {
-        let modes: BTreeSet<&str> = self
+        let settings = self.settings.load();
+        let modes: BTreeSet<&str> = settings
             .listeners
             .iter()
             .filter_map(|l| match l.mode {
@@ -408,6 +444,24 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
                 }
                 command_complete(out, &verb);
             }
+            "RELOAD" => {
+                info!(user, "RELOAD requested on the console");
+                match shared.reloads.reload().await {
+                    Ok(report) => {
+                        notice_or_error(out, b'N', "NOTICE", "00000", &report.to_string());
+                        command_complete(out, "RELOAD");
+                    }
+                    Err(why) => {
+                        // config_file_error: nothing was changed.
+                        error(
+                            out,
+                            "F0000",
+                            &format!("reload refused, nothing changed: {why}"),
+                        );
+                        return;
+                    }
+                }
+            }
             "RESUME" => {
                 info!(
                     user,
@@ -436,7 +490,7 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
 fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
     match what {
         "HELP" => {
-            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>";
+            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>\n\tRELOAD";
             notice_or_error(out, b'N', "NOTICE", "00000", help);
             command_complete(out, "SHOW");
         }
@@ -459,7 +513,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
         }
         "CONFIG" => {
             let mut rs = ResultSet::new(out, &["key", "value", "default", "changeable"], "ssss");
-            for [k, v, d] in &shared.console.config {
+            for [k, v, d] in &shared.console.settings.load().config {
                 rs.row([Some(k.as_str()), Some(v), Some(d), Some("no")]);
             }
             rs.done();
@@ -533,7 +587,8 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
                 .iter()
                 .map(|p| (p.key.database.as_str(), p.key.user.as_str()))
                 .collect();
-            let clients = shared.max_client_conn as usize - shared.client_slots.available_permits();
+            let slots = shared.max_client_conn() as usize;
+            let clients = slots.saturating_sub(shared.client_slots.available_permits());
             let idle: usize = pools.iter().map(|p| p.idle_connections()).sum();
             let open: usize = pools.iter().map(|p| p.open_connections()).sum();
             let mut rs = ResultSet::new(out, &["list", "items"], "si");
@@ -828,7 +883,7 @@ fn show_routes(out: &mut BytesMut, shared: &Shared) {
         Election::None | Election::Ambiguous(_) => None,
     };
     let mut rs = ResultSet::new(out, &names, "ssssqs");
-    for l in &shared.console.listeners {
+    for l in &shared.console.settings.load().listeners {
         let backends: Vec<&str> = (0..table.backends.len())
             .filter(|&i| table.qualifies(i, l.target, l.fallback_to_primary))
             .map(|i| table.backends[i].backend.name.as_str())

@@ -10,6 +10,8 @@
 //! - `POST /resume[?database=NAME]`: RESUME.
 //! - `POST /drain?backend=NAME`, `POST /enable?backend=NAME`: drain a backend (no new
 //!   sessions or transactions; running ones finish) or take it back into service.
+//! - `POST /reload`: reload the configuration file (see [`crate::reload`]); 200 with what
+//!   was applied and what needs a restart, or 422 with why the file was refused.
 //!
 //! Control requests (POST) come from loopback only, or, with `admin.token` set, carry it as
 //! a bearer token (401/403 otherwise). The same controls are on the admin console
@@ -188,13 +190,7 @@ const ADMIN_CONNECTIONS: usize = 32;
 const HEADER_READ_LIMIT: Duration = Duration::from_secs(5);
 
 /// Serves the HTTP admin API on `listener` until `stop`.
-/// `token`: `admin.token`, required of control requests when set (see [`may_control`]).
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    token: Option<Arc<str>>,
-    stop: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
@@ -214,10 +210,10 @@ pub async fn serve(
             }
             continue;
         };
-        let (shared, token) = (shared.clone(), token.clone());
+        let shared = shared.clone();
         let service = service_fn(move |req| {
-            let (shared, token) = (shared.clone(), token.clone());
-            async move { Ok::<_, Infallible>(handle(req, &shared, peer, token.as_deref()).await) }
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(handle(req, &shared, peer).await) }
         });
         tokio::spawn(async move {
             let served = http1::Builder::new()
@@ -237,14 +233,14 @@ async fn handle(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
     peer: SocketAddr,
-    token: Option<&str>,
 ) -> Response<Full<Bytes>> {
     if req.method() == Method::POST {
+        let token = shared.console.token();
         let authorization = req
             .headers()
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        if let Err(refused) = may_control(authorization, peer.ip(), token) {
+        if let Err(refused) = may_control(authorization, peer.ip(), token.as_deref()) {
             warn!(client = %peer, path = req.uri().path(), "admin API control request refused: {}", refused.1);
             return refused_reply(refused);
         }
@@ -296,6 +292,16 @@ async fn handle(
                 Err(e) => json_reply(StatusCode::CONFLICT, json!({"error": e.to_string()})),
             }
         }
+        (&Method::POST, "/reload") => {
+            info!(client = %peer, "reload requested over HTTP");
+            match shared.reloads.reload().await {
+                Ok(report) => json_reply(StatusCode::OK, json!(report)),
+                Err(why) => json_reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({"error": format!("reload refused, nothing changed: {why}")}),
+                ),
+            }
+        }
         (&Method::POST, path @ ("/drain" | "/enable")) => {
             let Some(backend) = param("backend") else {
                 return json_reply(
@@ -318,13 +324,15 @@ async fn handle(
                 Err(e) => json_reply(StatusCode::NOT_FOUND, json!({"error": e.to_string()})),
             }
         }
-        (_, "/metrics" | "/status" | "/pause" | "/resume" | "/drain" | "/enable") => json_reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            json!({"error": "GET /metrics and /status; POST /pause, /resume, /drain and /enable"}),
-        ),
+        (_, "/metrics" | "/status" | "/pause" | "/resume" | "/drain" | "/enable" | "/reload") => {
+            json_reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "GET /metrics and /status; POST /pause, /resume, /drain, /enable and /reload"}),
+            )
+        }
         _ => json_reply(
             StatusCode::NOT_FOUND,
-            json!({"error": "unknown path; try /metrics, /status, /pause, /resume, /drain, /enable"}),
+            json!({"error": "unknown path; try /metrics, /status, /pause, /resume, /drain, /enable, /reload"}),
         ),
     }
 }

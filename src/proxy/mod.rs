@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use arc_swap::{ArcSwap, ArcSwapOption};
+
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,23 +40,45 @@ use crate::limits::{AddressGuard, AddressLimits, LogBudget, UserLimits, REFUSAL_
 use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::protocol::{read_startup, ProtocolError, StartupPacket, PROTOCOL_MAJOR_3};
+use crate::reload::ReloadHandle;
 use crate::topology::{Backend, RoutingTable, Topology};
 
 /// A listener's routing policy plus its round-robin cursor and its per-address limits.
 pub struct Route {
     config: ListenerConfig,
     cursor: AtomicUsize,
-    addresses: AddressLimits,
+    /// The listener's limits over the `[limits]` defaults, and their counts.
+    limits: LimitsConfig,
+    addresses: Arc<AddressLimits>,
 }
 
 impl Route {
     /// `limits`: the `[limits]` defaults, under the listener's own.
     pub fn new(config: ListenerConfig, limits: &LimitsConfig) -> Self {
+        let limits = config.limits.over(limits);
         Self {
-            addresses: AddressLimits::new(&config.limits.over(limits)),
+            addresses: Arc::new(AddressLimits::new(&limits)),
+            limits,
             config,
             cursor: AtomicUsize::new(0),
         }
+    }
+
+    /// The route a reload makes of this one: the per-address counts go on unless the
+    /// limits themselves changed.
+    pub fn succeeding(&self, config: ListenerConfig, limits: &LimitsConfig) -> Self {
+        let next = Self::new(config, limits);
+        match next.limits == self.limits {
+            true => Self {
+                addresses: self.addresses.clone(),
+                ..next
+            },
+            false => next,
+        }
+    }
+
+    pub fn config(&self) -> &ListenerConfig {
+        &self.config
     }
 
     /// Backends to try for one client, in order: the balancing choice first, then the other
@@ -264,7 +288,7 @@ impl Route {
                 });
             }
             let deadline = held.get_or_insert_with(|| Held::new(&shared.metrics)).since
-                + shared.failover_hold_timeout;
+                + shared.general.load().failover_hold_timeout;
             let changes = match &mut changes {
                 Some(c) => c,
                 None => {
@@ -402,7 +426,9 @@ impl PauseState {
 pub struct Shared {
     pub topology: Arc<Topology>,
     pub pools: Arc<Pools>,
-    pub users: Arc<UserStore>,
+    /// Users of the pooled listeners; replaced on reload (sessions keep the users they
+    /// logged in as).
+    pub users: ArcSwap<UserStore>,
     pub cancels: Arc<CancelRegistry>,
     /// `max_client_conn` permits; a client holds one for its whole connection.
     pub client_slots: Arc<Semaphore>,
@@ -411,18 +437,45 @@ pub struct Shared {
     /// What refused and broken clients may log.
     pub refusal_log: LogBudget,
     /// Per-user and per-database limits of pooled logins; `None` when none is set.
-    pub user_limits: Option<Arc<UserLimits>>,
-    pub max_client_conn: u32,
-    pub client_login_timeout: Duration,
-    pub failover_hold_timeout: Duration,
+    pub user_limits: ArcSwapOption<UserLimits>,
+    /// `general` settings the data path reads; replaced on reload.
+    pub general: ArcSwap<ClientSettings>,
     /// Set by PAUSE and RESUME (admin API, console, signals).
     pub paused: PauseState,
     /// Who may use the admin console, and what it shows of the configuration.
     pub console: Console,
+    /// Asks for a configuration reload (console RELOAD, `POST /reload`).
+    pub reloads: ReloadHandle,
     pub metrics: Arc<Metrics>,
 }
 
+/// The `general` settings that clients meet, as in force now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClientSettings {
+    pub max_client_conn: u32,
+    pub client_login_timeout: Duration,
+    pub failover_hold_timeout: Duration,
+}
+
+impl ClientSettings {
+    pub fn of(general: &crate::config::GeneralConfig) -> Self {
+        Self {
+            max_client_conn: general.max_client_conn,
+            client_login_timeout: general.client_login_timeout,
+            failover_hold_timeout: general.failover_hold_timeout,
+        }
+    }
+}
+
 impl Shared {
+    pub fn client_login_timeout(&self) -> Duration {
+        self.general.load().client_login_timeout
+    }
+
+    pub fn max_client_conn(&self) -> u32 {
+        self.general.load().max_client_conn
+    }
+
     /// Waits while a PAUSE holds `database`.
     async fn wait_resumed(&self, database: Option<&str>) {
         if !self.paused.is_on() || !self.paused.borrow().holds(database) {
@@ -434,15 +487,16 @@ impl Shared {
     }
 }
 
-/// Accepts clients until `stop_accepting` fires; sessions run on `sessions`.
+/// Accepts clients until `stop_accepting` fires; sessions run on `sessions`. Each client
+/// takes the route in force when it connects (a reload replaces it).
 pub async fn serve(
     listener: TcpListener,
-    route: Arc<Route>,
+    routes: Arc<ArcSwap<Route>>,
     shared: Arc<Shared>,
     stop_accepting: CancellationToken,
     sessions: TaskTracker,
 ) {
-    let name = route.config.name.clone();
+    let name = routes.load().config.name.clone();
     let clients = shared.metrics.clients.with_label_values(&[&name]);
     loop {
         let (client, peer) = tokio::select! {
@@ -460,6 +514,7 @@ pub async fn serve(
             },
         };
         let _ = client.set_nodelay(true);
+        let route = routes.load_full();
         // A debug-level span: at the default level it costs an idle client nothing, and the
         // info-level events name the client themselves.
         let span = tracing::debug_span!("session", listener = %name, client = %peer);
@@ -481,7 +536,7 @@ pub async fn serve(
             Err(_) => None,
         };
         let Some((slot, reserved)) = admitted else {
-            let err = ClientError::TooManyClients(shared.max_client_conn);
+            let err = ClientError::TooManyClients(shared.max_client_conn());
             turn_away(
                 client,
                 peer,
@@ -563,7 +618,7 @@ fn turn_away(
     refusals.with_label_values(&[limit, "yes"]).inc();
     let shared = shared.clone();
     let refused = async move {
-        let wait = shared.client_login_timeout.min(REFUSAL_LIMIT);
+        let wait = shared.client_login_timeout().min(REFUSAL_LIMIT);
         refuse(client, BytesMut::new(), peer, err, wait, &shared).await;
         drop(refusing);
     };

@@ -22,7 +22,7 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
     // whole within client_login_timeout (PostgreSQL would keep a backend process for it
     // until its own authentication_timeout).
     let mut early = BytesMut::new();
-    let limit = shared.client_login_timeout;
+    let limit = shared.client_login_timeout();
     let first = tokio::time::timeout(limit, read_first_packet(&mut client, &mut early));
     match first.await {
         Ok(Ok(())) => {}
@@ -68,7 +68,7 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, route: &Route, shar
         Ok(c) => c,
         Err(ClientError::Abandoned) => return debug!("client left while held"),
         Err(e) => {
-            let timeout = shared.client_login_timeout;
+            let timeout = shared.client_login_timeout();
             return refuse(client, early, peer, e, timeout, shared).await;
         }
     };

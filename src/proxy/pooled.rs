@@ -156,8 +156,8 @@ async fn login_or_refuse(
     reserved: bool,
 ) -> Option<LoggedIn> {
     let limit = match reserved {
-        true => shared.client_login_timeout.min(REFUSAL_LIMIT),
-        false => shared.client_login_timeout,
+        true => shared.client_login_timeout().min(REFUSAL_LIMIT),
+        false => shared.client_login_timeout(),
     };
     let error = match tokio::time::timeout(limit, login(client, route, shared, reserved)).await {
         Ok(Ok(session)) => return session,
@@ -269,13 +269,14 @@ async fn login(
         .unwrap_or_else(|| user.clone());
     let to_console = console::DATABASES.contains(&database.as_str());
     if reserved && !(to_console && shared.console.access(&user) == Some(Access::Admin)) {
-        return Err(ClientError::TooManyClients(shared.max_client_conn));
+        return Err(ClientError::TooManyClients(shared.max_client_conn()));
     }
 
     // What the client is told from here on goes out in one write: authentication's last
     // messages, then the parameters, key and ReadyForQuery.
     let mut reply = BytesMut::new();
-    let authenticated = authenticate_client(client, &shared.users, &user, &mut reply).await;
+    let users = shared.users.load_full();
+    let authenticated = authenticate_client(client, &users, &user, &mut reply).await;
     if let Err(AuthError::Failed(_)) = &authenticated {
         route.auth_failed(peer_of(client.get_ref()));
     }
@@ -299,12 +300,11 @@ async fn login(
     }
     // Counted from here on toward the user's and the database's caps (boxed: an idle
     // session stays small when no such limit is set).
-    let limited = match &shared.user_limits {
+    let limited = match &*shared.user_limits.load() {
         Some(limits) => Some(Box::new(limits.admit(&user, &database)?)),
         None => None,
     };
-    let user = shared
-        .users
+    let user = users
         .get(&user)
         .unwrap_or_else(|| Arc::new(User::without_secret(user)));
 
@@ -480,6 +480,18 @@ impl Session {
         }
     }
 
+    /// The home pool was retired by a reload: the session moves to the pool that replaces
+    /// it, as its user is now configured.
+    fn rehome(&mut self, shared: &Shared) {
+        let key = &self.home.key;
+        let user = shared.users.load().get(&key.user);
+        let user = user.unwrap_or_else(|| self.home.user().clone());
+        let next = shared.pools.get(self.home.backend(), &user, &key.database);
+        next.join();
+        let old = std::mem::replace(&mut self.home, next);
+        old.part();
+    }
+
     /// The session is over: a home pool on a backend that no longer serves the listener is
     /// freed if this was the last hold on it, rather than kept until `autodb_idle_timeout`.
     fn leave(self, route: &Route, shared: &Shared) {
@@ -535,19 +547,23 @@ impl Session {
             return Served::End;
         }
         let cfg = &route.config;
+        if self.home.is_retired() {
+            self.rehome(shared);
+        }
         shared.wait_resumed(Some(&self.home.key.database)).await;
         if cfg.mode == ListenerMode::Transaction {
-            let paced = shared
-                .user_limits
-                .as_ref()
-                .filter(|l| l.paces_transactions());
-            if let Some(limits) = paced {
-                // A free turn costs a check; only a wait takes a future (boxed: rare).
-                let user = &self.home.key.user;
-                if limits.transaction_turn(user).is_some() {
-                    if let Err(refusal) = Box::pin(limits.pace_transaction(user)).await {
-                        return Box::pin(refuse_request(client, first, refusal, shared)).await;
-                    }
+            let user = &self.home.key.user;
+            // A free turn costs a check; only a wait takes the limits along, and a future
+            // (boxed: rare).
+            let must_wait = match &*shared.user_limits.load() {
+                Some(l) if l.paces_transactions() && l.transaction_turn(user).is_some() => {
+                    Some(l.clone())
+                }
+                _ => None,
+            };
+            if let Some(limits) = must_wait {
+                if let Err(refusal) = Box::pin(limits.pace_transaction(user)).await {
+                    return Box::pin(refuse_request(client, first, refusal, shared)).await;
                 }
             }
         }
@@ -617,7 +633,9 @@ impl Session {
             .then(|| {
                 Box::pin(route.until_role_lost(&shared.topology, i, lost.clone())) as RoleLost
             });
-        let settings = shared.pools.settings();
+        // The settings of the pool the session is in: a reload that changes them retires
+        // the pool, and the session moves to its successor (above) before its next request.
+        let settings = self.home.settings();
         // Most clients never name a statement: until one does, its records start in an empty
         // map here (which allocates nothing) and are kept in the session only once it has some.
         let mut first_statements = ClientStatements::default();
@@ -657,8 +675,9 @@ impl Session {
         }
         let cancel = matches!(end, LinkEnd::Expired { busy: true, .. });
         if let LinkEnd::Idle { read_back: true } = end {
-            let extra = &settings.track_extra_parameters;
-            if let Err(e) = Box::pin(self.read_back(lease.conn(), extra)).await {
+            // Cloned: a rare path, and the session is borrowed for the read-back.
+            let extra = settings.track_extra_parameters.clone();
+            if let Err(e) = Box::pin(self.read_back(lease.conn(), &extra)).await {
                 let error = ClientError::from(e);
                 info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended: cannot read back the client's parameters");
                 drop(lease);
@@ -685,8 +704,8 @@ impl Session {
                         // Closed rather than kept waiting on: the client has left.
                     }
                     ServerState::Idle if cfg.mode == ListenerMode::Session || self.pinned => {
-                        let reset = &shared.pools.settings().server_reset_query;
-                        Box::pin(lease.reset_and_release(reset)).await
+                        let reset = lease.pool().settings().server_reset_query.clone();
+                        Box::pin(lease.reset_and_release(&reset)).await
                     }
                     ServerState::Idle => lease.release(),
                     // Whatever the client left open dies with the connection: the server

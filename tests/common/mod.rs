@@ -509,6 +509,11 @@ impl Pgvane {
         std::fs::read_to_string(self.dir.path().join("pgvane.log")).unwrap_or_default()
     }
 
+    /// Replaces the configuration file pgvane started with (for reload tests).
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(self.dir.path().join("pgvane.toml"), config).unwrap();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -1,0 +1,313 @@
+//! Reload: reads the configuration file again, validates it, and applies what changed to the
+//! running process (SIGHUP, the console's RELOAD, `POST /reload`).
+//!
+//! An invalid file changes nothing. A valid one is compared with the configuration in force,
+//! section by section: users and the auth file, `[pool]` and per-user pool settings (pools
+//! whose settings changed are replaced; their connections close as they are released),
+//! limits, the `general` settings clients meet, the admin console's users and the API token,
+//! and backend drain flags take effect at once. What cannot change in a running process is
+//! named in the reply and left as it was: backends added, removed or moved, listeners
+//! added, removed or changed beyond their limits, `[health]`, `admin.listen` and
+//! `general.worker_threads`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::auth::UserStore;
+use crate::config::{BackendConfig, Config, ConfigError, ListenerConfig};
+use crate::limits::UserLimits;
+use crate::proxy::{ClientSettings, Route, Shared};
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Report {
+    /// The changes applied, one line each.
+    pub applied: Vec<String>,
+    /// Changes found in the file that need a restart; the running values stay.
+    pub needs_restart: Vec<String>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.applied.is_empty() {
+            true => write!(f, "nothing changed")?,
+            false => write!(f, "applied: {}", self.applied.join("; "))?,
+        }
+        if !self.needs_restart.is_empty() {
+            write!(
+                f,
+                "; needs a restart (not applied): {}",
+                self.needs_restart.join("; ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A reload's outcome, as the console and the HTTP API tell it.
+pub type Outcome = Result<Report, String>;
+
+/// Asks the process to reload; answered once the reload is done.
+#[derive(Clone)]
+pub struct ReloadHandle(mpsc::Sender<oneshot::Sender<Outcome>>);
+
+impl ReloadHandle {
+    pub fn new() -> (Self, mpsc::Receiver<oneshot::Sender<Outcome>>) {
+        let (tx, rx) = mpsc::channel(4);
+        (Self(tx), rx)
+    }
+
+    pub async fn reload(&self) -> Outcome {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send(tx)
+            .await
+            .map_err(|_| "pgvane is shutting down".to_owned())?;
+        rx.await.map_err(|_| "pgvane is shutting down".to_owned())?
+    }
+}
+
+/// Holds the configuration in force and what a reload changes.
+pub struct Reloader {
+    path: PathBuf,
+    current: Config,
+    shared: Arc<Shared>,
+    /// Each listener's route, as its accept loop reads it.
+    routes: HashMap<String, Arc<ArcSwap<Route>>>,
+}
+
+impl Reloader {
+    pub fn new(
+        path: PathBuf,
+        current: Config,
+        shared: Arc<Shared>,
+        routes: HashMap<String, Arc<ArcSwap<Route>>>,
+    ) -> Self {
+        Self {
+            path,
+            current,
+            shared,
+            routes,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn current(&self) -> &Config {
+        &self.current
+    }
+
+    /// Reads and validates the file, then applies it; logs and counts the outcome.
+    pub fn reload(&mut self) -> Outcome {
+        let loaded = Config::load(&self.path).and_then(|c| {
+            let users = crate::server::load_users(&c)?;
+            Ok((c, users))
+        });
+        let shared = self.shared.clone();
+        let reloads = &shared.metrics.reloads;
+        match loaded {
+            Ok((config, users)) => {
+                let report = self.apply(config, users);
+                reloads.with_label_values(&["ok"]).inc();
+                info!(path = %self.path.display(), %report, "configuration reloaded");
+                Ok(report)
+            }
+            Err(e) => {
+                reloads.with_label_values(&["failed"]).inc();
+                let why = describe(&e);
+                warn!(path = %self.path.display(), error = %why, "reload refused: the configuration in force is unchanged");
+                Err(why)
+            }
+        }
+    }
+
+    /// Applies `next` (valid, with its users loaded) as far as a running process can.
+    fn apply(&mut self, mut next: Config, users: UserStore) -> Report {
+        let mut report = Report::default();
+        let old = &self.current;
+        self.keep_what_needs_a_restart(&mut next, &mut report);
+        let shared = &self.shared;
+
+        let general = ClientSettings::of(&next.general);
+        let before = **shared.general.load();
+        if general != before {
+            resize_client_slots(shared, before.max_client_conn, general.max_client_conn);
+            shared.general.store(Arc::new(general));
+            report.applied.push(
+                "general: max_client_conn, client_login_timeout, failover_hold_timeout".into(),
+            );
+        }
+        if next.general.shutdown_timeout != old.general.shutdown_timeout {
+            report.applied.push("general.shutdown_timeout".into());
+        }
+
+        let users = Arc::new(users);
+        if next.users != old.users || next.auth != old.auth {
+            report.applied.push("users and auth".into());
+        }
+        shared.users.store(users.clone());
+        let retired = shared.pools.reconfigure(&next.pool, &next.users, &users);
+        if next.pool != old.pool {
+            report.applied.push("pool settings".into());
+        }
+        if retired > 0 {
+            report.applied.push(format!(
+                "{retired} pool(s) replaced: their server connections close as they are released"
+            ));
+        }
+
+        if next.limits != old.limits || next.users != old.users {
+            let before = shared.user_limits.load_full();
+            shared
+                .user_limits
+                .store(user_limits_of(&next, before.as_deref()));
+        }
+        for l in &next.listeners {
+            let Some(route) = self.routes.get(&l.name) else {
+                continue;
+            };
+            let now = route.load_full();
+            if now.config() != l || next.limits != old.limits {
+                route.store(Arc::new(now.succeeding(l.clone(), &next.limits)));
+            }
+        }
+        if next.limits != old.limits
+            || old
+                .listeners
+                .iter()
+                .zip(&next.listeners)
+                .any(|(a, b)| a.limits != b.limits)
+        {
+            report.applied.push("limits".into());
+        }
+
+        for b in &next.backends {
+            if let Ok(true) = crate::admin::drain(shared, &b.name, b.drain) {
+                report
+                    .applied
+                    .push(format!("backend {} drain = {}", b.name, b.drain));
+            }
+        }
+        if next.admin != old.admin {
+            report.applied.push("admin users and token".into());
+        }
+        shared.console.reconfigure(&next);
+        self.current = next;
+        report
+    }
+
+    /// Names what differs in sections a running process cannot change, and puts the values
+    /// in force back into `next` so that it says what is in force.
+    fn keep_what_needs_a_restart(&self, next: &mut Config, report: &mut Report) {
+        let old = &self.current;
+        let mut restart = |what: String| report.needs_restart.push(what);
+        if next.general.worker_threads != old.general.worker_threads {
+            restart("general.worker_threads".into());
+            next.general.worker_threads = old.general.worker_threads;
+        }
+        if next.admin.listen != old.admin.listen {
+            restart("admin.listen".into());
+            next.admin.listen = old.admin.listen;
+        }
+        if next.health != old.health {
+            restart("[health]".into());
+            next.health = old.health.clone();
+        }
+        let placement = |b: &BackendConfig| BackendConfig {
+            drain: false,
+            ..b.clone()
+        };
+        let same_backends = next.backends.len() == old.backends.len()
+            && next
+                .backends
+                .iter()
+                .zip(&old.backends)
+                .all(|(a, b)| placement(a) == placement(b));
+        if !same_backends {
+            restart("[[backend]] entries added, removed or moved".into());
+            let drains: HashMap<&str, bool> = next
+                .backends
+                .iter()
+                .map(|b| (b.name.as_str(), b.drain))
+                .collect();
+            next.backends = old
+                .backends
+                .iter()
+                .map(|b| BackendConfig {
+                    drain: drains.get(b.name.as_str()).copied().unwrap_or(b.drain),
+                    ..b.clone()
+                })
+                .collect();
+        }
+        let shape = |l: &ListenerConfig| ListenerConfig {
+            limits: Default::default(),
+            ..l.clone()
+        };
+        let same_listeners = next.listeners.len() == old.listeners.len()
+            && next
+                .listeners
+                .iter()
+                .zip(&old.listeners)
+                .all(|(a, b)| shape(a) == shape(b));
+        if !same_listeners {
+            restart("[[listener]] entries added, removed or changed beyond their limits".into());
+            let limits: HashMap<&str, _> = next
+                .listeners
+                .iter()
+                .map(|l| (l.name.as_str(), l.limits.clone()))
+                .collect();
+            next.listeners = old
+                .listeners
+                .iter()
+                .map(|l| ListenerConfig {
+                    limits: limits.get(l.name.as_str()).cloned().unwrap_or_default(),
+                    ..l.clone()
+                })
+                .collect();
+        }
+    }
+}
+
+/// The per-user limits, if any is set (in `[limits]` or a `[[user]]`); `before`: those a
+/// reload replaces, whose open counts carry over.
+pub fn user_limits_of(config: &Config, before: Option<&UserLimits>) -> Option<Arc<UserLimits>> {
+    let l = &config.limits;
+    let any = l.user_connection_rate.is_some()
+        || l.max_user_client_connections.is_some()
+        || l.max_db_client_connections.is_some()
+        || l.user_transaction_rate.is_some()
+        || config
+            .users
+            .iter()
+            .any(|u| u.user_connection_rate.is_some() || u.max_user_client_connections.is_some());
+    any.then(|| Arc::new(UserLimits::new(l, &config.users, before)))
+}
+
+/// Grows or shrinks the `max_client_conn` permits. Shrinking takes free permits now and the
+/// rest as clients leave: no open client is closed for it.
+fn resize_client_slots(shared: &Arc<Shared>, from: u32, to: u32) {
+    let slots = &shared.client_slots;
+    if to > from {
+        slots.add_permits((to - from) as usize);
+        return;
+    }
+    let excess = (from - to) as usize;
+    let forgotten = slots.forget_permits(excess);
+    if forgotten < excess {
+        let (slots, rest) = (slots.clone(), (excess - forgotten) as u32);
+        tokio::spawn(async move {
+            if let Ok(permits) = slots.acquire_many_owned(rest).await {
+                permits.forget();
+            }
+        });
+    }
+}
+
+/// A config error as one line, each problem with its key.
+fn describe(e: &ConfigError) -> String {
+    e.to_string().replace('\n', "; ")
+}

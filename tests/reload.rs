@@ -1,0 +1,233 @@
+//! Reload (SIGHUP, console RELOAD, `POST /reload`): a valid file is applied to the running
+//! process, an invalid one changes nothing and says why.
+
+mod common;
+
+use std::process::Command;
+
+use common::raw::*;
+use common::*;
+use serde_json::Value;
+
+/// A transaction listener and the admin API; `extra` goes into the config (users, pool,
+/// limits, admin keys). Ports: (tx, admin).
+fn config_for(cluster: &Cluster, tx: u16, admin: u16, extra: &str) -> String {
+    pooled_config(
+        cluster,
+        &listener("tx", tx, "primary", "mode = \"transaction\""),
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\nadmin_users = [\"{SUPERUSER}\"]\n{extra}"
+        ),
+    )
+}
+
+async fn post(admin: u16, path: &'static str, headers: &'static str) -> (u16, String) {
+    tokio::task::spawn_blocking(move || http_with(admin, "POST", path, headers))
+        .await
+        .unwrap()
+        .expect("the admin API answers")
+}
+
+/// Server connections of `user` on the primary, as PostgreSQL counts them (pgvane's health
+/// check connection aside).
+async fn backends_of(cluster: &Cluster, user: &str) -> i64 {
+    let c = cluster.primary().connect().await;
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND application_name <> 'pgvane-health'";
+    c.query_one(sql, &[&user]).await.unwrap().get(0)
+}
+
+fn login_code(msgs: &[Msg]) -> Option<String> {
+    msgs.last().and_then(|m| m.field(b'C'))
+}
+
+/// SIGHUP adds a user and shrinks the pool: the new user logs in, the old pool's
+/// connections close as released and the new pool keeps to its size. An invalid file
+/// changes nothing (HTTP 422 and a console ERROR saying why); a changed [health] is named as
+/// needing a restart; limits and the admin token change with the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_users_pools_limits_and_the_admin_token() {
+    let cluster = Cluster::start(0);
+    create_role(&cluster, "app").await;
+    let (tx, admin) = (free_port(), free_port());
+    let first = config_for(&cluster, tx, admin, "");
+    let pgvane = Pgvane::start(&first, &[tx, admin]);
+
+    let (_, login) = RawClient::login(tx, "app", "postgres").await;
+    assert_eq!(
+        login_code(&login).as_deref(),
+        Some("28P01"),
+        "{}",
+        show(&login)
+    );
+    // Five server connections for the superuser's pool.
+    let clients: Vec<_> = futures_util::future::join_all((0..5).map(|_| async {
+        let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+        c.batch_execute("BEGIN; SELECT pg_sleep(0.3); COMMIT")
+            .await
+            .unwrap();
+        c
+    }))
+    .await;
+    assert!(backends_of(&cluster, SUPERUSER).await >= 2);
+
+    let second = config_for(
+        &cluster,
+        tx,
+        admin,
+        &format!("\n[pool]\ndefault_pool_size = 1\n\n[[user]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n"),
+    );
+    pgvane.rewrite_config(&second);
+    pgvane.signal("HUP");
+    eventually(PATIENCE, "the reload applied", || async {
+        let ok = metric(admin, r#"pgvane_reloads_total{result="ok"}"#).await;
+        (ok == Some(1.0)).then_some(())
+    })
+    .await;
+    let (mut app, login) = RawClient::login(tx, "app", "postgres").await;
+    assert_eq!(login.last().map(|m| m.tag), Some(b'Z'), "{}", show(&login));
+    app.send(&query("SELECT 1")).await;
+    app.until_ready().await;
+    // The open sessions go on, on the pool that replaced theirs: one connection now.
+    for c in &clients {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    eventually(
+        PATIENCE,
+        "the retired pool's connections closed",
+        || async { (backends_of(&cluster, SUPERUSER).await == 1).then_some(()) },
+    )
+    .await;
+    let (mut console, _) = RawClient::login(tx, SUPERUSER, "pgbouncer").await;
+    console.send(&query("SHOW CONFIG")).await;
+    let config = console.until_ready().await;
+    let row = table(&config)
+        .into_iter()
+        .find(|r| r[0].as_deref() == Some("default_pool_size"))
+        .unwrap();
+    assert_eq!(
+        row[1].as_deref(),
+        Some("1"),
+        "SHOW CONFIG shows what is in force"
+    );
+
+    // An invalid file: refused, nothing changed, the reason named.
+    pgvane.rewrite_config(&second.replace("default_pool_size = 1", "default_pool_size = \"many\""));
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("default_pool_size"), "{body}");
+    console.send(&query("RELOAD")).await;
+    let refused = console.until_ready().await;
+    assert_eq!(
+        refused[0].field(b'C').as_deref(),
+        Some("F0000"),
+        "{}",
+        show(&refused)
+    );
+    let failed = metric(admin, r#"pgvane_reloads_total{result="failed"}"#).await;
+    assert_eq!(failed, Some(2.0));
+    app.send(&query("SELECT 1")).await;
+    assert_eq!(show(&app.until_ready().await), "T D C Z");
+
+    // A changed [health] needs a restart: named, not applied; the rest is.
+    let third = second
+        .replace("interval = \"200ms\"", "interval = \"300ms\"")
+        .replace("[pool]\n", "[pool]\nmax_prepared_statements = 10\n");
+    assert_ne!(third, second);
+    pgvane.rewrite_config(&third);
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        report["needs_restart"],
+        serde_json::json!(["[health]"]),
+        "{body}"
+    );
+    assert!(
+        report["applied"].to_string().contains("pool settings"),
+        "{body}"
+    );
+
+    // Limits and the token follow the file.
+    let fourth = format!("{third}\n[limits]\nallow = [\"10.0.0.0/8\"]\n")
+        .replace("admin_users = ", "token = \"s3cret\"\nadmin_users = ");
+    pgvane.rewrite_config(&fourth);
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, login) = RawClient::login(tx, SUPERUSER, "postgres").await;
+    assert_eq!(
+        login_code(&login).as_deref(),
+        Some("28000"),
+        "{}",
+        show(&login)
+    );
+    pgvane.rewrite_config(&third);
+    let (code, _) = post(admin, "/reload", "").await;
+    assert_eq!(code, 401, "the token now in force is asked for");
+    let (code, body) = post(admin, "/reload", "Authorization: Bearer s3cret\r\n").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, login) = RawClient::login(tx, SUPERUSER, "postgres").await;
+    assert_eq!(login.last().map(|m| m.tag), Some(b'Z'), "{}", show(&login));
+}
+
+/// A reload that shrinks the pool while pgbench runs through pgvane fails no transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_fails_no_transaction() {
+    let cluster = Cluster::start(0);
+    let (tx, admin) = (free_port(), free_port());
+    let pgvane = Pgvane::start(&config_for(&cluster, tx, admin, ""), &[tx, admin]);
+    let pgbench = |args: &[&str]| {
+        Command::new(pg_bindir().join("pgbench"))
+            .args(["-h", "127.0.0.1", "-U", SUPERUSER])
+            .args(args)
+            .env("PGPASSWORD", PASSWORD)
+            .output()
+            .unwrap()
+    };
+    let port = cluster.primary().port.to_string();
+    let init = pgbench(&["-p", &port, "-i", "-s", "1", "-q", "postgres"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let tx_port = tx.to_string();
+    let run = tokio::task::spawn_blocking(move || {
+        pgbench(&["-p", &tx_port, "-c", "8", "-j", "2", "-T", "8", "postgres"])
+    });
+    // Mid-run: once transactions flow, shrink the pool and change a timeout.
+    eventually(PATIENCE, "pgbench running", || async {
+        (backends_of(&cluster, SUPERUSER).await >= 2).then_some(())
+    })
+    .await;
+    let next = config_for(
+        &cluster,
+        tx,
+        admin,
+        "\n[pool]\ndefault_pool_size = 3\nquery_wait_timeout = \"100s\"\n",
+    );
+    pgvane.rewrite_config(&next);
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    let out = run.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let processed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(processed > 0, "{text}");
+    let failed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of failed transactions: "))
+        .map(|v| v.split_whitespace().next().unwrap_or("").to_owned());
+    assert_eq!(failed.as_deref(), Some("0"), "{text}");
+    eventually(PATIENCE, "the new pool keeps to its size", || async {
+        (backends_of(&cluster, SUPERUSER).await <= 3).then_some(())
+    })
+    .await;
+}
