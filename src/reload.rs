@@ -5,23 +5,23 @@
 //! section by section: users and the auth file, `[pool]` and per-user pool settings (pools
 //! whose settings changed are replaced; their connections close as they are released),
 //! limits, the `general` settings clients meet, the admin console's users and the API token,
-//! and backend drain flags take effect at once. What cannot change in a running process is
-//! named in the reply and left as it was: backends added, removed or moved, listeners
-//! added, removed or changed beyond their limits, `[health]`, `admin.listen` and
-//! `general.worker_threads`.
+//! backend drain flags and listeners (closed, opened, moved to another address, or given a
+//! new route for their next clients) take effect at once. What cannot change in a running
+//! process is named in the reply and left as it was: backends added, removed or moved,
+//! `[health]`, `admin.listen` and `general.worker_threads`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::auth::UserStore;
 use crate::config::{BackendConfig, Config, ConfigError, ListenerConfig};
 use crate::limits::UserLimits;
-use crate::proxy::{ClientSettings, Route, Shared};
+use crate::proxy::{ClientSettings, Shared};
+use crate::server::Listeners;
 
 /// What a reload did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -30,6 +30,9 @@ pub struct Report {
     pub applied: Vec<String>,
     /// Changes found in the file that need a restart; the running values stay.
     pub needs_restart: Vec<String>,
+    /// Changes that could not be made (a new listener's port taken, say); what ran before
+    /// stays.
+    pub failed: Vec<String>,
 }
 
 impl std::fmt::Display for Report {
@@ -38,12 +41,13 @@ impl std::fmt::Display for Report {
             true => write!(f, "nothing changed")?,
             false => write!(f, "applied: {}", self.applied.join("; "))?,
         }
-        if !self.needs_restart.is_empty() {
-            write!(
-                f,
-                "; needs a restart (not applied): {}",
-                self.needs_restart.join("; ")
-            )?;
+        for (what, items) in [
+            ("needs a restart (not applied)", &self.needs_restart),
+            ("failed (not applied)", &self.failed),
+        ] {
+            if !items.is_empty() {
+                write!(f, "; {what}: {}", items.join("; "))?;
+            }
         }
         Ok(())
     }
@@ -77,23 +81,22 @@ pub struct Reloader {
     path: PathBuf,
     current: Config,
     shared: Arc<Shared>,
-    /// Each listener's route, as its accept loop reads it.
-    routes: HashMap<String, Arc<ArcSwap<Route>>>,
+    listeners: Listeners,
 }
 
 impl Reloader {
-    pub fn new(
-        path: PathBuf,
-        current: Config,
-        shared: Arc<Shared>,
-        routes: HashMap<String, Arc<ArcSwap<Route>>>,
-    ) -> Self {
+    pub fn new(path: PathBuf, current: Config, shared: Arc<Shared>, listeners: Listeners) -> Self {
         Self {
             path,
             current,
             shared,
-            routes,
+            listeners,
         }
+    }
+
+    /// The listeners, for shutdown.
+    pub fn into_listeners(self) -> Listeners {
+        self.listeners
     }
 
     /// The configuration in force.
@@ -128,9 +131,10 @@ impl Reloader {
     /// Applies `next` (valid, with its users loaded) as far as a running process can.
     fn apply(&mut self, mut next: Config, users: UserStore) -> Report {
         let mut report = Report::default();
-        let old = &self.current;
         self.keep_what_needs_a_restart(&mut next, &mut report);
-        let shared = &self.shared;
+        let old = self.current.clone();
+        let old = &old;
+        let shared = &self.shared.clone();
 
         let general = ClientSettings::of(&next.general);
         let before = **shared.general.load();
@@ -166,24 +170,11 @@ impl Reloader {
                 .user_limits
                 .store(user_limits_of(&next, before.as_deref()));
         }
-        for l in &next.listeners {
-            let Some(route) = self.routes.get(&l.name) else {
-                continue;
-            };
-            let now = route.load_full();
-            if now.config() != l || next.limits != old.limits {
-                route.store(Arc::new(now.succeeding(l.clone(), &next.limits)));
-            }
-        }
-        if next.limits != old.limits
-            || old
-                .listeners
-                .iter()
-                .zip(&next.listeners)
-                .any(|(a, b)| a.limits != b.limits)
-        {
+        if next.limits != old.limits {
             report.applied.push("limits".into());
         }
+        let limits_changed = next.limits != old.limits;
+        self.apply_listeners(&mut next, limits_changed, &mut report);
 
         for b in &next.backends {
             if let Ok(true) = crate::admin::drain(shared, &b.name, b.drain) {
@@ -243,32 +234,73 @@ impl Reloader {
                 })
                 .collect();
         }
-        let shape = |l: &ListenerConfig| ListenerConfig {
-            limits: Default::default(),
-            ..l.clone()
-        };
-        let same_listeners = next.listeners.len() == old.listeners.len()
-            && next
-                .listeners
-                .iter()
-                .zip(&old.listeners)
-                .all(|(a, b)| shape(a) == shape(b));
-        if !same_listeners {
-            restart("[[listener]] entries added, removed or changed beyond their limits".into());
-            let limits: HashMap<&str, _> = next
-                .listeners
-                .iter()
-                .map(|l| (l.name.as_str(), l.limits.clone()))
-                .collect();
-            next.listeners = old
-                .listeners
-                .iter()
-                .map(|l| ListenerConfig {
-                    limits: limits.get(l.name.as_str()).cloned().unwrap_or_default(),
-                    ..l.clone()
-                })
-                .collect();
+    }
+
+    /// Closes listeners no longer configured, opens new ones, moves those whose address
+    /// changed, and gives the others their new route (clients connected before keep theirs).
+    /// A socket that cannot be bound is reported, and what ran before stays, in `next` too.
+    fn apply_listeners(&mut self, next: &mut Config, limits_changed: bool, report: &mut Report) {
+        let wanted: HashMap<String, ListenerConfig> = next
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.clone()))
+            .collect();
+        for name in self.listeners.names() {
+            if !wanted.contains_key(&name) {
+                self.listeners.stop(&name);
+                report.applied.push(format!("listener {name} closed"));
+            }
         }
+        let mut in_force = Vec::new();
+        for l in &next.listeners {
+            let running = self
+                .listeners
+                .get(&l.name)
+                .map(|(c, r)| (c.clone(), r.clone()));
+            match running {
+                Some((was, route)) if was.socket_addr() == l.socket_addr() => {
+                    if &was != l || limits_changed {
+                        let now = route.load_full();
+                        route.store(Arc::new(now.succeeding(l.clone(), &next.limits)));
+                        self.listeners.set_config(l);
+                    }
+                    if &was != l {
+                        report.applied.push(format!("listener {} changed", l.name));
+                    }
+                    in_force.push(l.clone());
+                }
+                running => match Listeners::bind(l) {
+                    Ok(socket) => {
+                        if running.is_some() {
+                            self.listeners.stop(&l.name);
+                        }
+                        self.listeners.start(socket, l, &next.limits);
+                        let what = if running.is_some() {
+                            "moved to"
+                        } else {
+                            "opened on"
+                        };
+                        report.applied.push(format!(
+                            "listener {} {what} {}",
+                            l.name,
+                            l.socket_addr()
+                        ));
+                        in_force.push(l.clone());
+                    }
+                    Err(e) => {
+                        report.failed.push(format!(
+                            "listener {}: cannot listen on {}: {e}",
+                            l.name,
+                            l.socket_addr()
+                        ));
+                        if let Some((was, _)) = running {
+                            in_force.push(was);
+                        }
+                    }
+                },
+            }
+        }
+        next.listeners = in_force;
     }
 }
 

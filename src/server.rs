@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::admin::console::Console;
 use crate::auth::UserStore;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LimitsConfig, ListenerConfig};
 use crate::limits::{self, LogBudget, FILES_HEADROOM, REFUSALS_IN_FLIGHT, REFUSAL_LOG_LINES};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
@@ -47,6 +47,92 @@ pub enum StartError {
 /// same mistakes.
 pub fn load_users(config: &Config) -> Result<UserStore, ConfigError> {
     UserStore::load(config).map_err(|p| ConfigError::Invalid(vec![p]))
+}
+
+/// The listening sockets, each with its accept loop, as the configuration in force has
+/// them: started at start-up and changed by a reload.
+pub struct Listeners {
+    shared: Arc<Shared>,
+    sessions: TaskTracker,
+    accepting: TaskTracker,
+    stop_all: CancellationToken,
+    running: HashMap<String, Running>,
+}
+
+struct Running {
+    config: ListenerConfig,
+    route: Arc<ArcSwap<Route>>,
+    stop: CancellationToken,
+}
+
+impl Listeners {
+    fn new(shared: Arc<Shared>, sessions: TaskTracker) -> Self {
+        Self {
+            shared,
+            sessions,
+            accepting: TaskTracker::new(),
+            stop_all: CancellationToken::new(),
+            running: HashMap::new(),
+        }
+    }
+
+    /// Binds `config`'s address, as a reload does (start-up binds everything first).
+    pub fn bind(config: &ListenerConfig) -> std::io::Result<TcpListener> {
+        let socket = std::net::TcpListener::bind(config.socket_addr())?;
+        socket.set_nonblocking(true)?;
+        TcpListener::from_std(socket)
+    }
+
+    /// Accepts clients of listener `config` on `socket`.
+    pub fn start(&mut self, socket: TcpListener, config: &ListenerConfig, limits: &LimitsConfig) {
+        info!(listener = %config.name, addr = %config.socket_addr(), mode = ?config.mode, target = %config.target, "listening");
+        let route = Arc::new(ArcSwap::from_pointee(Route::new(config.clone(), limits)));
+        let stop = self.stop_all.child_token();
+        self.accepting.spawn(proxy::serve(
+            socket,
+            route.clone(),
+            self.shared.clone(),
+            stop.clone(),
+            self.sessions.clone(),
+        ));
+        let running = Running {
+            config: config.clone(),
+            route,
+            stop,
+        };
+        self.running.insert(config.name.clone(), running);
+    }
+
+    /// Closes listener `name`'s socket; its sessions go on.
+    pub fn stop(&mut self, name: &str) {
+        if let Some(r) = self.running.remove(name) {
+            r.stop.cancel();
+            info!(listener = name, addr = %r.config.socket_addr(), "listener closed; its sessions go on");
+        }
+    }
+
+    /// The running listener `name`'s config and route.
+    pub fn get(&self, name: &str) -> Option<(&ListenerConfig, &Arc<ArcSwap<Route>>)> {
+        self.running.get(name).map(|r| (&r.config, &r.route))
+    }
+
+    /// Records that listener `name` now runs with `config` (its route already replaced).
+    pub fn set_config(&mut self, config: &ListenerConfig) {
+        if let Some(r) = self.running.get_mut(&config.name) {
+            r.config = config.clone();
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.running.keys().cloned().collect()
+    }
+
+    /// Stops accepting on every listener and waits until the accept loops have ended.
+    async fn stop_all(self) {
+        self.stop_all.cancel();
+        self.accepting.close();
+        self.accepting.wait().await;
+    }
 }
 
 /// Raises the open files limit as far as allowed, and warns if it is still short of what
@@ -83,8 +169,7 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
                 addr,
                 source,
             })?;
-        let route = Arc::new(ArcSwap::from_pointee(Route::new(l.clone(), &config.limits)));
-        bound.push((socket, route));
+        bound.push(socket);
     }
     let admin_socket = match config.admin.listen {
         Some(addr) => Some(
@@ -148,22 +233,11 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
             }
         }
     });
-    let stop_accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
-    let listeners = TaskTracker::new();
-    let mut routes = HashMap::new();
-    for ((socket, route), l) in bound.into_iter().zip(&config.listeners) {
-        info!(listener = %l.name, addr = %l.socket_addr(), mode = ?l.mode, target = %l.target, "listening");
-        routes.insert(l.name.clone(), route.clone());
-        listeners.spawn(proxy::serve(
-            socket,
-            route,
-            shared.clone(),
-            stop_accepting.clone(),
-            sessions.clone(),
-        ));
+    let mut listeners = Listeners::new(shared.clone(), sessions.clone());
+    for (socket, l) in bound.into_iter().zip(&config.listeners) {
+        listeners.start(socket, l, &config.limits);
     }
-    listeners.close();
     if let Some(socket) = admin_socket {
         info!(addr = %config.admin.listen.expect("bound"), "admin API listening");
         tokio::spawn(admin::serve(
@@ -176,7 +250,7 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(StartError::Signal)?;
     let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
-    let mut reloader = Reloader::new(path, config, shared.clone(), routes);
+    let mut reloader = Reloader::new(path, config, shared.clone(), listeners);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
@@ -196,8 +270,7 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
         }
     }
     let shutdown_timeout = reloader.current().general.shutdown_timeout;
-    stop_accepting.cancel();
-    listeners.wait().await;
+    reloader.into_listeners().stop_all().await;
     sessions.close();
     let open = sessions.len();
     if open > 0 {

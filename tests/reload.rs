@@ -231,3 +231,78 @@ async fn a_reload_under_load_fails_no_transaction() {
     })
     .await;
 }
+
+/// Listeners follow the file: one removed stops accepting while its open session goes on,
+/// one added accepts, one changed serves its next clients the new way, and one moved to a
+/// port that is taken is reported and keeps running where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_opens_closes_and_changes_listeners() {
+    let cluster = Cluster::start(0);
+    let (tx, rw, ro, admin) = (free_port(), free_port(), free_port(), free_port());
+    let with = |listeners: String| {
+        pooled_config(
+            &cluster,
+            &listeners,
+            &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+        )
+    };
+    let first = with(
+        listener("tx", tx, "primary", "mode = \"transaction\"")
+            + &listener("rw", rw, "primary", ""),
+    );
+    let pgvane = Pgvane::start(&first, &[tx, rw, admin]);
+    let through_rw = connect(rw, SUPERUSER, "postgres").await.unwrap();
+    // Transaction mode: a SET of an unreported parameter pins the session.
+    let pinned = r#"pgvane_pinned_sessions"#;
+    let via_tx = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    via_tx.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    assert_eq!(metric(admin, pinned).await, Some(1.0));
+    drop(via_tx);
+    eventually(PATIENCE, "the pinned session gone", || async {
+        (metric(admin, pinned).await == Some(0.0)).then_some(())
+    })
+    .await;
+
+    let second = with(
+        listener("tx", tx, "primary", "mode = \"session\"")
+            + &listener("ro", ro, "any", "mode = \"session\""),
+    );
+    pgvane.rewrite_config(&second);
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    let applied = report["applied"].to_string();
+    for what in [
+        "listener rw closed",
+        "listener ro opened on",
+        "listener tx changed",
+    ] {
+        assert!(applied.contains(what), "{what}: {body}");
+    }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", rw)).is_err());
+    server_port(&through_rw).await;
+    let via_ro = connect(ro, SUPERUSER, "postgres").await.unwrap();
+    server_port(&via_ro).await;
+    // Session mode now for new clients: the same SET pins nothing.
+    let via_tx = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    via_tx.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    via_tx.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(metric(admin, pinned).await, Some(0.0));
+
+    // Moved onto a port something else holds: reported, kept where it was.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let third = with(
+        listener("tx", tx, "primary", "mode = \"session\"")
+            + &listener("ro", taken_port, "any", "mode = \"session\""),
+    );
+    pgvane.rewrite_config(&third);
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        report["failed"].to_string().contains("listener ro"),
+        "{body}"
+    );
+    connect(ro, SUPERUSER, "postgres").await.unwrap();
+}
