@@ -993,15 +993,28 @@ impl Pools {
                 caps.lock().expect("caps lock").clear();
             }
         }
+        self.retire(|name, pool| {
+            settings_changed
+                || per_user.get(name) != old_per_user.get(name)
+                || !store.has_same(pool.user())
+        })
+    }
+
+    /// Retires the pools of backends not in `backends` (removed or moved by a reload).
+    pub fn retire_backends_not_in(&self, backends: &[Arc<Backend>]) -> usize {
+        self.retire(|_, pool| !backends.iter().any(|b| Arc::ptr_eq(b, pool.backend())))
+    }
+
+    /// Retires every pool `stale` says so of (given its user's name): out of the map, its
+    /// idle connections closed, the others closed as they are released.
+    fn retire(&self, stale: impl Fn(&str, &Arc<Pool>) -> bool) -> usize {
         let mut retired = Vec::new();
         {
             let mut pools = self.pools.lock().expect("pools lock");
             for dbs in pools.values_mut() {
                 for users in dbs.values_mut() {
                     users.retain(|name, pool| {
-                        let keep = !settings_changed
-                            && per_user.get(name) == old_per_user.get(name)
-                            && store.has_same(pool.user());
+                        let keep = !stale(name, pool);
                         if !keep {
                             retired.push(pool.clone());
                         }
@@ -1144,7 +1157,12 @@ impl Pools {
                 changed = changes.changed() => if changed.is_err() { return },
             }
             let next = topology.snapshot();
-            for (old, new) in prev.backends.iter().zip(&next.backends) {
+            for new in &next.backends {
+                let before = prev
+                    .backends
+                    .iter()
+                    .find(|old| Arc::ptr_eq(&old.backend, &new.backend));
+                let Some(old) = before else { continue };
                 if old.serving != new.serving {
                     let closed = self.close_idle(&new.backend.name);
                     info!(backend = %new.backend.name, role = new.role.as_str(), serving = new.serving.as_str(), was_serving = old.serving.as_str(), closed, "backend serves another target now; its idle server connections closed");

@@ -5,10 +5,12 @@
 //! section by section: users and the auth file, `[pool]` and per-user pool settings (pools
 //! whose settings changed are replaced; their connections close as they are released),
 //! limits, the `general` settings clients meet, the admin console's users and the API token,
-//! backend drain flags and listeners (closed, opened, moved to another address, or given a
-//! new route for their next clients) take effect at once. What cannot change in a running
-//! process is named in the reply and left as it was: backends added, removed or moved,
-//! `[health]`, `admin.listen` and `general.worker_threads`.
+//! backends (added ones are checked and join the table as their checks rise; removed or
+//! moved ones leave it, ending their sessions: drain one first to let them finish), drain
+//! flags, and listeners (closed, opened, moved to another address, or given a new route for
+//! their next clients) take effect at once. What cannot change in a running process is
+//! named in the reply and left as it was: `[health]`, `admin.listen` and
+//! `general.worker_threads`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::auth::UserStore;
-use crate::config::{BackendConfig, Config, ConfigError, ListenerConfig};
+use crate::config::{Config, ConfigError, ListenerConfig};
 use crate::limits::UserLimits;
 use crate::proxy::{ClientSettings, Shared};
 use crate::server::Listeners;
@@ -176,6 +178,18 @@ impl Reloader {
         let limits_changed = next.limits != old.limits;
         self.apply_listeners(&mut next, limits_changed, &mut report);
 
+        let changed = shared.topology.reconfigure(&next.backends);
+        if !changed.is_empty() {
+            let retired = shared
+                .pools
+                .retire_backends_not_in(&shared.topology.backends());
+            report.applied.extend(changed);
+            if retired > 0 {
+                report.applied.push(format!(
+                    "{retired} pool(s) of removed or moved backends closed"
+                ));
+            }
+        }
         for b in &next.backends {
             if let Ok(true) = crate::admin::drain(shared, &b.name, b.drain) {
                 report
@@ -207,32 +221,6 @@ impl Reloader {
         if next.health != old.health {
             restart("[health]".into());
             next.health = old.health.clone();
-        }
-        let placement = |b: &BackendConfig| BackendConfig {
-            drain: false,
-            ..b.clone()
-        };
-        let same_backends = next.backends.len() == old.backends.len()
-            && next
-                .backends
-                .iter()
-                .zip(&old.backends)
-                .all(|(a, b)| placement(a) == placement(b));
-        if !same_backends {
-            restart("[[backend]] entries added, removed or moved".into());
-            let drains: HashMap<&str, bool> = next
-                .backends
-                .iter()
-                .map(|b| (b.name.as_str(), b.drain))
-                .collect();
-            next.backends = old
-                .backends
-                .iter()
-                .map(|b| BackendConfig {
-                    drain: drains.get(b.name.as_str()).copied().unwrap_or(b.drain),
-                    ..b.clone()
-                })
-                .collect();
         }
     }
 

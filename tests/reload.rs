@@ -306,3 +306,89 @@ async fn a_reload_opens_closes_and_changes_listeners() {
     );
     connect(ro, SUPERUSER, "postgres").await.unwrap();
 }
+
+/// A reload adds a backend (and changes the pool size) while pgbench runs: no transaction
+/// fails, the new backend is checked and serves its target; a second reload removes it,
+/// and it leaves the routing table, `/status` and the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_backends_under_load() {
+    let cluster = Cluster::start(1);
+    cluster.wait_replicated().await;
+    let replica = cluster.nodes[1].port;
+    let (tx, ro, admin) = (free_port(), free_port(), free_port());
+    let full = pooled_config(
+        &cluster,
+        &(listener("tx", tx, "primary", "mode = \"transaction\"")
+            + &listener("ro", ro, "replica", "mode = \"session\"")),
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+    );
+    let pg1 = format!("\n[[backend]]\nname = \"pg1\"\nhost = \"127.0.0.1\"\nport = {replica}\n");
+    assert!(full.contains(&pg1));
+    let without_pg1 = full.replace(&pg1, "");
+    let pgvane = Pgvane::start(&without_pg1, &[tx, ro, admin]);
+
+    let pgbench = |args: &[&str]| {
+        Command::new(pg_bindir().join("pgbench"))
+            .args(["-h", "127.0.0.1", "-U", SUPERUSER])
+            .args(args)
+            .env("PGPASSWORD", PASSWORD)
+            .output()
+            .unwrap()
+    };
+    let port = cluster.primary().port.to_string();
+    let init = pgbench(&["-p", &port, "-i", "-s", "1", "-q", "postgres"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let tx_port = tx.to_string();
+    let run = tokio::task::spawn_blocking(move || {
+        pgbench(&["-p", &tx_port, "-c", "8", "-j", "2", "-T", "8", "postgres"])
+    });
+    eventually(PATIENCE, "pgbench running", || async {
+        (backends_of(&cluster, SUPERUSER).await >= 2).then_some(())
+    })
+    .await;
+    pgvane.rewrite_config(&full.replace("[general]", "[pool]\ndefault_pool_size = 4\n\n[general]"));
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("backend pg1 added"), "{body}");
+    let out = run.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of failed transactions: "))
+        .map(|v| v.split_whitespace().next().unwrap_or("").to_owned());
+    assert_eq!(failed.as_deref(), Some("0"), "{text}");
+
+    // The added replica serves the replica listener once its checks rise.
+    let on_replica = eventually(PATIENCE, "the added backend serves", || async {
+        let c = connect(ro, SUPERUSER, "postgres").await.ok()?;
+        (server_port(&c).await == replica).then_some(c)
+    })
+    .await;
+
+    pgvane.rewrite_config(&without_pg1);
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("backend pg1 removed"), "{body}");
+    // Its session ends with the backend (as at a role loss).
+    eventually(PATIENCE, "the removed backend's session ended", || async {
+        on_replica
+            .simple_query("SELECT 1")
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let (_, status) = http_async(admin, "GET", "/status").await;
+    assert!(!status.contains("\"pg1\""), "{status}");
+    let (_, metrics) = http_async(admin, "GET", "/metrics").await;
+    assert!(!metrics.contains("backend=\"pg1\",role"), "{metrics}");
+}

@@ -848,7 +848,12 @@ fn show_backends(out: &mut BytesMut, shared: &Shared) {
         "last_error",
     ];
     let mut rs = ResultSet::new(out, &names, "ssissiqqiiis");
-    for (b, d) in table.backends.iter().zip(&details.backends) {
+    for b in &table.backends {
+        let d = details
+            .backends
+            .get(&b.backend.name)
+            .cloned()
+            .unwrap_or_default();
         rs.row([
             Some(b.backend.name.clone()),
             Some(b.backend.host.clone()),

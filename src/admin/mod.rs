@@ -393,8 +393,12 @@ fn status(shared: &Shared) -> Value {
     let backends: Vec<Value> = table
         .backends
         .iter()
-        .zip(&details.backends)
-        .map(|(b, d)| {
+        .map(|b| {
+            let d = details
+                .backends
+                .get(&b.backend.name)
+                .cloned()
+                .unwrap_or_default();
             json!({
                 "name": b.backend.name,
                 "addr": b.backend.addr(),

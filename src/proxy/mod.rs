@@ -269,7 +269,7 @@ impl Route {
                         if held.is_none() {
                             warn!(listener = %self.config.name, backend = %view.backend.name, error = %e, "backend unreachable; holding the client");
                         }
-                        topology.report_failure(i);
+                        topology.report_failure(&view.backend);
                         last_error = Some(e);
                         failed = true;
                     }

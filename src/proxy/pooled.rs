@@ -481,12 +481,21 @@ impl Session {
     }
 
     /// The home pool was retired by a reload: the session moves to the pool that replaces
-    /// it, as its user is now configured.
+    /// it, as its user and its backend are now configured. A backend the reload removed has
+    /// no such pool: the session's next transaction goes elsewhere, and home with it.
     fn rehome(&mut self, shared: &Shared) {
         let key = &self.home.key;
+        let table = shared.topology.snapshot();
+        let Some(view) = table
+            .backends
+            .iter()
+            .find(|v| v.backend.name == key.backend)
+        else {
+            return;
+        };
         let user = shared.users.load().get(&key.user);
         let user = user.unwrap_or_else(|| self.home.user().clone());
-        let next = shared.pools.get(self.home.backend(), &user, &key.database);
+        let next = shared.pools.get(&view.backend, &user, &key.database);
         next.join();
         let old = std::mem::replace(&mut self.home, next);
         old.part();
@@ -722,7 +731,7 @@ impl Session {
                 error, tell_client, ..
             } => {
                 if died {
-                    shared.topology.report_failure(i);
+                    shared.topology.report_failure(backend);
                 }
                 info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended");
                 // What still runs on the server is cancelled, and the connection closed,

@@ -10,12 +10,12 @@ mod check;
 mod health;
 mod table;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -23,30 +23,51 @@ use tracing::{debug, error, info, warn};
 pub use health::{Observation, Progress, Role};
 pub use table::{Backend, BackendView, Election, RoutingTable, Serving, SessionGuard};
 
-use crate::config::{Config, HealthConfig, LagLimit};
+use crate::config::{BackendConfig, Config, HealthConfig, LagLimit};
 use crate::metrics::Metrics;
 use check::Probe;
 use health::HealthState;
 
 pub struct Topology {
-    backends: Vec<Arc<Backend>>,
     table: ArcSwap<RoutingTable>,
     /// Carries the generation of each published table, for tasks that wait for a change.
     published: watch::Sender<u64>,
-    /// One per backend: wakes its check task for an immediate check.
-    recheck: Vec<Notify>,
-    /// Wakes the publisher to rebuild the table from unchanged health (a drain changed).
+    /// The backends as configured, with their check tasks: the list the publisher follows.
+    checks: Mutex<Checks>,
+    /// Wakes the publisher to rebuild the table (a drain changed, or the backend list).
     rebuild: Notify,
     metrics: Arc<Metrics>,
     /// What the admin API shows beyond the routing table; written by the publisher only.
     details: Mutex<Details>,
 }
 
+/// The configured backends in config order, each with what started its check task.
+#[derive(Default)]
+struct Checks {
+    backends: Vec<Checked>,
+    /// Set by [`Topology::spawn_checks`]: what a backend added later is checked with.
+    started: Option<CheckContext>,
+}
+
+struct Checked {
+    config: BackendConfig,
+    backend: Arc<Backend>,
+    /// Stops its check task.
+    stop: CancellationToken,
+}
+
+#[derive(Clone)]
+struct CheckContext {
+    health: HealthConfig,
+    results: mpsc::Sender<CheckResult>,
+    shutdown: CancellationToken,
+}
+
 /// Per-check details that do not change routing, and the last completed failover.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Details {
-    /// Per backend, in config order.
-    pub backends: Vec<BackendDetails>,
+    /// By backend name.
+    pub backends: HashMap<String, BackendDetails>,
     pub last_failover: Option<Failover>,
 }
 
@@ -98,28 +119,103 @@ mod rfc3339 {
 impl Topology {
     /// A topology with nothing routable yet; [`Topology::spawn_checks`] brings it to life.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Arc<Self> {
-        let backends: Vec<Arc<Backend>> = config
-            .backends
-            .iter()
-            .map(|b| {
-                let backend = Backend::new(b.name.clone(), b.host.clone(), b.port);
-                backend.set_draining(b.drain);
-                Arc::new(backend)
-            })
-            .collect();
+        let checked: Vec<Checked> = config.backends.iter().map(Checked::new).collect();
+        for c in checked.iter().filter(|c| c.config.drain) {
+            metrics
+                .backend_draining
+                .with_label_values(&[&c.config.name])
+                .set(1);
+        }
+        let backends: Vec<Arc<Backend>> = checked.iter().map(|c| c.backend.clone()).collect();
         let table = RoutingTable::initial(&backends);
         Arc::new(Self {
-            recheck: backends.iter().map(|_| Notify::new()).collect(),
             rebuild: Notify::new(),
-            backends,
+            checks: Mutex::new(Checks {
+                backends: checked,
+                started: None,
+            }),
             table: ArcSwap::from_pointee(table),
             published: watch::channel(0).0,
             metrics,
-            details: Mutex::new(Details {
-                backends: vec![BackendDetails::default(); config.backends.len()],
-                last_failover: None,
-            }),
+            details: Mutex::default(),
         })
+    }
+
+    /// Takes a reloaded backend list: backends whose address and check settings are as
+    /// before stay as they are (health, sessions, pools); new ones start being checked and
+    /// join the table as their checks rise; removed and moved ones stop being checked and
+    /// leave the table at once, which ends the sessions routed to them. Returns what
+    /// changed, one line each.
+    pub fn reconfigure(self: &Arc<Self>, configs: &[BackendConfig]) -> Vec<String> {
+        let mut checks = self.checks.lock().expect("checks lock");
+        let placement = |b: &BackendConfig| BackendConfig {
+            drain: false,
+            ..b.clone()
+        };
+        let mut old: Vec<Checked> = std::mem::take(&mut checks.backends);
+        let mut changes = Vec::new();
+        for config in configs {
+            let kept = old
+                .iter()
+                .position(|c| placement(&c.config) == placement(config))
+                .map(|i| old.swap_remove(i));
+            let entry = match kept {
+                Some(mut c) => {
+                    c.config.drain = config.drain;
+                    c
+                }
+                None => {
+                    let c = Checked::new(config);
+                    if config.drain {
+                        self.metrics
+                            .backend_draining
+                            .with_label_values(&[&config.name])
+                            .set(1);
+                    }
+                    if let Some(context) = &checks.started {
+                        self.start_check(&c, context);
+                    }
+                    changes.push(format!(
+                        "backend {} added at {}",
+                        config.name,
+                        c.backend.addr()
+                    ));
+                    c
+                }
+            };
+            checks.backends.push(entry);
+        }
+        for gone in old {
+            gone.stop.cancel();
+            let moved = configs.iter().any(|c| c.name == gone.config.name);
+            if !moved {
+                changes.push(format!("backend {} removed", gone.config.name));
+                let m = &self.metrics;
+                let _ = m.backend_draining.remove_label_values(&[&gone.config.name]);
+                let _ = m
+                    .replica_lag_bytes
+                    .remove_label_values(&[&gone.config.name]);
+                let _ = m
+                    .replica_replay_delay
+                    .remove_label_values(&[&gone.config.name]);
+            }
+            self.details
+                .lock()
+                .expect("details lock")
+                .backends
+                .remove(&gone.config.name);
+        }
+        drop(checks);
+        if !changes.is_empty() {
+            self.rebuild.notify_one();
+        }
+        changes
+    }
+
+    /// The configured backends, in config order.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        let checks = self.checks.lock().expect("checks lock");
+        checks.backends.iter().map(|c| c.backend.clone()).collect()
     }
 
     /// Drains backend `name` (`on`) or takes it back into service: a new routing table
@@ -127,8 +223,8 @@ impl Topology {
     /// keep running. Returns whether anything changed.
     pub fn set_draining(&self, name: &str, on: bool) -> Result<bool, UnknownBackend> {
         let backend = self
-            .backends
-            .iter()
+            .backends()
+            .into_iter()
             .find(|b| b.name == name)
             .ok_or_else(|| UnknownBackend(name.to_owned()))?;
         let changed = backend.set_draining(on);
@@ -156,16 +252,14 @@ impl Topology {
         self.published.subscribe()
     }
 
-    /// Passive health: the data path failed to reach backend `i`, so check it now rather
+    /// Passive health: the data path failed to reach `backend`, so check it now rather
     /// than at its next interval.
-    pub fn report_failure(&self, i: usize) {
-        if let Some(n) = self.recheck.get(i) {
-            self.metrics
-                .backend_unreachable
-                .with_label_values(&[&self.backends[i].name])
-                .inc();
-            n.notify_one();
-        }
+    pub fn report_failure(&self, backend: &Backend) {
+        self.metrics
+            .backend_unreachable
+            .with_label_values(&[&backend.name])
+            .inc();
+        backend.recheck.notify_one();
     }
 
     /// Waits until every backend has been checked once, or `limit` has passed.
@@ -184,20 +278,36 @@ impl Topology {
 
     /// Starts one check task per backend and the publisher; all stop on `shutdown`.
     pub fn spawn_checks(self: &Arc<Self>, config: &Config, shutdown: CancellationToken) {
-        let (tx, rx) = mpsc::channel(self.backends.len().max(1) * 4);
-        let mut tasks = JoinSet::new();
-        for (i, b) in config.backends.iter().enumerate() {
-            let probe = Probe::new(b, &config.health);
-            tasks.spawn(self.clone().check_loop(
-                i,
-                probe,
-                config.health.clone(),
-                tx.clone(),
-                shutdown.clone(),
-            ));
+        let (tx, rx) = mpsc::channel(config.backends.len().max(1) * 4);
+        let context = CheckContext {
+            health: config.health.clone(),
+            results: tx,
+            shutdown,
+        };
+        let mut checks = self.checks.lock().expect("checks lock");
+        for c in &checks.backends {
+            self.start_check(c, &context);
         }
-        tasks.detach_all();
+        checks.started = Some(context);
+        drop(checks);
         tokio::spawn(self.clone().publish_loop(rx, config.health.clone()));
+    }
+
+    /// Starts backend `c`'s check task; it stops at shutdown or when `c.stop` is cancelled.
+    fn start_check(self: &Arc<Self>, c: &Checked, context: &CheckContext) {
+        let probe = Probe::new(&c.config, &context.health);
+        let (health, results) = (context.health.clone(), context.results.clone());
+        let (stop, shutdown) = (c.stop.clone(), context.shutdown.clone());
+        let checks = self
+            .clone()
+            .check_loop(c.backend.clone(), probe, health, results);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = shutdown.cancelled() => {}
+                _ = checks => {}
+            }
+        });
     }
 
     /// Checks backend `index` every `interval`; after a failed check or while no primary is
@@ -205,18 +315,16 @@ impl Topology {
     /// reports a failure.
     async fn check_loop(
         self: Arc<Self>,
-        index: usize,
+        backend: Arc<Backend>,
         mut probe: Probe,
         health: HealthConfig,
-        tx: mpsc::Sender<Checked>,
-        shutdown: CancellationToken,
+        tx: mpsc::Sender<CheckResult>,
     ) {
         let mut next = Instant::now();
         loop {
             let (obs, progress) = tokio::select! {
-                _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => probe.check(health.timeout).await,
-                _ = self.recheck[index].notified() => probe.check(health.timeout).await,
+                _ = backend.recheck.notified() => probe.check(health.timeout).await,
             };
             // Faster while this backend fails, and while there is no primary: then a
             // promoted replica is found within fast_interval.
@@ -228,30 +336,51 @@ impl Topology {
                 health.interval
             };
             next = Instant::now() + pause;
-            if tx.send((index, obs, progress)).await.is_err() {
+            if tx.send((backend.clone(), obs, progress)).await.is_err() {
                 return;
             }
         }
     }
 
-    async fn publish_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Checked>, health: HealthConfig) {
+    async fn publish_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<CheckResult>,
+        health: HealthConfig,
+    ) {
         let (rise, fall) = (health.rise, health.fall);
-        let mut states = vec![HealthState::default(); self.backends.len()];
+        // The backends the tables are built from, with their health states, aligned.
+        let mut list = self.backends();
+        let mut states = vec![HealthState::default(); list.len()];
         let snapshot = |s: &HealthState| (s.role(), s.is_suspect(), s.timeline(), s.is_lagging());
         let mut outage = Outage::default();
-        // Ends when every check task has stopped (shutdown).
         loop {
-            let (i, obs, progress) = tokio::select! {
+            let (backend, obs, progress) = tokio::select! {
                 checked = rx.recv() => match checked {
                     Some(c) => c,
                     None => return,
                 },
                 _ = self.rebuild.notified() => {
-                    self.publish(&states, &mut outage);
+                    self.follow_config(&mut list, &mut states);
+                    self.publish(&list, &states, &mut outage);
                     continue;
                 }
             };
-            let name = &self.backends[i].name;
+            let position =
+                |list: &[Arc<Backend>]| list.iter().position(|b| Arc::ptr_eq(b, &backend));
+            let i = match position(&list) {
+                Some(i) => i,
+                // Added by a reload this loop has not seen yet, or removed by one.
+                None => {
+                    if self.follow_config(&mut list, &mut states) {
+                        self.publish(&list, &states, &mut outage);
+                    }
+                    match position(&list) {
+                        Some(i) => i,
+                        None => continue,
+                    }
+                }
+            };
+            let name = &list[i].name;
             if let Observation::Failed(e) = &obs {
                 debug!(backend = %name, error = %e, "health check failed");
             }
@@ -270,22 +399,47 @@ impl Topology {
                     .inc();
             }
             let lag = if state.role() == Role::Replica {
-                self.judge_lag(&mut states, i, &health)
+                self.judge_lag(&list, &mut states, i, &health)
             } else {
                 Lag::default()
             };
-            self.record_details(i, &states[i], lag);
+            self.record_details(&list[i].name, &states[i], lag);
             if before == snapshot(&states[i]) {
                 continue;
             }
-            self.publish(&states, &mut outage);
+            self.publish(&list, &states, &mut outage);
         }
     }
 
-    /// Builds the next routing table from `states` and swaps it in.
-    fn publish(&self, states: &[HealthState], outage: &mut Outage) {
+    /// Brings the publisher's `list` (and `states`, aligned with it) to the configured
+    /// backends: kept ones keep their state, new ones start unknown. Returns whether the
+    /// list changed.
+    fn follow_config(&self, list: &mut Vec<Arc<Backend>>, states: &mut Vec<HealthState>) -> bool {
+        let configured = self.backends();
+        let same = configured.len() == list.len()
+            && configured
+                .iter()
+                .zip(list.iter())
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return false;
+        }
+        let next_states = configured
+            .iter()
+            .map(|b| {
+                let was = list.iter().position(|o| Arc::ptr_eq(o, b));
+                was.map(|i| states[i].clone()).unwrap_or_default()
+            })
+            .collect();
+        *list = configured;
+        *states = next_states;
+        true
+    }
+
+    /// Builds the next routing table from `list` and `states` and swaps it in.
+    fn publish(&self, list: &[Arc<Backend>], states: &[HealthState], outage: &mut Outage) {
         let prev = self.table.load_full();
-        let next = RoutingTable::build(prev.generation + 1, &self.backends, states, Some(&prev));
+        let next = RoutingTable::build(prev.generation + 1, list, states, Some(&prev));
         log_election(&prev, &next, outage.previous.as_deref());
         self.record_table(&prev, &next, outage);
         let generation = next.generation;
@@ -293,13 +447,12 @@ impl Topology {
         self.published.send_replace(generation);
     }
 
-    fn record_details(&self, i: usize, state: &HealthState, lag: Lag) {
+    fn record_details(&self, name: &str, state: &HealthState, lag: Lag) {
         let mut details = self.details.lock().expect("details lock");
-        let d = &mut details.backends[i];
+        let d = details.backends.entry(name.to_owned()).or_default();
         d.last_error = state.last_error().map(str::to_owned);
         d.lag_bytes = lag.bytes;
         d.replay_delay_ms = lag.delay.map(|d| d.as_millis() as u64);
-        let name = self.backends[i].name.as_str();
         let m = &self.metrics;
         match lag.bytes {
             Some(b) => m.replica_lag_bytes.with_label_values(&[name]).set(b as i64),
@@ -321,6 +474,17 @@ impl Topology {
     /// Updates the role gauges and, when the primary changed, the failover record.
     fn record_table(&self, prev: &RoutingTable, next: &RoutingTable, outage: &mut Outage) {
         let m = &self.metrics;
+        if prev.backends.len() != next.backends.len()
+            || prev
+                .backends
+                .iter()
+                .zip(&next.backends)
+                .any(|(a, b)| a.backend.name != b.backend.name)
+        {
+            // A reload changed the list: no series of a removed backend stays behind.
+            m.backend_role.reset();
+            m.backend_serving.reset();
+        }
         for b in &next.backends {
             let name = b.backend.name.as_str();
             for r in Role::ALL {
@@ -393,7 +557,13 @@ impl Topology {
     /// Measures replica `i`'s lag and, with `max_replica_lag` set, takes the replica out of
     /// (or back into) the replica target, with rise/fall. Without a measure for the limit's
     /// kind the last verdict stands.
-    fn judge_lag(&self, states: &mut [HealthState], i: usize, health: &HealthConfig) -> Lag {
+    fn judge_lag(
+        &self,
+        list: &[Arc<Backend>],
+        states: &mut [HealthState],
+        i: usize,
+        health: &HealthConfig,
+    ) -> Lag {
         let table = self.table.load();
         let primary_wal = match table.election {
             Election::Elected(p) => states[p].progress().wal,
@@ -413,7 +583,7 @@ impl Topology {
         };
         let Some(behind) = behind else { return lag };
         if let Some(lagging) = states[i].observe_lag(behind, health.rise, health.fall) {
-            let name = &self.backends[i].name;
+            let name = &list[i].name;
             let (bytes, delay, max) = (lag.bytes, lag.delay, health.max_replica_lag);
             if lagging {
                 warn!(backend = %name, lag_bytes = ?bytes, replay_delay = ?delay, max_replica_lag = ?max, "replica too far behind; out of the replica target");
@@ -425,8 +595,20 @@ impl Topology {
     }
 }
 
-/// A check result: backend index, what it said, its WAL progress.
-type Checked = (usize, Observation, Progress);
+/// A check result: the backend, what it said, its WAL progress.
+type CheckResult = (Arc<Backend>, Observation, Progress);
+
+impl Checked {
+    fn new(config: &BackendConfig) -> Self {
+        let backend = Backend::new(config.name.clone(), config.host.clone(), config.port);
+        backend.set_draining(config.drain);
+        Self {
+            config: config.clone(),
+            backend: Arc::new(backend),
+            stop: CancellationToken::new(),
+        }
+    }
+}
 
 /// `last_primary`: the primary before an outage, for an election that ends one.
 fn log_election(prev: &RoutingTable, next: &RoutingTable, last_primary: Option<&str>) {

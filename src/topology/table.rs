@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::health::{HealthState, Role};
@@ -22,6 +23,8 @@ pub struct Backend {
     active: AtomicUsize,
     /// Set by [`super::Topology::set_draining`]; the routing table is rebuilt from it.
     draining: AtomicBool,
+    /// Wakes this backend's check task for an immediate check (passive health).
+    pub(super) recheck: Notify,
 }
 
 impl Backend {
@@ -32,6 +35,7 @@ impl Backend {
             port,
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            recheck: Notify::new(),
         }
     }
 
@@ -160,7 +164,8 @@ impl RoutingTable {
 
     /// Builds the next table from the health states. Tokens of backends whose `serving` did not
     /// change are carried over; the others are cancelled, which ends the sessions that depend
-    /// on them.
+    /// on them, as are those of backends no longer listed (a reload removed or moved them).
+    /// A backend is the same one across tables if it is the same `Arc`.
     pub fn build(
         generation: u64,
         backends: &[Arc<Backend>],
@@ -182,7 +187,9 @@ impl RoutingTable {
                     Role::Replica if !state.is_lagging() => Serving::Replica,
                     _ => Serving::Nothing,
                 };
-                let lost = match prev.map(|p| &p.backends[i]) {
+                let before =
+                    prev.and_then(|p| p.backends.iter().find(|v| Arc::ptr_eq(&v.backend, backend)));
+                let lost = match before {
                     Some(old) if old.serving == serving => old.lost.clone(),
                     Some(old) => {
                         old.lost.cancel();
@@ -201,6 +208,12 @@ impl RoutingTable {
                 }
             })
             .collect();
+        if let Some(prev) = prev {
+            let listed = |v: &&BackendView| backends.iter().any(|b| Arc::ptr_eq(b, &v.backend));
+            for gone in prev.backends.iter().filter(|v| !listed(v)) {
+                gone.lost.cancel();
+            }
+        }
         // New work goes to backends that are not drained; a drained one keeps its role
         // (and its sessions their tokens).
         let takes_work = |i: &usize| !views[*i].draining;
