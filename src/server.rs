@@ -49,6 +49,69 @@ pub fn load_users(config: &Config) -> Result<UserStore, ConfigError> {
     UserStore::load(config).map_err(|p| ConfigError::Invalid(vec![p]))
 }
 
+/// systemd's service protocol (`Type=notify`, `WatchdogSec=`): readiness once every
+/// listener accepts, reloads and shutdown announced, and the watchdog fed while the runtime
+/// runs. Without `NOTIFY_SOCKET` each call does nothing.
+mod systemd {
+    use std::time::Duration;
+
+    use sd_notify::NotifyState;
+    use tokio_util::sync::CancellationToken;
+    use tracing::debug;
+
+    fn notify(state: &[NotifyState]) {
+        if let Err(e) = sd_notify::notify(false, state) {
+            debug!(error = %e, "cannot notify the service manager");
+        }
+    }
+
+    pub fn ready() {
+        notify(&[NotifyState::Ready]);
+    }
+
+    pub fn stopping() {
+        notify(&[NotifyState::Stopping]);
+    }
+
+    /// Runs `reload` between RELOADING=1 (with the monotonic time systemd asks for) and
+    /// READY=1.
+    pub fn reloading<T>(reload: impl FnOnce() -> T) -> T {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[NotifyState::Reloading, now]),
+            Err(_) => notify(&[NotifyState::Reloading]),
+        }
+        let done = reload();
+        ready();
+        done
+    }
+
+    /// The watchdog interval systemd expects pings within: `WATCHDOG_USEC`, unless
+    /// `WATCHDOG_PID` names another process.
+    fn watchdog() -> Option<Duration> {
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        let pid = std::env::var("WATCHDOG_PID").ok();
+        if pid.is_some_and(|p| p.parse() != Ok(std::process::id())) {
+            return None;
+        }
+        (usec > 0).then(|| Duration::from_micros(usec))
+    }
+
+    /// Pings the watchdog at half its interval until `stop`: a runtime too stuck to run
+    /// this task gets pgvane restarted.
+    pub fn keep_watchdog_fed(stop: CancellationToken) {
+        let Some(interval) = watchdog() else { return };
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(interval / 2);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = every.tick() => notify(&[NotifyState::Watchdog]),
+                }
+            }
+        });
+    }
+}
+
 /// The listening sockets, each with its accept loop, as the configuration in force has
 /// them: started at start-up and changed by a reload.
 pub struct Listeners {
@@ -251,6 +314,8 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
     let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let mut reloader = Reloader::new(path, config, shared.clone(), listeners);
+    systemd::ready();
+    systemd::keep_watchdog_fed(stop_background.clone());
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
@@ -262,13 +327,14 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
             }
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                let _ = reloader.reload();
+                let _ = systemd::reloading(|| reloader.reload());
             }
             Some(asked) = reload_requests.recv() => {
-                let _ = asked.send(reloader.reload());
+                let _ = asked.send(systemd::reloading(|| reloader.reload()));
             }
         }
     }
+    systemd::stopping();
     let shutdown_timeout = reloader.current().general.shutdown_timeout;
     reloader.into_listeners().stop_all().await;
     sessions.close();

@@ -197,3 +197,69 @@ fn version_names_the_commit() {
     assert!(text.starts_with("pgvane 0."), "{text}");
     assert!(text.contains(&format!("({head})")), "{text} (HEAD {head})");
 }
+
+/// Reads service notifications into `heard` until one contains `want`; returns (and
+/// clears) what was heard.
+async fn hear(socket: &tokio::net::UnixDatagram, heard: &mut String, want: &str) -> String {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(PATIENCE, async {
+        while !heard.contains(want) {
+            let n = socket.recv(&mut buf).await.unwrap();
+            heard.push_str(&String::from_utf8_lossy(&buf[..n]));
+            heard.push('\n');
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {want} within {PATIENCE:?}; heard: {heard}"));
+    std::mem::take(heard)
+}
+
+/// With `NOTIFY_SOCKET` set, pgvane speaks systemd's service protocol: READY=1 once it
+/// accepts, WATCHDOG=1 within `WATCHDOG_USEC`, RELOADING=1 then READY=1 around a SIGHUP
+/// reload, STOPPING=1 at SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_reload_and_stop() {
+    let cluster = Cluster::start(0);
+    let rw = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("pgvane.toml");
+    std::fs::write(
+        &config_path,
+        config(
+            &cluster,
+            "interval = \"200ms\"",
+            &listener("rw", rw, "primary", ""),
+        ),
+    )
+    .unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut child = pgvane()
+        .arg("--config")
+        .arg(&config_path)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "300000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut heard = String::new();
+    hear(&socket, &mut heard, "READY=1").await;
+    // The listener accepts by the time READY=1 is sent.
+    std::net::TcpStream::connect(("127.0.0.1", rw)).unwrap();
+    hear(&socket, &mut heard, "WATCHDOG=1").await;
+    hear(&socket, &mut heard, "WATCHDOG=1").await;
+    let kill = |signal: &str| {
+        Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    kill("-HUP");
+    let around_reload = hear(&socket, &mut heard, "READY=1").await;
+    assert!(around_reload.contains("RELOADING=1"), "{around_reload}");
+    assert!(around_reload.contains("MONOTONIC_USEC="), "{around_reload}");
+    kill("-TERM");
+    hear(&socket, &mut heard, "STOPPING=1").await;
+    assert!(child.wait().unwrap().success());
+}
