@@ -8,6 +8,7 @@
 //! - [`auth`]: client authentication (SCRAM, md5, trust) and server login.
 //! - [`protocol`]: the bits of the PostgreSQL wire protocol pgvane speaks itself.
 //! - [`error`]: client-facing failures and their PostgreSQL ErrorResponses.
+//! - [`import`]: `pgvane import` from pgbouncer.ini and haproxy.cfg.
 //! - [`limits`]: bounds on what clients can make pgvane spend (refusals, descriptors, logs).
 //! - [`admin`]: PAUSE/RESUME, the HTTP admin API (metrics, status) and the admin console.
 //! - [`stats`]: PgBouncer's SHOW STATS counters, per database.
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod import;
 pub mod limits;
 pub mod metrics;
 pub mod pool;

@@ -25,6 +25,16 @@ struct Cli {
 enum Command {
     /// Validate the configuration and print it with every default filled in.
     Check,
+    /// Print a pgvane.toml equivalent to a pgbouncer.ini and/or a Patroni-style
+    /// haproxy.cfg, listing every setting that could not be carried over.
+    Import {
+        /// A pgbouncer.ini (its auth_file is referred to, not copied).
+        #[arg(long)]
+        pgbouncer: Option<PathBuf>,
+        /// An haproxy.cfg with Patroni's HTTP checks.
+        #[arg(long)]
+        haproxy: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -35,6 +45,26 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Import { pgbouncer, haproxy }) = &cli.command {
+        if pgbouncer.is_none() && haproxy.is_none() {
+            eprintln!("pgvane import: name a file: --pgbouncer pgbouncer.ini and/or --haproxy haproxy.cfg");
+            return ExitCode::from(2);
+        }
+        return match pgvane::import::import(pgbouncer.as_deref(), haproxy.as_deref()) {
+            Ok(import) => {
+                print!("{}", import.to_toml());
+                eprintln!(
+                    "pgvane import: {} setting(s) not carried over (listed at the top)",
+                    import.skipped.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pgvane import: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let loaded = Config::load(&cli.config).and_then(|c| {
         let users = pgvane::server::load_users(&c)?;
         Ok((c, users))
@@ -46,7 +76,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::Check) = cli.command {
+    if let Some(Command::Check) = &cli.command {
         print!("{}", config.to_resolved_toml());
         eprintln!("pgvane: {} is valid", cli.config.display());
         return ExitCode::SUCCESS;

@@ -263,3 +263,119 @@ async fn systemd_hears_ready_watchdog_reload_and_stop() {
     hear(&socket, &mut heard, "STOPPING=1").await;
     assert!(child.wait().unwrap().success());
 }
+
+/// Runs `pgvane import` with `args`; returns the TOML it printed, which must pass
+/// `pgvane check`.
+fn import(args: &[&str]) -> String {
+    let out = pgvane().arg("import").args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let toml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imported.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let checked = check(&path);
+    assert!(
+        checked.status.success(),
+        "{toml}\n{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    toml
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Debian's shipped pgbouncer.ini: its listener, auth and the settings it cannot carry.
+#[test]
+fn import_reads_debian_s_pgbouncer_ini() {
+    let toml = import(&["--pgbouncer", "/etc/pgbouncer/pgbouncer.ini"]);
+    for want in [
+        "type = \"md5\"",
+        "file = \"/etc/pgbouncer/userlist.txt\"",
+        "port = 6432",
+        "mode = \"session\"",
+        "unix_socket_dir: pgvane listens on TCP only",
+        "No server was named",
+    ] {
+        assert!(toml.contains(want), "{want}:\n{toml}");
+    }
+}
+
+/// Patroni's haproxy.cfg: one primary listener, the servers with their REST ports, HAProxy's
+/// check timings; the stats page and client/server timeouts are listed as not carried.
+#[test]
+fn import_reads_patroni_s_haproxy_cfg() {
+    let toml = import(&["--haproxy", &fixture("haproxy-patroni.cfg")]);
+    let config = pgvane::config::Config::parse(&toml).unwrap();
+    assert_eq!(config.backends.len(), 2);
+    assert_eq!(config.backends[1].patroni_port, Some(8009));
+    assert_eq!(config.listeners.len(), 1);
+    assert_eq!(config.listeners[0].port, 5000);
+    assert_eq!(config.listeners[0].target, pgvane::config::Target::Primary);
+    assert_eq!(config.health.interval, Duration::from_secs(3));
+    assert_eq!((config.health.rise, config.health.fall), (2, 3));
+    assert_eq!(config.health.timeout, Duration::from_secs(5));
+    assert!(toml.contains("listen stats: an HTTP section"), "{toml}");
+}
+
+/// Every key the importer maps lands under pgvane's name with its value; a PgBouncer
+/// database pointing at the HAProxy listener takes its target instead of a backend.
+#[test]
+fn import_maps_every_key_it_knows() {
+    let toml = import(&[
+        "--pgbouncer",
+        &fixture("pgbouncer-full.ini"),
+        "--haproxy",
+        &fixture("haproxy-patroni.cfg"),
+    ]);
+    let c = pgvane::config::Config::parse(&toml).unwrap();
+    assert_eq!(c.general.max_client_conn, 1000);
+    assert_eq!(c.general.client_login_timeout, Duration::from_secs(30));
+    let p = &c.pool;
+    assert_eq!(
+        (p.default_pool_size, p.min_pool_size, p.reserve_pool_size),
+        (25, 2, 5)
+    );
+    assert_eq!(p.reserve_pool_timeout, Duration::from_millis(2500));
+    assert_eq!((p.max_db_connections, p.max_user_connections), (50, 40));
+    assert_eq!(p.server_idle_timeout, Duration::from_secs(300));
+    assert_eq!(p.server_lifetime, Duration::from_secs(1800));
+    assert_eq!(p.server_connect_timeout, Duration::from_secs(10));
+    assert_eq!(p.query_wait_timeout, Duration::from_secs(60));
+    assert_eq!(p.idle_transaction_timeout, Duration::from_secs(20));
+    assert_eq!(p.server_check_delay, Duration::from_secs(10));
+    assert_eq!(p.server_check_query, "select 1");
+    assert_eq!(
+        p.ignore_startup_parameters,
+        ["extra_float_digits", "options"]
+    );
+    assert_eq!(p.max_prepared_statements, 100);
+    assert_eq!(p.track_extra_parameters, ["search_path"]);
+    assert_eq!(p.autodb_idle_timeout, Duration::from_secs(600));
+    assert_eq!(p.max_packet_size, 1048576);
+    assert_eq!(c.limits.max_db_client_connections, Some(500));
+    assert_eq!(c.limits.max_user_client_connections, Some(300));
+    assert_eq!(c.admin.admin_users, ["postgres", "ops"]);
+    assert_eq!(c.admin.stats_users, ["monitor"]);
+    let pooled = c.listeners.iter().find(|l| l.name == "pgbouncer").unwrap();
+    assert_eq!(pooled.mode, pgvane::config::ListenerMode::Transaction);
+    assert_eq!(pooled.target, pgvane::config::Target::Primary);
+    // The HAProxy servers and PgBouncer's other server; not the HAProxy port itself.
+    let ports: Vec<u16> = c.backends.iter().map(|b| b.port).collect();
+    assert_eq!(ports, [5432, 5433, 5433]);
+    let app = c.users.iter().find(|u| u.name == "app").unwrap();
+    assert_eq!(
+        (app.pool_size, app.max_user_connections),
+        (Some(10), Some(20))
+    );
+    for not_carried in [
+        "server_tls_sslmode: TLS is not supported yet",
+        "[databases] other dbname=realname",
+        "[users] app pool_mode=session",
+        "logfile:",
+    ] {
+        assert!(toml.contains(not_carried), "{not_carried}:\n{toml}");
+    }
+}
