@@ -32,6 +32,8 @@ pub enum ClientError {
     NoUser,
     #[error("user \"{0}\" may not use the admin console")]
     NotConsoleUser(String),
+    #[error("database \"{0}\" is not currently accepting connections")]
+    DatabaseDisabled(String),
     #[error("unsupported startup parameter: {0}")]
     UnsupportedParameter(String),
     #[error(transparent)]
@@ -104,6 +106,9 @@ impl ClientError {
             UnsupportedProtocol { .. } => fatal("0A000", format!("{self}: pgvane supports 3.0")),
             TooManyClients(_) => fatal("53300", self.to_string()),
             NoUser => fatal("28000", self.to_string()),
+            // As PostgreSQL answers for a database with datallowconn off.
+            DatabaseDisabled(_) => fatal("55000", self.to_string())
+                .with_hint("DISABLE on pgvane's admin console; ENABLE lets clients in again"),
             NotConsoleUser(_) => fatal("28000", self.to_string())
                 .with_hint("list the user in admin.admin_users or admin.stats_users"),
             UnsupportedParameter(_) => fatal("08P01", self.to_string())

@@ -1000,6 +1000,13 @@ impl Pools {
         })
     }
 
+    /// PgBouncer's RECONNECT: the pools of `database` (all with `None`) are replaced; each
+    /// server connection closes when released, and sessions take new ones from the next
+    /// transaction on. Returns how many pools were replaced.
+    pub fn reconnect(&self, database: Option<&str>) -> usize {
+        self.retire(|_, pool| database.map_or(true, |d| pool.key.database == d))
+    }
+
     /// Retires the pools of backends not in `backends` (removed or moved by a reload).
     pub fn retire_backends_not_in(&self, backends: &[Arc<Backend>]) -> usize {
         self.retire(|_, pool| !backends.iter().any(|b| Arc::ptr_eq(b, pool.backend())))

@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin;
 use crate::admin::console::Console;
+use crate::admin::{self, Shutdown};
 use crate::auth::UserStore;
 use crate::config::{Config, ConfigError, LimitsConfig, ListenerConfig};
 use crate::limits::{self, LogBudget, FILES_HEADROOM, REFUSALS_IN_FLIGHT, REFUSAL_LOG_LINES};
@@ -270,6 +270,7 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
     }
 
     let (reloads, mut reload_requests) = ReloadHandle::new();
+    let (shutdowns, mut shutdown_requests) = tokio::sync::mpsc::channel(1);
     let shared = Arc::new(Shared {
         topology,
         pools,
@@ -283,6 +284,8 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
         paused: PauseState::default(),
         console: Console::new(&config),
         reloads,
+        shutdowns,
+        disabled: Default::default(),
         metrics,
     });
     // Login-rate state of users idle long enough to have full buckets again goes.
@@ -316,10 +319,11 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
     let mut reloader = Reloader::new(path, config, shared.clone(), listeners);
     systemd::ready();
     systemd::keep_watchdog_fed(stop_background.clone());
-    loop {
+    let shutdown = loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break Shutdown::WaitForClients }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break Shutdown::WaitForClients }
+            Some(how) = shutdown_requests.recv() => { info!(?how, "SHUTDOWN from the admin console"); break how }
             // PgBouncer's signals: SIGUSR1 = PAUSE, SIGUSR2 = RESUME.
             _ = sigusr1.recv() => admin::pause(&shared, None),
             _ = sigusr2.recv() => {
@@ -333,10 +337,21 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
                 let _ = asked.send(systemd::reloading(|| reloader.reload()));
             }
         }
-    }
+    };
     systemd::stopping();
-    let shutdown_timeout = reloader.current().general.shutdown_timeout;
+    // How long open sessions may take to end on their own.
+    let shutdown_timeout = match shutdown {
+        Shutdown::WaitForClients => reloader.current().general.shutdown_timeout,
+        Shutdown::Now | Shutdown::WaitForServers => Duration::ZERO,
+    };
     reloader.into_listeners().stop_all().await;
+    if shutdown == Shutdown::WaitForServers {
+        let running = admin::pause_and_wait(&shared, None).await;
+        info!(
+            running,
+            "SHUTDOWN WAIT_FOR_SERVERS: paused; closing the sessions"
+        );
+    }
     sessions.close();
     let open = sessions.len();
     if open > 0 {

@@ -487,3 +487,72 @@ async fn an_admin_reaches_the_console_when_every_client_slot_is_taken() {
         c.simple_query("SELECT 1").await.unwrap();
     }
 }
+
+/// DISABLE refuses new clients on a database (55000, as PostgreSQL for a database that
+/// does not allow connections) and leaves open sessions alone; ENABLE lets clients in again.
+/// RECONNECT gives sessions new server connections from their next transaction on.
+/// SHUTDOWN ends the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_enable_reconnect_and_shutdown() {
+    let (_cluster, tx, mut pgvane) = with_console().await;
+    let app = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    let backend_pid = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let first = backend_pid(app.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    let (mut console, _) = RawClient::login(tx, SUPERUSER, "pgbouncer").await;
+
+    assert_eq!(show(&run(&mut console, "DISABLE postgres").await), "C Z");
+    let (_, login) = RawClient::login(tx, SUPERUSER, "postgres").await;
+    assert_eq!(
+        login.last().and_then(|m| m.field(b'C')).as_deref(),
+        Some("55000"),
+        "{}",
+        show(&login)
+    );
+    let dbs = run(&mut console, "SHOW DATABASES").await;
+    assert_eq!(num(&row_of(&dbs, "postgres"), "disabled"), 1);
+    app.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(show(&run(&mut console, "ENABLE postgres").await), "C Z");
+    let (_, login) = RawClient::login(tx, SUPERUSER, "postgres").await;
+    assert_eq!(login.last().map(|m| m.tag), Some(b'Z'), "{}", show(&login));
+
+    assert_eq!(show(&run(&mut console, "RECONNECT postgres").await), "C Z");
+    let second = backend_pid(app.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    assert_ne!(first, second, "a new server connection after RECONNECT");
+
+    assert_eq!(show(&run(&mut console, "SHUTDOWN").await), "C Z");
+    let exited = tokio::task::spawn_blocking(move || pgvane.wait_exit(PATIENCE))
+        .await
+        .unwrap();
+    assert!(exited.is_some(), "pgvane exits after SHUTDOWN");
+}
+
+/// SHUTDOWN WAIT_FOR_SERVERS lets the running transaction finish (PAUSE), then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_wait_for_servers_lets_the_running_transaction_finish() {
+    let (_cluster, tx, mut pgvane) = with_console().await;
+    let app = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    app.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let (mut console, _) = RawClient::login(tx, SUPERUSER, "pgbouncer").await;
+    assert_eq!(
+        show(&run(&mut console, "SHUTDOWN WAIT_FOR_SERVERS").await),
+        "C Z"
+    );
+    // Still running: the transaction holds its server connection.
+    app.simple_query("SELECT 2").await.unwrap();
+    assert!(!pgvane.has_exited());
+    app.batch_execute("COMMIT").await.unwrap();
+    let exited = tokio::task::spawn_blocking(move || pgvane.wait_exit(PATIENCE))
+        .await
+        .unwrap();
+    assert!(
+        exited.is_some(),
+        "pgvane exits once the transaction is done"
+    );
+}

@@ -423,11 +423,41 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
                 super::pause_and_wait(shared, arg).await;
                 command_complete(out, "PAUSE");
             }
-            "DRAIN" | "ENABLE"
-                if arg
-                    .as_deref()
-                    .is_some_and(|a| a.eq_ignore_ascii_case("backend")) =>
-            {
+            "DISABLE" | "ENABLE" if !is_backend(&arg) => {
+                let Some(db) = arg else {
+                    error(out, "42601", &format!("{verb} needs a database name"));
+                    return;
+                };
+                let disable = verb == "DISABLE";
+                info!(user, database = %db, disable, "database access change requested on the console");
+                shared.disabled.set(&db, disable);
+                command_complete(out, &verb);
+            }
+            "RECONNECT" => {
+                let replaced = shared.pools.reconnect(arg.as_deref());
+                info!(
+                    user,
+                    database = arg.as_deref(),
+                    pools = replaced,
+                    "RECONNECT: server connections close as they are released"
+                );
+                command_complete(out, "RECONNECT");
+            }
+            "SHUTDOWN" => {
+                let how = match arg.as_deref().map(str::to_ascii_uppercase).as_deref() {
+                    None => super::Shutdown::Now,
+                    Some("WAIT_FOR_SERVERS") => super::Shutdown::WaitForServers,
+                    Some("WAIT_FOR_CLIENTS") => super::Shutdown::WaitForClients,
+                    Some(other) => {
+                        error(out, "42601", &format!("SHUTDOWN {other}: use SHUTDOWN, SHUTDOWN WAIT_FOR_SERVERS or SHUTDOWN WAIT_FOR_CLIENTS"));
+                        return;
+                    }
+                };
+                info!(user, ?how, "SHUTDOWN requested on the console");
+                let _ = shared.shutdowns.try_send(how);
+                command_complete(out, "SHUTDOWN");
+            }
+            "DRAIN" | "ENABLE" if is_backend(&arg) => {
                 let Some(name) = words.get(2) else {
                     error(
                         out,
@@ -486,11 +516,17 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
     }
 }
 
+/// Whether a command's first argument is the word BACKEND (DRAIN/ENABLE BACKEND name).
+fn is_backend(arg: &Option<String>) -> bool {
+    arg.as_deref()
+        .is_some_and(|a| a.eq_ignore_ascii_case("backend"))
+}
+
 /// Writes the answer to SHOW `what`; false if there is no such SHOW.
 fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
     match what {
         "HELP" => {
-            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>\n\tRELOAD";
+            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>\n\tRECONNECT [<db>]\n\tRELOAD\n\tSHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>";
             notice_or_error(out, b'N', "NOTICE", "00000", help);
             command_complete(out, "SHOW");
         }
@@ -786,7 +822,7 @@ fn show_databases(out: &mut BytesMut, shared: &Shared) {
             n(0),
             n(clients as u64),
             n(u64::from(paused.holds(Some(&db)))),
-            n(0),
+            n(u64::from(shared.disabled.contains(&db))),
         ]);
     }
     rs.done();

@@ -45,6 +45,37 @@ use crate::topology::{Election, UnknownBackend};
 /// How long `POST /pause` waits for running transactions before answering 202.
 pub const PAUSE_WAIT: Duration = Duration::from_secs(30);
 
+/// How the console's SHUTDOWN ends the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Close everything now.
+    Now,
+    /// PAUSE, wait until no server connection is in use, then close (WAIT_FOR_SERVERS).
+    WaitForServers,
+    /// Stop accepting and wait up to `shutdown_timeout` for clients to leave, as SIGTERM
+    /// does (WAIT_FOR_CLIENTS).
+    WaitForClients,
+}
+
+/// Databases DISABLE refuses new clients on.
+#[derive(Default)]
+pub struct Disabled(std::sync::Mutex<BTreeSet<String>>);
+
+impl Disabled {
+    pub fn contains(&self, database: &str) -> bool {
+        self.0.lock().expect("disabled lock").contains(database)
+    }
+
+    /// Returns whether anything changed.
+    pub fn set(&self, database: &str, disabled: bool) -> bool {
+        let mut set = self.0.lock().expect("disabled lock");
+        match disabled {
+            true => set.insert(database.to_owned()),
+            false => set.remove(database),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("pgvane is paused globally; RESUME without a database")]

@@ -446,6 +446,10 @@ pub struct Shared {
     pub console: Console,
     /// Asks for a configuration reload (console RELOAD, `POST /reload`).
     pub reloads: ReloadHandle,
+    /// Asks for a shutdown (console SHUTDOWN).
+    pub shutdowns: tokio::sync::mpsc::Sender<crate::admin::Shutdown>,
+    /// Databases DISABLE refuses new clients on (pooled listeners).
+    pub disabled: crate::admin::Disabled,
     pub metrics: Arc<Metrics>,
 }
 

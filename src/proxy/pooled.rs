@@ -268,6 +268,9 @@ async fn login(
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
     let to_console = console::DATABASES.contains(&database.as_str());
+    if !to_console && shared.disabled.contains(&database) {
+        return Err(ClientError::DatabaseDisabled(database));
+    }
     if reserved && !(to_console && shared.console.access(&user) == Some(Access::Admin)) {
         return Err(ClientError::TooManyClients(shared.max_client_conn()));
     }

@@ -540,6 +540,11 @@ impl Pgvane {
     }
 
     /// Waits for the process to exit, up to `limit`.
+    /// Whether the process has ended, now.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
