@@ -5,11 +5,12 @@
 //! path pays nothing for them.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::pool::Pools;
+use crate::stats::Totals;
 
 pub struct Metrics {
     registry: Registry,
@@ -54,6 +55,21 @@ pub struct Metrics {
     pub session_state_pins: IntCounterVec,
     pub session_state_refused: IntCounterVec,
     pool_connections: IntGaugeVec,
+    /// Read from the pools and the statistics at scrape time.
+    pool_clients: IntGaugeVec,
+    pool_maxwait: GaugeVec,
+    database_counts: Vec<(IntCounterVec, fn(&Totals) -> u64)>,
+    database_seconds: Vec<(CounterVec, fn(&Totals) -> u64)>,
+    /// One scrape at a time: the values read at scrape time are reset, then set.
+    rendering: std::sync::Mutex<()>,
+}
+
+/// A per-database counter of seconds, from microsecond totals.
+fn seconds_vec(r: &Registry, name: &str, help: &str) -> CounterVec {
+    register(
+        r,
+        CounterVec::new(Opts::new(name, help), &["database"]).unwrap(),
+    )
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: T) -> T {
@@ -191,13 +207,72 @@ impl Metrics {
                 "Server connections per pool, by state (active = lent to a client).",
                 &["backend", "database", "user", "state"],
             ),
+            pool_clients: gauge_vec(
+                "pool_clients",
+                "Client sessions per pool: active (linked to a server connection or idle), waiting (for a server connection).",
+                &["backend", "database", "user", "state"],
+            ),
+            pool_maxwait: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "pool_maxwait_seconds",
+                        "How long the pool's longest-waiting client has waited (PgBouncer's maxwait).",
+                    ),
+                    &["backend", "database", "user"],
+                )
+                .unwrap(),
+            ),
+            database_counts: vec![
+                (counter_vec("database_server_assignments_total", "Server connections lent to clients, per database (SHOW STATS server_assignment_count).", &["database"]), |t: &Totals| t.server_assignment_count),
+                (counter_vec("database_transactions_total", "Transactions pooled, per database (SHOW STATS xact_count).", &["database"]), |t: &Totals| t.xact_count),
+                (counter_vec("database_queries_total", "Requests answered (ReadyForQuery), per database (SHOW STATS query_count).", &["database"]), |t: &Totals| t.query_count),
+                (counter_vec("database_received_bytes_total", "Bytes received from clients, per database.", &["database"]), |t: &Totals| t.bytes_received),
+                (counter_vec("database_sent_bytes_total", "Bytes sent to clients, per database.", &["database"]), |t: &Totals| t.bytes_sent),
+                (counter_vec("database_logins_total", "Client logins, per database.", &["database"]), |t: &Totals| t.client_login_count),
+            ],
+            database_seconds: vec![
+                (seconds_vec(&r, "database_transaction_seconds_total", "Time spent in transactions, per database (SHOW STATS xact_time)."), |t: &Totals| t.xact_time),
+                (seconds_vec(&r, "database_query_seconds_total", "Time spent answering requests, per database (SHOW STATS query_time)."), |t: &Totals| t.query_time),
+                (seconds_vec(&r, "database_wait_seconds_total", "Time clients waited for a server connection, per database (SHOW STATS wait_time)."), |t: &Totals| t.wait_time),
+            ],
+            rendering: std::sync::Mutex::default(),
             registry: r,
         }
     }
 
     /// The Prometheus text exposition of every metric, with pool gauges read from `pools`.
     pub fn render(&self, pools: &Pools) -> String {
+        let _one_at_a_time = self.rendering.lock().expect("render lock");
         self.pool_connections.reset();
+        self.pool_clients.reset();
+        self.pool_maxwait.reset();
+        for pool in pools.all() {
+            let k = &pool.key;
+            let labels = [&k.backend[..], &k.database, &k.user];
+            let waiting = pool.waiting_clients();
+            let active = pool.clients().saturating_sub(waiting);
+            for (state, n) in [("active", active), ("waiting", waiting)] {
+                let l = [labels[0], labels[1], labels[2], state];
+                self.pool_clients.with_label_values(&l).set(n as i64);
+            }
+            let maxwait = pool.longest_wait().unwrap_or_default().as_secs_f64();
+            self.pool_maxwait.with_label_values(&labels).set(maxwait);
+        }
+        // Counters from the statistics' totals: set whole at each scrape.
+        let totals = pools.stats.totals();
+        for (counter, of) in &self.database_counts {
+            counter.reset();
+            for (db, t) in &totals {
+                counter.with_label_values(&[db]).inc_by(of(t));
+            }
+        }
+        for (counter, of) in &self.database_seconds {
+            counter.reset();
+            for (db, t) in &totals {
+                counter.with_label_values(&[db]).inc_by(of(t) as f64 / 1e6);
+            }
+        }
         for pool in pools.all() {
             let k = &pool.key;
             let (busy, idle) = (pool.busy_connections(), pool.idle_connections());

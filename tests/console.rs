@@ -556,3 +556,32 @@ async fn shutdown_wait_for_servers_lets_the_running_transaction_finish() {
         "pgvane exits once the transaction is done"
     );
 }
+
+/// The console's statistics and pool client counts are in /metrics too, for monitoring
+/// that reads Prometheus rather than SHOW.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_are_exported_in_metrics() {
+    let cluster = Cluster::start(0);
+    let (tx, admin) = (free_port(), free_port());
+    let text = pooled_config(
+        &cluster,
+        &listener("tx", tx, "primary", "mode = \"transaction\""),
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+    );
+    let _pgvane = Pgvane::start(&text, &[tx, admin]);
+    let app = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    for _ in 0..5 {
+        app.simple_query("SELECT 1").await.unwrap();
+    }
+    let count = |name: &'static str| async move {
+        metric(admin, &format!("pgvane_{name}{{database=\"postgres\"}}")).await
+    };
+    assert!(count("database_transactions_total").await >= Some(5.0));
+    assert!(count("database_queries_total").await >= Some(5.0));
+    assert!(count("database_received_bytes_total").await > Some(0.0));
+    assert!(count("database_transaction_seconds_total").await > Some(0.0));
+    assert_eq!(count("database_logins_total").await, Some(1.0));
+    let active =
+        r#"pgvane_pool_clients{backend="pg0",database="postgres",state="active",user="postgres"}"#;
+    assert_eq!(metric(admin, active).await, Some(1.0));
+}
