@@ -58,11 +58,14 @@ pub struct Metrics {
     /// Read from the pools and the statistics at scrape time.
     pool_clients: IntGaugeVec,
     pool_maxwait: GaugeVec,
-    database_counts: Vec<(IntCounterVec, fn(&Totals) -> u64)>,
-    database_seconds: Vec<(CounterVec, fn(&Totals) -> u64)>,
+    database_counts: Vec<(IntCounterVec, Field)>,
+    database_seconds: Vec<(CounterVec, Field)>,
     /// One scrape at a time: the values read at scrape time are reset, then set.
     rendering: std::sync::Mutex<()>,
 }
+
+/// Which of a database's totals a metric shows.
+type Field = fn(&Totals) -> u64;
 
 /// A per-database counter of seconds, from microsecond totals.
 fn seconds_vec(r: &Registry, name: &str, help: &str) -> CounterVec {
