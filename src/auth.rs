@@ -129,6 +129,12 @@ impl User {
         }
     }
 
+    /// A user `auth_query` found, with the secret it returned (`None`: it cannot log in
+    /// with a password).
+    pub fn found(name: String, secret: Option<&str>) -> Self {
+        Self::new(name, secret.map(Secret::parse))
+    }
+
     /// A user pgvane has no secret for (trust authentication).
     pub fn without_secret(name: String) -> Self {
         Self::new(name, None)
@@ -147,11 +153,21 @@ impl User {
     }
 }
 
+/// `auth_user` with `auth_query`: how users pgvane does not know are looked up.
+#[derive(Debug)]
+pub struct AuthQuery {
+    pub user: Arc<User>,
+    pub query: String,
+    pub dbname: Option<String>,
+}
+
 /// All users of the pooled listeners.
 #[derive(Debug, Default)]
 pub struct UserStore {
     method: AuthMethod,
     users: HashMap<String, Arc<User>>,
+    /// Set with `auth.auth_user`.
+    pub auth_query: Option<AuthQuery>,
     /// Derives the salt shown to a user pgvane does not know: fixed per name, as a real
     /// user's is, so that the salt does not tell who exists (PostgreSQL's mock salt).
     mock_key: [u8; 32],
@@ -174,9 +190,30 @@ impl UserStore {
             let secret = u.password.as_deref().map(Secret::parse).or(known);
             users.insert(u.name.clone(), Arc::new(User::new(u.name.clone(), secret)));
         }
+        let auth_query = match &config.auth.auth_user {
+            None => None,
+            Some(name) => {
+                let user = users.get(name).cloned();
+                if !user
+                    .as_ref()
+                    .is_some_and(|u| matches!(u.secret, Some(Secret::Plain(_))))
+                {
+                    return Err(Problem {
+                        key: "auth.auth_user".into(),
+                        message: format!("\"{name}\" needs a plain password, in a [[user]] entry or the auth_file: pgvane logs in with it to run auth_query"),
+                    });
+                }
+                Some(AuthQuery {
+                    user: user.expect("checked above"),
+                    query: config.auth.auth_query.clone(),
+                    dbname: config.auth.auth_dbname.clone(),
+                })
+            }
+        };
         Ok(UserStore {
             method: config.auth.method,
             users,
+            auth_query,
             mock_key: rand::random(),
         })
     }
@@ -187,9 +224,13 @@ impl UserStore {
 
     /// Whether `user` (as a pool holds it) still has the secret this store gives its name:
     /// a pool whose user's password changed on reload logs in with the new one.
+    /// A user `auth_query` found is not in the store: its secret is looked up again at
+    /// each login, so its pool stays.
     pub fn has_same(&self, user: &User) -> bool {
-        let now = self.users.get(&user.name).and_then(|u| u.secret.as_ref());
-        now == user.secret.as_ref()
+        match self.users.get(&user.name) {
+            Some(now) => now.secret == user.secret,
+            None => self.auth_query.is_some() || user.secret.is_none(),
+        }
     }
 }
 
@@ -269,24 +310,21 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     store: &UserStore,
     user: &str,
+    known: Option<&User>,
     reply: &mut BytesMut,
 ) -> Result<(), AuthError> {
-    let known = store.get(user);
     match store.method {
         AuthMethod::Trust => {}
-        AuthMethod::Md5 => match known.as_ref().and_then(|u| u.secret.as_ref()) {
+        AuthMethod::Md5 => match known.and_then(|u| u.secret.as_ref()) {
             // PostgreSQL too switches to SCRAM when only a SCRAM verifier is stored.
-            Some(Secret::Scram(_)) => scram_exchange(stream, store, user, reply).await?,
+            Some(Secret::Scram(_)) => scram_exchange(stream, store, user, known, reply).await?,
             secret => md5_exchange(stream, secret, user).await?,
         },
         AuthMethod::ScramSha256 => {
-            if matches!(
-                known.as_ref().and_then(|u| u.secret.as_ref()),
-                Some(Secret::Md5(_))
-            ) {
+            if matches!(known.and_then(|u| u.secret.as_ref()), Some(Secret::Md5(_))) {
                 return Err(AuthError::NoUsableSecret(user.into(), "scram-sha-256"));
             }
-            scram_exchange(stream, store, user, reply).await?
+            scram_exchange(stream, store, user, known, reply).await?
         }
     }
     backend::authentication_ok(reply);
@@ -343,11 +381,11 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     store: &UserStore,
     name: &str,
+    user: Option<&User>,
     reply: &mut BytesMut,
 ) -> Result<(), AuthError> {
     let mock;
-    let user = store.get(name);
-    let secret = match user.as_deref().and_then(|u| u.scram.as_ref()) {
+    let secret = match user.and_then(|u| u.scram.as_ref()) {
         Some(s) => s,
         None => {
             mock = ScramSecret {
@@ -424,7 +462,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .collect();
     let stored_key = <Sha256 as sha2::Digest>::digest(&client_key);
     let matched = constant_time_eq(&stored_key, &secret.stored_key);
-    let Some(user) = user.as_deref().filter(|_| matched) else {
+    let Some(user) = user.filter(|_| matched) else {
         return Err(AuthError::Failed(name.into()));
     };
     if let Ok(key) = client_key.try_into() {
@@ -797,7 +835,9 @@ mod tests {
             }
         });
         let mut reply = BytesMut::new();
-        let result = authenticate_client(&mut server, &store, "u", &mut reply).await;
+        let known = store.get("u");
+        let result =
+            authenticate_client(&mut server, &store, "u", known.as_deref(), &mut reply).await;
         server.write_all(&reply).await.unwrap();
         drop(server);
         let client_verified_server = client_side.await.unwrap();
@@ -822,7 +862,9 @@ mod tests {
             scram_attr(&first, 's').unwrap().to_owned()
         };
         let mut reply = BytesMut::new();
-        let server_side = authenticate_client(&mut server, store, user, &mut reply);
+        let known = store.get(user);
+        let server_side =
+            authenticate_client(&mut server, store, user, known.as_deref(), &mut reply);
         tokio::select! {
             salt = client_side => salt,
             _ = server_side => panic!("the exchange ended before the salt"),

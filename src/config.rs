@@ -274,7 +274,7 @@ impl<'de> Deserialize<'de> for WorkerThreads {
 
 /// How pooled listeners authenticate clients. Passthrough listeners leave authentication
 /// to PostgreSQL.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     #[serde(rename = "type")]
@@ -282,6 +282,27 @@ pub struct AuthConfig {
     /// A PgBouncer-format `auth_file`: one `"user" "secret"` line per user.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
+    /// PgBouncer's `auth_user`: a user known to pgvane (with a plain password) that runs
+    /// `auth_query` on the current primary for users pgvane does not know.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
+    /// Returns (name, secret) for `$1`; the secret is what pg_authid stores.
+    pub auth_query: String,
+    /// Database `auth_query` runs in (default: the one the client asks for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_dbname: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            method: AuthMethod::default(),
+            file: None,
+            auth_user: None,
+            auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename=$1".into(),
+            auth_dbname: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

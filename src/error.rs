@@ -34,6 +34,8 @@ pub enum ClientError {
     NotConsoleUser(String),
     #[error("database \"{0}\" is not currently accepting connections")]
     DatabaseDisabled(String),
+    #[error("cannot look the user up with auth_query: {0}")]
+    AuthQuery(String),
     #[error("unsupported startup parameter: {0}")]
     UnsupportedParameter(String),
     #[error(transparent)]
@@ -106,6 +108,7 @@ impl ClientError {
             UnsupportedProtocol { .. } => fatal("0A000", format!("{self}: pgvane supports 3.0")),
             TooManyClients(_) => fatal("53300", self.to_string()),
             NoUser => fatal("28000", self.to_string()),
+            AuthQuery(_) => fatal("08006", self.to_string()),
             // As PostgreSQL answers for a database with datallowconn off.
             DatabaseDisabled(_) => fatal("55000", self.to_string())
                 .with_hint("DISABLE on pgvane's admin console; ENABLE lets clients in again"),

@@ -226,15 +226,55 @@ impl ServerConn {
         Ok(known.collect())
     }
 
+    /// Runs `sql` with `$1` bound to `param` (extended protocol, text), returning its first
+    /// row, if any.
+    pub async fn query_with(
+        &mut self,
+        sql: &str,
+        param: &str,
+    ) -> Result<Option<Vec<Option<String>>>, PoolError> {
+        use postgres_protocol::message::frontend;
+        let mut buf = BytesMut::new();
+        frontend::parse("", sql, std::iter::empty(), &mut buf)?;
+        let bound = frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            [param],
+            |p, out| {
+                out.extend_from_slice(p.as_bytes());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            std::iter::empty::<i16>(),
+            &mut buf,
+        );
+        bound.map_err(|_| ProtocolError::Malformed("auth_query parameter"))?;
+        frontend::execute("", 1, &mut buf)?;
+        frontend::sync(&mut buf);
+        self.stream.write_all(&buf).await?;
+        let mut first = Vec::new();
+        self.read_until_ready(Some(&mut first)).await?;
+        Ok((!first.is_empty()).then_some(first))
+    }
+
     /// As [`ServerConn::run`], keeping the first row's values in `row`.
     async fn run_for_row(
         &mut self,
         sql: &str,
-        mut row: Option<&mut Vec<Option<String>>>,
+        row: Option<&mut Vec<Option<String>>>,
     ) -> Result<u8, PoolError> {
         let mut buf = BytesMut::new();
         postgres_protocol::message::frontend::query(sql, &mut buf)?;
         self.stream.write_all(&buf).await?;
+        self.read_until_ready(row).await
+    }
+
+    /// Reads a request's answer up to its ReadyForQuery, keeping the first row's values in
+    /// `row`; returns the transaction status, or the error the server sent.
+    async fn read_until_ready(
+        &mut self,
+        mut row: Option<&mut Vec<Option<String>>>,
+    ) -> Result<u8, PoolError> {
         let mut error = None;
         loop {
             let m = read_message(&mut self.stream, 1 << 20).await?;

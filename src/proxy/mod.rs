@@ -5,6 +5,7 @@
 //! pooled server connections. Both read the routing table only through
 //! [`Topology::snapshot`]; nothing here knows about config files or admin concerns.
 
+mod auth_query;
 mod cancel;
 mod passthrough;
 mod pooled;

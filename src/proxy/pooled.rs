@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
+use super::auth_query;
 use super::cancel::{send_cancel, CancelKey};
 use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint, Then};
 use super::session_state::{session_state, sets_extra, with_rejections, Carried, Feature};
@@ -279,7 +280,12 @@ async fn login(
     // messages, then the parameters, key and ReadyForQuery.
     let mut reply = BytesMut::new();
     let users = shared.users.load_full();
-    let authenticated = authenticate_client(client, &users, &user, &mut reply).await;
+    let mut known = users.get(&user);
+    if let (None, false, Some(query)) = (&known, to_console, &users.auth_query) {
+        known = Box::pin(auth_query::lookup(shared, query, &user, &database)).await?;
+    }
+    let authenticated =
+        authenticate_client(client, &users, &user, known.as_deref(), &mut reply).await;
     if let Err(AuthError::Failed(_)) = &authenticated {
         route.auth_failed(peer_of(client.get_ref()));
     }
@@ -307,9 +313,7 @@ async fn login(
         Some(limits) => Some(Box::new(limits.admit(&user, &database)?)),
         None => None,
     };
-    let user = users
-        .get(&user)
-        .unwrap_or_else(|| Arc::new(User::without_secret(user)));
+    let user = known.unwrap_or_else(|| Arc::new(User::without_secret(user)));
 
     // The client is shown the parameters of a server of its target, with its own values.
     let login_params = |backend: &Arc<Backend>| {
