@@ -205,6 +205,10 @@ pub struct GeneralConfig {
     pub failover_hold_timeout: Duration,
     /// Threads that run sessions, health checks and the admin API (HAProxy's nbthread).
     pub worker_threads: WorkerThreads,
+    /// Unix socket on which a running pgvane hands its listening sockets to a new one
+    /// started with the same setting (zero-downtime upgrade). Unset: no hand-over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Default for GeneralConfig {
@@ -215,6 +219,7 @@ impl Default for GeneralConfig {
             max_client_conn: 100,
             failover_hold_timeout: Duration::from_secs(30),
             worker_threads: WorkerThreads::Auto,
+            upgrade_socket: None,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`reload`]: applies a changed configuration file to the running process.
 //! - [`server`]: process lifecycle (bind, start, signals, drain).
+//! - [`upgrade`]: hands the listening sockets to a new process (zero-downtime upgrade).
 
 pub mod admin;
 pub mod auth;
@@ -30,6 +31,7 @@ pub mod reload;
 pub mod server;
 pub mod stats;
 pub mod topology;
+pub mod upgrade;
 
 /// pgvane's version and the git commit it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PGVANE_COMMIT"), ")");

@@ -9,8 +9,8 @@
 //! moved ones leave it, ending their sessions: drain one first to let them finish), drain
 //! flags, and listeners (closed, opened, moved to another address, or given a new route for
 //! their next clients) take effect at once. What cannot change in a running process is
-//! named in the reply and left as it was: `[health]`, `admin.listen` and
-//! `general.worker_threads`.
+//! named in the reply and left as it was: `[health]`, `admin.listen`,
+//! `general.worker_threads` and `general.upgrade_socket`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -94,6 +94,10 @@ impl Reloader {
             shared,
             listeners,
         }
+    }
+
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
     }
 
     /// The listeners, for shutdown.
@@ -213,6 +217,10 @@ impl Reloader {
         if next.general.worker_threads != old.general.worker_threads {
             restart("general.worker_threads".into());
             next.general.worker_threads = old.general.worker_threads;
+        }
+        if next.general.upgrade_socket != old.general.upgrade_socket {
+            restart("general.upgrade_socket".into());
+            next.general.upgrade_socket = old.general.upgrade_socket.clone();
         }
         if next.admin.listen != old.admin.listen {
             restart("admin.listen".into());

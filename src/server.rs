@@ -8,6 +8,7 @@
 //! shutdown signal of its own.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use crate::pool::Pools;
 use crate::proxy::{self, CancelRegistry, ClientSettings, PauseState, Route, Shared};
 use crate::reload::{user_limits_of, ReloadHandle, Reloader};
 use crate::topology::Topology;
+use crate::upgrade;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -41,6 +43,8 @@ pub enum StartError {
     },
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot take over the running pgvane's sockets (general.upgrade_socket): {0}")]
+    Upgrade(std::io::Error),
 }
 
 /// Loads what the config refers to (the auth file) so that `check` and start-up refuse the
@@ -126,6 +130,8 @@ struct Running {
     config: ListenerConfig,
     route: Arc<ArcSwap<Route>>,
     stop: CancellationToken,
+    /// A duplicate of the listening socket, for an upgrade's hand-over.
+    socket: Option<OwnedFd>,
 }
 
 impl Listeners {
@@ -141,14 +147,13 @@ impl Listeners {
 
     /// Binds `config`'s address, as a reload does (start-up binds everything first).
     pub fn bind(config: &ListenerConfig) -> std::io::Result<TcpListener> {
-        let socket = std::net::TcpListener::bind(config.socket_addr())?;
-        socket.set_nonblocking(true)?;
-        TcpListener::from_std(socket)
+        serve_on(std::net::TcpListener::bind(config.socket_addr())?)
     }
 
     /// Accepts clients of listener `config` on `socket`.
     pub fn start(&mut self, socket: TcpListener, config: &ListenerConfig, limits: &LimitsConfig) {
         info!(listener = %config.name, addr = %config.socket_addr(), mode = ?config.mode, target = %config.target, "listening");
+        let dup = socket.as_fd().try_clone_to_owned().ok();
         let route = Arc::new(ArcSwap::from_pointee(Route::new(config.clone(), limits)));
         let stop = self.stop_all.child_token();
         self.accepting.spawn(proxy::serve(
@@ -162,6 +167,7 @@ impl Listeners {
             config: config.clone(),
             route,
             stop,
+            socket: dup,
         };
         self.running.insert(config.name.clone(), running);
     }
@@ -190,11 +196,47 @@ impl Listeners {
         self.running.keys().cloned().collect()
     }
 
+    /// Duplicates of the listening sockets, by listener name, for an upgrade's hand-over.
+    pub fn sockets(&self) -> upgrade::Sockets {
+        let dup = |r: &Running| r.socket.as_ref()?.try_clone().ok();
+        let named = self
+            .running
+            .iter()
+            .map(|(name, r)| Some((name.clone(), dup(r)?)));
+        named.flatten().collect()
+    }
+
     /// Stops accepting on every listener and waits until the accept loops have ended.
     async fn stop_all(self) {
         self.stop_all.cancel();
         self.accepting.close();
         self.accepting.wait().await;
+    }
+}
+
+/// The admin API's socket's name in an upgrade's hand-over.
+const ADMIN_SOCKET: &str = "admin";
+
+/// A listening socket (bound here or handed over) for tokio.
+fn serve_on(socket: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket)
+}
+
+/// Binds `addr`, or takes the socket `name` a running pgvane handed over for it.
+async fn bind_or_inherit(
+    inherited: &mut upgrade::Inherited,
+    name: &str,
+    addr: std::net::SocketAddr,
+) -> Result<TcpListener, StartError> {
+    let bind_error = |source| StartError::Bind {
+        name: name.to_owned(),
+        addr,
+        source,
+    };
+    match inherited.take(name, addr) {
+        Some(socket) => serve_on(socket).map_err(bind_error),
+        None => TcpListener::bind(addr).await.map_err(bind_error),
     }
 }
 
@@ -221,31 +263,25 @@ fn check_open_files(config: &Config) {
 pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), StartError> {
     let users = Arc::new(users);
     check_open_files(&config);
+    // A running pgvane's sockets, when this process upgrades it.
+    let mut inherited = match &config.general.upgrade_socket {
+        Some(path) => upgrade::take_over(path).map_err(StartError::Upgrade)?,
+        None => upgrade::Inherited::none(),
+    };
     // Bind everything first so a taken port fails start-up before any work begins.
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let addr = l.socket_addr();
-        let socket = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                name: l.name.clone(),
-                addr,
-                source,
-            })?;
-        bound.push(socket);
+        bound.push(bind_or_inherit(&mut inherited, &l.name, l.socket_addr()).await?);
     }
     let admin_socket = match config.admin.listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    name: "admin".into(),
-                    addr,
-                    source,
-                })?,
-        ),
+        Some(addr) => Some(bind_or_inherit(&mut inherited, ADMIN_SOCKET, addr).await?),
         None => None,
     };
+    // The admin API stops with the rest, or at once when an upgrade's new process serves.
+    let stop_admin = CancellationToken::new();
+    let admin_dup = admin_socket
+        .as_ref()
+        .and_then(|s| s.as_fd().try_clone_to_owned().ok());
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
 
@@ -306,16 +342,19 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
     }
     if let Some(socket) = admin_socket {
         info!(addr = %config.admin.listen.expect("bound"), "admin API listening");
-        tokio::spawn(admin::serve(
-            socket,
-            shared.clone(),
-            stop_background.clone(),
-        ));
+        tokio::spawn(admin::serve(socket, shared.clone(), stop_admin.clone()));
     }
 
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(StartError::Signal)?;
     let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
+    let (upgrades, mut upgrade_requests) = tokio::sync::mpsc::channel(1);
+    if let Some(path) = &config.general.upgrade_socket {
+        inherited.ready();
+        if let Err(e) = upgrade::offer(path, upgrades) {
+            warn!(path = %path.display(), error = %e, "cannot offer the listening sockets for upgrades");
+        }
+    }
     let mut reloader = Reloader::new(path, config, shared.clone(), listeners);
     systemd::ready();
     systemd::keep_watchdog_fed(stop_background.clone());
@@ -336,6 +375,18 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
             Some(asked) = reload_requests.recv() => {
                 let _ = asked.send(systemd::reloading(|| reloader.reload()));
             }
+            Some(upgrade) = upgrade_requests.recv() => match upgrade {
+                upgrade::Request::Sockets(reply) => {
+                    let mut sockets = reloader.listeners().sockets();
+                    let admin = admin_dup.as_ref().and_then(|fd| fd.try_clone().ok());
+                    sockets.extend(admin.map(|fd| (ADMIN_SOCKET.to_owned(), fd)));
+                    let _ = reply.send(sockets);
+                }
+                upgrade::Request::Handed => {
+                    stop_admin.cancel();
+                    break Shutdown::WaitForClients;
+                }
+            },
         }
     };
     systemd::stopping();
@@ -366,6 +417,7 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
         }
     }
     stop_background.cancel();
+    stop_admin.cancel();
     info!(closed = sessions.len(), "stopped");
     Ok(())
 }

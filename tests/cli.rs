@@ -379,3 +379,93 @@ fn import_maps_every_key_it_knows() {
         assert!(toml.contains(not_carried), "{not_carried}:\n{toml}");
     }
 }
+
+/// Zero-downtime upgrade: a second pgvane with the same `upgrade_socket` takes over the
+/// listening sockets; a client connecting in a loop meanwhile is never refused, the old
+/// process finishes the transaction it has open, then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_takes_over_the_sockets_without_refusing_a_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let cluster = Cluster::start(0);
+    let (tx, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("upgrade.sock");
+    let text = pooled_config(
+        &cluster,
+        &listener("tx", tx, "primary", "mode = \"transaction\""),
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+    )
+    .replace(
+        "[general]\n",
+        &format!(
+            "[general]\nupgrade_socket = \"{}\"\nshutdown_timeout = \"60s\"\n",
+            socket.display()
+        ),
+    );
+    let mut old = Pgvane::start(&text, &[tx, admin]);
+    eventually(PATIENCE, "the upgrade socket offered", || async {
+        socket.exists().then_some(())
+    })
+    .await;
+    let held = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    held.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let looping = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let run = async {
+                    let c = connect(tx, SUPERUSER, "postgres").await?;
+                    c.simple_query("SELECT 1").await.map(|_| ())
+                };
+                match run.await {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            errors
+        })
+    };
+    eventually(PATIENCE, "the connect loop running", || async {
+        (ok.load(Ordering::Relaxed) >= 20).then_some(())
+    })
+    .await;
+
+    let new = Pgvane::start(&text, &[tx, admin]);
+    new.wait_log("listening sockets taken over", PATIENCE).await;
+    old.wait_log("winds down", PATIENCE).await;
+    // The old process still serves the transaction it has open.
+    held.batch_execute("SELECT 2; COMMIT").await.unwrap();
+    drop(held);
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = old.wait_exit(PATIENCE);
+        (status, old)
+    })
+    .await
+    .unwrap();
+    assert!(
+        exited.0.is_some(),
+        "the old process exits once its sessions are done"
+    );
+    let after = ok.load(Ordering::Relaxed);
+    eventually(
+        PATIENCE,
+        "connections served by the new process alone",
+        || async { (ok.load(Ordering::Relaxed) >= after + 20).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let errors = looping.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "{errors:?}");
+    // The new process offers its sockets for the next upgrade.
+    assert!(new.log().contains("listening"), "{}", new.log());
+    assert!(socket.exists());
+}
