@@ -12,6 +12,7 @@
 //! - [`limits`]: bounds on what clients can make pgvane spend (refusals, descriptors, logs).
 //! - [`admin`]: PAUSE/RESUME, the HTTP admin API (metrics, status) and the admin console.
 //! - [`stats`]: PgBouncer's SHOW STATS counters, per database.
+//! - [`registry`]: the open sessions and server connections, for SHOW CLIENTS/SERVERS.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`reload`]: applies a changed configuration file to the running process.
 //! - [`server`]: process lifecycle (bind, start, signals, drain).
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod stats;

@@ -31,6 +31,7 @@ use crate::auth::{error_code, error_message, login_to_server, ServerLoginError, 
 use crate::config::{PoolConfig, UserConfig};
 use crate::protocol::{read_message, ProtocolError};
 use crate::proxy::prepared::ServerStatements;
+use crate::registry::{Entry, NewEntry, Registry, State};
 use crate::stats::{DbStats, LinkCounts, Stats, STATS_PERIOD};
 use crate::topology::{Backend, Topology};
 
@@ -134,6 +135,8 @@ pub struct ServerConn {
     pub reported_at_login: Vec<String>,
     /// What the current link counted, added to the database's statistics when it ends.
     pub counts: LinkCounts,
+    /// Its line in SHOW SERVERS.
+    pub entry: Arc<Entry>,
     cancel: CancelTarget,
     created: coarsetime::Instant,
     last_used: coarsetime::Instant,
@@ -395,6 +398,8 @@ pub struct Pool {
     retired: AtomicBool,
     /// SHOW STATS counters of the pool's database.
     pub stats: Arc<DbStats>,
+    /// SHOW SERVERS' registry, shared by all pools.
+    servers: Arc<Registry>,
     backend: Arc<Backend>,
     user: Arc<User>,
     settings: Arc<PoolConfig>,
@@ -848,6 +853,14 @@ impl Pool {
             .cloned()
             .collect();
         let all = hello.params.clone();
+        let entry = self.servers.add(NewEntry {
+            user: self.user.name.clone(),
+            database: self.key.database.clone(),
+            addr: stream.peer_addr().unwrap_or_else(|_| unspecified()),
+            local_addr: stream.local_addr().unwrap_or_else(|_| unspecified()),
+            application_name: String::new(),
+            remote_pid: hello.process_id,
+        });
         let mut conn = Box::new(ServerConn {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
             params: ServerParams::new(hello.params.into_iter().collect()),
@@ -860,6 +873,7 @@ impl Pool {
             read_buf: BytesMut::with_capacity(SERVER_READ_BUFFER),
             prepared: ServerStatements::default(),
             counts: LinkCounts::default(),
+            entry,
             created: now,
             last_used: now,
             _caps: caps,
@@ -900,6 +914,7 @@ impl Pool {
             return;
         }
         conn.last_used = now;
+        conn.entry.set(State::Idle, 0);
         self.idle.lock().expect("pool lock").push(conn);
     }
 
@@ -939,6 +954,11 @@ impl Pool {
             }
         }
     }
+}
+
+/// An address for a socket that cannot tell its own (closed meanwhile).
+fn unspecified() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
 /// `[[user]]` name → (pool_size, max_user_connections).
@@ -985,6 +1005,8 @@ pub struct Pools {
     user_settings: ArcSwap<UserPoolSettings>,
     /// SHOW STATS counters, per database.
     pub stats: Stats,
+    /// Open server connections, for SHOW SERVERS.
+    pub servers: Arc<Registry>,
 }
 
 impl Pools {
@@ -997,6 +1019,7 @@ impl Pools {
             connecting: Mutex::default(),
             user_settings: ArcSwap::from_pointee(user_pool_settings(users)),
             stats: Stats::default(),
+            servers: Arc::default(),
         })
     }
 
@@ -1133,6 +1156,7 @@ impl Pools {
             key: key.clone(),
             retired: AtomicBool::new(false),
             stats: self.stats.of(database),
+            servers: self.servers.clone(),
             backend: backend.clone(),
             user: user.clone(),
             settings: settings.clone(),

@@ -322,6 +322,7 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
         reloads,
         shutdowns,
         disabled: Default::default(),
+        clients: Default::default(),
         metrics,
     });
     // Login-rate state of users idle long enough to have full buckets again goes.

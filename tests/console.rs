@@ -184,6 +184,32 @@ fn expected_columns(command: &str) -> Vec<(&'static str, u32)> {
             "siisiiii",
         ),
         "LISTS" => typed(&["list", "items"], "si"),
+        "CLIENTS" | "SERVERS" => typed(
+            &[
+                "type",
+                "user",
+                "database",
+                "replication",
+                "state",
+                "addr",
+                "port",
+                "local_addr",
+                "local_port",
+                "connect_time",
+                "request_time",
+                "wait",
+                "wait_us",
+                "close_needed",
+                "ptr",
+                "link",
+                "remote_pid",
+                "tls",
+                "application_name",
+                "prepared_statements",
+                "id",
+            ],
+            "ssssssisiTTiiississii",
+        ),
         "CONFIG" => typed(&["key", "value", "default", "changeable"], "ssss"),
         "STATE" => typed(&["key", "value"], "ss"),
         "VERSION" => typed(&["version"], "s"),
@@ -191,8 +217,10 @@ fn expected_columns(command: &str) -> Vec<(&'static str, u32)> {
     }
 }
 
-const SHOWN: [&str; 11] = [
+const SHOWN: [&str; 13] = [
     "POOLS",
+    "CLIENTS",
+    "SERVERS",
     "STATS",
     "STATS_TOTALS",
     "STATS_AVERAGES",
@@ -266,6 +294,30 @@ async fn show_commands_answer_with_pgbouncer_s_columns_and_real_counts() {
     assert_eq!(num(&pool, "cl_waiting"), 0, "{pool:?}");
     assert!(num(&pool, "sv_idle") >= 1, "{pool:?}");
     assert_eq!(pool["pool_mode"].as_deref(), Some("transaction"));
+
+    // One client, idle, with its five named statements; one idle server connection, whose
+    // pid is the backend's; during a transaction each names the other as its link.
+    let clients = run(&mut console, "SHOW CLIENTS").await;
+    let client = row_of(&clients, "C");
+    assert_eq!(client["state"].as_deref(), Some("idle"), "{client:?}");
+    assert_eq!(client["user"].as_deref(), Some(SUPERUSER));
+    assert_eq!(num(&client, "prepared_statements"), 1, "{client:?}");
+    let servers = run(&mut console, "SHOW SERVERS").await;
+    assert_eq!(table(&servers).len(), 1, "{}", show(&servers));
+    let server = row_of(&servers, "S");
+    let pid: i32 = app
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(num(&server, "remote_pid"), pid as u64, "{server:?}");
+    app.batch_execute("BEGIN").await.unwrap();
+    let client = row_of(&run(&mut console, "SHOW CLIENTS").await, "C");
+    let server = row_of(&run(&mut console, "SHOW SERVERS").await, "S");
+    assert_eq!(client["state"].as_deref(), Some("active"), "{client:?}");
+    assert_eq!(client["link"], server["ptr"], "{client:?} {server:?}");
+    assert_eq!(server["link"], client["ptr"], "{client:?} {server:?}");
+    app.batch_execute("COMMIT").await.unwrap();
 
     let lists = run(&mut console, "SHOW LISTS").await;
     assert_eq!(num(&row_of(&lists, "pools"), "items"), 1);

@@ -22,6 +22,7 @@ use crate::limits::CONSOLE_RESERVED_SLOTS;
 use crate::pool::Pool;
 use crate::protocol::{backend, put_message, read_message, ProtocolError};
 use crate::proxy::{Pause, Shared};
+use crate::registry::Entry;
 use crate::stats::Totals;
 use crate::topology::Election;
 
@@ -182,7 +183,8 @@ impl Type {
             Type::Int4 => 23,
             Type::Int8 => 20,
             Type::Numeric => 1700,
-            Type::Timestamp => 1184,
+            // PgBouncer sends its timestamps as text.
+            Type::Timestamp => 25,
         }
     }
 
@@ -526,7 +528,7 @@ fn is_backend(arg: &Option<String>) -> bool {
 fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
     match what {
         "HELP" => {
-            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>\n\tRECONNECT [<db>]\n\tRELOAD\n\tSHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>";
+            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>\n\tRECONNECT [<db>]\n\tRELOAD\n\tSHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>";
             notice_or_error(out, b'N', "NOTICE", "00000", help);
             command_complete(out, "SHOW");
         }
@@ -646,6 +648,8 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
             }
             rs.done();
         }
+        "CLIENTS" => show_sockets(out, "C", &shared.clients.entries(), shared),
+        "SERVERS" => show_sockets(out, "S", &shared.pools.servers.entries(), shared),
         "BACKENDS" => show_backends(out, shared),
         "ROUTES" => show_routes(out, shared),
         _ => return false,
@@ -863,6 +867,83 @@ fn show_users(out: &mut BytesMut, shared: &Shared) {
         ]);
     }
     rs.done();
+}
+
+/// SHOW CLIENTS (`kind` "C") and SHOW SERVERS ("S"): PgBouncer's columns, one row per
+/// open session or server connection. `ptr` and `link` are the entries' ids in hex, so a
+/// client and its server connection name each other.
+fn show_sockets(out: &mut BytesMut, kind: &str, entries: &[Arc<Entry>], shared: &Shared) {
+    let names = [
+        "type",
+        "user",
+        "database",
+        "replication",
+        "state",
+        "addr",
+        "port",
+        "local_addr",
+        "local_port",
+        "connect_time",
+        "request_time",
+        "wait",
+        "wait_us",
+        "close_needed",
+        "ptr",
+        "link",
+        "remote_pid",
+        "tls",
+        "application_name",
+        "prepared_statements",
+        "id",
+    ];
+    let table = shared.topology.snapshot();
+    // A server connection to a drained backend closes when released.
+    let draining = |e: &Entry| {
+        let same = |v: &crate::topology::BackendView| {
+            let ip = v.backend.host.parse::<std::net::IpAddr>();
+            v.backend.port == e.addr.port() && ip.map_or(true, |ip| ip == e.addr.ip())
+        };
+        kind == "S" && table.backends.iter().any(|v| v.draining && same(v))
+    };
+    let mut rs = ResultSet::new(out, &names, "ssssssisiTTiiississii");
+    for e in entries {
+        let waited = e.waited();
+        let link = e.link();
+        rs.row([
+            Some(kind.to_owned()),
+            Some(e.user.clone()),
+            Some(e.database.clone()),
+            Some("none".to_owned()),
+            Some(e.state().as_str().to_owned()),
+            Some(e.addr.ip().to_string()),
+            Some(e.addr.port().to_string()),
+            Some(e.local_addr.ip().to_string()),
+            Some(e.local_addr.port().to_string()),
+            Some(timestamp(e.connect_time)),
+            Some(e.request_time().map(timestamp).unwrap_or_default()),
+            Some(waited.as_secs().to_string()),
+            Some(waited.subsec_micros().to_string()),
+            Some(u8::from(draining(e)).to_string()),
+            Some(format!("{:#x}", e.id)),
+            Some(if link == 0 {
+                String::new()
+            } else {
+                format!("{link:#x}")
+            }),
+            Some(e.remote_pid.to_string()),
+            Some(String::new()),
+            Some(e.application_name.clone()),
+            Some(e.prepared().to_string()),
+            Some(e.id.to_string()),
+        ]);
+    }
+    rs.done();
+}
+
+/// A time as PgBouncer shows it: `2026-11-30 23:38:13 UTC`.
+fn timestamp(t: std::time::SystemTime) -> String {
+    let rfc = humantime::format_rfc3339_seconds(t).to_string();
+    rfc.replacen('T', " ", 1).replace('Z', " UTC")
 }
 
 /// pgvane's SHOW BACKENDS: each backend's role and health as the last checks saw them.

@@ -451,6 +451,8 @@ pub struct Shared {
     pub shutdowns: tokio::sync::mpsc::Sender<crate::admin::Shutdown>,
     /// Databases DISABLE refuses new clients on (pooled listeners).
     pub disabled: crate::admin::Disabled,
+    /// Open pooled sessions, for SHOW CLIENTS.
+    pub clients: crate::registry::Registry,
     pub metrics: Arc<Metrics>,
 }
 

@@ -47,6 +47,7 @@ use crate::protocol::{
     backend, parameter_status, CopyInSyncs, ErrorResponse, Event, Scanner, StartupPacket,
     PROTOCOL_MAJOR_3,
 };
+use crate::registry::{Entry, NewEntry, State};
 use crate::stats::{bump, now_us, LinkCounts};
 use crate::topology::{Backend, RoutingTable};
 
@@ -190,6 +191,8 @@ async fn login_or_refuse(
 struct Session {
     /// The client's count under max_user_client_connections and max_db_client_connections.
     _limited: Option<Box<UserGuard>>,
+    /// Its line in SHOW CLIENTS.
+    entry: Arc<Entry>,
     /// The pool the client logged in through: its user and database.
     home: Arc<Pool>,
     /// The server's parameter values shown at login, shared by all clients of the pool.
@@ -366,8 +369,24 @@ async fn login(
         .await
         .map_err(crate::protocol::ProtocolError::from)?;
     pool.join();
+    let application_name = overrides
+        .iter()
+        .chain(&defaults.all)
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let stream = client.get_ref();
+    let entry = shared.clients.add(NewEntry {
+        user: pool.key.user.clone(),
+        database: pool.key.database.clone(),
+        addr: peer_of(stream),
+        local_addr: stream.local_addr().unwrap_or_else(|_| peer_of(stream)),
+        application_name,
+        remote_pid: 0,
+    });
     let session = Session {
         _limited: limited,
+        entry,
         home: pool,
         defaults,
         overrides,
@@ -612,6 +631,7 @@ impl Session {
         // Boxed: with the watch, its state would take this future past mimalloc's 1 KiB fast
         // path (`a_request_s_future_fits_the_allocator_s_fast_path`).
         let asked = now_us();
+        self.entry.request(asked);
         let chosen = Box::pin(route.with_backend(shared, acquire, watch)).await;
         let Chosen {
             index: i,
@@ -634,6 +654,9 @@ impl Session {
             }
         };
         lease.pool().stats.assigned(now_us().saturating_sub(asked));
+        let server = &lease.conn().entry;
+        server.set(State::Active, self.entry.id);
+        self.entry.set(State::Active, server.id);
         if !Arc::ptr_eq(lease.pool(), &self.home) {
             self.move_home(&table, lease.pool(), route, shared);
         }
@@ -680,6 +703,14 @@ impl Session {
         ))
         .await;
         lease.record_stats();
+        self.entry.set(State::Idle, 0);
+        let conn = lease.conn();
+        conn.entry.set_prepared(conn.prepared.len());
+        let own = self
+            .statements
+            .as_ref()
+            .map_or(first_statements.len(), |s| s.len());
+        self.entry.set_prepared(own);
         if !first_statements.is_empty() {
             self.statements = Some(Box::new(first_statements));
         }

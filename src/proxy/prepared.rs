@@ -102,6 +102,10 @@ impl ServerStatements {
         self.used.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
     /// Marks a statement used; whether the server had it.
     fn touch(&mut self, name: &[u8]) -> bool {
         self.tick += 1;

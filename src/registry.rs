@@ -1,0 +1,191 @@
+//! Registry: the open pooled client sessions and server connections, for SHOW CLIENTS and
+//! SHOW SERVERS.
+//!
+//! Each session and server connection holds an [`Entry`]; the registry keeps weak
+//! references, pruned as they die, so it holds no more than what is open (plus what died
+//! since the last prune). The data path writes an entry's state with relaxed stores, a few
+//! per transaction, on the entry's own cache line.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use crate::stats::now_us;
+
+/// What SHOW CLIENTS and SHOW SERVERS say of a session or a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    Idle = 0,
+    Active = 1,
+    /// A client waiting for a server connection.
+    Waiting = 2,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Idle => "idle",
+            State::Active => "active",
+            State::Waiting => "waiting",
+        }
+    }
+}
+
+/// One session or server connection.
+#[derive(Debug)]
+pub struct Entry {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: SocketAddr,
+    pub local_addr: SocketAddr,
+    pub connect_time: SystemTime,
+    pub application_name: String,
+    /// Servers: the backend process id (from the cancel key).
+    pub remote_pid: u32,
+    state: AtomicU8,
+    /// `now_us` of the current request's start (clients) or lease (servers).
+    since_us: AtomicU64,
+    /// The id of the entry on the other side of the link; 0 for none.
+    link: AtomicU64,
+    /// Named prepared statements: a client's, or prepared on a server connection.
+    prepared: AtomicU32,
+}
+
+impl Entry {
+    pub fn set(&self, state: State, link: u64) {
+        self.state.store(state as u8, Relaxed);
+        self.link.store(link, Relaxed);
+    }
+
+    /// A client's request starts (`at`: `now_us`); it waits for a server first.
+    pub fn request(&self, at: u64) {
+        self.since_us.store(at, Relaxed);
+        self.set(State::Waiting, 0);
+    }
+
+    pub fn set_prepared(&self, n: usize) {
+        self.prepared
+            .store(n.min(u32::MAX as usize) as u32, Relaxed);
+    }
+
+    pub fn prepared(&self) -> u32 {
+        self.prepared.load(Relaxed)
+    }
+
+    pub fn state(&self) -> State {
+        match self.state.load(Relaxed) {
+            1 => State::Active,
+            2 => State::Waiting,
+            _ => State::Idle,
+        }
+    }
+
+    pub fn link(&self) -> u64 {
+        self.link.load(Relaxed)
+    }
+
+    /// When the current request (or lease) started, as a wall-clock time.
+    pub fn request_time(&self) -> Option<SystemTime> {
+        let at = self.since_us.load(Relaxed);
+        (at != 0).then(|| {
+            let ago = now_us().saturating_sub(at);
+            SystemTime::now() - Duration::from_micros(ago)
+        })
+    }
+
+    /// How long a waiting client has waited.
+    pub fn waited(&self) -> Duration {
+        match self.state() {
+            State::Waiting => {
+                Duration::from_micros(now_us().saturating_sub(self.since_us.load(Relaxed)))
+            }
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// What an entry is made of.
+pub struct NewEntry {
+    pub user: String,
+    pub database: String,
+    pub addr: SocketAddr,
+    pub local_addr: SocketAddr,
+    pub application_name: String,
+    pub remote_pid: u32,
+}
+
+/// Open entries of one kind.
+#[derive(Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    open: Mutex<Vec<Weak<Entry>>>,
+}
+
+impl Registry {
+    /// Registers a new entry; it leaves the registry when its last holder drops it.
+    pub fn add(&self, e: NewEntry) -> Arc<Entry> {
+        let entry = Arc::new(Entry {
+            id: self.next_id.fetch_add(1, Relaxed) + 1,
+            user: e.user,
+            database: e.database,
+            addr: e.addr,
+            local_addr: e.local_addr,
+            connect_time: SystemTime::now(),
+            application_name: e.application_name,
+            remote_pid: e.remote_pid,
+            state: AtomicU8::new(State::Idle as u8),
+            since_us: AtomicU64::new(0),
+            link: AtomicU64::new(0),
+            prepared: AtomicU32::new(0),
+        });
+        let mut open = self.open.lock().expect("registry lock");
+        // Pruned when it has doubled since the last prune: amortized, and bounded by twice
+        // what is open.
+        if open.len() >= 64 && open.len().is_power_of_two() {
+            open.retain(|w| w.strong_count() > 0);
+        }
+        open.push(Arc::downgrade(&entry));
+        entry
+    }
+
+    /// The open entries, oldest first.
+    pub fn entries(&self) -> Vec<Arc<Entry>> {
+        let mut open = self.open.lock().expect("registry lock");
+        open.retain(|w| w.strong_count() > 0);
+        open.iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new() -> NewEntry {
+        NewEntry {
+            user: "u".into(),
+            database: "d".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            local_addr: "127.0.0.1:2".parse().unwrap(),
+            application_name: String::new(),
+            remote_pid: 0,
+        }
+    }
+
+    #[test]
+    fn entries_leave_when_dropped_and_the_list_stays_bounded() {
+        let r = Registry::default();
+        let kept = r.add(new());
+        for _ in 0..10_000 {
+            drop(r.add(new()));
+        }
+        assert_eq!(r.entries().len(), 1);
+        assert!(r.open.lock().unwrap().len() <= 2);
+        kept.request(now_us());
+        assert_eq!(kept.state(), State::Waiting);
+        kept.set(State::Active, 7);
+        assert_eq!((kept.state(), kept.link()), (State::Active, 7));
+    }
+}
