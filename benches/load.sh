@@ -149,8 +149,9 @@ for w in "${!WORKLOADS[@]}"; do
             cpu1=$(cpu_ticks "$pid")
             tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")
             txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<< "$out")
-            # CPU microseconds per transaction (clock ticks are 10 ms).
-            us=$([ -n "$pid" ] && [ -n "$txns" ] && [ "$txns" -gt 0 ] && echo $(( (cpu1 - cpu0) * 10000 / txns )) || echo -)
+            # CPU microseconds per transaction, to a tenth (clock ticks are 10 ms; a run has
+            # hundreds of thousands of transactions).
+            us=$([ -n "$pid" ] && [ -n "$txns" ] && [ "$txns" -gt 0 ] && python3 -c "print(f'{($cpu1 - $cpu0) * 10000 / $txns:.1f}')" || echo -)
             echo "$w $name ${tps:-0} $us" >> "$RESULTS"
             printf '  %-45s %-14s rep %s: %s tps, %s us CPU/txn\n' "${NAMES[$w]}" "$name" "$rep" "${tps:-failed}" "$us"
         done
@@ -168,7 +169,7 @@ order = []
 for w, t, v, us in rows:
     tps[(int(w), t)].append(float(v))
     if us != "-":
-        cpu[(int(w), t)].append(int(us))
+        cpu[(int(w), t)].append(float(us))
     if t not in order: order.append(t)
 
 def table(title, cell, targets):
@@ -188,7 +189,7 @@ def ratio(w, t):
     return f"{m:.0f}" if t == "direct" else f"{m/direct:.2f}x" if direct else "n/a"
 
 def micros(w, t):
-    return f"{statistics.median(cpu[(w, t)]):.0f}" if cpu[(w, t)] else ""
+    return f"{statistics.median(cpu[(w, t)]):.1f}" if cpu[(w, t)] else ""
 
 table("tps (direct) and ratio to direct", ratio, order)
 table("proxy CPU per transaction, microseconds (user + system)", micros,
