@@ -562,28 +562,18 @@ pub fn import(
     pgbouncer: Option<&std::path::Path>,
     haproxy: Option<&std::path::Path>,
 ) -> Result<Import, ImportError> {
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).map_err(|e| ImportError::Read {
-            path: p.display().to_string(),
-            error: e.to_string(),
-        })
-    };
+    type Reader = fn(&mut Import, &str) -> Result<(), String>;
     let mut import = Import::default();
-    if let Some(p) = haproxy {
-        import
-            .haproxy(&read(p)?)
-            .map_err(|error| ImportError::Read {
-                path: p.display().to_string(),
-                error,
-            })?;
-    }
-    if let Some(p) = pgbouncer {
-        import
-            .pgbouncer(&read(p)?)
-            .map_err(|error| ImportError::Read {
-                path: p.display().to_string(),
-                error,
-            })?;
+    let files: [(Option<&std::path::Path>, Reader); 2] =
+        [(haproxy, Import::haproxy), (pgbouncer, Import::pgbouncer)];
+    for (path, read) in files {
+        let Some(path) = path else { continue };
+        let failed = |error: String| ImportError::Read {
+            path: path.display().to_string(),
+            error,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+        read(&mut import, &text).map_err(failed)?;
     }
     Ok(import)
 }
