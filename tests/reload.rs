@@ -76,6 +76,11 @@ async fn pgbench_through(cluster: &Cluster, port: u16) -> tokio::task::JoinHandl
     run
 }
 
+/// Every DataRow's values, for searching.
+fn show_rows(msgs: &[Msg]) -> String {
+    format!("{:?}", table(msgs))
+}
+
 fn login_code(msgs: &[Msg]) -> Option<String> {
     msgs.last().and_then(|m| m.field(b'C'))
 }
@@ -203,6 +208,13 @@ async fn a_reload_applies_users_pools_limits_and_the_admin_token() {
     pgvane.rewrite_config(&third);
     let (code, _) = post(admin, "/reload", "").await;
     assert_eq!(code, 401, "the token now in force is asked for");
+    // SHOW CONFIG, open to stats_users, does not show the token.
+    console.send(&query("SHOW CONFIG")).await;
+    let shown = show_rows(&console.until_ready().await);
+    assert!(
+        shown.contains("<redacted>") && !shown.contains("s3cret"),
+        "{shown}"
+    );
     let (code, body) = post(admin, "/reload", "Authorization: Bearer s3cret\r\n").await;
     assert_eq!(code, 200, "{body}");
     let (_, login) = RawClient::login(tx, SUPERUSER, "postgres").await;

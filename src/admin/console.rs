@@ -155,7 +155,12 @@ fn config_rows(config: &Config) -> Vec<[String; 3]> {
     };
     add(section(&config.general), section(&GeneralConfig::default()));
     add(section(&config.pool), section(&PoolConfig::default()));
-    add(section(&config.admin), section(&AdminConfig::default()));
+    // stats_users read this: the token is shown as set, never as itself.
+    let mut admin = config.admin.clone();
+    if admin.token.is_some() {
+        admin.token = Some("<redacted>".into());
+    }
+    add(section(&admin), section(&AdminConfig::default()));
     rows.sort();
     rows
 }
