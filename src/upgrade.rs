@@ -125,6 +125,8 @@ pub fn offer(path: &Path, requests: mpsc::Sender<Request>) -> std::io::Result<()
     // A socket file left by an earlier process (or by the one handing over to this one).
     let _ = std::fs::remove_file(path);
     let listener = std::os::unix::net::UnixListener::bind(path)?;
+    // Whoever gets the sockets gets the clients: only this process's user may ask.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let path = path.to_owned();
@@ -133,6 +135,10 @@ pub fn offer(path: &Path, requests: mpsc::Sender<Request>) -> std::io::Result<()
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            if !same_user(&stream) {
+                warn!("upgrade socket: a process of another user asked for the listening sockets; refused");
+                continue;
+            }
             let requests = requests.clone();
             // Blocking I/O on its own thread: a hand-over happens once per upgrade.
             let Ok(stream) = stream.into_std() else {
@@ -163,6 +169,13 @@ pub fn offer(path: &Path, requests: mpsc::Sender<Request>) -> std::io::Result<()
         }
     });
     Ok(())
+}
+
+/// Whether the peer runs as this process's user (or root).
+fn same_user(stream: &tokio::net::UnixStream) -> bool {
+    let own = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    let peer = stream.peer_cred().map(|c| c.uid());
+    matches!((peer, own), (Ok(p), Ok(o)) if p == o || p == 0)
 }
 
 /// Sends `sockets` when asked, then waits for READY. Returns whether it came.

@@ -465,7 +465,9 @@ async fn an_upgrade_takes_over_the_sockets_without_refusing_a_connection() {
     stop.store(true, Ordering::Relaxed);
     let errors = looping.await.unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "{errors:?}");
-    // The new process offers its sockets for the next upgrade.
+    // The new process offers its sockets for the next upgrade, to its own user only.
     assert!(new.log().contains("listening"), "{}", new.log());
-    assert!(socket.exists());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
 }
