@@ -395,7 +395,8 @@ pub struct Pool {
     pub key: PoolKey,
     /// Replaced on reload (its settings or its user's changed): it takes no new sessions,
     /// its idle connections are closed and the others close as they are released.
-    retired: AtomicBool,
+    /// Shared with its connections' SHOW SERVERS entries (close_needed).
+    retired: Arc<AtomicBool>,
     /// SHOW STATS counters of the pool's database.
     pub stats: Arc<DbStats>,
     /// SHOW SERVERS' registry, shared by all pools.
@@ -860,6 +861,7 @@ impl Pool {
             local_addr: stream.local_addr().unwrap_or_else(|_| unspecified()),
             application_name: String::new(),
             remote_pid: hello.process_id,
+            close_needed: Some(self.retired.clone()),
         });
         let mut conn = Box::new(ServerConn {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
@@ -1154,7 +1156,7 @@ impl Pools {
         );
         let pool = Arc::new(Pool {
             key: key.clone(),
-            retired: AtomicBool::new(false),
+            retired: Arc::default(),
             stats: self.stats.of(database),
             servers: self.servers.clone(),
             backend: backend.clone(),

@@ -7,7 +7,7 @@
 //! per transaction, on the entry's own cache line.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -45,6 +45,8 @@ pub struct Entry {
     pub application_name: String,
     /// Servers: the backend process id (from the cancel key).
     pub remote_pid: u32,
+    /// Servers: set when their pool is replaced (reload, RECONNECT): closed at release.
+    close_needed: Option<Arc<AtomicBool>>,
     state: AtomicU8,
     /// `now_us` of the current request's start (clients) or lease (servers).
     since_us: AtomicU64,
@@ -64,6 +66,10 @@ impl Entry {
     pub fn request(&self, at: u64) {
         self.since_us.store(at, Relaxed);
         self.set(State::Waiting, 0);
+    }
+
+    pub fn close_needed(&self) -> bool {
+        self.close_needed.as_ref().is_some_and(|c| c.load(Relaxed))
     }
 
     pub fn set_prepared(&self, n: usize) {
@@ -115,6 +121,8 @@ pub struct NewEntry {
     pub local_addr: SocketAddr,
     pub application_name: String,
     pub remote_pid: u32,
+    /// Servers: their pool's "replaced" flag.
+    pub close_needed: Option<Arc<AtomicBool>>,
 }
 
 /// Open entries of one kind.
@@ -136,6 +144,7 @@ impl Registry {
             connect_time: SystemTime::now(),
             application_name: e.application_name,
             remote_pid: e.remote_pid,
+            close_needed: e.close_needed,
             state: AtomicU8::new(State::Idle as u8),
             since_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
@@ -171,6 +180,7 @@ mod tests {
             local_addr: "127.0.0.1:2".parse().unwrap(),
             application_name: String::new(),
             remote_pid: 0,
+            close_needed: None,
         }
     }
 

@@ -317,7 +317,14 @@ async fn show_commands_answer_with_pgbouncer_s_columns_and_real_counts() {
     assert_eq!(client["state"].as_deref(), Some("active"), "{client:?}");
     assert_eq!(client["link"], server["ptr"], "{client:?} {server:?}");
     assert_eq!(server["link"], client["ptr"], "{client:?} {server:?}");
+    assert_eq!(num(&server, "close_needed"), 0);
+    // RECONNECT replaces the pool: the connection in use is marked, closed at release.
+    assert_eq!(show(&run(&mut console, "RECONNECT").await), "C Z");
+    let server = row_of(&run(&mut console, "SHOW SERVERS").await, "S");
+    assert_eq!(num(&server, "close_needed"), 1, "{server:?}");
     app.batch_execute("COMMIT").await.unwrap();
+    // The session moves to the new pool with its next transaction.
+    app.simple_query("SELECT 1").await.unwrap();
 
     let lists = run(&mut console, "SHOW LISTS").await;
     assert_eq!(num(&row_of(&lists, "pools"), "items"), 1);

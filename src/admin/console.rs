@@ -902,7 +902,8 @@ fn show_sockets(out: &mut BytesMut, kind: &str, entries: &[Arc<Entry>], shared: 
         "id",
     ];
     let table = shared.topology.snapshot();
-    // A server connection to a drained backend closes when released.
+    // A server connection whose pool was replaced, or to a drained backend, closes when
+    // released.
     let draining = |e: &Entry| {
         let same = |v: &crate::topology::BackendView| {
             let ip = v.backend.host.parse::<std::net::IpAddr>();
@@ -928,7 +929,7 @@ fn show_sockets(out: &mut BytesMut, kind: &str, entries: &[Arc<Entry>], shared: 
             Some(e.request_time().map(timestamp).unwrap_or_default()),
             Some(waited.as_secs().to_string()),
             Some(waited.subsec_micros().to_string()),
-            Some(u8::from(draining(e)).to_string()),
+            Some(u8::from(e.close_needed() || draining(e)).to_string()),
             Some(format!("{:#x}", e.id)),
             Some(if link == 0 {
                 String::new()

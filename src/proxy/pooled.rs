@@ -383,6 +383,7 @@ async fn login(
         local_addr: stream.local_addr().unwrap_or_else(|_| peer_of(stream)),
         application_name,
         remote_pid: 0,
+        close_needed: None,
     });
     let session = Session {
         _limited: limited,
