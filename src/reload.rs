@@ -5,12 +5,13 @@
 //! section by section: users and the auth file, `[pool]` and per-user pool settings (pools
 //! whose settings changed are replaced; their connections close as they are released),
 //! limits, the `general` settings clients meet, the admin console's users and the API token,
-//! backends (added ones are checked and join the table as their checks rise; removed or
-//! moved ones leave it, ending their sessions: drain one first to let them finish), drain
+//! `[health]` (every check restarts with it), backends (added ones are checked and join
+//! the table as their checks rise; removed or moved ones leave it, ending their sessions:
+//! drain one first to let them finish), drain
 //! flags, and listeners (closed, opened, moved to another address, or given a new route for
 //! their next clients) take effect at once. What cannot change in a running process is
-//! named in the reply and left as it was: `[health]`, `admin.listen`,
-//! `general.worker_threads` and `general.upgrade_socket`.
+//! named in the reply and left as it was: `admin.listen`, `general.worker_threads` and
+//! `general.upgrade_socket`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -182,6 +183,11 @@ impl Reloader {
         let limits_changed = next.limits != old.limits;
         self.apply_listeners(&mut next, limits_changed, &mut report);
 
+        if shared.topology.reconfigure_health(&next.health) {
+            report
+                .applied
+                .push("[health]: every check restarted with it".into());
+        }
         let changed = shared.topology.reconfigure(&next.backends);
         if !changed.is_empty() {
             let retired = shared
@@ -225,10 +231,6 @@ impl Reloader {
         if next.admin.listen != old.admin.listen {
             restart("admin.listen".into());
             next.admin.listen = old.admin.listen;
-        }
-        if next.health != old.health {
-            restart("[health]".into());
-            next.health = old.health.clone();
         }
     }
 

@@ -173,7 +173,7 @@ async fn a_reload_applies_users_pools_limits_and_the_admin_token() {
     app.send(&query("SELECT 1")).await;
     assert_eq!(show(&app.until_ready().await), "T D C Z");
 
-    // A changed [health] needs a restart: named, not applied; the rest is.
+    // A changed [health] restarts the checks with it; the pool change applies too.
     let third = second
         .replace("interval = \"200ms\"", "interval = \"300ms\"")
         .replace("[pool]\n", "[pool]\nmax_prepared_statements = 10\n");
@@ -182,11 +182,8 @@ async fn a_reload_applies_users_pools_limits_and_the_admin_token() {
     let (code, body) = post(admin, "/reload", "").await;
     assert_eq!(code, 200, "{body}");
     let report: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        report["needs_restart"],
-        serde_json::json!(["[health]"]),
-        "{body}"
-    );
+    assert_eq!(report["needs_restart"], serde_json::json!([]), "{body}");
+    assert!(report["applied"].to_string().contains("[health]"), "{body}");
     assert!(
         report["applied"].to_string().contains("pool settings"),
         "{body}"
@@ -371,4 +368,46 @@ async fn a_reload_adds_and_removes_backends_under_load() {
     assert!(!status.contains("\"pg1\""), "{status}");
     let (_, metrics) = http_async(admin, "GET", "/metrics").await;
     assert!(!metrics.contains("backend=\"pg1\",role"), "{metrics}");
+}
+
+/// `[health]` follows the file: checks with a wrong monitor password take the backend down,
+/// the right one brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_restarts_the_health_checks_with_the_new_settings() {
+    let cluster = Cluster::start(0);
+    let (tx, admin) = (free_port(), free_port());
+    let good = config_for(&cluster, tx, admin, "");
+    let pgvane = Pgvane::start(&good, &[tx, admin]);
+    let role = |r: &'static str| async move {
+        metric(
+            admin,
+            &format!("pgvane_backend_role{{backend=\"pg0\",role=\"{r}\"}}"),
+        )
+        .await
+    };
+    eventually(PATIENCE, "the primary up", || async {
+        (role("primary").await == Some(1.0)).then_some(())
+    })
+    .await;
+    let bad = good.replacen(
+        &format!("password = \"{PASSWORD}\""),
+        "password = \"wrong\"",
+        1,
+    );
+    assert_ne!(bad, good);
+    pgvane.rewrite_config(&bad);
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    eventually(PATIENCE, "checks failing with the new password", || async {
+        (role("down").await == Some(1.0)).then_some(())
+    })
+    .await;
+    pgvane.rewrite_config(&good);
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    eventually(PATIENCE, "the primary back", || async {
+        (role("primary").await == Some(1.0)).then_some(())
+    })
+    .await;
+    connect(tx, SUPERUSER, "postgres").await.unwrap();
 }

@@ -212,6 +212,35 @@ impl Topology {
         changes
     }
 
+    /// Takes reloaded `[health]` settings: every check task restarts with them (health
+    /// states, and so the routing table, stay as they are). Returns whether they changed.
+    pub fn reconfigure_health(self: &Arc<Self>, health: &HealthConfig) -> bool {
+        let mut checks = self.checks.lock().expect("checks lock");
+        let Some(context) = checks.started.as_mut() else {
+            return false;
+        };
+        if context.health == *health {
+            return false;
+        }
+        context.health = health.clone();
+        let context = context.clone();
+        for c in &mut checks.backends {
+            c.stop.cancel();
+            c.stop = CancellationToken::new();
+            self.start_check(c, &context);
+        }
+        drop(checks);
+        // The publisher takes the new rise, fall and lag limit.
+        self.rebuild.notify_one();
+        true
+    }
+
+    /// The `[health]` settings in force, once checks run.
+    fn health(&self) -> Option<HealthConfig> {
+        let checks = self.checks.lock().expect("checks lock");
+        checks.started.as_ref().map(|c| c.health.clone())
+    }
+
     /// The configured backends, in config order.
     pub fn backends(&self) -> Vec<Arc<Backend>> {
         let checks = self.checks.lock().expect("checks lock");
@@ -345,9 +374,8 @@ impl Topology {
     async fn publish_loop(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<CheckResult>,
-        health: HealthConfig,
+        mut health: HealthConfig,
     ) {
-        let (rise, fall) = (health.rise, health.fall);
         // The backends the tables are built from, with their health states, aligned.
         let mut list = self.backends();
         let mut states = vec![HealthState::default(); list.len()];
@@ -360,6 +388,7 @@ impl Topology {
                     None => return,
                 },
                 _ = self.rebuild.notified() => {
+                    health = self.health().unwrap_or(health);
                     self.follow_config(&mut list, &mut states);
                     self.publish(&list, &states, &mut outage);
                     continue;
@@ -387,7 +416,7 @@ impl Topology {
             let before = snapshot(&states[i]);
             let state = &mut states[i];
             state.set_progress(progress);
-            if let Some(t) = state.observe(obs, rise, fall) {
+            if let Some(t) = state.observe(obs, health.rise, health.fall) {
                 if t.to == Role::Down {
                     warn!(backend = %name, from = %t.from, to = %t.to, reason = %t.reason, "backend role changed");
                 } else {
