@@ -37,7 +37,10 @@ fuzz_target!(|data: &[u8]| {
 
     let mut stream = tokio::io::join(&data[..], tokio::io::sink());
     let mut reply = BytesMut::new();
-    let _ = authenticate_client(&mut stream, users(), "u", &mut reply).now_or_never();
+    let known = users().get("u");
+    let authenticated =
+        authenticate_client(&mut stream, users(), "u", known.as_deref(), &mut reply);
+    let _ = authenticated.now_or_never();
 
     let cut = data.first().map_or(0, |&c| c as usize).min(data.len());
     let mut scanner = Scanner::limited(b"ZSC", 1 << 20);
