@@ -644,3 +644,25 @@ async fn statistics_are_exported_in_metrics() {
         r#"pgvane_pool_clients{backend="pg0",database="postgres",state="active",user="postgres"}"#;
     assert_eq!(metric(admin, active).await, Some(1.0));
 }
+
+/// WAIT_CLOSE answers once no server connection is left to close after RECONNECT: not
+/// while a transaction still holds one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_close_returns_when_the_reconnected_connections_are_gone() {
+    let (_cluster, tx, _pgvane) = with_console().await;
+    let app = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    app.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let (mut console, _) = RawClient::login(tx, SUPERUSER, "pgbouncer").await;
+    assert_eq!(show(&run(&mut console, "RECONNECT postgres").await), "C Z");
+    console.send(&query("WAIT_CLOSE postgres")).await;
+    let waiting = tokio::spawn(async move { console.until_ready().await });
+    // Answered only after the transaction ends and its connection closes.
+    app.simple_query("SELECT 2").await.unwrap();
+    assert!(!waiting.is_finished());
+    app.batch_execute("COMMIT").await.unwrap();
+    let answered = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("WAIT_CLOSE answered once the connection closed")
+        .unwrap();
+    assert_eq!(show(&answered), "C Z");
+}

@@ -29,6 +29,9 @@ use crate::topology::Election;
 /// Names of the virtual database.
 pub const DATABASES: [&str; 2] = ["pgbouncer", "pgvane"];
 
+/// How often WAIT_CLOSE looks again.
+const CLOSE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Longest console query read (a command line, not data).
 const MAX_QUERY: usize = 64 * 1024;
 
@@ -440,6 +443,17 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
                 shared.disabled.set(&db, disable);
                 command_complete(out, &verb);
             }
+            "WAIT_CLOSE" => {
+                // PgBouncer's: returns once no server connection of `db` (of any with none)
+                // is still waiting to be closed (after RECONNECT or a reload).
+                let waiting = |e: &Arc<Entry>| {
+                    e.close_needed() && arg.as_deref().map_or(true, |d| d == e.database)
+                };
+                while shared.pools.servers.entries().iter().any(waiting) {
+                    tokio::time::sleep(CLOSE_POLL).await;
+                }
+                command_complete(out, "WAIT_CLOSE");
+            }
             "RECONNECT" => {
                 let replaced = shared.pools.reconnect(arg.as_deref());
                 info!(
@@ -533,7 +547,7 @@ fn is_backend(arg: &Option<String>) -> bool {
 fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
     match what {
         "HELP" => {
-            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>\n\tRECONNECT [<db>]\n\tRELOAD\n\tSHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>";
+            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>\n\tRECONNECT [<db>]\n\tWAIT_CLOSE [<db>]\n\tRELOAD\n\tSHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>";
             notice_or_error(out, b'N', "NOTICE", "00000", help);
             command_complete(out, "SHOW");
         }
