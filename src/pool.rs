@@ -14,11 +14,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-use arc_swap::ArcSwap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -26,8 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::auth::UserStore;
-use crate::auth::{error_code, error_message, login_to_server, ServerLoginError, User};
+use crate::auth::{error_code, error_message, login_to_server, ServerLoginError, User, UserStore};
 use crate::config::{PoolConfig, UserConfig};
 use crate::protocol::{read_message, ProtocolError};
 use crate::proxy::prepared::ServerStatements;
@@ -587,6 +585,13 @@ impl Pool {
         waits.keys().next().map(Instant::elapsed)
     }
 
+    /// Closes every idle connection now; returns how many.
+    fn close_idle(&self) -> usize {
+        let conns = std::mem::take(&mut *self.idle.lock().expect("pool lock"));
+        self.open.fetch_sub(conns.len(), Ordering::Relaxed);
+        conns.len()
+    }
+
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
@@ -1099,8 +1104,7 @@ impl Pools {
         }
         for pool in &retired {
             pool.retired.store(true, Ordering::Relaxed);
-            let idle = std::mem::take(&mut *pool.idle.lock().expect("pool lock"));
-            pool.open.fetch_sub(idle.len(), Ordering::Relaxed);
+            pool.close_idle();
         }
         retired.len()
     }
@@ -1208,9 +1212,7 @@ impl Pools {
     pub fn close_idle(&self, backend: &str) -> usize {
         let mut closed = 0;
         for pool in self.all().iter().filter(|p| p.key.backend == backend) {
-            let conns = std::mem::take(&mut *pool.idle.lock().expect("pool lock"));
-            pool.open.fetch_sub(conns.len(), Ordering::Relaxed);
-            closed += conns.len();
+            closed += pool.close_idle();
         }
         closed
     }
