@@ -500,11 +500,18 @@ impl Session {
     /// a pool lookup, and the old pool is freed if nothing else holds it.
     fn move_home(&mut self, table: &RoutingTable, to: &Arc<Pool>, route: &Route, shared: &Shared) {
         if !self.home_serves(table, route) {
-            to.join();
-            let old = std::mem::replace(&mut self.home, to.clone());
-            old.part();
+            let old = self.set_home(to.clone());
             shared.pools.free_if_unused(old);
         }
+    }
+
+    /// Moves the session to pool `next`, counted there and no longer in the old one, which
+    /// is returned.
+    fn set_home(&mut self, next: Arc<Pool>) -> Arc<Pool> {
+        next.join();
+        let old = std::mem::replace(&mut self.home, next);
+        old.part();
+        old
     }
 
     /// The home pool was retired by a reload: the session moves to the pool that replaces
@@ -523,9 +530,7 @@ impl Session {
         let user = shared.users.load().get(&key.user);
         let user = user.unwrap_or_else(|| self.home.user().clone());
         let next = shared.pools.get(&view.backend, &user, &key.database);
-        next.join();
-        let old = std::mem::replace(&mut self.home, next);
-        old.part();
+        self.set_home(next);
     }
 
     /// The session is over: a home pool on a backend that no longer serves the listener is
