@@ -398,7 +398,9 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
     };
     reloader.into_listeners().stop_all().await;
     if shutdown == Shutdown::WaitForServers {
-        let running = admin::pause_and_wait(&shared, None).await;
+        let running = admin::pause_and_wait(&shared, None)
+            .await
+            .expect("pausing everything names no database");
         info!(
             running,
             "SHUTDOWN WAIT_FOR_SERVERS: paused; closing the sessions"

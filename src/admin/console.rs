@@ -419,18 +419,10 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
                     database = arg.as_deref(),
                     "PAUSE requested on the console"
                 );
-                if arg
-                    .as_deref()
-                    .is_some_and(|d| !shared.pools.serves_database(d))
-                {
-                    error(
-                        out,
-                        "3D000",
-                        "no pool serves this database: PAUSE names a database clients use",
-                    );
+                if let Err(e) = super::pause_and_wait(shared, arg).await {
+                    error(out, "3D000", &e.to_string());
                     return;
                 }
-                super::pause_and_wait(shared, arg).await;
                 command_complete(out, "PAUSE");
             }
             "DISABLE" | "ENABLE" if !is_backend(&arg) => {
@@ -722,14 +714,14 @@ fn avg_name(column: &str) -> &str {
     }
 }
 
-/// The pools of each (database, user), over all backends.
-fn pools_by_pair(shared: &Shared) -> BTreeMap<(String, String), Vec<Arc<Pool>>> {
-    let mut pairs: BTreeMap<(String, String), Vec<_>> = BTreeMap::new();
+/// Every pool, over all backends, grouped by `key` (a database, a user, or both), in
+/// order.
+fn pools_by<K: Ord>(shared: &Shared, key: impl Fn(&Pool) -> K) -> BTreeMap<K, Vec<Arc<Pool>>> {
+    let mut groups: BTreeMap<K, Vec<_>> = BTreeMap::new();
     for pool in shared.pools.all() {
-        let key = (pool.key.database.clone(), pool.key.user.clone());
-        pairs.entry(key).or_default().push(pool);
+        groups.entry(key(&pool)).or_default().push(pool);
     }
-    pairs
+    groups
 }
 
 fn show_pools(out: &mut BytesMut, shared: &Shared) {
@@ -754,7 +746,8 @@ fn show_pools(out: &mut BytesMut, shared: &Shared) {
     ];
     let mode = shared.console.pool_mode();
     let mut rs = ResultSet::new(out, &names, "ssiiiiiiiiiiiiiss");
-    for ((db, user), pools) in pools_by_pair(shared) {
+    let pairs = pools_by(shared, |p| (p.key.database.clone(), p.key.user.clone()));
+    for ((db, user), pools) in pairs {
         let sum = |f: &dyn Fn(&Arc<Pool>) -> usize| pools.iter().map(f).sum::<usize>();
         let waiting = sum(&|p| p.waiting_clients());
         let clients = sum(&|p| p.clients());
@@ -810,13 +803,7 @@ fn show_databases(out: &mut BytesMut, shared: &Shared) {
     let settings = shared.pools.settings();
     let mode = shared.console.pool_mode();
     let paused = shared.paused.borrow().clone();
-    let mut databases: BTreeMap<String, Vec<Arc<Pool>>> = BTreeMap::new();
-    for pool in shared.pools.all() {
-        databases
-            .entry(pool.key.database.clone())
-            .or_default()
-            .push(pool);
-    }
+    let databases = pools_by(shared, |p| p.key.database.clone());
     let mut rs = ResultSet::new(out, &names, "ssissiiiissiiiiii");
     for (db, pools) in databases {
         let backends: BTreeSet<(&str, u16)> = pools
@@ -864,10 +851,7 @@ fn show_users(out: &mut BytesMut, shared: &Shared) {
     ];
     let settings = shared.pools.settings();
     let mode = shared.console.pool_mode();
-    let mut users: BTreeMap<String, Vec<Arc<Pool>>> = BTreeMap::new();
-    for pool in shared.pools.all() {
-        users.entry(pool.key.user.clone()).or_default().push(pool);
-    }
+    let users = pools_by(shared, |p| p.key.user.clone());
     let mut rs = ResultSet::new(out, &names, "siisiiii");
     for (user, pools) in users {
         let open: usize = pools.iter().map(|p| p.open_connections()).sum();

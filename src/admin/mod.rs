@@ -38,9 +38,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::proxy::{Pause, Shared};
+use crate::topology::{Election, UnknownBackend};
 
 pub mod console;
-use crate::topology::{Election, UnknownBackend};
 
 /// How long `POST /pause` waits for running transactions before answering 202.
 pub const PAUSE_WAIT: Duration = Duration::from_secs(30);
@@ -80,6 +80,8 @@ impl Disabled {
 pub enum AdminError {
     #[error("pgvane is paused globally; RESUME without a database")]
     GloballyPaused,
+    #[error("no pool serves this database: PAUSE names a database clients use")]
+    NoSuchDatabase,
 }
 
 /// PAUSE `database`, or everything with `None`. Logs "PAUSE complete" once no server
@@ -169,12 +171,20 @@ pub fn resume(shared: &Shared, database: Option<&str>) -> Result<(), AdminError>
     Ok(())
 }
 
-/// Server connections in use in pools that the current PAUSE holds.
 /// PAUSE, answered once no transaction of the paused databases runs (or after
-/// [`PAUSE_WAIT`]): how many still run then.
-pub async fn pause_and_wait(shared: &Arc<Shared>, database: Option<String>) -> usize {
+/// [`PAUSE_WAIT`]): how many still run then. A database no pool serves is refused.
+pub async fn pause_and_wait(
+    shared: &Arc<Shared>,
+    database: Option<String>,
+) -> Result<usize, AdminError> {
+    if database
+        .as_deref()
+        .is_some_and(|d| !shared.pools.serves_database(d))
+    {
+        return Err(AdminError::NoSuchDatabase);
+    }
     pause(shared, database);
-    drained(shared, Some(tokio::time::Instant::now() + PAUSE_WAIT)).await
+    Ok(drained(shared, Some(tokio::time::Instant::now() + PAUSE_WAIT)).await)
 }
 
 /// Drains backend `name` (`on`: HAProxy's `set server state drain`) or takes it back into
@@ -202,6 +212,7 @@ pub fn server_connections(shared: &Shared, name: &str) -> usize {
     of_backend.map(|p| p.open_connections()).sum()
 }
 
+/// Server connections in use in pools that the current PAUSE holds.
 fn running(shared: &Shared) -> usize {
     let pause = shared.paused.borrow().clone();
     shared
@@ -290,19 +301,14 @@ async fn handle(
             reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         (&Method::GET, "/status") => json_reply(StatusCode::OK, status(shared)),
-        (&Method::POST, "/pause")
-            if database
-                .as_deref()
-                .is_some_and(|d| !shared.pools.serves_database(d)) =>
-        {
-            json_reply(
-                StatusCode::NOT_FOUND,
-                json!({"error": "no pool serves this database: PAUSE names a database clients use"}),
-            )
-        }
         (&Method::POST, "/pause") => {
             info!(client = %peer, database = database.as_deref(), "PAUSE requested over HTTP");
-            let left = pause_and_wait(shared, database).await;
+            let left = match pause_and_wait(shared, database).await {
+                Ok(left) => left,
+                Err(e) => {
+                    return json_reply(StatusCode::NOT_FOUND, json!({"error": e.to_string()}))
+                }
+            };
             let code = if left == 0 {
                 StatusCode::OK
             } else {
