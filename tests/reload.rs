@@ -81,6 +81,14 @@ fn show_rows(msgs: &[Msg]) -> String {
     format!("{:?}", table(msgs))
 }
 
+/// Writes `config` and reloads it over HTTP, which must apply it; returns the report.
+async fn reload_with(pgvane: &Pgvane, admin: u16, config: &str) -> Value {
+    pgvane.rewrite_config(config);
+    let (code, body) = post(admin, "/reload", "").await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
 fn login_code(msgs: &[Msg]) -> Option<String> {
     msgs.last().and_then(|m| m.field(b'C'))
 }
@@ -178,23 +186,21 @@ async fn a_reload_applies_users_pools_limits_and_the_admin_token() {
         .replace("interval = \"200ms\"", "interval = \"300ms\"")
         .replace("[pool]\n", "[pool]\nmax_prepared_statements = 10\n");
     assert_ne!(third, second);
-    pgvane.rewrite_config(&third);
-    let (code, body) = post(admin, "/reload", "").await;
-    assert_eq!(code, 200, "{body}");
-    let report: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(report["needs_restart"], serde_json::json!([]), "{body}");
-    assert!(report["applied"].to_string().contains("[health]"), "{body}");
+    let report = reload_with(&pgvane, admin, &third).await;
+    assert_eq!(report["needs_restart"], serde_json::json!([]), "{report}");
+    assert!(
+        report["applied"].to_string().contains("[health]"),
+        "{report}"
+    );
     assert!(
         report["applied"].to_string().contains("pool settings"),
-        "{body}"
+        "{report}"
     );
 
     // Limits and the token follow the file.
     let fourth = format!("{third}\n[limits]\nallow = [\"10.0.0.0/8\"]\n")
         .replace("admin_users = ", "token = \"s3cret\"\nadmin_users = ");
-    pgvane.rewrite_config(&fourth);
-    let (code, body) = post(admin, "/reload", "").await;
-    assert_eq!(code, 200, "{body}");
+    reload_with(&pgvane, admin, &fourth).await;
     let (_, login) = RawClient::login(tx, SUPERUSER, "postgres").await;
     assert_eq!(
         login_code(&login).as_deref(),
@@ -232,9 +238,7 @@ async fn a_reload_under_load_fails_no_transaction() {
         admin,
         "\n[pool]\ndefault_pool_size = 3\nquery_wait_timeout = \"100s\"\n",
     );
-    pgvane.rewrite_config(&next);
-    let (code, body) = post(admin, "/reload", "").await;
-    assert_eq!(code, 200, "{body}");
+    reload_with(&pgvane, admin, &next).await;
     run.await.unwrap();
     eventually(PATIENCE, "the new pool keeps to its size", || async {
         (backends_of(&cluster, SUPERUSER).await <= 3).then_some(())
@@ -277,17 +281,14 @@ async fn a_reload_opens_closes_and_changes_listeners() {
         listener("tx", tx, "primary", "mode = \"session\"")
             + &listener("ro", ro, "any", "mode = \"session\""),
     );
-    pgvane.rewrite_config(&second);
-    let (code, body) = post(admin, "/reload", "").await;
-    assert_eq!(code, 200, "{body}");
-    let report: Value = serde_json::from_str(&body).unwrap();
+    let report = reload_with(&pgvane, admin, &second).await;
     let applied = report["applied"].to_string();
     for what in [
         "listener rw closed",
         "listener ro opened on",
         "listener tx changed",
     ] {
-        assert!(applied.contains(what), "{what}: {body}");
+        assert!(applied.contains(what), "{what}: {report}");
     }
     assert!(std::net::TcpStream::connect(("127.0.0.1", rw)).is_err());
     server_port(&through_rw).await;
@@ -306,13 +307,10 @@ async fn a_reload_opens_closes_and_changes_listeners() {
         listener("tx", tx, "primary", "mode = \"session\"")
             + &listener("ro", taken_port, "any", "mode = \"session\""),
     );
-    pgvane.rewrite_config(&third);
-    let (code, body) = post(admin, "/reload", "").await;
-    assert_eq!(code, 200, "{body}");
-    let report: Value = serde_json::from_str(&body).unwrap();
+    let report = reload_with(&pgvane, admin, &third).await;
     assert!(
         report["failed"].to_string().contains("listener ro"),
-        "{body}"
+        "{report}"
     );
     connect(ro, SUPERUSER, "postgres").await.unwrap();
 }
@@ -338,10 +336,16 @@ async fn a_reload_adds_and_removes_backends_under_load() {
     let pgvane = Pgvane::start(&without_pg1, &[tx, ro, admin]);
 
     let run = pgbench_through(&cluster, tx).await;
-    pgvane.rewrite_config(&full.replace("[general]", "[pool]\ndefault_pool_size = 4\n\n[general]"));
-    let (code, body) = post(admin, "/reload", "").await;
-    assert_eq!(code, 200, "{body}");
-    assert!(body.contains("backend pg1 added"), "{body}");
+    let report = reload_with(
+        &pgvane,
+        admin,
+        &full.replace("[general]", "[pool]\ndefault_pool_size = 4\n\n[general]"),
+    )
+    .await;
+    assert!(
+        report["applied"].to_string().contains("backend pg1 added"),
+        "{report}"
+    );
     run.await.unwrap();
 
     // The added replica serves the replica listener once its checks rise.
@@ -351,10 +355,13 @@ async fn a_reload_adds_and_removes_backends_under_load() {
     })
     .await;
 
-    pgvane.rewrite_config(&without_pg1);
-    let (code, body) = post(admin, "/reload", "").await;
-    assert_eq!(code, 200, "{body}");
-    assert!(body.contains("backend pg1 removed"), "{body}");
+    let report = reload_with(&pgvane, admin, &without_pg1).await;
+    assert!(
+        report["applied"]
+            .to_string()
+            .contains("backend pg1 removed"),
+        "{report}"
+    );
     // Its session ends with the backend (as at a role loss).
     eventually(PATIENCE, "the removed backend's session ended", || async {
         on_replica
@@ -395,16 +402,12 @@ async fn a_reload_restarts_the_health_checks_with_the_new_settings() {
         1,
     );
     assert_ne!(bad, good);
-    pgvane.rewrite_config(&bad);
-    let (code, body) = post(admin, "/reload", "").await;
-    assert_eq!(code, 200, "{body}");
+    reload_with(&pgvane, admin, &bad).await;
     eventually(PATIENCE, "checks failing with the new password", || async {
         (role("down").await == Some(1.0)).then_some(())
     })
     .await;
-    pgvane.rewrite_config(&good);
-    let (code, body) = post(admin, "/reload", "").await;
-    assert_eq!(code, 200, "{body}");
+    reload_with(&pgvane, admin, &good).await;
     eventually(PATIENCE, "the primary back", || async {
         (role("primary").await == Some(1.0)).then_some(())
     })
