@@ -171,16 +171,16 @@ impl Reloader {
             ));
         }
 
-        if next.limits != old.limits || next.users != old.users {
+        let limits_changed = next.limits != old.limits;
+        if limits_changed || next.users != old.users {
             let before = shared.user_limits.load_full();
             shared
                 .user_limits
                 .store(user_limits_of(&next, before.as_deref()));
         }
-        if next.limits != old.limits {
+        if limits_changed {
             report.applied.push("limits".into());
         }
-        let limits_changed = next.limits != old.limits;
         self.apply_listeners(&mut next, limits_changed, &mut report);
 
         if shared.topology.reconfigure_health(&next.health) {
