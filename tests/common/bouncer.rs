@@ -1,11 +1,10 @@
 //! Debian's PgBouncer, started by a test as the unprivileged user, for differential tests.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{free_port, hand_over, run_as, PATIENCE};
+use super::{free_port, hand_over, run_as, wait_listening};
 
 pub struct Bouncer {
     child: Child,
@@ -52,18 +51,8 @@ impl Bouncer {
             .spawn()
             .expect("start pgbouncer (Debian's package `pgbouncer`; scripts/test installs it)");
         let mut b = Bouncer { child, port, dir };
-        let deadline = Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = b.child.try_wait() {
-                panic!("pgbouncer exited ({status}):\n{}", b.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pgbouncer did not listen:\n{}",
-                b.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = b.dir.path().join("pgbouncer.log");
+        wait_listening(&mut b.child, "pgbouncer", &[port], &log);
         b
     }
 

@@ -463,6 +463,26 @@ fn stop_immediately(data: &Path) {
 }
 
 /// A running pgvane binary with its own config and log file.
+/// Waits up to PATIENCE until `ports` accept on 127.0.0.1; panics with the log at `log` if
+/// `child` (`what`) exits first or they do not.
+pub fn wait_listening(child: &mut Child, what: &str, ports: &[u16], log: &Path) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + PATIENCE;
+    for &port in ports {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{what} exited ({status}):\n{}", log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not listen on {port}:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 pub struct Pgvane {
     child: Child,
     dir: TempDir,
@@ -488,20 +508,8 @@ impl Pgvane {
             .spawn()
             .expect("start pgvane");
         let mut p = Pgvane { child, dir };
-        let deadline = Instant::now() + PATIENCE;
-        for &port in ports {
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                if let Ok(Some(status)) = p.child.try_wait() {
-                    panic!("pgvane exited ({status}):\n{}", p.log());
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "pgvane did not listen on {port}:\n{}",
-                    p.log()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        let log = p.dir.path().join("pgvane.log");
+        wait_listening(&mut p.child, "pgvane", ports, &log);
         p
     }
 
