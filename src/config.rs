@@ -29,6 +29,8 @@ pub struct Config {
     // Skipped when empty: TOML would print `user = []` above the tables (`pgvane check`).
     #[serde(rename = "user", default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<UserConfig>,
+    #[serde(rename = "database", default, skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<DatabaseConfig>,
     #[serde(rename = "backend", default)]
     pub backends: Vec<BackendConfig>,
     #[serde(rename = "listener", default)]
@@ -184,6 +186,12 @@ pub struct AdminConfig {
     /// they answer loopback callers only. Set: every caller must send
     /// `Authorization: Bearer <token>`. `/metrics` and `/status` stay open.
     pub token: Option<String>,
+    /// The admin console on a Unix socket too, e.g. "/run/pgvane/.s.PGSQL.6432" (psql -h
+    /// /run/pgvane -p 6432 pgbouncer). Peer authentication, as PgBouncer's user `pgbouncer`
+    /// on its socket: a client running as pgvane's own OS user (or root) logs in without a
+    /// password, as a user of admin_users or stats_users, or as `pgbouncer` (admin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_socket: Option<PathBuf>,
 }
 
 /// Process-wide settings.
@@ -335,6 +343,12 @@ pub struct UserConfig {
     /// Overrides `pool.max_user_connections` for this user (0 = unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_user_connections: Option<u32>,
+    /// Override `pool.reserve_pool_size` and the pool mode (over a `[[database]]` entry's
+    /// and the listener's) for this user's pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_pool_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_mode: Option<PoolMode>,
     /// Override `limits.max_user_client_connections` and `limits.user_connection_rate` /
     /// `user_connection_burst` for this user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -356,7 +370,58 @@ impl fmt::Debug for UserConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("pool_size", &self.pool_size)
             .field("max_user_connections", &self.max_user_connections)
+            .field("reserve_pool_size", &self.reserve_pool_size)
+            .field("pool_mode", &self.pool_mode)
             .finish()
+    }
+}
+
+/// A `[[database]]` entry, PgBouncer's `[databases]` line: the name clients ask for, the
+/// database it is on the server, and settings over `[pool]`'s for its pools. Once any entry
+/// exists, only those names (or any, with the fallback entry named `*`) can be logged in to.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub name: String,
+    /// The database on the server (default: `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dbname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_pool_size: Option<u32>,
+    /// `reserve_pool` is PgBouncer's name before 1.24.
+    #[serde(
+        default,
+        alias = "reserve_pool",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reserve_pool_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_db_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_mode: Option<PoolMode>,
+}
+
+/// The name of the `[[database]]` entry that serves databases not listed.
+pub const FALLBACK_DATABASE: &str = "*";
+
+/// How long a pooled client keeps a server connection, when a `[[database]]` or `[[user]]`
+/// entry sets it for its pools rather than the listener's `mode`. PgBouncer's statement
+/// mode has no counterpart: multi-statement transactions would break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+impl From<PoolMode> for ListenerMode {
+    fn from(m: PoolMode) -> Self {
+        match m {
+            PoolMode::Session => ListenerMode::Session,
+            PoolMode::Transaction => ListenerMode::Transaction,
+        }
     }
 }
 
@@ -859,6 +924,45 @@ impl Config {
                 bad(format!("user[{i}].pool_size"), "must be at least 1".into());
             }
         }
+        let mut names = HashSet::new();
+        for (i, d) in self.databases.iter().enumerate() {
+            let key = |k: &str| format!("database[{i}].{k}");
+            if d.name.is_empty() {
+                bad(key("name"), "must not be empty".into());
+            } else if !names.insert(d.name.as_str()) {
+                bad(
+                    key("name"),
+                    format!("\"{}\" is listed twice; names must be unique", d.name),
+                );
+            } else if crate::admin::console::DATABASES.contains(&d.name.as_str()) {
+                bad(
+                    key("name"),
+                    format!("\"{}\" is the admin console's; choose another name", d.name),
+                );
+            }
+            if d.name == FALLBACK_DATABASE && d.dbname.is_some() {
+                bad(
+                    key("dbname"),
+                    "the fallback entry \"*\" serves each database under its own name; remove dbname".into(),
+                );
+            }
+            if d.dbname.as_deref() == Some("") {
+                bad(
+                    key("dbname"),
+                    "must not be empty (omit it to use name)".into(),
+                );
+            }
+            if d.pool_size == Some(0) {
+                bad(key("pool_size"), "must be at least 1".into());
+            }
+            let size = d.pool_size.unwrap_or(p.default_pool_size);
+            if let Some(min) = d.min_pool_size.filter(|m| *m > size) {
+                bad(
+                    key("min_pool_size"),
+                    format!("{min} is more than the entry's pool_size ({size})"),
+                );
+            }
+        }
         if self.listeners.iter().any(|l| l.mode.is_pooled())
             && self.auth.method != AuthMethod::Trust
             && self.users.is_empty()
@@ -1223,6 +1327,48 @@ mod tests {
             Err(ConfigError::Invalid(p)) => p,
             other => panic!("expected validation problems, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn database_entries_are_checked_key_by_key() {
+        let text = format!(
+            r#"{MINIMAL}
+            [[database]]
+            name = "app"
+            pool_size = 0
+            [[database]]
+            name = "app"
+            [[database]]
+            name = "*"
+            dbname = "x"
+            [[database]]
+            name = "pgbouncer"
+            [[database]]
+            name = "small"
+            pool_size = 2
+            min_pool_size = 3
+            "#
+        );
+        let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "database[0].pool_size",
+                "database[1].name",
+                "database[2].dbname",
+                "database[3].name",
+                "database[4].min_pool_size"
+            ]
+        );
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[[database]]\nname = \"app\"\nreserve_pool = 2\npool_mode = \"transaction\""
+        ))
+        .unwrap();
+        assert_eq!(c.databases[0].reserve_pool_size, Some(2));
+        assert_eq!(c.databases[0].pool_mode, Some(PoolMode::Transaction));
+        let statement = format!("{MINIMAL}\n[[user]]\nname = \"u\"\npool_mode = \"statement\"");
+        let e = Config::parse(&statement).unwrap_err().to_string();
+        assert!(e.contains("expected `session` or `transaction`"), "{e}");
     }
 
     #[test]

@@ -30,10 +30,15 @@ pub enum ClientError {
     TooManyClients(u32),
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
+    #[error("peer authentication failed for user \"{0}\"")]
+    PeerAuthFailed(String),
     #[error("user \"{0}\" may not use the admin console")]
     NotConsoleUser(String),
     #[error("database \"{0}\" is not currently accepting connections")]
     DatabaseDisabled(String),
+    /// `[[database]]` entries exist, and none (nor `*`) names it: PgBouncer's wording.
+    #[error("no such database: {0}")]
+    NoSuchDatabase(String),
     #[error("cannot look the user up with auth_query: {0}")]
     AuthQuery(String),
     #[error("unsupported startup parameter: {0}")]
@@ -50,6 +55,8 @@ pub enum ClientError {
     /// connection: the work was dropped, never sent.
     #[error("canceling statement due to user request (it was waiting for a server and is dropped, never sent)")]
     Abandoned,
+    #[error("terminating connection due to administrator command (KILL on pgvane's console)")]
+    Killed,
     #[error("idle transaction timeout ({0:?})")]
     IdleTransactionTimeout(Duration),
     #[error(
@@ -112,6 +119,12 @@ impl ClientError {
             // As PostgreSQL answers for a database with datallowconn off.
             DatabaseDisabled(_) => fatal("55000", self.to_string())
                 .with_hint("DISABLE on pgvane's admin console; ENABLE lets clients in again"),
+            // invalid_catalog_name, as PostgreSQL answers for a database it does not have.
+            NoSuchDatabase(_) => fatal("3D000", self.to_string())
+                .with_hint("add a [[database]] entry for it, or one named \"*\" for any database"),
+            PeerAuthFailed(_) => fatal("28000", self.to_string()).with_hint(
+                "the admin console's Unix socket admits pgvane's own OS user (and root) only",
+            ),
             NotConsoleUser(_) => fatal("28000", self.to_string())
                 .with_hint("list the user in admin.admin_users or admin.stats_users"),
             UnsupportedParameter(_) => fatal("08P01", self.to_string())
@@ -131,6 +144,8 @@ impl ClientError {
             ServerLost(_) => fatal("08006", self.to_string()),
             // query_canceled: the answer to a cancel; a client that hung up reads nothing.
             Abandoned => fatal("57014", self.to_string()),
+            // admin_shutdown, as for pg_terminate_backend.
+            Killed => fatal("57P01", self.to_string()),
             IdleTransactionTimeout(_) => fatal("25P03", self.to_string()),
             // query_canceled, as PostgreSQL's statement_timeout; transaction_timeout (PG 17).
             QueryTimeout(_) => fatal("57014", self.to_string()),

@@ -28,6 +28,7 @@ pub struct Import {
     backends: Vec<Backend>,
     listeners: Vec<Listener>,
     users: Vec<(String, Vec<(String, toml::Value)>)>,
+    databases: Vec<(String, Vec<(String, toml::Value)>)>,
     /// "key: why", one per setting not carried over.
     pub skipped: Vec<String>,
     /// HAProxy listeners by port, for PgBouncer databases that point at one.
@@ -120,8 +121,8 @@ fn why_not(key: &str) -> &'static str {
         k if k.starts_with("client_tls_") || k.starts_with("server_tls_") => {
             "TLS is not supported yet"
         }
-        "auth_hba_file" | "auth_ident_file" | "auth_user" | "auth_query" | "auth_dbname" => {
-            "pgvane authenticates from [[user]] entries and the auth_file only"
+        "auth_hba_file" | "auth_ident_file" => {
+            "pgvane authenticates from [[user]] entries, the auth_file and auth_query"
         }
         "server_round_robin" => "pgvane reuses the most recently used server connection (LIFO)",
         "server_reset_query_always" => {
@@ -180,6 +181,7 @@ impl Import {
                         other => self.skip(&format!("auth_type = {other}"), "pgvane authenticates with scram-sha-256, md5 or trust; scram-sha-256 is used"),
                     },
                     "auth_file" => self.auth.push(("file".into(), value.into())),
+                    "auth_user" | "auth_query" | "auth_dbname" => self.auth.push((key.into(), value.into())),
                     "admin_users" | "stats_users" => self.admin.push((key.into(), typed(key, value))),
                     k if GENERAL_KEYS.contains(&k) => self.general.push((k.into(), typed(k, value))),
                     k if POOL_KEYS.contains(&k) => self.pool.push((k.into(), typed(k, value))),
@@ -211,13 +213,25 @@ impl Import {
                 } else {
                     self.add_backend(&host, port, None);
                 }
+                let mut keys = Vec::new();
                 for (k, v) in &params {
-                    match k.as_str() {
-                        "host" | "port" => {}
-                        "dbname" if v == name => {}
-                        _ => self.skip(&format!("[databases] {name} {k}={v}"), "pgvane pools every database a client names, with the [pool] settings; per-database entries are not supported yet"),
+                    let pool_mode = |m: &str| Some(toml::Value::from(m));
+                    match (k.as_str(), v.as_str()) {
+                        ("host" | "port", _) => {}
+                        ("dbname", v) if v == name => {}
+                        ("dbname", _) => keys.push((k.clone(), toml::Value::from(v.clone()))),
+                        ("pool_size" | "min_pool_size" | "reserve_pool_size" | "max_db_connections", _) => keys.push((k.clone(), typed("default_pool_size", v))),
+                        ("reserve_pool", _) => keys.push(("reserve_pool_size".into(), typed("default_pool_size", v))),
+                        ("pool_mode", "session" | "transaction") => keys.extend(pool_mode(v).map(|m| (k.clone(), m))),
+                        ("pool_mode", _) => {
+                            keys.push((k.clone(), toml::Value::from("transaction")));
+                            self.skip(&format!("[databases] {name} pool_mode={v}"), "statement mode is not supported; transaction, the nearest, is used");
+                        }
+                        ("user" | "password", _) => self.skip(&format!("[databases] {name} {k}"), "pgvane logs in to PostgreSQL as the client's user; a forced user is not supported"),
+                        _ => self.skip(&format!("[databases] {name} {k}={v}"), "not supported per database; [pool] and [limits] settings apply to every database"),
                     }
                 }
+                self.databases.push((name.to_owned(), keys));
             }
         }
         if let Some(s) = section("users") {
@@ -225,9 +239,14 @@ impl Import {
                 let mut keys = Vec::new();
                 for (k, v) in connstr(value) {
                     match k.as_str() {
-                        "pool_size" | "max_user_connections" => keys.push((k.clone(), typed("default_pool_size", &v))),
+                        "pool_size" | "reserve_pool_size" | "max_user_connections" => keys.push((k.clone(), typed("default_pool_size", &v))),
                         "max_user_client_connections" => keys.push((k.clone(), typed(&k, &v))),
-                        _ => self.skip(&format!("[users] {name} {k}={v}"), "per-user settings other than pool_size, max_user_connections and max_user_client_connections are not supported yet"),
+                        "pool_mode" if v == "session" || v == "transaction" => keys.push((k.clone(), toml::Value::from(v))),
+                        "pool_mode" => {
+                            keys.push((k.clone(), toml::Value::from("transaction")));
+                            self.skip(&format!("[users] {name} pool_mode={v}"), "statement mode is not supported; transaction, the nearest, is used");
+                        }
+                        _ => self.skip(&format!("[users] {name} {k}={v}"), "per-user settings other than pool_size, reserve_pool_size, pool_mode, max_user_connections and max_user_client_connections are not supported"),
                     }
                 }
                 self.users.push((name.to_owned(), keys));
@@ -542,14 +561,17 @@ impl Import {
                 let _ = writeln!(out, "{k} = {v}");
             }
         }
-        for (name, keys) in &self.users {
-            let _ = writeln!(
-                out,
-                "\n[[user]]\nname = {}",
-                toml::Value::from(name.clone())
-            );
-            for (k, v) in keys {
-                let _ = writeln!(out, "{k} = {v}");
+        let entries = [("user", &self.users), ("database", &self.databases)];
+        for (table, list) in entries {
+            for (name, keys) in list {
+                let _ = writeln!(
+                    out,
+                    "\n[[{table}]]\nname = {}",
+                    toml::Value::from(name.clone())
+                );
+                for (k, v) in keys {
+                    let _ = writeln!(out, "{k} = {v}");
+                }
             }
         }
         out

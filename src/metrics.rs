@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 use crate::pool::Pools;
-use crate::stats::Totals;
+use crate::stats::{percentiles, Measure, Totals, PERCENTILES};
 
 pub struct Metrics {
     registry: Registry,
@@ -22,6 +22,8 @@ pub struct Metrics {
     pub backend_serving: IntGaugeVec,
     pub replica_lag_bytes: IntGaugeVec,
     pub replica_replay_delay: GaugeVec,
+    /// How long each backend's last health check took.
+    pub check_seconds: GaugeVec,
     /// Changes of the elected primary after the first election.
     pub primary_changes: IntCounter,
     /// 1 while there is no elected primary.
@@ -58,6 +60,7 @@ pub struct Metrics {
     /// Read from the pools and the statistics at scrape time.
     pool_clients: IntGaugeVec,
     pool_maxwait: GaugeVec,
+    pool_latency: GaugeVec,
     database_counts: Vec<(IntCounterVec, Field)>,
     database_seconds: Vec<(CounterVec, Field)>,
     /// One scrape at a time: the values read at scrape time are reset, then set.
@@ -129,6 +132,17 @@ impl Metrics {
                     Opts::new(
                         "replica_replay_delay_seconds",
                         "Age of the last replayed transaction while WAL waits to be replayed (0 when caught up).",
+                    ),
+                    &["backend"],
+                )
+                .unwrap(),
+            ),
+            check_seconds: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "backend_check_seconds",
+                        "How long the backend's last health check took (connecting included).",
                     ),
                     &["backend"],
                 )
@@ -226,6 +240,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            pool_latency: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "pool_latency_seconds",
+                        "Percentiles of transaction time (xact), query time (query) and pool wait (wait) over the last one to two minutes, per pool (SHOW LATENCY).",
+                    ),
+                    &["backend", "database", "user", "measure", "quantile"],
+                )
+                .unwrap(),
+            ),
             database_counts: vec![
                 (counter_vec("database_server_assignments_total", "Server connections lent to clients, per database (SHOW STATS server_assignment_count).", &["database"]), |t: &Totals| t.server_assignment_count),
                 (counter_vec("database_transactions_total", "Transactions pooled, per database (SHOW STATS xact_count).", &["database"]), |t: &Totals| t.xact_count),
@@ -250,6 +275,7 @@ impl Metrics {
         self.pool_connections.reset();
         self.pool_clients.reset();
         self.pool_maxwait.reset();
+        self.pool_latency.reset();
         for pool in pools.all() {
             let k = &pool.key;
             let labels = [&k.backend[..], &k.database, &k.user];
@@ -261,6 +287,15 @@ impl Metrics {
             }
             let maxwait = pool.longest_wait().unwrap_or_default().as_secs_f64();
             self.pool_maxwait.with_label_values(&labels).set(maxwait);
+            for (measure, h) in Measure::ALL.iter().zip(pool.latency.window()) {
+                let (_, values) = percentiles(&h);
+                for (q, v) in PERCENTILES.iter().zip(values) {
+                    let Some(us) = v else { continue };
+                    let q = q.to_string();
+                    let l = [labels[0], labels[1], labels[2], measure.as_str(), &q];
+                    self.pool_latency.with_label_values(&l).set(us as f64 / 1e6);
+                }
+            }
         }
         // Counters from the statistics' totals: set whole at each scrape.
         let totals = pools.stats.totals();

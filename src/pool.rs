@@ -26,11 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::auth::{error_code, error_message, login_to_server, ServerLoginError, User, UserStore};
-use crate::config::{PoolConfig, UserConfig};
+use crate::config::{
+    DatabaseConfig, ListenerMode, PoolConfig, PoolMode, UserConfig, FALLBACK_DATABASE,
+};
 use crate::protocol::{read_message, ProtocolError};
 use crate::proxy::prepared::ServerStatements;
 use crate::registry::{Entry, NewEntry, Registry, State};
-use crate::stats::{DbStats, LinkCounts, Stats, STATS_PERIOD};
+use crate::stats::{DbStats, Latency, LinkCounts, Measure, Stats, STATS_PERIOD};
 use crate::topology::{Backend, Topology};
 
 #[derive(Debug, thiserror::Error)]
@@ -397,23 +399,30 @@ pub struct Pool {
     retired: Arc<AtomicBool>,
     /// SHOW STATS counters of the pool's database.
     pub stats: Arc<DbStats>,
+    /// SHOW LATENCY's histograms, shared with the pool's connections.
+    pub latency: Arc<Latency>,
     /// SHOW SERVERS' registry, shared by all pools.
     servers: Arc<Registry>,
     backend: Arc<Backend>,
     user: Arc<User>,
     settings: Arc<PoolConfig>,
-    pool_size: usize,
+    /// What the `[[database]]` and `[[user]]` entries make of `settings` for this pool.
+    shape: PoolShape,
     /// Idle connections, most recently used last.
     // Boxed on purpose: connections move in and out of this list on every transaction.
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     slots: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
-    caps: Vec<(Cap, Arc<Semaphore>)>,
+    caps: Vec<(Cap, Arc<Gate>)>,
+    /// Clients of this pool waiting for a cap's permit, and their wake-up when a connection
+    /// of the pool is released: they take it instead.
+    cap_waiting: AtomicUsize,
+    released: tokio::sync::Notify,
     /// The pools sharing this one's caps, for closing their idle connections.
     siblings: Weak<Pools>,
     /// Connects in progress to this pool's backend, shared by all its pools.
-    connecting: Arc<Semaphore>,
+    connecting: Arc<Gate>,
     /// ParameterStatus values of the first login, shown to clients at their login.
     login_params: Mutex<Option<Arc<LoginParams>>>,
     /// Names of startup parameters the server accepted (bounded by `KNOWN_PARAMS_MAX`).
@@ -547,7 +556,23 @@ impl Pool {
     }
 
     pub fn size(&self) -> usize {
-        self.pool_size
+        self.shape.pool_size as usize
+    }
+
+    /// A server connection was lent after `wait_us` of waiting for it.
+    pub fn assigned(&self, wait_us: u64) {
+        self.stats.assigned(wait_us);
+        self.latency.record(Measure::Wait, wait_us);
+    }
+
+    pub fn shape(&self) -> &PoolShape {
+        &self.shape
+    }
+
+    /// The mode of this pool's sessions on a listener of mode `listener`: a `[[database]]`
+    /// or `[[user]]` entry's `pool_mode` if set.
+    pub fn mode_on(&self, listener: ListenerMode) -> ListenerMode {
+        self.shape.mode.map_or(listener, ListenerMode::from)
     }
 
     /// The settings this pool was made with (see [`Pools::reconfigure`]).
@@ -734,7 +759,7 @@ impl Pool {
         let _waiting = Waiting::new(&self.waits);
         let normal = self.slots.clone().acquire_owned();
         let reserve = async {
-            if self.settings.reserve_pool_size == 0 {
+            if self.shape.reserve_pool_size == 0 {
                 return std::future::pending().await;
             }
             tokio::time::sleep(self.settings.reserve_pool_timeout).await;
@@ -809,19 +834,33 @@ impl Pool {
         };
         let mut caps = Vec::with_capacity(self.caps.len());
         for (kind, cap) in &self.caps {
-            let got = match cap.clone().try_acquire_owned() {
+            let got = match cap.permits.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
                     // Full: an idle connection elsewhere under this cap gives its permit up.
                     if let Some(pools) = self.siblings.upgrade() {
                         pools.close_idle_sharing(*kind, &self.key);
                     }
-                    permit(cap).await?
+                    // A wait as for a slot, in SHOW POOLS' cl_waiting and maxwait; counted,
+                    // so that a connection released meanwhile comes here (or, from another
+                    // pool under the cap, closes to free its permit).
+                    let _waiting = Waiting::new(&self.waits);
+                    let _counted = (Counted::new(&cap.waiting), Counted::new(&self.cap_waiting));
+                    loop {
+                        tokio::select! {
+                            got = permit(&cap.permits) => break got?,
+                            () = self.released.notified() => {
+                                if let Some(conn) = self.idle.lock().expect("pool lock").pop() {
+                                    return Ok(conn);
+                                }
+                            }
+                        }
+                    }
                 }
             };
             caps.push(got);
         }
-        let _connecting = permit(&self.connecting).await?;
+        let _connecting = permit(&self.connecting.permits).await?;
         let backend = &self.backend;
         let connect = async {
             let mut stream = TcpStream::connect((backend.host.as_str(), backend.port))
@@ -834,7 +873,7 @@ impl Pool {
             let hello = login_to_server(
                 &mut stream,
                 &self.user.name,
-                &self.key.database,
+                &self.shape.dbname,
                 self.user.server_credential(),
             )
             .await?;
@@ -867,6 +906,7 @@ impl Pool {
             application_name: String::new(),
             remote_pid: hello.process_id,
             close_needed: Some(self.retired.clone()),
+            socket: None,
         });
         let mut conn = Box::new(ServerConn {
             reported_at_login: hello.params.iter().map(|(k, _)| k.clone()).collect(),
@@ -879,7 +919,10 @@ impl Pool {
             stream,
             read_buf: BytesMut::with_capacity(SERVER_READ_BUFFER),
             prepared: ServerStatements::default(),
-            counts: LinkCounts::default(),
+            counts: LinkCounts {
+                latency: Some(self.latency.clone()),
+                ..LinkCounts::default()
+            },
             entry,
             created: now,
             last_used: now,
@@ -922,6 +965,21 @@ impl Pool {
         }
         conn.last_used = now;
         conn.entry.set(State::Idle, 0);
+        if self.cap_waiting.load(Ordering::Relaxed) > 0 {
+            // A client of this pool waits for a cap: the connection is its.
+            self.idle.lock().expect("pool lock").push(conn);
+            self.released.notify_one();
+            return;
+        }
+        if self
+            .caps
+            .iter()
+            .any(|(_, cap)| cap.waiting.load(Ordering::Relaxed) > 0)
+        {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            debug!(pool = ?self.key, "server connection closed at release: a client of another pool waits for its cap");
+            return;
+        }
         self.idle.lock().expect("pool lock").push(conn);
     }
 
@@ -929,7 +987,7 @@ impl Pool {
     /// `min_pool_size` open, then opens connections up to `min_pool_size`.
     async fn maintain(self: &Arc<Self>) {
         let s = &self.settings;
-        let min = s.min_pool_size as usize;
+        let min = self.shape.min_pool_size as usize;
         {
             let mut idle = self.idle.lock().expect("pool lock");
             let open = self.open.load(Ordering::Relaxed);
@@ -968,12 +1026,134 @@ fn unspecified() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// `[[user]]` name → (pool_size, max_user_connections).
-type UserPoolSettings = HashMap<String, (Option<u32>, Option<u32>)>;
+/// One pool's settings where `[[database]]` and `[[user]]` entries may differ from `[pool]`:
+/// a user's entry over its database's, over `[pool]`'s, as in PgBouncer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolShape {
+    /// The database on the server.
+    pub dbname: String,
+    pub pool_size: u32,
+    pub min_pool_size: u32,
+    pub reserve_pool_size: u32,
+    pub max_db_connections: u32,
+    pub max_user_connections: u32,
+    /// Overrides the listener's mode.
+    pub mode: Option<PoolMode>,
+}
 
-fn user_pool_settings(users: &[UserConfig]) -> UserPoolSettings {
-    let of = |u: &UserConfig| (u.name.clone(), (u.pool_size, u.max_user_connections));
-    users.iter().map(of).collect()
+/// The `[[database]]` and `[[user]]` entries, by name.
+#[derive(Default)]
+struct PoolRules {
+    databases: HashMap<String, DatabaseConfig>,
+    users: HashMap<String, UserConfig>,
+}
+
+impl PoolRules {
+    fn new(databases: &[DatabaseConfig], users: &[UserConfig]) -> Self {
+        Self {
+            databases: databases
+                .iter()
+                .map(|d| (d.name.clone(), d.clone()))
+                .collect(),
+            users: users.iter().map(|u| (u.name.clone(), u.clone())).collect(),
+        }
+    }
+
+    /// The entry for `database`: its own, else the fallback's. `None` either when there are
+    /// no entries (any database is served with `[pool]`'s settings) or when it is unknown.
+    fn database(&self, database: &str) -> Option<&DatabaseConfig> {
+        self.databases
+            .get(database)
+            .or_else(|| self.databases.get(FALLBACK_DATABASE))
+    }
+
+    fn knows(&self, database: &str) -> bool {
+        self.databases.is_empty() || self.database(database).is_some()
+    }
+
+    fn shape(&self, s: &PoolConfig, database: &str, user: Option<&str>) -> PoolShape {
+        let db = self.database(database);
+        let user = user.and_then(|u| self.users.get(u));
+        let pick = |of_user: Option<u32>, of_db: Option<u32>, default: u32| {
+            of_user.or(of_db).unwrap_or(default)
+        };
+        PoolShape {
+            dbname: db
+                .and_then(|d| d.dbname.clone())
+                .unwrap_or_else(|| database.to_owned()),
+            pool_size: pick(
+                user.and_then(|u| u.pool_size),
+                db.and_then(|d| d.pool_size),
+                s.default_pool_size,
+            ),
+            min_pool_size: pick(None, db.and_then(|d| d.min_pool_size), s.min_pool_size),
+            reserve_pool_size: pick(
+                user.and_then(|u| u.reserve_pool_size),
+                db.and_then(|d| d.reserve_pool_size),
+                s.reserve_pool_size,
+            ),
+            max_db_connections: pick(
+                None,
+                db.and_then(|d| d.max_db_connections),
+                s.max_db_connections,
+            ),
+            max_user_connections: pick(
+                user.and_then(|u| u.max_user_connections),
+                None,
+                s.max_user_connections,
+            ),
+            mode: user
+                .and_then(|u| u.pool_mode)
+                .or(db.and_then(|d| d.pool_mode)),
+        }
+    }
+}
+
+/// A cap over several pools: permits for open connections (or connects in progress), and
+/// how many clients wait for one.
+struct Gate {
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+}
+
+/// A count held up while a client waits.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Caps shared by pools, by (name, limit): a reload that changes a limit makes a new cap
+/// for the new pools while the retired ones' connections keep the old one's permits.
+type Caps = Mutex<HashMap<(String, u32), Arc<Gate>>>;
+
+fn cap_of(caps: &Caps, name: &str, limit: u32) -> Arc<Gate> {
+    let new = || {
+        Arc::new(Gate {
+            permits: Arc::new(Semaphore::new(limit as usize)),
+            waiting: AtomicUsize::new(0),
+        })
+    };
+    let mut caps = caps.lock().expect("caps lock");
+    caps.entry((name.to_owned(), limit))
+        .or_insert_with(new)
+        .clone()
+}
+
+/// Drops the caps no pool and no connection holds any more.
+fn prune(caps: &Caps) {
+    caps.lock()
+        .expect("caps lock")
+        .retain(|_, cap| Arc::strong_count(cap) > 1 || Arc::strong_count(&cap.permits) > 1);
 }
 
 /// database → user → pool.
@@ -1005,11 +1185,11 @@ pub struct Pools {
     /// backend → database → user → pool: looked up by `&str` per transaction, without
     /// building a key.
     pools: Mutex<HashMap<String, PoolsOfBackend>>,
-    db_caps: Mutex<HashMap<String, Arc<Semaphore>>>,
-    user_caps: Mutex<HashMap<String, Arc<Semaphore>>>,
+    db_caps: Caps,
+    user_caps: Caps,
     /// backend → its `server_connect_concurrency` permits.
-    connecting: Mutex<HashMap<String, Arc<Semaphore>>>,
-    user_settings: ArcSwap<UserPoolSettings>,
+    connecting: Caps,
+    rules: ArcSwap<PoolRules>,
     /// SHOW STATS counters, per database.
     pub stats: Stats,
     /// Open server connections, for SHOW SERVERS.
@@ -1017,14 +1197,18 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn new(settings: PoolConfig, users: &[crate::config::UserConfig]) -> Arc<Self> {
+    pub fn new(
+        settings: PoolConfig,
+        databases: &[DatabaseConfig],
+        users: &[UserConfig],
+    ) -> Arc<Self> {
         Arc::new(Self {
             settings: ArcSwap::from_pointee(settings),
             pools: Mutex::default(),
             db_caps: Mutex::default(),
             user_caps: Mutex::default(),
             connecting: Mutex::default(),
-            user_settings: ArcSwap::from_pointee(user_pool_settings(users)),
+            rules: ArcSwap::from_pointee(PoolRules::new(databases, users)),
             stats: Stats::default(),
             servers: Arc::default(),
         })
@@ -1035,46 +1219,57 @@ impl Pools {
         self.settings.load_full()
     }
 
-    /// Takes a reloaded `[pool]` section and `[[user]]` pool settings: every pool whose
-    /// settings, user settings or user secret changed is retired (its idle connections
+    /// Whether clients may log in to `database`: any, unless `[[database]]` entries exist
+    /// and none (nor `*`) names it.
+    pub fn knows_database(&self, database: &str) -> bool {
+        self.rules.load().knows(database)
+    }
+
+    /// The settings pools of `database` get, before any user's entry (SHOW DATABASES).
+    pub fn database_shape(&self, database: &str) -> PoolShape {
+        self.rules
+            .load()
+            .shape(&self.settings.load(), database, None)
+    }
+
+    /// The `[[database]]` entries' names, `*` aside.
+    pub fn listed_databases(&self) -> Vec<String> {
+        let rules = self.rules.load();
+        let names = rules.databases.keys().filter(|n| *n != FALLBACK_DATABASE);
+        names.cloned().collect()
+    }
+
+    /// Takes a reloaded `[pool]` section and `[[database]]` and `[[user]]` entries: every
+    /// pool whose settings, shape or user secret changed is retired (its idle connections
     /// closed now, the others as they are released) and replaced by a new one at its next
     /// use; sessions move to it at their next transaction. Returns how many were retired.
     pub fn reconfigure(
         &self,
         settings: &PoolConfig,
+        databases: &[DatabaseConfig],
         users: &[UserConfig],
         store: &UserStore,
     ) -> usize {
-        let caps_changed = {
-            let old = self.settings.load();
-            old.max_db_connections != settings.max_db_connections
-                || old.max_user_connections != settings.max_user_connections
-                || old.server_connect_concurrency != settings.server_connect_concurrency
-        };
         let settings_changed = **self.settings.load() != *settings;
-        let per_user = user_pool_settings(users);
-        let old_per_user = self.user_settings.load_full();
+        let rules = Arc::new(PoolRules::new(databases, users));
+        // Stored first: a pool made meanwhile is made with the new settings.
         self.settings.store(Arc::new(settings.clone()));
-        self.user_settings.store(Arc::new(per_user.clone()));
-        if caps_changed {
-            // New pools count under new caps; the retired ones' connections keep the old
-            // permits until they close.
-            for caps in [&self.db_caps, &self.user_caps, &self.connecting] {
-                caps.lock().expect("caps lock").clear();
-            }
+        self.rules.store(rules.clone());
+        let retired = self.retire(|_, pool| {
+            let shape = rules.shape(settings, &pool.key.database, Some(&pool.key.user));
+            settings_changed || shape != pool.shape || !store.has_same(pool.user())
+        });
+        for caps in [&self.db_caps, &self.user_caps, &self.connecting] {
+            prune(caps);
         }
-        self.retire(|name, pool| {
-            settings_changed
-                || per_user.get(name) != old_per_user.get(name)
-                || !store.has_same(pool.user())
-        })
+        retired
     }
 
     /// PgBouncer's RECONNECT: the pools of `database` (all with `None`) are replaced; each
     /// server connection closes when released, and sessions take new ones from the next
     /// transaction on. Returns how many pools were replaced.
     pub fn reconnect(&self, database: Option<&str>) -> usize {
-        self.retire(|_, pool| database.map_or(true, |d| pool.key.database == d))
+        self.retire(|_, pool| database.is_none_or(|d| pool.key.database == d))
     }
 
     /// Retires the pools of backends not in `backends` (removed or moved by a reload).
@@ -1130,30 +1325,20 @@ impl Pools {
             user: user.name.clone(),
         };
         let settings = self.settings.load_full();
-        let (user_pool_size, user_max) = self
-            .user_settings
+        let shape = self
+            .rules
             .load()
-            .get(&user.name)
-            .copied()
-            .unwrap_or_default();
-        let pool_size = user_pool_size.unwrap_or(settings.default_pool_size) as usize;
+            .shape(&settings, database, Some(&user.name));
         let mut caps = Vec::new();
-        let cap = |map: &Mutex<HashMap<String, Arc<Semaphore>>>, name: &str, limit: u32| {
-            map.lock()
-                .expect("caps lock")
-                .entry(name.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(limit as usize)))
-                .clone()
-        };
-        if settings.max_db_connections > 0 {
-            let limit = settings.max_db_connections;
-            caps.push((Cap::Database, cap(&self.db_caps, database, limit)));
+        if shape.max_db_connections > 0 {
+            let limit = shape.max_db_connections;
+            caps.push((Cap::Database, cap_of(&self.db_caps, database, limit)));
         }
-        match user_max.unwrap_or(settings.max_user_connections) {
-            0 => {}
-            limit => caps.push((Cap::User, cap(&self.user_caps, &user.name, limit))),
+        if shape.max_user_connections > 0 {
+            let limit = shape.max_user_connections;
+            caps.push((Cap::User, cap_of(&self.user_caps, &user.name, limit)));
         }
-        let connecting = cap(
+        let connecting = cap_of(
             &self.connecting,
             &backend.name,
             settings.server_connect_concurrency,
@@ -1162,20 +1347,23 @@ impl Pools {
             key: key.clone(),
             retired: Arc::default(),
             stats: self.stats.of(database),
+            latency: Arc::default(),
             servers: self.servers.clone(),
             backend: backend.clone(),
             user: user.clone(),
             settings: settings.clone(),
-            pool_size,
             idle: Mutex::default(),
-            slots: Arc::new(Semaphore::new(pool_size)),
-            reserve: Arc::new(Semaphore::new(settings.reserve_pool_size as usize)),
+            slots: Arc::new(Semaphore::new(shape.pool_size as usize)),
+            reserve: Arc::new(Semaphore::new(shape.reserve_pool_size as usize)),
+            shape,
             caps,
             siblings: Arc::downgrade(self),
             connecting,
             login_params: Mutex::default(),
             known_params: Mutex::default(),
             open: AtomicUsize::new(0),
+            cap_waiting: AtomicUsize::new(0),
+            released: tokio::sync::Notify::new(),
             sessions: AtomicUsize::new(0),
             waits: Mutex::default(),
             unused_since: Mutex::default(),
@@ -1265,7 +1453,12 @@ impl Pools {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = period.tick() => self.stats.roll(),
+                _ = period.tick() => {
+                    self.stats.roll();
+                    for pool in self.all() {
+                        pool.latency.roll();
+                    }
+                }
                 _ = tick.tick() => {
                     for pool in self.all() {
                         pool.maintain().await;
@@ -1308,9 +1501,7 @@ impl Pools {
         if freed > 0 {
             debug!(freed, "unused pools freed (autodb_idle_timeout)");
             for caps in [&self.db_caps, &self.user_caps] {
-                caps.lock()
-                    .expect("caps lock")
-                    .retain(|_, cap| Arc::strong_count(cap) > 1);
+                prune(caps);
             }
         }
     }
@@ -1346,7 +1537,7 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("key", &self.key)
-            .field("pool_size", &self.pool_size)
+            .field("shape", &self.shape)
             .field("open", &self.open_connections())
             .finish()
     }

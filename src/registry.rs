@@ -7,6 +7,7 @@
 //! per transaction, on the entry's own cache line.
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -54,6 +55,10 @@ pub struct Entry {
     link: AtomicU64,
     /// Named prepared statements: a client's, or prepared on a server connection.
     prepared: AtomicU32,
+    /// Clients: their socket while the session holds it open, for KILL.
+    socket: Mutex<Option<RawFd>>,
+    /// Clients: ended by KILL or KILL_CLIENT.
+    killed: AtomicBool,
 }
 
 impl Entry {
@@ -66,6 +71,33 @@ impl Entry {
     pub fn request(&self, at: u64) {
         self.since_us.store(at, Relaxed);
         self.set(State::Waiting, 0);
+    }
+
+    /// KILL: the client's socket is shut for reading, which the session sees as the client
+    /// leaving, whether idle, waiting or linked (what it has open on a server is rolled back
+    /// with the server connection); it then tells the client why. Returns whether the
+    /// session was still open.
+    pub fn kill(&self) -> bool {
+        self.killed.store(true, Relaxed);
+        let socket = self.socket.lock().expect("entry lock");
+        match *socket {
+            Some(fd) => {
+                // SAFETY: the session clears `socket` (under this lock) before it closes the
+                // descriptor, so `fd` is still the client's socket here.
+                unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Relaxed)
+    }
+
+    /// The session is about to close its socket: KILL must no longer touch it.
+    pub fn detach(&self) {
+        *self.socket.lock().expect("entry lock") = None;
     }
 
     pub fn close_needed(&self) -> bool {
@@ -123,6 +155,8 @@ pub struct NewEntry {
     pub remote_pid: u32,
     /// Servers: their pool's "replaced" flag.
     pub close_needed: Option<Arc<AtomicBool>>,
+    /// Clients: their socket, for KILL (see [`Entry::detach`]).
+    pub socket: Option<RawFd>,
 }
 
 /// Open entries of one kind.
@@ -149,6 +183,8 @@ impl Registry {
             since_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
             prepared: AtomicU32::new(0),
+            socket: Mutex::new(e.socket),
+            killed: AtomicBool::new(false),
         });
         let mut open = self.open.lock().expect("registry lock");
         // Pruned when it has doubled since the last prune: amortized, and bounded by twice
@@ -181,6 +217,7 @@ mod tests {
             application_name: String::new(),
             remote_pid: 0,
             close_needed: None,
+            socket: None,
         }
     }
 

@@ -10,7 +10,7 @@
 //! drain one first to let them finish), drain
 //! flags, and listeners (closed, opened, moved to another address, or given a new route for
 //! their next clients) take effect at once. What cannot change in a running process is
-//! named in the reply and left as it was: `admin.listen`, `general.worker_threads` and
+//! named in the reply and left as it was: `admin.listen`, `admin.unix_socket`, `general.worker_threads` and
 //! `general.upgrade_socket`.
 
 use std::collections::HashMap;
@@ -161,9 +161,14 @@ impl Reloader {
             report.applied.push("users and auth".into());
         }
         shared.users.store(users.clone());
-        let retired = shared.pools.reconfigure(&next.pool, &next.users, &users);
+        let retired = shared
+            .pools
+            .reconfigure(&next.pool, &next.databases, &next.users, &users);
         if next.pool != old.pool {
             report.applied.push("pool settings".into());
+        }
+        if next.databases != old.databases {
+            report.applied.push("databases".into());
         }
         if retired > 0 {
             report.applied.push(format!(
@@ -227,6 +232,10 @@ impl Reloader {
         if next.general.upgrade_socket != old.general.upgrade_socket {
             restart("general.upgrade_socket".into());
             next.general.upgrade_socket = old.general.upgrade_socket.clone();
+        }
+        if next.admin.unix_socket != old.admin.unix_socket {
+            restart("admin.unix_socket".into());
+            next.admin.unix_socket = old.admin.unix_socket.clone();
         }
         if next.admin.listen != old.admin.listen {
             restart("admin.listen".into());

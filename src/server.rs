@@ -45,6 +45,11 @@ pub enum StartError {
     Signal(std::io::Error),
     #[error("cannot take over the running pgvane's sockets (general.upgrade_socket): {0}")]
     Upgrade(std::io::Error),
+    #[error("admin.unix_socket: cannot listen on {path}: {source}")]
+    ConsoleSocket {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Loads what the config refers to (the auth file) so that `check` and start-up refuse the
@@ -277,6 +282,16 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
         Some(addr) => Some(bind_or_inherit(&mut inherited, ADMIN_SOCKET, addr).await?),
         None => None,
     };
+    let console_socket =
+        match &config.admin.unix_socket {
+            Some(path) => Some(admin::console::bind_unix(path).map_err(|source| {
+                StartError::ConsoleSocket {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
     // The admin API stops with the rest, or at once when an upgrade's new process serves.
     let stop_admin = CancellationToken::new();
     let admin_dup = admin_socket
@@ -289,7 +304,7 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
     let metrics = Arc::new(Metrics::new());
     let topology = Topology::new(&config, metrics.clone());
     topology.spawn_checks(&config, stop_background.clone());
-    let pools = Pools::new(config.pool.clone(), &config.users);
+    let pools = Pools::new(config.pool.clone(), &config.databases, &config.users);
     tokio::spawn(pools.clone().maintain(stop_background.clone()));
     tokio::spawn(
         pools
@@ -344,6 +359,15 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
     if let Some(socket) = admin_socket {
         info!(addr = %config.admin.listen.expect("bound"), "admin API listening");
         tokio::spawn(admin::serve(socket, shared.clone(), stop_admin.clone()));
+    }
+    if let Some(socket) = console_socket {
+        let path = config.admin.unix_socket.as_ref().expect("bound");
+        info!(path = %path.display(), "admin console listening on a Unix socket");
+        tokio::spawn(admin::console::serve_unix(
+            socket,
+            shared.clone(),
+            stop_admin.clone(),
+        ));
     }
 
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(StartError::Signal)?;

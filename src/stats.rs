@@ -4,6 +4,9 @@
 //! the request that ran it adds them to the database's [`DbStats`] once it ends: a handful
 //! of relaxed atomic adds per transaction. Averages are over the last complete
 //! [`STATS_PERIOD`], as PgBouncer's `stats_period`.
+//!
+//! Each pool also keeps [`Latency`]: log-linear (HDR-style) histograms of transaction time,
+//! query time and pool wait, one relaxed atomic add per sample, for SHOW LATENCY.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -43,6 +46,16 @@ pub struct LinkCounts {
     /// a transaction: the starts of query time and transaction time.
     pub busy_from_us: AtomicU64,
     pub xact_from_us: AtomicU64,
+    /// The pool's histograms, for the samples of each query and transaction.
+    pub latency: Option<Arc<Latency>>,
+}
+
+impl LinkCounts {
+    pub fn sample(&self, measure: Measure, us: u64) {
+        if let Some(l) = &self.latency {
+            l.record(measure, us);
+        }
+    }
 }
 
 /// Adds `n` to a counter only its own task writes.
@@ -121,6 +134,116 @@ impl Totals {
         avg.wait_time = per(d[7], d[0]);
         avg
     }
+}
+
+/// Histograms' resolution: 2^5 buckets per power of two, so a percentile is within about
+/// 3 % of the true value; values (microseconds) up to 2^32 (71 minutes), longer ones counted
+/// there. 896 buckets of 4 bytes: 3.5 KiB per histogram.
+const GROUPING_POWER: u8 = 5;
+const MAX_VALUE_POWER: u8 = 32;
+
+/// The percentiles SHOW LATENCY and /metrics report.
+pub const PERCENTILES: [f64; 3] = [0.50, 0.95, 0.99];
+
+/// What a pool's latency histograms measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// From a transaction's first request to the ReadyForQuery that reports idle.
+    Transaction,
+    /// From a request (or a pipeline of them) sent to the server to its last ReadyForQuery.
+    Query,
+    /// From a request's start to the server connection it was given.
+    Wait,
+}
+
+impl Measure {
+    pub const ALL: [Measure; 3] = [Measure::Transaction, Measure::Query, Measure::Wait];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Measure::Transaction => "xact",
+            Measure::Query => "query",
+            Measure::Wait => "wait",
+        }
+    }
+}
+
+/// One pool's latency histograms, cumulative (counts wrap), and the snapshots that turn them
+/// into windows: percentiles are over the current and the last complete [`STATS_PERIOD`],
+/// one to two minutes.
+pub struct Latency {
+    histograms: [histogram::AtomicHistogram32; 3],
+    /// Taken at the start of the last complete period and of the current one.
+    marks: Mutex<[Option<[histogram::Histogram32; 3]>; 2]>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        let new = || {
+            histogram::AtomicHistogram32::new(GROUPING_POWER, MAX_VALUE_POWER)
+                .expect("valid histogram parameters")
+        };
+        Self {
+            histograms: [new(), new(), new()],
+            marks: Mutex::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Latency")
+    }
+}
+
+impl Latency {
+    /// Counts one sample of `us` microseconds: one relaxed atomic add, no lock.
+    pub fn record(&self, measure: Measure, us: u64) {
+        let max = (1u64 << MAX_VALUE_POWER) - 1;
+        // In range by the clamp.
+        let _ = self.histograms[measure as usize].increment(us.min(max));
+    }
+
+    /// Closes a period: called every [`STATS_PERIOD`].
+    pub fn roll(&self) {
+        let now = self.histograms.each_ref().map(|h| h.load());
+        let mut marks = self.marks.lock().expect("latency lock");
+        marks[0] = marks[1].take();
+        marks[1] = Some(now);
+    }
+
+    /// The samples of the window (see [`Latency`]), per measure.
+    pub fn window(&self) -> [histogram::Histogram32; 3] {
+        let now = self.histograms.each_ref().map(|h| h.load());
+        let marks = self.marks.lock().expect("latency lock");
+        match &marks[0] {
+            // Same configuration on both sides: subtraction cannot fail.
+            Some(start) => std::array::from_fn(|i| {
+                now[i]
+                    .wrapping_sub(&start[i])
+                    .expect("histograms of one configuration")
+            }),
+            None => now,
+        }
+    }
+}
+
+/// Adds `from` into `into` (pools of one database and user on several backends).
+pub fn merge(into: &mut histogram::Histogram32, from: &histogram::Histogram32) {
+    *into = into
+        .wrapping_add(from)
+        .expect("histograms of one configuration");
+}
+
+/// The count and the [`PERCENTILES`] of `h` in microseconds (each the upper end of its
+/// bucket); `None`s when it is empty.
+pub fn percentiles(h: &histogram::Histogram32) -> (u64, [Option<u64>; 3]) {
+    let count = h.as_slice().iter().map(|&c| u64::from(c)).sum();
+    let mut out = [None, None, None];
+    if h.quantile_buckets_into(&PERCENTILES, &mut out).is_err() {
+        return (count, [None; 3]);
+    }
+    (count, out.map(|b| b.map(|b| b.end())))
 }
 
 /// One database's counters.

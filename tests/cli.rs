@@ -367,13 +367,41 @@ fn import_maps_every_key_it_knows() {
     assert_eq!(ports, [5432, 5433, 5433]);
     let app = c.users.iter().find(|u| u.name == "app").unwrap();
     assert_eq!(
-        (app.pool_size, app.max_user_connections),
-        (Some(10), Some(20))
+        (
+            app.pool_size,
+            app.reserve_pool_size,
+            app.max_user_connections
+        ),
+        (Some(10), Some(3), Some(20))
     );
+    use pgvane::config::PoolMode;
+    assert_eq!(app.pool_mode, Some(PoolMode::Session));
+    let batch = c.users.iter().find(|u| u.name == "batch").unwrap();
+    assert_eq!(batch.pool_mode, Some(PoolMode::Transaction));
+    let other = c.databases.iter().find(|d| d.name == "other").unwrap();
+    assert_eq!(other.dbname.as_deref(), Some("realname"));
+    assert_eq!(
+        (
+            other.pool_size,
+            other.min_pool_size,
+            other.reserve_pool_size
+        ),
+        (Some(5), Some(1), Some(2))
+    );
+    assert_eq!(other.max_db_connections, Some(8));
+    assert_eq!(other.pool_mode, Some(PoolMode::Session));
+    let names: Vec<&str> = c.databases.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["appdb", "other", "*"]);
+    assert_eq!(c.auth.auth_user.as_deref(), Some("pgbouncer"));
+    assert_eq!(
+        c.auth.auth_query,
+        "SELECT usename, passwd FROM pgbouncer.get_auth($1)"
+    );
+    assert_eq!(c.auth.auth_dbname.as_deref(), Some("postgres"));
     for not_carried in [
         "server_tls_sslmode: TLS is not supported yet",
-        "[databases] other dbname=realname",
-        "[users] app pool_mode=session",
+        "[databases] other connect_query=select 1: not supported per database",
+        "[users] batch pool_mode=statement: statement mode is not supported",
         "logfile:",
     ] {
         assert!(toml.contains(not_carried), "{not_carried}:\n{toml}");

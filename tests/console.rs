@@ -43,30 +43,6 @@ async fn with_console_for(max_client_conn: u32) -> (Cluster, u16, Pgvane) {
     (cluster, tx, pgvane)
 }
 
-/// Runs `sql` on a console connection; its messages up to ReadyForQuery.
-async fn run(console: &mut RawClient, sql: &str) -> Vec<Msg> {
-    console.send(&query(sql)).await;
-    console.until_ready().await
-}
-
-/// The row of `table` whose first column is `key`, as (column name -> value).
-fn row_of(msgs: &[Msg], key: &str) -> std::collections::HashMap<String, Option<String>> {
-    let names = columns(msgs);
-    let row = table(msgs)
-        .into_iter()
-        .find(|r| r[0].as_deref() == Some(key))
-        .unwrap_or_else(|| panic!("no row {key}: {:?}", table(msgs)));
-    names.into_iter().map(|(n, _)| n).zip(row).collect()
-}
-
-fn num(row: &std::collections::HashMap<String, Option<String>>, column: &str) -> u64 {
-    row[column]
-        .as_deref()
-        .unwrap_or_else(|| panic!("{column} is NULL"))
-        .parse()
-        .unwrap_or_else(|_| panic!("{column} is not a number: {:?}", row[column]))
-}
-
 /// What PgBouncer 1.25 sends (../shared/reference/pgbouncer.md), name and type per column.
 fn expected_columns(command: &str) -> Vec<(&'static str, u32)> {
     let stats = [
@@ -337,6 +313,15 @@ async fn show_commands_answer_with_pgbouncer_s_columns_and_real_counts() {
     // pgvane's own: the backend and the route to it.
     let backends = run(&mut console, "SHOW BACKENDS").await;
     assert_eq!(rows(&backends).len(), 1, "{}", show(&backends));
+    let backend = &table(&backends)[0];
+    let names = columns(&backends);
+    let col = |n: &str| &backend[names.iter().position(|(c, _)| c == n).unwrap()];
+    assert_eq!(col("role").as_deref(), Some("primary"));
+    // Checked, when and how fast: an RFC 3339 time, a latency in milliseconds.
+    let at = col("last_check").clone().expect("last_check");
+    assert!(humantime::parse_rfc3339(&at).is_ok(), "{at}");
+    let ms: f64 = col("check_ms").as_deref().unwrap().parse().unwrap();
+    assert!(ms > 0.0, "{ms}");
     let routes = run(&mut console, "show routes;").await;
     let route = row_of(&routes, "tx");
     assert_eq!(route["backends"], route["primary"], "{route:?}");
@@ -619,19 +604,23 @@ async fn shutdown_wait_for_servers_lets_the_running_transaction_finish() {
 /// The console's statistics and pool client counts are in /metrics too, for monitoring
 /// that reads Prometheus rather than SHOW.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statistics_are_exported_in_metrics() {
+async fn statistics_and_latency_are_exported() {
     let cluster = Cluster::start(0);
     let (tx, admin) = (free_port(), free_port());
     let text = pooled_config(
         &cluster,
         &listener("tx", tx, "primary", "mode = \"transaction\""),
-        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\nadmin_users = [\"{SUPERUSER}\"]\n"),
     );
     let _pgvane = Pgvane::start(&text, &[tx, admin]);
     let app = connect(tx, SUPERUSER, "postgres").await.unwrap();
-    for _ in 0..5 {
+    for _ in 0..19 {
         app.simple_query("SELECT 1").await.unwrap();
     }
+    // One slow transaction of 21: the p99 (nearest rank: the slowest) shows it, the
+    // median does not.
+    app.simple_query("SELECT pg_sleep(0.3)").await.unwrap();
+    app.simple_query("SELECT 1").await.unwrap();
     let count = |name: &'static str| async move {
         metric(admin, &format!("pgvane_{name}{{database=\"postgres\"}}")).await
     };
@@ -643,6 +632,24 @@ async fn statistics_are_exported_in_metrics() {
     let active =
         r#"pgvane_pool_clients{backend="pg0",database="postgres",state="active",user="postgres"}"#;
     assert_eq!(metric(admin, active).await, Some(1.0));
+
+    let (mut console, _) = RawClient::login(tx, SUPERUSER, "pgbouncer").await;
+    let latency = run(&mut console, "SHOW LATENCY").await;
+    let row = row_where(&latency, &["postgres", SUPERUSER]);
+    assert_eq!(num(&row, "xact_count"), 21, "{row:?}");
+    assert_eq!(num(&row, "query_count"), 21, "{row:?}");
+    assert!(num(&row, "wait_count") >= 21, "{row:?}");
+    assert!(num(&row, "xact_p50_us") < 250_000, "{row:?}");
+    assert!(num(&row, "xact_p99_us") >= 300_000, "{row:?}");
+    assert!(num(&row, "query_p99_us") >= 300_000, "{row:?}");
+    assert!(
+        num(&row, "wait_p50_us") <= num(&row, "wait_p99_us"),
+        "{row:?}"
+    );
+    let p99 = r#"pgvane_pool_latency_seconds{backend="pg0",database="postgres",measure="xact",quantile="0.99",user="postgres"}"#;
+    let p50 = p99.replace("0.99", "0.5");
+    assert!(metric(admin, p99).await >= Some(0.3));
+    assert!(metric(admin, &p50).await < Some(0.25));
 }
 
 /// WAIT_CLOSE answers once no server connection is left to close after RECONNECT: not
@@ -665,4 +672,175 @@ async fn wait_close_returns_when_the_reconnected_connections_are_gone() {
         .expect("WAIT_CLOSE answered once the connection closed")
         .unwrap();
     assert_eq!(show(&answered), "C Z");
+}
+
+/// The id (SHOW CLIENTS' id column) of the client session with `application_name`.
+async fn client_id(console: &mut RawClient, application_name: &str) -> String {
+    let clients = run(console, "SHOW CLIENTS").await;
+    let names = columns(&clients);
+    let col = |n: &str| names.iter().position(|(c, _)| c == n).unwrap();
+    let (app, id) = (col("application_name"), col("id"));
+    table(&clients)
+        .into_iter()
+        .find(|r| r[app].as_deref() == Some(application_name))
+        .and_then(|r| r[id].clone())
+        .unwrap_or_else(|| {
+            panic!(
+                "no client {application_name}: {}",
+                rows(&clients).join("\n")
+            )
+        })
+}
+
+/// KILL_CLIENT ends one session inside its transaction: the client reads 57P01, what it
+/// had written is rolled back, other sessions go on. KILL ends every session of a database
+/// and pauses it, so that new work waits for RESUME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_and_kill_end_sessions_at_once() {
+    let (cluster, tx, _pgvane) = with_console().await;
+    let direct = cluster.primary().connect().await;
+    direct
+        .batch_execute("CREATE TABLE killed (v int)")
+        .await
+        .unwrap();
+    let login = |name: &'static str| async move {
+        let params = [
+            ("user", SUPERUSER),
+            ("database", "postgres"),
+            ("application_name", name),
+        ];
+        RawClient::login_with(tx, &params).await
+    };
+    let (mut victim, _) = login("victim").await;
+    let (mut bystander, _) = login("bystander").await;
+    victim
+        .send(&query("BEGIN; INSERT INTO killed VALUES (1)"))
+        .await;
+    victim.until_ready().await;
+
+    let (mut console, _) = RawClient::login(tx, SUPERUSER, "pgbouncer").await;
+    let id = client_id(&mut console, "victim").await;
+    let reply = run(&mut console, &format!("KILL_CLIENT {id}")).await;
+    assert_eq!(show(&reply), "C Z");
+    let last = victim.until_closed().await;
+    assert!(
+        last.iter()
+            .any(|m| m.field(b'C').as_deref() == Some("57P01")),
+        "{}",
+        show(&last)
+    );
+    eventually(PATIENCE, "the victim's insert rolled back", || {
+        let direct = &direct;
+        async move {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 0).then_some(())
+        }
+    })
+    .await;
+    let rows: i64 = direct
+        .query_one("SELECT count(*) FROM killed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+    bystander.send(&query("SELECT 1")).await;
+    assert_eq!(show(&bystander.until_ready().await), "T D C Z");
+    let unknown = run(&mut console, &format!("KILL_CLIENT {id}")).await;
+    assert_eq!(
+        unknown[0].field(b'C').as_deref(),
+        Some("42704"),
+        "{}",
+        show(&unknown)
+    );
+
+    // KILL postgres: the bystander is told; the database is paused until RESUME.
+    assert_eq!(show(&run(&mut console, "KILL postgres").await), "C Z");
+    let last = bystander.until_closed().await;
+    assert!(
+        last.iter()
+            .any(|m| m.field(b'C').as_deref() == Some("57P01")),
+        "{}",
+        show(&last)
+    );
+    let dbs = run(&mut console, "SHOW DATABASES").await;
+    assert_eq!(num(&row_of(&dbs, "postgres"), "paused"), 1);
+    let (mut late, _) = login("late").await;
+    late.send(&query("SELECT 1")).await;
+    let resumed = run(&mut console, "RESUME postgres").await;
+    assert_eq!(show(&resumed), "C Z");
+    assert_eq!(show(&late.until_ready().await), "T D C Z");
+    let unknown = run(&mut console, "KILL nosuchdb").await;
+    assert_eq!(
+        unknown[0].field(b'C').as_deref(),
+        Some("3D000"),
+        "{}",
+        show(&unknown)
+    );
+}
+
+/// `admin.unix_socket`: the console on a Unix socket, psql-style (`-h DIR -p PORT`), with
+/// peer authentication: pgvane's own OS user logs in without a password, as `pgbouncer` or
+/// a console user; other databases and users are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_answers_on_a_unix_socket_with_peer_authentication() {
+    let cluster = Cluster::start(0);
+    let tx = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join(format!(".s.PGSQL.{tx}"));
+    let text = pooled_config(
+        &cluster,
+        &listener("tx", tx, "primary", "mode = \"transaction\""),
+        &format!(
+            "[admin]\nadmin_users = [\"{SUPERUSER}\"]\nunix_socket = \"{}\"\n",
+            socket.display()
+        ),
+    );
+    let _pgvane = Pgvane::start(&text, &[tx]);
+    eventually(PATIENCE, "the console's Unix socket", || async {
+        socket.exists().then_some(())
+    })
+    .await;
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let over_socket = |user: &str, database: &str| {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(dir.path())
+            .port(tx)
+            .user(user)
+            .dbname(database);
+        async move {
+            let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            Ok::<_, tokio_postgres::Error>(client)
+        }
+    };
+    for user in ["pgbouncer", SUPERUSER] {
+        let console = over_socket(user, "pgbouncer").await.unwrap();
+        let version = console.simple_query("SHOW VERSION").await.unwrap();
+        let row = version.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        assert!(
+            row.as_deref().unwrap_or("").starts_with("pgvane"),
+            "{user}: {row:?}"
+        );
+        // Admin access: PAUSE and RESUME run.
+        console.simple_query("PAUSE").await.unwrap();
+        console.simple_query("RESUME").await.unwrap();
+    }
+    let code = |e: tokio_postgres::Error| e.as_db_error().unwrap().code().code().to_owned();
+    let other_db = over_socket("pgbouncer", "postgres").await.unwrap_err();
+    assert_eq!(code(other_db), "3D000");
+    let not_console = over_socket("app", "pgbouncer").await.unwrap_err();
+    assert_eq!(code(not_console), "28000");
 }

@@ -3,27 +3,34 @@
 //! and types as PgBouncer 1.25 sends them) and pgvane's own beside them.
 //!
 //! `admin_users` may run everything, `stats_users` only SHOW. SUSPEND is not offered: it
-//! exists for PgBouncer's online restart, which pgvane does not do that way.
+//! exists for PgBouncer's online restart, which pgvane does not do that way. With
+//! `admin.unix_socket` the console also listens on a Unix socket, with peer authentication.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use std::net::SocketAddr;
 
 use arc_swap::ArcSwap;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
-use crate::config::{AdminConfig, Config, GeneralConfig, ListenerConfig, ListenerMode, PoolConfig};
+use crate::config::{
+    AdminConfig, Config, GeneralConfig, ListenerConfig, ListenerMode, PoolConfig, PoolMode,
+};
+use crate::error::ClientError;
 use crate::limits::CONSOLE_RESERVED_SLOTS;
 use crate::pool::Pool;
 use crate::protocol::{backend, put_message, read_message, ProtocolError};
-use crate::proxy::{Pause, Shared};
+use crate::protocol::{StartupPacket, PROTOCOL_MAJOR_3};
+use crate::proxy::{read_client_startup, send_error, Pause, Shared};
 use crate::registry::Entry;
-use crate::stats::Totals;
+use crate::stats::{self, Measure, Totals, PERCENTILES};
 use crate::topology::Election;
 
 /// Names of the virtual database.
@@ -116,8 +123,14 @@ impl Console {
         self.settings.load().token.clone()
     }
 
-    /// The pool modes of the pooled listeners, as SHOW POOLS' pool_mode.
-    fn pool_mode(&self) -> String {
+    /// A pool's mode as SHOW POOLS' pool_mode: the one `set` by a `[[database]]` or
+    /// `[[user]]` entry, else the pooled listeners' modes.
+    fn pool_mode(&self, set: Option<PoolMode>) -> String {
+        match set {
+            Some(PoolMode::Session) => return "session".into(),
+            Some(PoolMode::Transaction) => return "transaction".into(),
+            None => {}
+        }
         let settings = self.settings.load();
         let modes: BTreeSet<&str> = settings
             .listeners
@@ -323,8 +336,129 @@ pub struct ConsoleLogin {
     pub early: Vec<u8>,
 }
 
+/// Console sessions on the Unix socket at once: an operator's handful; more are closed.
+const UNIX_SESSIONS: usize = 16;
+
+/// Binds the console's Unix socket (`admin.unix_socket`), readable and writable by pgvane's
+/// own user only. A socket left there (a pgvane that did not stop cleanly, or the one an
+/// upgrade replaces) is replaced; any other file is not.
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ))
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the console on its Unix socket until `stop`.
+pub async fn serve_unix(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let sessions = Arc::new(Semaphore::new(UNIX_SESSIONS));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let mut stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(error = %e, "admin console Unix socket: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = sessions.clone().try_acquire_owned() else {
+            debug!("admin console Unix socket: {UNIX_SESSIONS} sessions open; connection closed");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let limit = shared.client_login_timeout();
+            let login = tokio::time::timeout(limit, unix_login(&mut stream, &shared)).await;
+            let error = match login {
+                Ok(Ok(Some(login))) => return serve(stream, "unix socket", login, shared).await,
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => e,
+                Err(_) => ClientError::LoginTimeout(limit),
+            };
+            info!(sqlstate = %error.sqlstate(), error = %error, "admin console login refused on the Unix socket");
+            send_error(&mut stream, &error, &shared.metrics).await;
+        });
+    }
+}
+
+/// A login on the console's Unix socket: peer authentication (see `admin.unix_socket`).
+/// `None`: not a login (a cancel request), closed without an answer.
+async fn unix_login(
+    stream: &mut UnixStream,
+    shared: &Shared,
+) -> Result<Option<ConsoleLogin>, ClientError> {
+    let params = match read_client_startup(stream)
+        .await
+        .map_err(ClientError::BadStartup)?
+    {
+        StartupPacket::Startup { major, minor, .. } if major != PROTOCOL_MAJOR_3 => {
+            return Err(ClientError::UnsupportedProtocol { major, minor })
+        }
+        StartupPacket::Startup { params, .. } => params,
+        _ => return Ok(None),
+    };
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    };
+    let user = param("user").ok_or(ClientError::NoUser)?;
+    let database = param("database").unwrap_or_else(|| user.clone());
+    if !DATABASES.contains(&database.as_str()) {
+        // This socket serves the console only.
+        return Err(ClientError::NoSuchDatabase(database));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    if uid != Some(own) && uid != Some(0) {
+        return Err(ClientError::PeerAuthFailed(user));
+    }
+    let access = shared
+        .console
+        .access(&user)
+        .or(DATABASES.contains(&user.as_str()).then_some(Access::Admin))
+        .ok_or_else(|| ClientError::NotConsoleUser(user.clone()))?;
+    let mut reply = BytesMut::new();
+    backend::authentication_ok(&mut reply);
+    greet(&mut reply);
+    stream
+        .write_all(&reply)
+        .await
+        .map_err(crate::protocol::ProtocolError::from)?;
+    Ok(Some(ConsoleLogin {
+        user,
+        access,
+        early: Vec::new(),
+    }))
+}
+
 /// Serves a logged-in console user until it leaves.
-pub async fn serve(client: TcpStream, peer: SocketAddr, login: ConsoleLogin, shared: Arc<Shared>) {
+pub async fn serve<S>(
+    client: S,
+    peer: impl std::fmt::Display,
+    login: ConsoleLogin,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let ConsoleLogin {
         user,
         access,
@@ -439,7 +573,7 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
                 // PgBouncer's: returns once no server connection of `db` (of any with none)
                 // is still waiting to be closed (after RECONNECT or a reload).
                 let waiting = |e: &Arc<Entry>| {
-                    e.close_needed() && arg.as_deref().map_or(true, |d| d == e.database)
+                    e.close_needed() && arg.as_deref().is_none_or(|d| d == e.database)
                 };
                 while shared.pools.servers.entries().iter().any(waiting) {
                     tokio::time::sleep(CLOSE_POLL).await;
@@ -505,6 +639,34 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
                     }
                 }
             }
+            "KILL" => {
+                info!(
+                    user,
+                    database = arg.as_deref(),
+                    "KILL requested on the console"
+                );
+                if let Err(e) = super::kill(shared, arg) {
+                    error(out, "3D000", &e.to_string());
+                    return;
+                }
+                command_complete(out, "KILL");
+            }
+            "KILL_CLIENT" => {
+                let Some(id) = arg.as_deref().and_then(|a| a.parse().ok()) else {
+                    error(
+                        out,
+                        "42601",
+                        "KILL_CLIENT needs a client id (the id column of SHOW CLIENTS)",
+                    );
+                    return;
+                };
+                info!(user, id, "KILL_CLIENT requested on the console");
+                if let Err(e) = super::kill_client(shared, id) {
+                    error(out, "42704", &e.to_string());
+                    return;
+                }
+                command_complete(out, "KILL_CLIENT");
+            }
             "RESUME" => {
                 info!(
                     user,
@@ -539,7 +701,7 @@ fn is_backend(arg: &Option<String>) -> bool {
 fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
     match what {
         "HELP" => {
-            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>\n\tRECONNECT [<db>]\n\tWAIT_CLOSE [<db>]\n\tRELOAD\n\tSHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>";
+            let help = "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|USERS|LISTS|STATE|VERSION\n\tSHOW BACKENDS|ROUTES|LATENCY (pgvane)\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>\n\tKILL [<db>]\n\tKILL_CLIENT <id>\n\tRECONNECT [<db>]\n\tWAIT_CLOSE [<db>]\n\tRELOAD\n\tSHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]\n\tDRAIN BACKEND <name>\n\tENABLE BACKEND <name>";
             notice_or_error(out, b'N', "NOTICE", "00000", help);
             command_complete(out, "SHOW");
         }
@@ -663,6 +825,7 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
         "SERVERS" => show_sockets(out, "S", &shared.pools.servers.entries(), shared),
         "BACKENDS" => show_backends(out, shared),
         "ROUTES" => show_routes(out, shared),
+        "LATENCY" => show_latency(out, shared),
         _ => return false,
     }
     true
@@ -744,7 +907,6 @@ fn show_pools(out: &mut BytesMut, shared: &Shared) {
         "pool_mode",
         "load_balance_hosts",
     ];
-    let mode = shared.console.pool_mode();
     let mut rs = ResultSet::new(out, &names, "ssiiiiiiiiiiiiiss");
     let pairs = pools_by(shared, |p| (p.key.database.clone(), p.key.user.clone()));
     for ((db, user), pools) in pairs {
@@ -773,7 +935,7 @@ fn show_pools(out: &mut BytesMut, shared: &Shared) {
             n(0),
             Some(maxwait.as_secs().to_string()),
             Some(maxwait.subsec_micros().to_string()),
-            Some(mode.clone()),
+            Some(shared.console.pool_mode(pools[0].shape().mode)),
             None,
         ]);
     }
@@ -801,11 +963,21 @@ fn show_databases(out: &mut BytesMut, shared: &Shared) {
         "disabled",
     ];
     let settings = shared.pools.settings();
-    let mode = shared.console.pool_mode();
     let paused = shared.paused.borrow().clone();
-    let databases = pools_by(shared, |p| p.key.database.clone());
+    let mut databases = pools_by(shared, |p| p.key.database.clone());
+    // Listed databases no client used yet are shown too, as PgBouncer shows its entries,
+    // and those paused or disabled (KILL leaves no pool behind).
+    let paused_dbs = match &paused {
+        crate::proxy::Pause::Databases(dbs) => dbs.clone(),
+        _ => BTreeSet::new(),
+    };
+    let marked = shared.pools.listed_databases().into_iter();
+    for db in marked.chain(paused_dbs).chain(shared.disabled.all()) {
+        databases.entry(db).or_default();
+    }
     let mut rs = ResultSet::new(out, &names, "ssissiiiissiiiiii");
     for (db, pools) in databases {
+        let shape = shared.pools.database_shape(&db);
         let backends: BTreeSet<(&str, u16)> = pools
             .iter()
             .map(|p| (p.backend().host.as_str(), p.backend().port))
@@ -819,15 +991,15 @@ fn show_databases(out: &mut BytesMut, shared: &Shared) {
             Some(db.clone()),
             Some(hosts.join(",")),
             n(port.into()),
-            Some(db.clone()),
+            Some(shape.dbname),
             None,
-            n(settings.default_pool_size.into()),
-            n(settings.min_pool_size.into()),
-            n(settings.reserve_pool_size.into()),
+            n(shape.pool_size.into()),
+            n(shape.min_pool_size.into()),
+            n(shape.reserve_pool_size.into()),
             n(settings.server_lifetime.as_secs()),
-            Some(mode.clone()),
+            Some(shared.console.pool_mode(shape.mode)),
             None,
-            n(settings.max_db_connections.into()),
+            n(shape.max_db_connections.into()),
             n(open as u64),
             n(0),
             n(clients as u64),
@@ -849,21 +1021,20 @@ fn show_users(out: &mut BytesMut, shared: &Shared) {
         "max_user_client_connections",
         "current_client_connections",
     ];
-    let settings = shared.pools.settings();
-    let mode = shared.console.pool_mode();
     let users = pools_by(shared, |p| p.key.user.clone());
     let mut rs = ResultSet::new(out, &names, "siisiiii");
     for (user, pools) in users {
         let open: usize = pools.iter().map(|p| p.open_connections()).sum();
         let clients: usize = pools.iter().map(|p| p.clients()).sum();
-        let size = pools.first().map_or(0, |p| p.size());
+        // A user's pools on different databases may differ: the first one speaks for it.
+        let shape = pools[0].shape();
         let n = |v: usize| Some(v.to_string());
         rs.row([
             Some(user),
-            n(size),
-            n(settings.reserve_pool_size as usize),
-            Some(mode.clone()),
-            n(settings.max_user_connections as usize),
+            n(shape.pool_size as usize),
+            n(shape.reserve_pool_size as usize),
+            Some(shared.console.pool_mode(shape.mode)),
+            n(shape.max_user_connections as usize),
             n(open),
             n(0),
             n(clients),
@@ -966,9 +1137,11 @@ fn show_backends(out: &mut BytesMut, shared: &Shared) {
         "active_sessions",
         "draining",
         "server_connections",
+        "last_check",
+        "check_ms",
         "last_error",
     ];
-    let mut rs = ResultSet::new(out, &names, "ssissiqqiiis");
+    let mut rs = ResultSet::new(out, &names, "ssissiqqiiisNs");
     for b in &table.backends {
         let d = details
             .backends
@@ -987,8 +1160,44 @@ fn show_backends(out: &mut BytesMut, shared: &Shared) {
             Some(b.backend.active_sessions().to_string()),
             Some(u8::from(b.draining).to_string()),
             Some(super::server_connections(shared, &b.backend.name).to_string()),
+            d.last_check.clone(),
+            d.check_ms.map(|ms| format!("{ms:.3}")),
             d.last_error.clone(),
         ]);
+    }
+    rs.done();
+}
+
+/// pgvane's SHOW LATENCY: per pool (database, user), the count and p50/p95/p99 of
+/// transaction time, query time and pool wait over the last one to two minutes, in
+/// microseconds, from HDR-style histograms (within about 3 %).
+fn show_latency(out: &mut BytesMut, shared: &Shared) {
+    let mut names = vec!["database".to_owned(), "user".to_owned()];
+    for m in Measure::ALL {
+        let m = m.as_str();
+        names.push(format!("{m}_count"));
+        for p in PERCENTILES {
+            names.push(format!("{m}_p{}_us", (p * 100.0).round()));
+        }
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let types = format!("ss{}", "q".repeat(names.len() - 2));
+    let mut rs = ResultSet::new(out, &names, &types);
+    let pairs = pools_by(shared, |p| (p.key.database.clone(), p.key.user.clone()));
+    for ((db, user), pools) in pairs {
+        let mut window = pools[0].latency.window();
+        for pool in &pools[1..] {
+            for (into, from) in window.iter_mut().zip(pool.latency.window().iter()) {
+                stats::merge(into, from);
+            }
+        }
+        let mut row = vec![Some(db), Some(user)];
+        for h in &window {
+            let (count, p) = stats::percentiles(h);
+            row.push(Some(count.to_string()));
+            row.extend(p.map(|v| v.map(|v| v.to_string())));
+        }
+        rs.row(row);
     }
     rs.done();
 }

@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::proxy::{Pause, Shared};
+use crate::registry::Entry;
 use crate::topology::{Election, UnknownBackend};
 
 pub mod console;
@@ -66,6 +67,10 @@ impl Disabled {
         self.0.lock().expect("disabled lock").contains(database)
     }
 
+    pub fn all(&self) -> BTreeSet<String> {
+        self.0.lock().expect("disabled lock").clone()
+    }
+
     /// Returns whether anything changed.
     pub fn set(&self, database: &str, disabled: bool) -> bool {
         let mut set = self.0.lock().expect("disabled lock");
@@ -80,8 +85,49 @@ impl Disabled {
 pub enum AdminError {
     #[error("pgvane is paused globally; RESUME without a database")]
     GloballyPaused,
-    #[error("no pool serves this database: PAUSE names a database clients use")]
+    #[error("no pool serves this database: name a database clients use")]
     NoSuchDatabase,
+    #[error("no client session has id {0}: see the id column of SHOW CLIENTS")]
+    NoSuchClient(u64),
+}
+
+/// PgBouncer's KILL: every client session of `database` (of all with `None`) ends at once,
+/// told why (57P01); the database is paused, so new work waits for RESUME; its pools are
+/// replaced, so their server connections close (what a session had open is rolled back).
+/// Returns how many sessions were ended.
+pub fn kill(shared: &Arc<Shared>, database: Option<String>) -> Result<usize, AdminError> {
+    if database
+        .as_deref()
+        .is_some_and(|d| !shared.pools.serves_database(d))
+    {
+        return Err(AdminError::NoSuchDatabase);
+    }
+    pause(shared, database.clone());
+    let of_db = |e: &Arc<Entry>| database.as_deref().is_none_or(|d| d == e.database);
+    let entries = shared.clients.entries();
+    let killed = entries.iter().filter(|e| of_db(e) && e.kill()).count();
+    let replaced = shared.pools.reconnect(database.as_deref());
+    info!(
+        database = database.as_deref().unwrap_or("all databases"),
+        killed,
+        pools = replaced,
+        "KILL: sessions ended, pools replaced; new work waits for RESUME"
+    );
+    Ok(killed)
+}
+
+/// PgBouncer's KILL_CLIENT: ends client session `id` (SHOW CLIENTS' id) at once, with
+/// whatever it has open on a server.
+pub fn kill_client(shared: &Shared, id: u64) -> Result<(), AdminError> {
+    let entries = shared.clients.entries();
+    let entry = entries.iter().find(|e| e.id == id);
+    match entry {
+        Some(e) if e.kill() => {
+            info!(client = %e.addr, user = %e.user, id, "KILL_CLIENT: session ended");
+            Ok(())
+        }
+        _ => Err(AdminError::NoSuchClient(id)),
+    }
 }
 
 /// PAUSE `database`, or everything with `None`. Logs "PAUSE complete" once no server

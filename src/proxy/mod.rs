@@ -650,7 +650,7 @@ impl Drop for ClientGauge {
 
 /// Reads a client's startup packet, answering encryption requests with 'N' (pgvane does not
 /// terminate TLS).
-async fn read_client_startup<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn read_client_startup<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
 ) -> Result<StartupPacket, ProtocolError> {
     // A client may ask for SSL and then GSS (or the reverse) before its StartupMessage.
@@ -705,7 +705,11 @@ const ERROR_WRITE_LIMIT: Duration = Duration::from_secs(5);
 /// after `ERROR_WRITE_LIMIT`. Boxed inside: a rare path, which should not enlarge the
 /// futures of its callers (a pooled transaction's is boxed anew per request).
 /// Counted by SQLSTATE in `pgvane_client_errors_total`; the caller logs why.
-async fn send_error(client: &mut TcpStream, err: &ClientError, metrics: &Metrics) {
+pub(crate) async fn send_error<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    err: &ClientError,
+    metrics: &Metrics,
+) {
     metrics
         .client_errors
         .with_label_values(&[&err.sqlstate()])

@@ -14,6 +14,7 @@
 //! ends any other way closes its server connection instead of returning it.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
 };
@@ -48,7 +49,7 @@ use crate::protocol::{
     PROTOCOL_MAJOR_3,
 };
 use crate::registry::{Entry, NewEntry, State};
-use crate::stats::{bump, now_us, LinkCounts};
+use crate::stats::{bump, now_us, LinkCounts, Measure};
 use crate::topology::{Backend, RoutingTable};
 
 /// Read buffer for a client's request while linked (PgBouncer's pkt_buf is 4 KiB).
@@ -111,12 +112,29 @@ pub fn handle(
             // Everything a request needs lives in its own boxed future, so that an idle
             // session costs no more than the state above.
             match Box::pin(session.serve_request(&mut client, route, shared, begun.take())).await {
-                Served::End => return session.leave(route, shared),
+                Served::End => {
+                    let killed = session.entry.is_killed();
+                    let user = killed.then(|| session.home.key.user.clone());
+                    session.leave(route, shared);
+                    if let Some(user) = user {
+                        // A task of its own: an await here would take room in every
+                        // session's future.
+                        tokio::spawn(tell_killed(client, user, owner.clone()));
+                    }
+                    return;
+                }
                 Served::Done => {}
                 Served::Begun(next) => begun = Some(next),
             }
         }
     }
+}
+
+/// Tells a client KILL ended its session (the session is over: its entry let go of the
+/// socket).
+async fn tell_killed(mut client: TcpStream, user: String, shared: Arc<Shared>) {
+    info!(client = %peer_of(&client), user, "session ended by KILL on the console");
+    send_error(&mut client, &ClientError::Killed, &shared.metrics).await;
 }
 
 /// A logged-in client.
@@ -272,6 +290,10 @@ async fn login(
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
     let to_console = console::DATABASES.contains(&database.as_str());
+    // Before authentication, as PgBouncer does: no pool and no auth_query for it.
+    if !to_console && !shared.pools.knows_database(&database) {
+        return Err(ClientError::NoSuchDatabase(database));
+    }
     if !to_console && shared.disabled.contains(&database) {
         return Err(ClientError::DatabaseDisabled(database));
     }
@@ -384,6 +406,7 @@ async fn login(
         application_name,
         remote_pid: 0,
         close_needed: None,
+        socket: Some(stream.as_raw_fd()),
     });
     let session = Session {
         _limited: limited,
@@ -479,6 +502,9 @@ fn set_param(params: &mut Vec<(String, String)>, name: &str, value: String) {
 impl Drop for Session {
     fn drop(&mut self) {
         self.home.part();
+        // Before the socket closes (the client stream outlives the session): KILL must not
+        // shut down a descriptor number reused meanwhile.
+        self.entry.detach();
     }
 }
 
@@ -592,7 +618,8 @@ impl Session {
             self.rehome(shared);
         }
         shared.wait_resumed(Some(&self.home.key.database)).await;
-        if cfg.mode == ListenerMode::Transaction {
+        let mode = self.home.mode_on(cfg.mode);
+        if mode == ListenerMode::Transaction {
             let user = &self.home.key.user;
             // A free turn costs a check; only a wait takes the limits along, and a future
             // (boxed: rare).
@@ -659,7 +686,7 @@ impl Session {
                 return Served::End;
             }
         };
-        lease.pool().stats.assigned(now_us().saturating_sub(asked));
+        lease.pool().assigned(now_us().saturating_sub(asked));
         let server = &lease.conn().entry;
         server.set(State::Active, self.entry.id);
         self.entry.set(State::Active, server.id);
@@ -674,7 +701,7 @@ impl Session {
         // target, as a passthrough session does. A transaction is let finish (or fail on a
         // dead server); its connection is then closed instead of returned.
         let role_lost = (cfg.on_role_loss == OnRoleLoss::ShutdownSessions
-            && cfg.mode == ListenerMode::Session)
+            && mode == ListenerMode::Session)
             .then(|| {
                 Box::pin(route.until_role_lost(&shared.topology, i, lost.clone())) as RoleLost
             });
@@ -684,17 +711,17 @@ impl Session {
         // Most clients never name a statement: until one does, its records start in an empty
         // map here (which allocates nothing) and are kept in the session only once it has some.
         let mut first_statements = ClientStatements::default();
-        let statements = (cfg.mode == ListenerMode::Transaction
+        let statements = (mode == ListenerMode::Transaction
             && settings.max_prepared_statements > 0)
             .then_some(match &mut self.statements {
                 Some(kept) => &mut **kept,
                 None => &mut first_statements,
             });
         let link = Link {
-            mode: cfg.mode,
+            mode,
             settings,
             metrics: &shared.metrics,
-            session_state: (cfg.mode == ListenerMode::Transaction).then_some(cfg.session_state),
+            session_state: (mode == ListenerMode::Transaction).then_some(cfg.session_state),
             pinned: &mut self.pinned,
         };
         // Boxed on its own: two boxes of up to 1 KiB each cost less than one past it
@@ -756,7 +783,7 @@ impl Session {
                     ServerState::Idle if self.cancel_key.cancel_in_flight() => {
                         // Closed rather than kept waiting on: the client has left.
                     }
-                    ServerState::Idle if cfg.mode == ListenerMode::Session || self.pinned => {
+                    ServerState::Idle if mode == ListenerMode::Session || self.pinned => {
                         let reset = lease.pool().settings().server_reset_query.clone();
                         Box::pin(lease.reset_and_release(&reset)).await
                     }
@@ -989,14 +1016,15 @@ impl<'c> LinkState<'c> {
         }
         let now = now_us();
         if self.pending.load(Relaxed) == 0 {
-            bump(
-                &c.query_us,
-                now.saturating_sub(c.busy_from_us.load(Relaxed)),
-            );
+            let took = now.saturating_sub(c.busy_from_us.load(Relaxed));
+            bump(&c.query_us, took);
+            c.sample(Measure::Query, took);
         }
         if idle {
+            let took = now.saturating_sub(c.xact_from_us.load(Relaxed));
             bump(&c.xacts, 1);
-            bump(&c.xact_us, now.saturating_sub(c.xact_from_us.load(Relaxed)));
+            bump(&c.xact_us, took);
+            c.sample(Measure::Transaction, took);
         }
     }
 

@@ -79,6 +79,9 @@ pub struct BackendDetails {
     pub lag_bytes: Option<u64>,
     /// Replicas: replay delay at the last check (0 when all WAL received is replayed).
     pub replay_delay_ms: Option<u64>,
+    /// When the last check ended (RFC 3339, UTC) and how long it took.
+    pub last_check: Option<String>,
+    pub check_ms: Option<f64>,
 }
 
 /// A replica's lag at one check, as far as it could be measured.
@@ -351,10 +354,13 @@ impl Topology {
     ) {
         let mut next = Instant::now();
         loop {
-            let (obs, progress) = tokio::select! {
-                _ = tokio::time::sleep_until(next) => probe.check(health.timeout).await,
-                _ = backend.recheck.notified() => probe.check(health.timeout).await,
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = backend.recheck.notified() => {}
             };
+            let started = Instant::now();
+            let (obs, progress) = probe.check(health.timeout).await;
+            let took = started.elapsed();
             // Faster while this backend fails, and while there is no primary: then a
             // promoted replica is found within fast_interval.
             let hurry =
@@ -365,7 +371,11 @@ impl Topology {
                 health.interval
             };
             next = Instant::now() + pause;
-            if tx.send((backend.clone(), obs, progress)).await.is_err() {
+            if tx
+                .send((backend.clone(), obs, progress, took))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -382,7 +392,7 @@ impl Topology {
         let snapshot = |s: &HealthState| (s.role(), s.is_suspect(), s.timeline(), s.is_lagging());
         let mut outage = Outage::default();
         loop {
-            let (backend, obs, progress) = tokio::select! {
+            let (backend, obs, progress, took) = tokio::select! {
                 checked = rx.recv() => match checked {
                     Some(c) => c,
                     None => return,
@@ -432,7 +442,7 @@ impl Topology {
             } else {
                 Lag::default()
             };
-            self.record_details(&list[i].name, &states[i], lag);
+            self.record_details(&list[i].name, &states[i], lag, took);
             if before == snapshot(&states[i]) {
                 continue;
             }
@@ -476,13 +486,19 @@ impl Topology {
         self.published.send_replace(generation);
     }
 
-    fn record_details(&self, name: &str, state: &HealthState, lag: Lag) {
+    fn record_details(&self, name: &str, state: &HealthState, lag: Lag, took: Duration) {
         let mut details = self.details.lock().expect("details lock");
         let d = details.backends.entry(name.to_owned()).or_default();
         d.last_error = state.last_error().map(str::to_owned);
         d.lag_bytes = lag.bytes;
         d.replay_delay_ms = lag.delay.map(|d| d.as_millis() as u64);
+        let now = std::time::SystemTime::now();
+        d.last_check = Some(humantime::format_rfc3339_millis(now).to_string());
+        d.check_ms = Some(took.as_secs_f64() * 1000.0);
         let m = &self.metrics;
+        m.check_seconds
+            .with_label_values(&[name])
+            .set(took.as_secs_f64());
         match lag.bytes {
             Some(b) => m.replica_lag_bytes.with_label_values(&[name]).set(b as i64),
             None => {
@@ -625,7 +641,8 @@ impl Topology {
 }
 
 /// A check result: the backend, what it said, its WAL progress.
-type CheckResult = (Arc<Backend>, Observation, Progress);
+/// A check's outcome, with how long it took.
+type CheckResult = (Arc<Backend>, Observation, Progress, Duration);
 
 impl Checked {
     fn new(config: &BackendConfig) -> Self {

@@ -338,3 +338,36 @@ pub fn table(msgs: &[Msg]) -> Vec<Vec<Option<String>>> {
         })
         .collect()
 }
+
+/// Runs `sql` on a console connection; its messages up to ReadyForQuery.
+pub async fn run(console: &mut RawClient, sql: &str) -> Vec<Msg> {
+    console.send(&query(sql)).await;
+    console.until_ready().await
+}
+
+/// A result row as (column name -> value).
+pub type Row = std::collections::HashMap<String, Option<String>>;
+
+/// The row of `table` whose first column is `key`.
+pub fn row_of(msgs: &[Msg], key: &str) -> Row {
+    row_where(msgs, &[key])
+}
+
+/// The row of `table` whose first columns are `keys`.
+pub fn row_where(msgs: &[Msg], keys: &[&str]) -> Row {
+    let names = columns(msgs);
+    let row = table(msgs)
+        .into_iter()
+        .find(|r| keys.iter().zip(r).all(|(k, v)| v.as_deref() == Some(*k)))
+        .unwrap_or_else(|| panic!("no row {keys:?}: {:?}", table(msgs)));
+    names.into_iter().map(|(n, _)| n).zip(row).collect()
+}
+
+/// Column `column` of `row`, a number.
+pub fn num(row: &Row, column: &str) -> u64 {
+    row[column]
+        .as_deref()
+        .unwrap_or_else(|| panic!("{column} is NULL"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{column} is not a number: {:?}", row[column]))
+}
