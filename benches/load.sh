@@ -10,12 +10,15 @@
 # and noisy: only ratios from one run mean anything, and CPU per transaction varies far
 # less between runs than tps does.
 #
-#   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"] [-l]
+#   benches/load.sh [-T seconds] [-r repetitions] [-s scale] [-w "0 1"] [-t "direct pgvane-txn"] [-l] [-e]
 #
 # -w picks workloads by number (0-6, in the order below), -t targets by name. -b BINARY
 # adds a target "baseline-txn-1t": another pgvane build (say, the last release) with
 # worker_threads = 1, for an A/B of CPU per transaction within one run. -l adds
 # "pgvane-txn-1t-limits": the same on one thread with every [limits] key set but never hit.
+# -e adds "pgvane-txn-1t-tls" and "pgbouncer-tls": the same with TLS toward the clients
+# (client_tls_sslmode = require, one ECDSA P-256 certificate for both; pgbench connects
+# with sslmode=require), so that TLS's cost and handshakes per second (-C) compare.
 #
 # Workloads (simple protocol unless said): -S (select-only) at 32 and 256 clients,
 # TPC-B-like at 32 clients, connection churn (-C -S, a new connection per transaction) at
@@ -26,11 +29,12 @@ set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
 
-DURATION=10 REPS=3 SCALE=10 ONLY_W="" ONLY_T="" BASELINE="" LIMITS=""
-while getopts "T:r:s:w:t:b:l" o; do
+DURATION=10 REPS=3 SCALE=10 ONLY_W="" ONLY_T="" BASELINE="" LIMITS="" TLS=""
+while getopts "T:r:s:w:t:b:le" o; do
     case $o in
         T) DURATION=$OPTARG ;; r) REPS=$OPTARG ;; s) SCALE=$OPTARG ;;
         w) ONLY_W=$OPTARG ;; t) ONLY_T=$OPTARG ;; b) BASELINE=$OPTARG ;; l) LIMITS=1 ;;
+        e) TLS=1 ;;
         *) exit 2 ;;
     esac
 done
@@ -114,13 +118,41 @@ PIDS+=($!); HAPROXY_PID=$!
 pgbouncer_start "$WORK" 20000
 wait_port "$PASS_PORT"; wait_port "$TXN_PORT"; wait_port "$TXN1_PORT"; wait_port "$HAPROXY_PORT"
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
+TLS_TARGETS=()
+if [ -n "$TLS" ]; then
+    mkdir -p "$WORK/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+        -subj /CN=localhost -keyout "$WORK/tls/server.key" -out "$WORK/tls/server.crt" 2>/dev/null
+    chmod 644 "$WORK/tls/server.key"
+    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
+    pgvane_config "$WORK/tls.toml" 1s
+    sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/tls.toml"
+    cat >> "$WORK/tls.toml" <<TOML
+
+[tls]
+client_tls_sslmode = "require"
+client_tls_cert_file = "$WORK/tls/server.crt"
+client_tls_key_file = "$WORK/tls/server.key"
+TOML
+    "$PGVANE" --config "$WORK/tls.toml" > "$WORK/tls.log" 2>&1 &
+    PIDS+=($!)
+    TLS_TARGETS=("pgvane-txn-1t-tls:$TX_PORT:$!:require")
+    PLAIN_BOUNCER_PORT=$BOUNCER_PORT
+    pgbouncer_start "$WORK/tls" 20000 "client_tls_sslmode = require
+client_tls_key_file = $WORK/tls/server.key
+client_tls_cert_file = $WORK/tls/server.crt"
+    TLS_TARGETS+=("pgbouncer-tls:$BOUNCER_PORT:$(cat "$WORK/tls/pgbouncer.pid"):require")
+    BOUNCER_PORT=$PLAIN_BOUNCER_PORT
+    wait_port "$TX_PORT"
+fi
 
 pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/null 2>&1
 
 # name:port:pid of the process whose CPU time is measured (none for direct).
 TARGETS=("direct:$DIRECT:" "pgvane-pass:$PASS_PORT:$PGVANE_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID"
          "pgvane-txn:$TXN_PORT:$PGVANE_PID" "pgvane-txn-1t:$TXN1_PORT:$PGVANE1_PID"
-         "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID" "${BASE_TARGET[@]}" "${LIMITS_TARGET[@]}")
+         "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID" "${BASE_TARGET[@]}" "${LIMITS_TARGET[@]}"
+         "${TLS_TARGETS[@]}")
 # Prepared runs use a pgbench thread per client: pgbench prepares synchronously (PQprepare),
 # blocking its thread while that client waits for a server connection, so with fewer threads
 # than clients a transaction pooler's pool can be held by clients of the blocked thread.
@@ -140,11 +172,12 @@ for w in "${!WORKLOADS[@]}"; do
     for rep in $(seq 1 "$REPS"); do
         # Interleave targets within a repetition so drift hits all of them alike.
         for t in "${TARGETS[@]}"; do
-            IFS=: read -r name port pid <<< "$t"
+            IFS=: read -r name port pid sslmode <<< "$t"
             [ -n "$ONLY_T" ] && [ "$name" != direct ] && [[ " $ONLY_T " != *" $name "* ]] && continue
             cpu0=$(cpu_ticks "$pid")
             # A run with errors (pgbench exits non-zero, clients aborted) counts as failed.
-            out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$DURATION" \
+            # TLS targets: sslmode=require; the others as libpq's default (prefer) has it.
+            out=$(PGSSLMODE=${sslmode:-prefer} pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$DURATION" \
                   ${WORKLOADS[$w]} postgres 2>/dev/null) || out=""
             cpu1=$(cpu_ticks "$pid")
             tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")

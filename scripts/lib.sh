@@ -173,8 +173,10 @@ pgvane_config() {
 # pgbouncer_start WORK MAX_CLIENTS: PgBouncer in transaction mode, pool of 20, in front of
 # NODE_PORTS[0], on a free port. Its auth_file holds the SCRAM verifier from pg_authid, so it
 # runs no PBKDF2 per client login. Sets BOUNCER_PORT; the pid is in WORK/pgbouncer.pid.
+# pgbouncer_start WORK MAX_CLIENTS [EXTRA_SETTINGS]: a PgBouncer in transaction mode on
+# the primary, its files in WORK; sets BOUNCER_PORT.
 pgbouncer_start() {
-    local work=$1 max_clients=$2 verifier
+    local work=$1 max_clients=$2 extra=${3:-} verifier
     BOUNCER_PORT=$(free_port)
     verifier=$(psql -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -XAtc \
         "SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'" postgres)
@@ -193,6 +195,7 @@ default_pool_size = 20
 max_client_conn = $max_clients
 logfile = $work/pgbouncer.log
 pidfile = $work/pgbouncer.pid
+$extra
 CFG
     chmod 644 "$work/userlist.txt" "$work/pgbouncer.ini"
     # PgBouncer refuses to run as root; -d daemonizes once it listens.

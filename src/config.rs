@@ -39,6 +39,70 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// TLS toward clients, with PgBouncer's names and values: `[tls]` for every pooled
+/// listener, a listener's `tls` table overriding keys for it. Unset keys: TLS off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls_sslmode: Option<ClientSslMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls_key_file: Option<PathBuf>,
+    /// CA certificates client certificates are verified against (verify-ca, verify-full).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls_ca_file: Option<PathBuf>,
+    /// "secure" (TLS 1.2 and 1.3, the default), "all" (the same: pgvane has nothing older),
+    /// or a list of "tlsv1.2", "tlsv1.3".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls_protocols: Option<String>,
+    /// "default" (rustls' cipher suites, all of them strong), or a colon-separated list of
+    /// suite names, e.g. "TLS13_AES_256_GCM_SHA384:TLS13_CHACHA20_POLY1305_SHA256".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls_ciphers: Option<String>,
+}
+
+impl TlsConfig {
+    /// This table's keys over `base`'s.
+    pub fn over(&self, base: &TlsConfig) -> TlsConfig {
+        fn pick<T: Clone>(own: &Option<T>, base: &Option<T>) -> Option<T> {
+            own.clone().or_else(|| base.clone())
+        }
+        TlsConfig {
+            client_tls_sslmode: pick(&self.client_tls_sslmode, &base.client_tls_sslmode),
+            client_tls_cert_file: pick(&self.client_tls_cert_file, &base.client_tls_cert_file),
+            client_tls_key_file: pick(&self.client_tls_key_file, &base.client_tls_key_file),
+            client_tls_ca_file: pick(&self.client_tls_ca_file, &base.client_tls_ca_file),
+            client_tls_protocols: pick(&self.client_tls_protocols, &base.client_tls_protocols),
+            client_tls_ciphers: pick(&self.client_tls_ciphers, &base.client_tls_ciphers),
+        }
+    }
+
+    pub fn mode(&self) -> ClientSslMode {
+        self.client_tls_sslmode.unwrap_or_default()
+    }
+}
+
+/// PgBouncer's `client_tls_sslmode`: whether clients may, or must, use TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientSslMode {
+    /// TLS requests are declined.
+    #[default]
+    Disable,
+    /// TLS if the client asks for it (allow and prefer are the same on this side).
+    Allow,
+    Prefer,
+    /// TLS only: a plaintext login is refused (28000), like a `hostssl` line.
+    Require,
+    /// TLS with a client certificate signed by `client_tls_ca_file`.
+    VerifyCa,
+    VerifyFull,
 }
 
 /// Limits per client address and per user: `[limits]` for every listener, a listener's
@@ -667,6 +731,9 @@ pub struct ListenerConfig {
     /// Keys of `[limits]` overridden for this listener (a table: it comes last).
     #[serde(default, skip_serializing_if = "is_default")]
     pub limits: LimitsConfig,
+    /// Keys of `[tls]` overridden for this listener.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub tls: TlsConfig,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -1059,6 +1126,12 @@ impl Config {
                     ),
                 );
             }
+            if l.mode == ListenerMode::Passthrough && l.tls != TlsConfig::default() {
+                bad(
+                    format!("listener[{i}].tls"),
+                    "a passthrough listener relays TLS untouched, end to end between client and PostgreSQL (configure it there); remove the table".into(),
+                );
+            }
             if l.session_state == SessionStatePolicy::Reject && l.mode != ListenerMode::Transaction
             {
                 bad(
@@ -1327,6 +1400,13 @@ mod tests {
             Err(ConfigError::Invalid(p)) => p,
             other => panic!("expected validation problems, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn tls_on_a_passthrough_listener_is_refused() {
+        let text = format!("{MINIMAL}\n[listener.tls]\nclient_tls_sslmode = \"require\"\n");
+        let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["listener[0].tls"]);
     }
 
     #[test]

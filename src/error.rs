@@ -30,6 +30,9 @@ pub enum ClientError {
     TooManyClients(u32),
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
+    /// A plaintext login on a listener whose client_tls_sslmode requires TLS (hostssl).
+    #[error("listener \"{0}\" accepts TLS connections only")]
+    TlsRequired(String),
     #[error("peer authentication failed for user \"{0}\"")]
     PeerAuthFailed(String),
     #[error("user \"{0}\" may not use the admin console")]
@@ -122,6 +125,9 @@ impl ClientError {
             // invalid_catalog_name, as PostgreSQL answers for a database it does not have.
             NoSuchDatabase(_) => fatal("3D000", self.to_string())
                 .with_hint("add a [[database]] entry for it, or one named \"*\" for any database"),
+            // As PostgreSQL answers a client no hostssl line lets in without encryption.
+            TlsRequired(_) => fatal("28000", format!("pgvane: {self}"))
+                .with_hint("connect with sslmode=require (or verify-ca, verify-full)"),
             PeerAuthFailed(_) => fatal("28000", self.to_string()).with_hint(
                 "the admin console's Unix socket admits pgvane's own OS user (and root) only",
             ),

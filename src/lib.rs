@@ -32,6 +32,7 @@ pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod topology;
 pub mod upgrade;
 

@@ -66,10 +66,10 @@ fn main() -> ExitCode {
         };
     }
     let loaded = Config::load(&cli.config).and_then(|c| {
-        let users = pgvane::server::load_users(&c)?;
-        Ok((c, users))
+        let referenced = pgvane::server::load_referenced(&c)?;
+        Ok((c, referenced))
     });
-    let (config, users) = match loaded {
+    let (config, referenced) = match loaded {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("pgvane: {e}");
@@ -78,6 +78,9 @@ fn main() -> ExitCode {
     };
     if let Some(Command::Check) = &cli.command {
         print!("{}", config.to_resolved_toml());
+        for warning in pgvane::tls::expiring_soon(&referenced.tls) {
+            eprintln!("pgvane: warning: {warning}");
+        }
         eprintln!("pgvane: {} is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
@@ -100,7 +103,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(pgvane::server::run(cli.config.clone(), config, users)) {
+    match runtime.block_on(pgvane::server::run(cli.config.clone(), config, referenced)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -11,6 +11,7 @@ use prometheus::{
 
 use crate::pool::Pools;
 use crate::stats::{percentiles, Measure, Totals, PERCENTILES};
+use crate::tls::TlsByListener;
 
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +50,8 @@ pub struct Metrics {
     pub backend_draining: IntGaugeVec,
     /// Configuration reloads, by result (ok, failed).
     pub reloads: IntCounterVec,
+    /// Clients whose TLS negotiation failed, by listener.
+    pub tls_failures: IntCounterVec,
     /// Open client connections, by listener.
     pub clients: IntGaugeVec,
     pub paused: IntGauge,
@@ -61,6 +64,9 @@ pub struct Metrics {
     pool_clients: IntGaugeVec,
     pool_maxwait: GaugeVec,
     pool_latency: GaugeVec,
+    /// (listener, certificate file, expiry as a Unix time) of every certificate served.
+    certificates: std::sync::Mutex<Vec<(String, String, i64)>>,
+    certificate_expiry: GaugeVec,
     database_counts: Vec<(IntCounterVec, Field)>,
     database_seconds: Vec<(CounterVec, Field)>,
     /// One scrape at a time: the values read at scrape time are reset, then set.
@@ -203,6 +209,11 @@ impl Metrics {
                 "Configuration reloads (SIGHUP, console RELOAD, POST /reload), by result: ok, or failed (the file was invalid; nothing changed).",
                 &["result"],
             ),
+            tls_failures: counter_vec(
+                "tls_failures_total",
+                "Client connections whose TLS negotiation failed (handshake error, no ALPN \"postgresql\" on direct TLS, TLS on a listener without it), by listener.",
+                &["listener"],
+            ),
             clients: gauge_vec("client_connections", "Open client connections.", &["listener"]),
             paused: gauge("paused", "1 while PAUSE holds new work (global or any database)."),
             pinned_sessions: gauge(
@@ -251,6 +262,18 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            certificates: std::sync::Mutex::default(),
+            certificate_expiry: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "tls_certificate_expiry_seconds",
+                        "Seconds until the certificate a listener serves expires (negative: expired); alert weeks ahead.",
+                    ),
+                    &["listener", "file"],
+                )
+                .unwrap(),
+            ),
             database_counts: vec![
                 (counter_vec("database_server_assignments_total", "Server connections lent to clients, per database (SHOW STATS server_assignment_count).", &["database"]), |t: &Totals| t.server_assignment_count),
                 (counter_vec("database_transactions_total", "Transactions pooled, per database (SHOW STATS xact_count).", &["database"]), |t: &Totals| t.xact_count),
@@ -269,9 +292,28 @@ impl Metrics {
         }
     }
 
+    /// The certificates in force (at start and after each reload).
+    pub fn set_certificates(&self, tls: &TlsByListener) {
+        let mut all = Vec::new();
+        for (listener, t) in tls {
+            for (file, at) in &t.expiry {
+                all.push((listener.clone(), file.display().to_string(), *at));
+            }
+        }
+        *self.certificates.lock().expect("certificates lock") = all;
+    }
+
     /// The Prometheus text exposition of every metric, with pool gauges read from `pools`.
     pub fn render(&self, pools: &Pools) -> String {
         let _one_at_a_time = self.rendering.lock().expect("render lock");
+        self.certificate_expiry.reset();
+        let now = crate::tls::unix_now();
+        for (listener, file, at) in &*self.certificates.lock().expect("certificates lock") {
+            let left = (at - now) as f64;
+            self.certificate_expiry
+                .with_label_values(&[listener, file])
+                .set(left);
+        }
         self.pool_connections.reset();
         self.pool_clients.reset();
         self.pool_maxwait.reset();

@@ -905,6 +905,7 @@ impl Pool {
             local_addr: stream.local_addr().unwrap_or_else(|_| unspecified()),
             application_name: String::new(),
             remote_pid: hello.process_id,
+            tls: String::new(),
             close_needed: Some(self.retired.clone()),
             socket: None,
         });

@@ -46,6 +46,8 @@ pub struct Entry {
     pub application_name: String,
     /// Servers: the backend process id (from the cancel key).
     pub remote_pid: u32,
+    /// Clients over TLS: protocol and cipher suite, as SHOW CLIENTS' tls column.
+    pub tls: String,
     /// Servers: set when their pool is replaced (reload, RECONNECT): closed at release.
     close_needed: Option<Arc<AtomicBool>>,
     state: AtomicU8,
@@ -153,6 +155,7 @@ pub struct NewEntry {
     pub local_addr: SocketAddr,
     pub application_name: String,
     pub remote_pid: u32,
+    pub tls: String,
     /// Servers: their pool's "replaced" flag.
     pub close_needed: Option<Arc<AtomicBool>>,
     /// Clients: their socket, for KILL (see [`Entry::detach`]).
@@ -178,6 +181,7 @@ impl Registry {
             connect_time: SystemTime::now(),
             application_name: e.application_name,
             remote_pid: e.remote_pid,
+            tls: e.tls,
             close_needed: e.close_needed,
             state: AtomicU8::new(State::Idle as u8),
             since_us: AtomicU64::new(0),
@@ -216,6 +220,7 @@ mod tests {
             local_addr: "127.0.0.1:2".parse().unwrap(),
             application_name: String::new(),
             remote_pid: 0,
+            tls: String::new(),
             close_needed: None,
             socket: None,
         }

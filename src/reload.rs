@@ -20,11 +20,11 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::auth::UserStore;
 use crate::config::{Config, ConfigError, ListenerConfig};
 use crate::limits::UserLimits;
 use crate::proxy::{ClientSettings, Shared};
-use crate::server::Listeners;
+use crate::server::{Listeners, Referenced};
+use crate::tls::TlsByListener;
 
 /// What a reload did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -85,11 +85,14 @@ pub struct Reloader {
     current: Config,
     shared: Arc<Shared>,
     listeners: Listeners,
+    /// The certificate and key files of the configuration last read, as last seen.
+    tls_files: Vec<crate::tls::Fingerprint>,
 }
 
 impl Reloader {
     pub fn new(path: PathBuf, current: Config, shared: Arc<Shared>, listeners: Listeners) -> Self {
         Self {
+            tls_files: crate::tls::fingerprints(&current),
             path,
             current,
             shared,
@@ -111,17 +114,27 @@ impl Reloader {
         &self.current
     }
 
+    /// Whether a certificate or key file changed since the last reload (or start).
+    pub fn tls_files_changed(&self) -> bool {
+        self.tls_files
+            .iter()
+            .any(|f| f != &crate::tls::Fingerprint::of(&f.path))
+    }
+
     /// Reads and validates the file, then applies it; logs and counts the outcome.
     pub fn reload(&mut self) -> Outcome {
         let loaded = Config::load(&self.path).and_then(|c| {
-            let users = crate::server::load_users(&c)?;
-            Ok((c, users))
+            // Seen now, applied or not: a bad certificate is reported once, not at every
+            // look, and a fixed one is noticed.
+            self.tls_files = crate::tls::fingerprints(&c);
+            let referenced = crate::server::load_referenced(&c)?;
+            Ok((c, referenced))
         });
         let shared = self.shared.clone();
         let reloads = &shared.metrics.reloads;
         match loaded {
-            Ok((config, users)) => {
-                let report = self.apply(config, users);
+            Ok((config, referenced)) => {
+                let report = self.apply(config, referenced);
                 reloads.with_label_values(&["ok"]).inc();
                 info!(path = %self.path.display(), %report, "configuration reloaded");
                 Ok(report)
@@ -135,8 +148,14 @@ impl Reloader {
         }
     }
 
-    /// Applies `next` (valid, with its users loaded) as far as a running process can.
-    fn apply(&mut self, mut next: Config, users: UserStore) -> Report {
+    /// Applies `next` (valid, with its users and certificates loaded) as far as a running
+    /// process can.
+    fn apply(&mut self, mut next: Config, referenced: Referenced) -> Report {
+        let Referenced { users, tls } = referenced;
+        self.shared.metrics.set_certificates(&tls);
+        for warning in crate::tls::expiring_soon(&tls) {
+            warn!("{warning}");
+        }
         let mut report = Report::default();
         self.keep_what_needs_a_restart(&mut next, &mut report);
         let old = self.current.clone();
@@ -186,7 +205,7 @@ impl Reloader {
         if limits_changed {
             report.applied.push("limits".into());
         }
-        self.apply_listeners(&mut next, limits_changed, &mut report);
+        self.apply_listeners(&mut next, &tls, &mut report);
 
         if shared.topology.reconfigure_health(&next.health) {
             report
@@ -246,7 +265,7 @@ impl Reloader {
     /// Closes listeners no longer configured, opens new ones, moves those whose address
     /// changed, and gives the others their new route (clients connected before keep theirs).
     /// A socket that cannot be bound is reported, and what ran before stays, in `next` too.
-    fn apply_listeners(&mut self, next: &mut Config, limits_changed: bool, report: &mut Report) {
+    fn apply_listeners(&mut self, next: &mut Config, tls: &TlsByListener, report: &mut Report) {
         let wanted: HashMap<String, ListenerConfig> = next
             .listeners
             .iter()
@@ -266,11 +285,12 @@ impl Reloader {
                 .map(|(c, r)| (c.clone(), r.clone()));
             match running {
                 Some((was, route)) if was.socket_addr() == l.socket_addr() => {
-                    if &was != l || limits_changed {
-                        let now = route.load_full();
-                        route.store(Arc::new(now.succeeding(l.clone(), &next.limits)));
-                        self.listeners.set_config(l);
-                    }
+                    // Always: certificate files are read again at each reload; a new one
+                    // serves the next handshakes, open sessions keep theirs.
+                    let now = route.load_full();
+                    let tls = tls.get(&l.name).cloned();
+                    route.store(Arc::new(now.succeeding(l.clone(), &next.limits, tls)));
+                    self.listeners.set_config(l);
                     if &was != l {
                         report.applied.push(format!("listener {} changed", l.name));
                     }
@@ -281,7 +301,7 @@ impl Reloader {
                         if running.is_some() {
                             self.listeners.stop(&l.name);
                         }
-                        self.listeners.start(socket, l, &next.limits);
+                        self.listeners.start(socket, l, &next.limits, tls);
                         let what = if running.is_some() {
                             "moved to"
                         } else {

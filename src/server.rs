@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::proxy::{self, CancelRegistry, ClientSettings, PauseState, Route, Shared};
 use crate::reload::{user_limits_of, ReloadHandle, Reloader};
+use crate::tls::{self, TlsByListener};
 use crate::topology::Topology;
 use crate::upgrade;
 
@@ -52,10 +53,20 @@ pub enum StartError {
     },
 }
 
-/// Loads what the config refers to (the auth file) so that `check` and start-up refuse the
-/// same mistakes.
-pub fn load_users(config: &Config) -> Result<UserStore, ConfigError> {
-    UserStore::load(config).map_err(|p| ConfigError::Invalid(vec![p]))
+/// What a config refers to: the auth file's users and the listeners' certificates.
+pub struct Referenced {
+    pub users: UserStore,
+    pub tls: TlsByListener,
+}
+
+/// Loads what the config refers to, so that `check`, start-up and reloads refuse the same
+/// mistakes.
+pub fn load_referenced(config: &Config) -> Result<Referenced, ConfigError> {
+    let invalid = |p| ConfigError::Invalid(vec![p]);
+    Ok(Referenced {
+        users: UserStore::load(config).map_err(invalid)?,
+        tls: tls::load(config).map_err(invalid)?,
+    })
 }
 
 /// systemd's service protocol (`Type=notify`, `WatchdogSec=`): readiness once every
@@ -155,11 +166,22 @@ impl Listeners {
         serve_on(std::net::TcpListener::bind(config.socket_addr())?)
     }
 
-    /// Accepts clients of listener `config` on `socket`.
-    pub fn start(&mut self, socket: TcpListener, config: &ListenerConfig, limits: &LimitsConfig) {
+    /// Accepts clients of listener `config` on `socket`, with its TLS from `tls`.
+    pub fn start(
+        &mut self,
+        socket: TcpListener,
+        config: &ListenerConfig,
+        limits: &LimitsConfig,
+        tls: &TlsByListener,
+    ) {
         info!(listener = %config.name, addr = %config.socket_addr(), mode = ?config.mode, target = %config.target, "listening");
         let dup = socket.as_fd().try_clone_to_owned().ok();
-        let route = Arc::new(ArcSwap::from_pointee(Route::new(config.clone(), limits)));
+        let tls = tls.get(&config.name).cloned();
+        let route = Arc::new(ArcSwap::from_pointee(Route::new(
+            config.clone(),
+            limits,
+            tls,
+        )));
         let stop = self.stop_all.child_token();
         self.accepting.spawn(proxy::serve(
             socket,
@@ -262,10 +284,11 @@ fn check_open_files(config: &Config) {
     }
 }
 
-/// Runs pgvane until a shutdown signal has been handled. `users` comes from
-/// [`load_users`], which start-up has already called to validate the config; `path` is
+/// Runs pgvane until a shutdown signal has been handled. `referenced` comes from
+/// [`load_referenced`], which start-up has already called to validate the config; `path` is
 /// where a reload reads the configuration again.
-pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), StartError> {
+pub async fn run(path: PathBuf, config: Config, referenced: Referenced) -> Result<(), StartError> {
+    let Referenced { users, tls } = referenced;
     let users = Arc::new(users);
     check_open_files(&config);
     // A running pgvane's sockets, when this process upgrades it.
@@ -351,10 +374,14 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
             }
         }
     });
+    shared.metrics.set_certificates(&tls);
+    for warning in tls::expiring_soon(&tls) {
+        warn!("{warning}");
+    }
     let sessions = TaskTracker::new();
     let mut listeners = Listeners::new(shared.clone(), sessions.clone());
     for (socket, l) in bound.into_iter().zip(&config.listeners) {
-        listeners.start(socket, l, &config.limits);
+        listeners.start(socket, l, &config.limits, &tls);
     }
     if let Some(socket) = admin_socket {
         info!(addr = %config.admin.listen.expect("bound"), "admin API listening");
@@ -381,6 +408,7 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
         }
     }
     let mut reloader = Reloader::new(path, config, shared.clone(), listeners);
+    let mut tls_watch = tokio::time::interval(tls::WATCH_INTERVAL);
     systemd::ready();
     systemd::keep_watchdog_fed(stop_background.clone());
     let shutdown = loop {
@@ -399,6 +427,12 @@ pub async fn run(path: PathBuf, config: Config, users: UserStore) -> Result<(), 
             }
             Some(asked) = reload_requests.recv() => {
                 let _ = asked.send(systemd::reloading(|| reloader.reload()));
+            }
+            _ = tls_watch.tick() => {
+                if reloader.tls_files_changed() {
+                    info!("a certificate or key file changed: reloading the configuration");
+                    let _ = systemd::reloading(|| reloader.reload());
+                }
             }
             Some(upgrade) = upgrade_requests.recv() => match upgrade {
                 upgrade::Request::Sockets(reply) => {

@@ -41,12 +41,6 @@ async fn behind_both_modes() -> (Cluster, u16, u16, Pgvane) {
     (cluster, tx, session, pgvane)
 }
 
-fn drivers_dir() -> PathBuf {
-    std::env::var_os("PGVANE_DRIVERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/drivers"))
-}
-
 fn workload(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/drivers")

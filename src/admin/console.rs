@@ -1106,7 +1106,7 @@ fn show_sockets(out: &mut BytesMut, kind: &str, entries: &[Arc<Entry>], shared: 
                 format!("{link:#x}")
             }),
             Some(e.remote_pid.to_string()),
-            Some(String::new()),
+            Some(e.tls.clone()),
             Some(e.application_name.clone()),
             Some(e.prepared().to_string()),
             Some(e.id.to_string()),

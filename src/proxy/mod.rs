@@ -7,6 +7,7 @@
 
 mod auth_query;
 mod cancel;
+pub mod client_io;
 mod passthrough;
 mod pooled;
 pub mod prepared;
@@ -42,7 +43,9 @@ use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::protocol::{read_startup, ProtocolError, StartupPacket, PROTOCOL_MAJOR_3};
 use crate::reload::ReloadHandle;
+use crate::tls::ListenerTls;
 use crate::topology::{Backend, RoutingTable, Topology};
+use client_io::ClientIo;
 
 /// A listener's routing policy plus its round-robin cursor and its per-address limits.
 pub struct Route {
@@ -51,24 +54,36 @@ pub struct Route {
     /// The listener's limits over the `[limits]` defaults, and their counts.
     limits: LimitsConfig,
     addresses: Arc<AddressLimits>,
+    /// Pooled listeners with TLS: the certificate new handshakes get.
+    tls: Option<Arc<ListenerTls>>,
 }
 
 impl Route {
     /// `limits`: the `[limits]` defaults, under the listener's own.
-    pub fn new(config: ListenerConfig, limits: &LimitsConfig) -> Self {
+    pub fn new(
+        config: ListenerConfig,
+        limits: &LimitsConfig,
+        tls: Option<Arc<ListenerTls>>,
+    ) -> Self {
         let limits = config.limits.over(limits);
         Self {
             addresses: Arc::new(AddressLimits::new(&limits)),
             limits,
             config,
             cursor: AtomicUsize::new(0),
+            tls,
         }
     }
 
     /// The route a reload makes of this one: the per-address counts go on unless the
     /// limits themselves changed.
-    pub fn succeeding(&self, config: ListenerConfig, limits: &LimitsConfig) -> Self {
-        let next = Self::new(config, limits);
+    pub fn succeeding(
+        &self,
+        config: ListenerConfig,
+        limits: &LimitsConfig,
+        tls: Option<Arc<ListenerTls>>,
+    ) -> Self {
+        let next = Self::new(config, limits, tls);
         match next.limits == self.limits {
             true => Self {
                 addresses: self.addresses.clone(),
@@ -197,8 +212,8 @@ fn watch<'a, 'b>(
 }
 
 /// The watch of a held client (see [`watch_client`]), for [`Route::with_backend`].
-fn watching<'a>(client: &'a TcpStream, buf: &'a mut BytesMut) -> impl FnOnce() -> Abandon<'a> {
-    move || Box::pin(watch_client(client, buf, HELD_READ_AHEAD))
+fn watching<'a, C: ClientIo>(client: &'a C, buf: &'a mut BytesMut) -> impl FnOnce() -> Abandon<'a> {
+    move || Box::pin(client.watch(buf, HELD_READ_AHEAD))
 }
 
 impl Route {
@@ -562,7 +577,10 @@ pub async fn serve(
             _open: ClientGauge::open(&clients),
             _address: address.map(Box::new),
         };
-        if route.config.mode.is_pooled() {
+        if route.config.mode.is_pooled() && route.tls.is_some() {
+            let session = pooled::handle_tls(client, peer, route, shared, admission);
+            sessions.spawn(session.instrument(span));
+        } else if route.config.mode.is_pooled() {
             // One task type per mode (a task is as large as its largest state), spawned with
             // no wrapping future: it is what every idle client costs.
             let session = pooled::handle(client, peer, route, shared, admission);

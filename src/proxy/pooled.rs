@@ -29,15 +29,16 @@ use tracing::{debug, info};
 
 use super::auth_query;
 use super::cancel::{send_cancel, CancelKey};
+use super::client_io::{ClientIo, TlsClient};
 use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint, Then};
 use super::session_state::{session_state, sets_extra, with_rejections, Carried, Feature};
 use super::{
-    read_client_startup, send_error, watch_client, watching, Abandon, Admission, Attempt, Chosen,
-    Route, Shared, HELD_READ_AHEAD,
+    read_client_startup, send_error, watching, Abandon, Admission, Attempt, Chosen, Route, Shared,
+    HELD_READ_AHEAD,
 };
 use crate::admin::console::{self, Access, ConsoleLogin};
 use crate::auth::{authenticate_client, AuthError, User};
-use crate::config::{ListenerMode, OnRoleLoss, PoolConfig, SessionStatePolicy};
+use crate::config::{ClientSslMode, ListenerMode, OnRoleLoss, PoolConfig, SessionStatePolicy};
 use crate::error::ClientError;
 use crate::limits::{Refusal, UserGuard, REFUSAL_LIMIT};
 use crate::metrics::Metrics;
@@ -50,6 +51,7 @@ use crate::protocol::{
 };
 use crate::registry::{Entry, NewEntry, State};
 use crate::stats::{bump, now_us, LinkCounts, Measure};
+use crate::tls::{self, Negotiated};
 use crate::topology::{Backend, RoutingTable};
 
 /// Read buffer for a client's request while linked (PgBouncer's pkt_buf is 4 KiB).
@@ -65,8 +67,8 @@ const LOGIN_BUFFER: usize = 512;
 /// moved into its body), and the idle loop written inline, since a called async fn would
 /// hold a second copy of the client and the session (896 bytes before, 264 now).
 #[allow(clippy::manual_async_fn)]
-pub fn handle(
-    mut client: TcpStream,
+pub fn handle<C: ClientIo>(
+    mut client: C,
     peer: SocketAddr,
     route: Arc<Route>,
     shared: Arc<Shared>,
@@ -102,7 +104,7 @@ pub fn handle(
                 // server. poll_read_ready parks on the socket's own waker slot: a much
                 // smaller future than `readable()`, and idle clients are what a pooler has
                 // most of.
-                if std::future::poll_fn(|cx| client.poll_read_ready(cx))
+                if std::future::poll_fn(|cx| ClientIo::poll_read_ready(&mut client, cx))
                     .await
                     .is_err()
                 {
@@ -130,10 +132,42 @@ pub fn handle(
     }
 }
 
+/// A client of a listener with TLS: encryption negotiated first (within
+/// `client_login_timeout`), then the session on a plain or an encrypted stream. Its own
+/// task type: the extra state stays off sessions of listeners without TLS.
+pub async fn handle_tls(
+    client: TcpStream,
+    peer: SocketAddr,
+    route: Arc<Route>,
+    shared: Arc<Shared>,
+    admission: Admission,
+) {
+    let tls = route.tls.clone().expect("a listener with TLS");
+    let limit = shared.client_login_timeout();
+    match tokio::time::timeout(limit, tls::negotiate(client, Some(&tls))).await {
+        Ok(Ok(Negotiated::Plain(client))) => handle(client, peer, route, shared, admission).await,
+        Ok(Ok(Negotiated::Tls(stream))) => {
+            let client = TlsClient(stream);
+            handle(client, peer, route, shared, admission).await
+        }
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .tls_failures
+                .with_label_values(&[&route.config.name])
+                .inc();
+            debug!(client = %peer, error = %e, "TLS negotiation failed; connection closed")
+        }
+        Err(_) => {
+            debug!(client = %peer, "no TLS negotiation within client_login_timeout; connection closed")
+        }
+    }
+}
+
 /// Tells a client KILL ended its session (the session is over: its entry let go of the
 /// socket).
-async fn tell_killed(mut client: TcpStream, user: String, shared: Arc<Shared>) {
-    info!(client = %peer_of(&client), user, "session ended by KILL on the console");
+async fn tell_killed<C: ClientIo>(mut client: C, user: String, shared: Arc<Shared>) {
+    info!(client = %client.peer(), user, "session ended by KILL on the console");
     send_error(&mut client, &ClientError::Killed, &shared.metrics).await;
 }
 
@@ -168,8 +202,8 @@ impl Served {
 }
 
 /// Logs the client in within `client_login_timeout`, or tells it why not.
-async fn login_or_refuse(
-    client: &mut TcpStream,
+async fn login_or_refuse<C: ClientIo>(
+    client: &mut C,
     peer: SocketAddr,
     route: &Route,
     shared: &Shared,
@@ -231,8 +265,8 @@ struct Session {
 /// sent past its login. `None`: the connection was a CancelRequest. `reserved`: the client
 /// is over `max_client_conn` in a console slot, where only `admin_users` may log in, and
 /// only to the console.
-async fn login(
-    client: &mut TcpStream,
+async fn login<C: ClientIo>(
+    client: &mut C,
     route: &Route,
     shared: &Shared,
     reserved: bool,
@@ -258,7 +292,7 @@ async fn login(
             return Err(ClientError::UnsupportedProtocol { major, minor })
         }
         StartupPacket::Startup { minor, params, .. } => {
-            negotiate_protocol(client.get_mut(), minor, &params).await?;
+            negotiate_protocol(&mut **client.get_mut(), minor, &params).await?;
             params
         }
         StartupPacket::SslRequest | StartupPacket::GssEncRequest => return Ok(None),
@@ -289,6 +323,14 @@ async fn login(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
+    if !C::ENCRYPTED
+        && route
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode >= ClientSslMode::Require)
+    {
+        return Err(ClientError::TlsRequired(route.config.name.clone()));
+    }
     let to_console = console::DATABASES.contains(&database.as_str());
     // Before authentication, as PgBouncer does: no pool and no auth_query for it.
     if !to_console && !shared.pools.knows_database(&database) {
@@ -312,7 +354,7 @@ async fn login(
     let authenticated =
         authenticate_client(client, &users, &user, known.as_deref(), &mut reply).await;
     if let Err(AuthError::Failed(_)) = &authenticated {
-        route.auth_failed(peer_of(client.get_ref()));
+        route.auth_failed(client.get_ref().peer());
     }
     authenticated?;
     if to_console {
@@ -355,7 +397,7 @@ async fn login(
     };
     // Read ahead while held, and passed on with what the login buffer holds.
     let mut ahead = BytesMut::new();
-    let watch = watching(client.get_ref(), &mut ahead);
+    let watch = watching(&**client.get_ref(), &mut ahead);
     let chosen = match route.with_backend(shared, login_params, watch).await {
         Ok(chosen) => chosen,
         Err(e) => {
@@ -397,14 +439,17 @@ async fn login(
         .find(|(k, _)| k == "application_name")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let stream = client.get_ref();
+    let stream = client.get_ref().tcp();
     let entry = shared.clients.add(NewEntry {
         user: pool.key.user.clone(),
         database: pool.key.database.clone(),
-        addr: peer_of(stream),
-        local_addr: stream.local_addr().unwrap_or_else(|_| peer_of(stream)),
+        addr: client.get_ref().peer(),
+        local_addr: stream
+            .local_addr()
+            .unwrap_or_else(|_| client.get_ref().peer()),
         application_name,
         remote_pid: 0,
+        tls: client.get_ref().tls_description(),
         close_needed: None,
         socket: Some(stream.as_raw_fd()),
     });
@@ -428,10 +473,8 @@ async fn login(
 
 /// The client's address, for the log. Asked of the socket rather than kept per session:
 /// idle sessions are what a pooler has most of, and it is only needed when one ends badly.
-fn peer_of(client: &TcpStream) -> SocketAddr {
-    client
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+fn peer_of<C: ClientIo>(client: &C) -> SocketAddr {
+    client.peer()
 }
 
 /// Whether a failure to get a server connection is the backend's (try elsewhere or wait
@@ -450,8 +493,8 @@ const PROTOCOL_OPTION_PREFIX: &str = "_pq_.";
 /// Answers a startup packet of a newer 3.x protocol, or one asking for protocol options,
 /// with NegotiateProtocolVersion (3.0, no option), as PostgreSQL does; the client then
 /// carries on with 3.0 or closes.
-async fn negotiate_protocol(
-    client: &mut TcpStream,
+async fn negotiate_protocol<C: ClientIo>(
+    client: &mut C,
     minor: u16,
     params: &[(String, String)],
 ) -> Result<(), ClientError> {
@@ -587,9 +630,9 @@ impl Session {
     /// Serves the client's next request: `early` is its start if already read. Its future
     /// is moved into a box per request, so the rare paths (cancel, reset; error replies box
     /// themselves) are boxed on their own to keep it small.
-    async fn serve_request(
+    async fn serve_request<C: ClientIo>(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut C,
         route: &Route,
         shared: &Shared,
         early: Option<LinkBuffer>,
@@ -600,7 +643,7 @@ impl Session {
             Some(begun) => begun,
             None => {
                 let mut first = LinkBuffer::take();
-                match read_request_start(client, &mut first) {
+                match client.read_request_start(&mut first) {
                     // Hung up: nothing to do on any server.
                     Ok(Some(0)) | Err(_) => return Served::End,
                     Ok(Some(_)) => first,
@@ -656,7 +699,7 @@ impl Session {
         let watch = move || {
             Box::pin(async move {
                 tokio::select! {
-                    _ = watch_client(watched, read_ahead, HELD_READ_AHEAD) => {}
+                    _ = watched.watch(read_ahead, HELD_READ_AHEAD) => {}
                     _ = cancel_key.cancelled_while_unlinked() => {}
                 }
             }) as Abandon
@@ -824,8 +867,8 @@ impl Session {
 /// one: its messages are read and dropped up to its end (a Query, a function call or a
 /// Sync), then ERROR and ReadyForQuery; the session goes on with what the client sent past
 /// it.
-async fn refuse_request(
-    client: &mut TcpStream,
+async fn refuse_request<C: ClientIo>(
+    client: &mut C,
     mut first: LinkBuffer,
     refusal: Refusal,
     shared: &Shared,
@@ -1182,9 +1225,9 @@ impl Link<'_> {
     /// and they share their view of the protocol state through `LinkState`. Each socket is
     /// split into its read and write halves and driven only through tokio's own reads and
     /// writes, whose wake-ups tokio guarantees (its coop budget included).
-    async fn run(
+    async fn run<C: ClientIo>(
         self,
-        client: &mut TcpStream,
+        client: &mut C,
         buf: &mut BytesMut,
         server: &mut ServerConn,
         overrides: &mut Vec<(String, String)>,
@@ -1667,28 +1710,6 @@ impl std::ops::DerefMut for LinkBuffer {
     }
 }
 
-/// A request's first read, once the idle wait found the client readable: `None` when that
-/// readiness was stale. A read that leaves the socket empty clears the readiness, as tokio's
-/// own `poll_read` does, so the next idle wait sleeps until the next event instead of
-/// spending a system call to find the socket empty.
-fn read_request_start(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
-    let room = buf.capacity() - buf.len();
-    let mut read = None;
-    let tried = stream.try_io(tokio::io::Interest::READABLE, || {
-        let n = stream.try_read_buf(buf)?;
-        read = Some(n);
-        if n > 0 && n < room {
-            // Drained: reported as WouldBlock only so that tokio clears readiness.
-            return Err(std::io::ErrorKind::WouldBlock.into());
-        }
-        Ok(())
-    });
-    match tried {
-        Err(e) if read.is_none() && e.kind() != std::io::ErrorKind::WouldBlock => Err(e),
-        _ => Ok(read),
-    }
-}
-
 /// Reclaims (or grows) a buffer's room for a read of up to `size` bytes when it is low.
 fn make_room(buf: &mut BytesMut, size: usize) {
     if buf.capacity() - buf.len() < size / 2 {
@@ -1719,8 +1740,10 @@ mod tests {
         // Every idle client costs this much in its task; it was 896 bytes when arguments and
         // the session were held twice (idle_rss.sh: 1,633 bytes per idle client; 1,159-1,163
         // once it was 264, with glibc's allocator).
-        let size = output_size(handle);
+        let size = output_size(handle::<TcpStream>);
         assert!(size <= 320, "pooled session future is {size} bytes");
+        let size = output_size(handle::<TlsClient>);
+        assert!(size <= 320, "pooled TLS session future is {size} bytes");
     }
 
     #[test]
@@ -1728,10 +1751,14 @@ mod tests {
         // Both boxed once per request. mimalloc's fast path serves objects up to 1 KiB:
         // a link future of 1,064 bytes took ~180 more instructions per transaction
         // (callgrind, -S 32 clients), in mi_malloc_aligned's generic path.
-        let size = output_size(Session::serve_request);
+        let size = output_size(Session::serve_request::<TcpStream>);
         assert!(size <= 1024, "per-request future is {size} bytes");
-        let size = output_size7(Link::run);
+        let size = output_size7(Link::run::<TcpStream>);
         assert!(size <= 1024, "link future is {size} bytes");
+        let size = output_size(Session::serve_request::<TlsClient>);
+        assert!(size <= 1024, "per-request future (TLS) is {size} bytes");
+        let size = output_size7(Link::run::<TlsClient>);
+        assert!(size <= 1024, "link future (TLS) is {size} bytes");
     }
 
     fn output_size7<A, B, C, D, E, F, G, R>(_: impl Fn(A, B, C, D, E, F, G) -> R) -> usize {

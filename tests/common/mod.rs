@@ -518,6 +518,10 @@ impl Pgvane {
     }
 
     /// Replaces the configuration file pgvane started with (for reload tests).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("pgvane.toml")
+    }
+
     pub fn rewrite_config(&self, config: &str) {
         std::fs::write(self.dir.path().join("pgvane.toml"), config).unwrap();
     }
@@ -823,4 +827,17 @@ pub async fn idle_clients_write_on(idle: &[Client], port: u16, pgvane: &Pgvane) 
             .unwrap_or_else(|e| panic!("idle client saw {e}\n{}", pgvane.log()));
         assert_eq!(server_port(c).await, port);
     }
+}
+
+/// Where scripts/test installs the client drivers (a Python venv with psycopg and asyncpg,
+/// node-postgres); `PGVANE_DRIVERS` overrides it.
+pub fn drivers_dir() -> PathBuf {
+    std::env::var_os("PGVANE_DRIVERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/drivers"))
+}
+
+/// The drivers' Python (psycopg's binary wheel bundles libpq 17 or later).
+pub fn drivers_python() -> PathBuf {
+    drivers_dir().join("venv/bin/python")
 }
