@@ -290,6 +290,8 @@ fn read_auth_file(path: &Path) -> Result<Vec<(String, String)>, Problem> {
 pub enum AuthError {
     #[error("password authentication failed for user \"{0}\"")]
     Failed(String),
+    #[error("certificate authentication failed for user \"{user}\": {why}")]
+    Certificate { user: String, why: String },
     #[error("user \"{0}\" has no password pgvane can check with {1}")]
     NoUsableSecret(String, &'static str),
     #[error(transparent)]
@@ -305,16 +307,33 @@ impl From<std::io::Error> for AuthError {
 /// Runs the server side of authentication with a client that sent a StartupMessage for
 /// `user`. On success the closing messages (SCRAM's server signature, AuthenticationOk)
 /// are appended to `reply`, not sent: the caller sends them with what follows, so that a
-/// login costs one write less.
+/// login costs one write less. `certificate`: the common name of the client's verified
+/// TLS certificate, if it has one.
 pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     store: &UserStore,
     user: &str,
     known: Option<&User>,
+    certificate: Option<&str>,
     reply: &mut BytesMut,
 ) -> Result<(), AuthError> {
     match store.method {
         AuthMethod::Trust => {}
+        AuthMethod::Cert => match certificate {
+            Some(cn) if cn == user => {}
+            Some(cn) => {
+                return Err(AuthError::Certificate {
+                    user: user.into(),
+                    why: format!("the certificate is for \"{cn}\""),
+                })
+            }
+            None => {
+                return Err(AuthError::Certificate {
+                    user: user.into(),
+                    why: "no client certificate".into(),
+                })
+            }
+        },
         AuthMethod::Md5 => match known.and_then(|u| u.secret.as_ref()) {
             // PostgreSQL too switches to SCRAM when only a SCRAM verifier is stored.
             Some(Secret::Scram(_)) => scram_exchange(stream, store, user, known, reply).await?,
@@ -837,7 +856,7 @@ mod tests {
         let mut reply = BytesMut::new();
         let known = store.get("u");
         let result =
-            authenticate_client(&mut server, &store, "u", known.as_deref(), &mut reply).await;
+            authenticate_client(&mut server, &store, "u", known.as_deref(), None, &mut reply).await;
         server.write_all(&reply).await.unwrap();
         drop(server);
         let client_verified_server = client_side.await.unwrap();
@@ -864,7 +883,7 @@ mod tests {
         let mut reply = BytesMut::new();
         let known = store.get(user);
         let server_side =
-            authenticate_client(&mut server, store, user, known.as_deref(), &mut reply);
+            authenticate_client(&mut server, store, user, known.as_deref(), None, &mut reply);
         tokio::select! {
             salt = client_side => salt,
             _ = server_side => panic!("the exchange ended before the salt"),

@@ -65,6 +65,36 @@ pub struct TlsConfig {
     /// suite names, e.g. "TLS13_AES_256_GCM_SHA384:TLS13_CHACHA20_POLY1305_SHA256".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_tls_ciphers: Option<String>,
+    /// TLS toward PostgreSQL (server connections and health checks; `[tls]` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_tls_sslmode: Option<ServerSslMode>,
+    /// CA certificates the server's certificate is verified against (verify-ca,
+    /// verify-full).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_tls_ca_file: Option<PathBuf>,
+    /// A certificate and key pgvane presents to PostgreSQL (for `cert` authentication).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_tls_key_file: Option<PathBuf>,
+}
+
+/// PgBouncer's `server_tls_sslmode`, as libpq's sslmode: whether pgvane's connections to
+/// PostgreSQL use TLS, and what of the server's certificate is checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Plaintext (pgvane's default; PgBouncer's is prefer).
+    #[default]
+    Disable,
+    /// TLS if the server offers it, else plaintext; the certificate is not checked.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS with a certificate signed by `server_tls_ca_file`.
+    VerifyCa,
+    /// As verify-ca, and the certificate names the backend's host.
+    VerifyFull,
 }
 
 impl TlsConfig {
@@ -80,6 +110,11 @@ impl TlsConfig {
             client_tls_ca_file: pick(&self.client_tls_ca_file, &base.client_tls_ca_file),
             client_tls_protocols: pick(&self.client_tls_protocols, &base.client_tls_protocols),
             client_tls_ciphers: pick(&self.client_tls_ciphers, &base.client_tls_ciphers),
+            // Toward PostgreSQL: [tls] alone.
+            server_tls_sslmode: base.server_tls_sslmode,
+            server_tls_ca_file: base.server_tls_ca_file.clone(),
+            server_tls_cert_file: base.server_tls_cert_file.clone(),
+            server_tls_key_file: base.server_tls_key_file.clone(),
         }
     }
 
@@ -390,6 +425,9 @@ pub enum AuthMethod {
     ScramSha256,
     Md5,
     Trust,
+    /// The user is the common name of the client's certificate, verified against
+    /// `client_tls_ca_file` (client_tls_sslmode verify-ca or verify-full); no password.
+    Cert,
 }
 
 /// A user of the pooled listeners.
@@ -1030,8 +1068,19 @@ impl Config {
                 );
             }
         }
+        if self.auth.method == AuthMethod::Cert {
+            for (i, l) in self.listeners.iter().enumerate() {
+                let mode = l.tls.over(&self.tls).mode();
+                if l.mode.is_pooled() && mode < ClientSslMode::VerifyCa {
+                    bad(
+                        format!("listener[{i}].tls.client_tls_sslmode"),
+                        "auth.type = \"cert\" takes the user from a verified client certificate: set \"verify-ca\" or \"verify-full\" (with client_tls_ca_file)".into(),
+                    );
+                }
+            }
+        }
         if self.listeners.iter().any(|l| l.mode.is_pooled())
-            && self.auth.method != AuthMethod::Trust
+            && !matches!(self.auth.method, AuthMethod::Trust | AuthMethod::Cert)
             && self.users.is_empty()
             && self.auth.file.is_none()
         {
@@ -1124,6 +1173,19 @@ impl Config {
                         "only applies to target = \"replica\" (this listener's target is \"{}\")",
                         l.target
                     ),
+                );
+            }
+            let server_keys = [
+                l.tls.server_tls_sslmode.is_some(),
+                l.tls.server_tls_ca_file.is_some(),
+                l.tls.server_tls_cert_file.is_some(),
+                l.tls.server_tls_key_file.is_some(),
+            ];
+            if server_keys.into_iter().any(|set| set) {
+                bad(
+                    format!("listener[{i}].tls"),
+                    "server_tls_* keys apply to every connection to PostgreSQL: set them in [tls]"
+                        .into(),
                 );
             }
             if l.mode == ListenerMode::Passthrough && l.tls != TlsConfig::default() {
@@ -1400,6 +1462,19 @@ mod tests {
             Err(ConfigError::Invalid(p)) => p,
             other => panic!("expected validation problems, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn cert_authentication_needs_verified_client_certificates() {
+        let text = format!(
+            "[auth]\ntype = \"cert\"\n{}",
+            MINIMAL.replace(
+                "target = \"primary\"",
+                "target = \"primary\"\nmode = \"session\""
+            )
+        );
+        let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["listener[0].tls.client_tls_sslmode"]);
     }
 
     #[test]

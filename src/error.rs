@@ -138,6 +138,8 @@ impl ClientError {
             Auth(AuthError::Protocol(e)) => {
                 fatal("08P01", format!("invalid authentication message: {e}"))
             }
+            // invalid_authorization_specification, as PostgreSQL's cert authentication.
+            Auth(e @ AuthError::Certificate { .. }) => fatal("28000", e.to_string()),
             Auth(e) => fatal("28P01", e.to_string()),
             LoginTimeout(_) => fatal("08P01", self.to_string()),
             Pool(PoolError::WaitTimeout(_)) => {

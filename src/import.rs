@@ -25,6 +25,7 @@ pub struct Import {
     auth: Vec<(String, toml::Value)>,
     admin: Vec<(String, toml::Value)>,
     health: Vec<(String, toml::Value)>,
+    tls: Vec<(String, toml::Value)>,
     backends: Vec<Backend>,
     listeners: Vec<Listener>,
     users: Vec<(String, Vec<(String, toml::Value)>)>,
@@ -86,6 +87,19 @@ const POOL_KEYS: &[&str] = &[
     "max_packet_size",
 ];
 const LIMIT_KEYS: &[&str] = &["max_db_client_connections", "max_user_client_connections"];
+/// `[pgbouncer]` TLS keys pgvane's `[tls]` has under the same name.
+const TLS_KEYS: &[&str] = &[
+    "client_tls_sslmode",
+    "client_tls_cert_file",
+    "client_tls_key_file",
+    "client_tls_ca_file",
+    "client_tls_protocols",
+    "client_tls_ciphers",
+    "server_tls_sslmode",
+    "server_tls_ca_file",
+    "server_tls_cert_file",
+    "server_tls_key_file",
+];
 /// Keys whose value is a comma-separated list in pgbouncer.ini.
 const LIST_KEYS: &[&str] = &[
     "ignore_startup_parameters",
@@ -118,8 +132,8 @@ fn why_not(key: &str) -> &'static str {
         "unix_socket_dir" | "unix_socket_mode" | "unix_socket_group" => {
             "pgvane listens on TCP only"
         }
-        k if k.starts_with("client_tls_") || k.starts_with("server_tls_") => {
-            "TLS is not supported yet"
+        "server_tls_protocols" | "server_tls_ciphers" => {
+            "toward PostgreSQL pgvane uses rustls' defaults (TLS 1.2 and 1.3)"
         }
         "auth_hba_file" | "auth_ident_file" => {
             "pgvane authenticates from [[user]] entries, the auth_file and auth_query"
@@ -176,12 +190,13 @@ impl Import {
                         }
                     },
                     "auth_type" => match value {
-                        "md5" | "scram-sha-256" | "trust" => self.auth.push(("type".into(), value.into())),
+                        "md5" | "scram-sha-256" | "trust" | "cert" => self.auth.push(("type".into(), value.into())),
                         "plain" => self.auth.push(("type".into(), "md5".into())),
                         other => self.skip(&format!("auth_type = {other}"), "pgvane authenticates with scram-sha-256, md5 or trust; scram-sha-256 is used"),
                     },
                     "auth_file" => self.auth.push(("file".into(), value.into())),
                     "auth_user" | "auth_query" | "auth_dbname" => self.auth.push((key.into(), value.into())),
+                    k if TLS_KEYS.contains(&k) => self.tls.push((k.into(), value.into())),
                     "admin_users" | "stats_users" => self.admin.push((key.into(), typed(key, value))),
                     k if GENERAL_KEYS.contains(&k) => self.general.push((k.into(), typed(k, value))),
                     k if POOL_KEYS.contains(&k) => self.pool.push((k.into(), typed(k, value))),
@@ -503,6 +518,7 @@ impl Import {
             ("auth", &self.auth),
             ("admin", &self.admin),
             ("health", &self.health),
+            ("tls", &self.tls),
         ] {
             if keys.is_empty() {
                 continue;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -33,6 +33,7 @@ use crate::protocol::{read_message, ProtocolError};
 use crate::proxy::prepared::ServerStatements;
 use crate::registry::{Entry, NewEntry, Registry, State};
 use crate::stats::{DbStats, Latency, LinkCounts, Measure, Stats, STATS_PERIOD};
+use crate::tls::{ServerStream, ServerTls};
 use crate::topology::{Backend, Topology};
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +124,7 @@ pub const SERVER_READ_BUFFER: usize = 8192;
 
 /// One logged-in server connection.
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// What the link reads from the server into: kept with the connection, so a pool of N
     /// connections has N buffers however many clients it serves, and a transaction
     /// allocates none.
@@ -401,6 +402,8 @@ pub struct Pool {
     pub stats: Arc<DbStats>,
     /// SHOW LATENCY's histograms, shared with the pool's connections.
     pub latency: Arc<Latency>,
+    /// TLS toward PostgreSQL, as when the pool was made.
+    server_tls: Option<Arc<ServerTls>>,
     /// SHOW SERVERS' registry, shared by all pools.
     servers: Arc<Registry>,
     backend: Arc<Backend>,
@@ -785,13 +788,9 @@ impl Pool {
     async fn usable(&self, conn: &mut ServerConn) -> bool {
         // An idle server says nothing; readable means it closed or sent a FATAL (its
         // server was shut down or crashed). Checking costs no system call when quiet.
-        let mut probe = [0u8; 1];
-        match conn.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            _ => {
-                debug!(pool = ?self.key, "idle server connection was closed by the server");
-                return false;
-            }
+        if !conn.stream.is_quiet() {
+            debug!(pool = ?self.key, "idle server connection was closed by the server");
+            return false;
         }
         let now = coarse_now();
         if expired(now, conn.created, self.settings.server_lifetime) {
@@ -863,13 +862,23 @@ impl Pool {
         let _connecting = permit(&self.connecting.permits).await?;
         let backend = &self.backend;
         let connect = async {
-            let mut stream = TcpStream::connect((backend.host.as_str(), backend.port))
+            let stream = TcpStream::connect((backend.host.as_str(), backend.port))
                 .await
                 .map_err(|e| PoolError::Connect {
                     backend: backend.name.clone(),
                     reason: e.to_string(),
                 })?;
             let _ = stream.set_nodelay(true);
+            let mut stream =
+                match &self.server_tls {
+                    None => ServerStream::Plain(stream),
+                    Some(tls) => tls.connect(stream, &backend.host).await.map_err(|e| {
+                        PoolError::Connect {
+                            backend: backend.name.clone(),
+                            reason: format!("TLS: {e}"),
+                        }
+                    })?,
+                };
             let hello = login_to_server(
                 &mut stream,
                 &self.user.name,
@@ -901,11 +910,14 @@ impl Pool {
         let entry = self.servers.add(NewEntry {
             user: self.user.name.clone(),
             database: self.key.database.clone(),
-            addr: stream.peer_addr().unwrap_or_else(|_| unspecified()),
-            local_addr: stream.local_addr().unwrap_or_else(|_| unspecified()),
+            addr: stream.tcp().peer_addr().unwrap_or_else(|_| unspecified()),
+            local_addr: stream.tcp().local_addr().unwrap_or_else(|_| unspecified()),
             application_name: String::new(),
             remote_pid: hello.process_id,
-            tls: String::new(),
+            tls: match &stream {
+                ServerStream::Plain(_) => String::new(),
+                ServerStream::Tls(_) => "TLS".into(),
+            },
             close_needed: Some(self.retired.clone()),
             socket: None,
         });
@@ -1191,6 +1203,8 @@ pub struct Pools {
     /// backend → its `server_connect_concurrency` permits.
     connecting: Caps,
     rules: ArcSwap<PoolRules>,
+    /// TLS toward PostgreSQL for new pools (a change replaces the pools: see reload).
+    server_tls: ArcSwapOption<ServerTls>,
     /// SHOW STATS counters, per database.
     pub stats: Stats,
     /// Open server connections, for SHOW SERVERS.
@@ -1210,6 +1224,7 @@ impl Pools {
             user_caps: Mutex::default(),
             connecting: Mutex::default(),
             rules: ArcSwap::from_pointee(PoolRules::new(databases, users)),
+            server_tls: ArcSwapOption::empty(),
             stats: Stats::default(),
             servers: Arc::default(),
         })
@@ -1218,6 +1233,11 @@ impl Pools {
     /// The pool settings in force (a pool keeps those it was made with).
     pub fn settings(&self) -> Arc<PoolConfig> {
         self.settings.load_full()
+    }
+
+    /// TLS toward PostgreSQL for the pools made from now on.
+    pub fn set_server_tls(&self, tls: Option<Arc<ServerTls>>) {
+        self.server_tls.store(tls);
     }
 
     /// Whether clients may log in to `database`: any, unless `[[database]]` entries exist
@@ -1349,6 +1369,7 @@ impl Pools {
             retired: Arc::default(),
             stats: self.stats.of(database),
             latency: Arc::default(),
+            server_tls: self.server_tls.load_full(),
             servers: self.servers.clone(),
             backend: backend.clone(),
             user: user.clone(),

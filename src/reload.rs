@@ -151,7 +151,11 @@ impl Reloader {
     /// Applies `next` (valid, with its users and certificates loaded) as far as a running
     /// process can.
     fn apply(&mut self, mut next: Config, referenced: Referenced) -> Report {
-        let Referenced { users, tls } = referenced;
+        let Referenced {
+            users,
+            tls,
+            server_tls,
+        } = referenced;
         self.shared.metrics.set_certificates(&tls);
         for warning in crate::tls::expiring_soon(&tls) {
             warn!("{warning}");
@@ -207,7 +211,19 @@ impl Reloader {
         }
         self.apply_listeners(&mut next, &tls, &mut report);
 
-        if shared.topology.reconfigure_health(&next.health) {
+        // Server connections made with other TLS settings are replaced as released.
+        let server_tls_changed = server_keys(&next.tls) != server_keys(&old.tls);
+        shared.pools.set_server_tls(server_tls.clone());
+        if server_tls_changed {
+            let replaced = shared.pools.reconnect(None);
+            report.applied.push(format!(
+                "TLS toward PostgreSQL: {replaced} pool(s) replaced"
+            ));
+        }
+        if shared
+            .topology
+            .reconfigure_health(&next.health, server_tls, server_tls_changed)
+        {
             report
                 .applied
                 .push("[health]: every check restarted with it".into());
@@ -369,4 +385,14 @@ fn resize_client_slots(shared: &Arc<Shared>, from: u32, to: u32) {
 /// A config error as one line, each problem with its key.
 fn describe(e: &ConfigError) -> String {
     e.to_string().replace('\n', "; ")
+}
+
+/// The `[tls]` keys about connections to PostgreSQL.
+fn server_keys(tls: &crate::config::TlsConfig) -> impl PartialEq + '_ {
+    (
+        tls.server_tls_sslmode,
+        &tls.server_tls_ca_file,
+        &tls.server_tls_cert_file,
+        &tls.server_tls_key_file,
+    )
 }

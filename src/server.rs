@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::proxy::{self, CancelRegistry, ClientSettings, PauseState, Route, Shared};
 use crate::reload::{user_limits_of, ReloadHandle, Reloader};
-use crate::tls::{self, TlsByListener};
+use crate::tls::{self, ServerTls, TlsByListener};
 use crate::topology::Topology;
 use crate::upgrade;
 
@@ -57,6 +57,7 @@ pub enum StartError {
 pub struct Referenced {
     pub users: UserStore,
     pub tls: TlsByListener,
+    pub server_tls: Option<Arc<ServerTls>>,
 }
 
 /// Loads what the config refers to, so that `check`, start-up and reloads refuse the same
@@ -66,6 +67,7 @@ pub fn load_referenced(config: &Config) -> Result<Referenced, ConfigError> {
     Ok(Referenced {
         users: UserStore::load(config).map_err(invalid)?,
         tls: tls::load(config).map_err(invalid)?,
+        server_tls: tls::load_server(config).map_err(invalid)?,
     })
 }
 
@@ -288,7 +290,11 @@ fn check_open_files(config: &Config) {
 /// [`load_referenced`], which start-up has already called to validate the config; `path` is
 /// where a reload reads the configuration again.
 pub async fn run(path: PathBuf, config: Config, referenced: Referenced) -> Result<(), StartError> {
-    let Referenced { users, tls } = referenced;
+    let Referenced {
+        users,
+        tls,
+        server_tls,
+    } = referenced;
     let users = Arc::new(users);
     check_open_files(&config);
     // A running pgvane's sockets, when this process upgrades it.
@@ -326,8 +332,9 @@ pub async fn run(path: PathBuf, config: Config, referenced: Referenced) -> Resul
     let stop_background = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let topology = Topology::new(&config, metrics.clone());
-    topology.spawn_checks(&config, stop_background.clone());
+    topology.spawn_checks(&config, server_tls.clone(), stop_background.clone());
     let pools = Pools::new(config.pool.clone(), &config.databases, &config.users);
+    pools.set_server_tls(server_tls);
     tokio::spawn(pools.clone().maintain(stop_background.clone()));
     tokio::spawn(
         pools

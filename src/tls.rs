@@ -6,16 +6,20 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig, SupportedCipherSuite};
-use tokio::io::AsyncReadExt;
-use tokio::io::AsyncWriteExt;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    SupportedCipherSuite,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::{ClientSslMode, Config, Problem, TlsConfig};
+use crate::config::{ClientSslMode, Config, Problem, ServerSslMode, TlsConfig};
 
 /// PostgreSQL's ALPN protocol name, which direct TLS requires.
 const ALPN: &[u8] = b"postgresql";
@@ -68,6 +72,16 @@ pub fn load(config: &Config) -> Result<TlsByListener, Problem> {
         out.insert(l.name.clone(), Arc::new(listener));
     }
     Ok(out)
+}
+
+/// The TLS toward PostgreSQL (`None`: server_tls_sslmode = disable).
+pub fn load_server(config: &Config) -> Result<Option<Arc<ServerTls>>, Problem> {
+    server_tls(&config.tls)
+        .map(|t| t.map(Arc::new))
+        .map_err(|(k, message)| Problem {
+            key: format!("tls.{k}"),
+            message,
+        })
 }
 
 /// Whether `[tls]` itself sets key `k`.
@@ -217,6 +231,13 @@ pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5
 pub fn unix_now() -> i64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     since.map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A certificate's subject common name.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
 }
 
 /// When a certificate stops being valid, as a Unix time.
@@ -405,6 +426,342 @@ async fn peek_head(client: &TcpStream) -> std::io::Result<Vec<u8>> {
         // Rare (an 8-byte request split in two): the rest is a moment away, and peek,
         // which leaves the bytes there, would find them again at once.
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// TLS toward PostgreSQL: `server_tls_sslmode` and what makes its handshakes.
+pub struct ServerTls {
+    pub mode: ServerSslMode,
+    config: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl ServerTls {
+    /// The rustls configuration, for the health checks' tokio-postgres.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
+
+    /// Opens TLS on `stream`, a new connection to `host` (with no byte sent yet), as libpq
+    /// does: an SSLRequest, then a handshake if the server answers 'S'. A server that
+    /// answers 'N' gets plaintext under `prefer`, and is an error otherwise.
+    pub async fn connect(
+        &self,
+        mut stream: TcpStream,
+        host: &str,
+    ) -> std::io::Result<ServerStream> {
+        stream.write_all(&SSL_REQUEST).await?;
+        let mut answer = [0u8; 1];
+        stream.read_exact(&mut answer).await?;
+        match answer[0] {
+            b'S' => {
+                let name = ServerName::try_from(host.to_owned())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let connector = TlsConnector::from(self.config.clone());
+                let tls = connector.connect(name, stream).await?;
+                Ok(ServerStream::Tls(Box::new(tls)))
+            }
+            b'N' if self.mode == ServerSslMode::Prefer => Ok(ServerStream::Plain(stream)),
+            b'N' => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "the server does not accept TLS (server_tls_sslmode requires it)",
+            )),
+            other => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected answer {other:#x} to an SSLRequest"),
+            )),
+        }
+    }
+}
+
+/// The TLS toward PostgreSQL of `tls` (`None` for disable).
+fn server_tls(tls: &TlsConfig) -> Result<Option<ServerTls>, Failure> {
+    let mode = tls.server_tls_sslmode.unwrap_or_default();
+    if mode == ServerSslMode::Disable {
+        return Ok(None);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("server_tls_sslmode", e.to_string()))?;
+    let verifier: Arc<dyn ServerCertVerifier> = match mode {
+        ServerSslMode::VerifyCa | ServerSslMode::VerifyFull => {
+            let ca_file = tls.server_tls_ca_file.as_deref().ok_or((
+                "server_tls_ca_file",
+                "server_tls_sslmode verify-ca and verify-full check the server's certificate against these CAs: set it".to_owned(),
+            ))?;
+            let mut roots = RootCertStore::empty();
+            for ca in certificates(ca_file).map_err(|e| ("server_tls_ca_file", e))? {
+                roots
+                    .add(ca)
+                    .map_err(|e| ("server_tls_ca_file", format!("{}: {e}", ca_file.display())))?;
+            }
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| ("server_tls_ca_file", e.to_string()))?;
+            match mode {
+                ServerSslMode::VerifyFull => webpki,
+                _ => Arc::new(AnyName(webpki)),
+            }
+        }
+        _ => Arc::new(Unchecked(provider)),
+    };
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let config = match (&tls.server_tls_cert_file, &tls.server_tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = certificates(cert).map_err(|e| ("server_tls_cert_file", e))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| ("server_tls_key_file", format!("{}: {e}", key.display())))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                (
+                    "server_tls_key_file",
+                    format!("does not go with server_tls_cert_file: {e}"),
+                )
+            })?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        (Some(_), None) => {
+            return Err((
+                "server_tls_key_file",
+                "server_tls_cert_file needs its key".to_owned(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err((
+                "server_tls_cert_file",
+                "server_tls_key_file needs its certificate".to_owned(),
+            ))
+        }
+    };
+    Ok(Some(ServerTls {
+        mode,
+        config: Arc::new(config),
+    }))
+}
+
+/// `prefer` and `require`, as libpq's: the connection is encrypted, the certificate not
+/// checked (the handshake's signatures are).
+#[derive(Debug)]
+struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to the CA; the names in the certificate do not matter.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A server connection: plaintext, or TLS over it.
+pub enum ServerStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// How the link splits a server connection of one kind. The link is compiled once per
+/// kind, so that a plaintext connection's halves are what they were before TLS (a link's
+/// future must stay within the allocator's 1 KiB fast path).
+pub trait ServerSplit {
+    type Reader<'a>: AsyncRead + Unpin + Send;
+    type Writer<'a>: AsyncWrite + Unpin + Send;
+
+    /// Read and write halves, driven concurrently by one task; `None` for a stream of the
+    /// other kind.
+    fn split(stream: &mut ServerStream) -> Option<(Self::Reader<'_>, Self::Writer<'_>)>;
+}
+
+/// A plaintext server connection.
+pub struct PlainServer;
+
+/// A server connection over TLS.
+pub struct TlsServer;
+
+type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+impl ServerSplit for PlainServer {
+    type Reader<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Writer<'a> = tokio::net::tcp::WriteHalf<'a>;
+
+    fn split(stream: &mut ServerStream) -> Option<(Self::Reader<'_>, Self::Writer<'_>)> {
+        match stream {
+            ServerStream::Plain(s) => Some(s.split()),
+            ServerStream::Tls(_) => None,
+        }
+    }
+}
+
+impl ServerSplit for TlsServer {
+    type Reader<'a> = tokio::io::ReadHalf<&'a mut ClientTls>;
+    type Writer<'a> = tokio::io::WriteHalf<&'a mut ClientTls>;
+
+    fn split(stream: &mut ServerStream) -> Option<(Self::Reader<'_>, Self::Writer<'_>)> {
+        match stream {
+            ServerStream::Tls(s) => Some(tokio::io::split(&mut **s)),
+            ServerStream::Plain(_) => None,
+        }
+    }
+}
+
+impl ServerStream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            ServerStream::Plain(s) => s,
+            ServerStream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ServerStream::Tls(_))
+    }
+
+    /// Whether an idle connection is still quiet: no byte to read (a closed connection
+    /// reads its end, a server shutting down sends a FATAL first). Registers no waker.
+    pub fn is_quiet(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        match self {
+            ServerStream::Plain(s) => {
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            ServerStream::Tls(s) => {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                let mut buf = tokio::io::ReadBuf::new(&mut probe);
+                let read = std::pin::Pin::new(&mut **s).poll_read(&mut cx, &mut buf);
+                read.is_pending()
+            }
+        }
+    }
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            ServerStream::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ServerStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            ServerStream::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            ServerStream::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            ServerStream::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
     }
 }
 

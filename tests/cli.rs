@@ -398,8 +398,17 @@ fn import_maps_every_key_it_knows() {
         "SELECT usename, passwd FROM pgbouncer.get_auth($1)"
     );
     assert_eq!(c.auth.auth_dbname.as_deref(), Some("postgres"));
+    assert_eq!(
+        c.tls.client_tls_cert_file.as_deref(),
+        Some(std::path::Path::new("/etc/pgbouncer/server.crt"))
+    );
+    assert_eq!(c.tls.client_tls_protocols.as_deref(), Some("secure"));
+    assert_eq!(
+        c.tls.server_tls_sslmode,
+        Some(pgvane::config::ServerSslMode::Prefer)
+    );
     for not_carried in [
-        "server_tls_sslmode: TLS is not supported yet",
+        "server_tls_protocols: toward PostgreSQL pgvane uses rustls' defaults",
         "[databases] other connect_query=select 1: not supported per database",
         "[users] batch pool_mode=statement: statement mode is not supported",
         "logfile:",

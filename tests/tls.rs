@@ -419,3 +419,154 @@ async fn direct_tls_from_libpq_17_is_accepted() {
         "SHOW CLIENTS' tls column: {text}"
     );
 }
+
+/// auth.type = "cert": the client certificate's common name is the user, no password
+/// asked; a certificate for another user is refused with 28000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_authentication_takes_the_user_from_the_certificate() {
+    let cluster = Cluster::start(0);
+    create_role(&cluster, "watcher").await;
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "localhost", &["localhost"]);
+    let (client_cert, client_key) = pki.issue("client", SUPERUSER, &[]);
+    let keys = format!(
+        "{}client_tls_ca_file = \"{}\"\n",
+        tls_keys(&cert, &key, "verify-full"),
+        pki.ca_file().display()
+    );
+    let (text, port) = tls_listener("cert", &keys);
+    let config = pooled_config(&cluster, &text, "[auth]\ntype = \"cert\"\n");
+    let _pgvane = Pgvane::start(&config, &[port]);
+    let as_user = |user: &str| {
+        let conninfo = format!(
+            "host=localhost port={port} user={user} dbname=postgres sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+            pki.ca_file().display(),
+            client_cert.display(),
+            client_key.display()
+        );
+        Command::new("psql")
+            .args([
+                "-X",
+                "-At",
+                "-w",
+                "-d",
+                &conninfo,
+                "-c",
+                "SELECT current_user",
+            ])
+            .env_remove("PGPASSWORD")
+            .output()
+            .unwrap()
+    };
+    assert_eq!(stdout(&as_user(SUPERUSER)), SUPERUSER);
+    let other = as_user("watcher");
+    assert!(!other.status.success());
+    let error = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        error.contains("certificate authentication failed for user \"watcher\""),
+        "{error}"
+    );
+}
+
+/// A PostgreSQL that takes TLS connections only (ssl = on, `hostssl` lines alone in
+/// pg_hba.conf) behind pgvane with server_tls_sslmode = verify-full: pooled connections
+/// and health checks use TLS with the server's certificate checked against the CA and the
+/// backend's address; plaintext clients of pgvane reach it all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connections_use_tls_toward_a_postgresql_that_requires_it() {
+    use std::os::unix::fs::MetadataExt;
+    let cluster = Cluster::start(0);
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("postgres-server", "127.0.0.1", &["127.0.0.1", "localhost"]);
+    let node = cluster.primary();
+    let owner = std::fs::metadata(&node.data).unwrap();
+    for (from, to) in [(&cert, "server.crt"), (&key, "server.key")] {
+        let path = node.data.join(to);
+        std::fs::copy(from, &path).unwrap();
+        std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
+    }
+    let conf = node.data.join("postgresql.conf");
+    let mut settings = std::fs::read_to_string(&conf).unwrap();
+    settings.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+    std::fs::write(&conf, settings).unwrap();
+    std::fs::write(
+        node.data.join("pg_hba.conf"),
+        "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 reject\n",
+    )
+    .unwrap();
+    node.connect()
+        .await
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    eventually(PATIENCE, "plaintext refused by PostgreSQL", || async {
+        connect(node.port, SUPERUSER, "postgres")
+            .await
+            .err()
+            .map(|_| ())
+    })
+    .await;
+
+    let tx = free_port();
+    let extra = format!(
+        "[tls]\nserver_tls_sslmode = \"verify-full\"\nserver_tls_ca_file = \"{}\"\n",
+        pki.ca_file().display()
+    );
+    let text = pooled_config(
+        &cluster,
+        &listener("tx", tx, "primary", "mode = \"transaction\""),
+        &extra,
+    );
+    let _pgvane = Pgvane::start(&text, &[tx]);
+    let client = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (ssl, version): (bool, String) = (row.get(0), row.get(1));
+    assert!(ssl);
+    assert_eq!(version, "TLSv1.3");
+}
+
+/// tokio-postgres over rustls (tokio-postgres-rustls) with sslmode=require, verifying the
+/// certificate against the CA and the host name: prepared statements across transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_verifies_pgvane_s_certificate() {
+    let cluster = Cluster::start(0);
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "localhost", &["localhost"]);
+    let (text, port) = tls_listener("tls", &tls_keys(&cert, &key, "require"));
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &text, ""), &[port]);
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.ca_file()).unwrap();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connect = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("localhost")
+        .port(port)
+        .user(SUPERUSER)
+        .password(PASSWORD)
+        .dbname("postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
+        .connect(connect)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let statement = client.prepare("SELECT $1::int + 1").await.unwrap();
+    for n in 0..20 {
+        let row = client.query_one(&statement, &[&n]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), n + 1);
+    }
+}

@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     let mut reply = BytesMut::new();
     let known = users().get("u");
     let authenticated =
-        authenticate_client(&mut stream, users(), "u", known.as_deref(), &mut reply);
+        authenticate_client(&mut stream, users(), "u", known.as_deref(), None, &mut reply);
     let _ = authenticated.now_or_never();
 
     let cut = data.first().map_or(0, |&c| c as usize).min(data.len());

@@ -50,6 +50,12 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = ()> + Send + 'a;
 
+    /// The common name of the client's certificate (verified, when the listener asks for
+    /// one).
+    fn certificate_cn(&self) -> Option<String> {
+        None
+    }
+
     /// Protocol and cipher suite, as PgBouncer's SHOW CLIENTS shows them; empty without TLS.
     fn tls_description(&self) -> String {
         String::new()
@@ -164,6 +170,11 @@ impl ClientIo for TlsClient {
 
     fn tcp(&self) -> &TcpStream {
         self.0.get_ref().0
+    }
+
+    fn certificate_cn(&self) -> Option<String> {
+        let certs = self.0.get_ref().1.peer_certificates()?;
+        crate::tls::common_name(certs.first()?)
     }
 
     fn tls_description(&self) -> String {

@@ -51,7 +51,7 @@ use crate::protocol::{
 };
 use crate::registry::{Entry, NewEntry, State};
 use crate::stats::{bump, now_us, LinkCounts, Measure};
-use crate::tls::{self, Negotiated};
+use crate::tls::{self, Negotiated, PlainServer, ServerSplit, TlsServer};
 use crate::topology::{Backend, RoutingTable};
 
 /// Read buffer for a client's request while linked (PgBouncer's pkt_buf is 4 KiB).
@@ -351,9 +351,17 @@ async fn login<C: ClientIo>(
     if let (None, false, Some(query)) = (&known, to_console, &users.auth_query) {
         known = Box::pin(auth_query::lookup(shared, query, &user, &database)).await?;
     }
-    let authenticated =
-        authenticate_client(client, &users, &user, known.as_deref(), &mut reply).await;
-    if let Err(AuthError::Failed(_)) = &authenticated {
+    let certificate = client.get_ref().certificate_cn();
+    let authenticated = authenticate_client(
+        client,
+        &users,
+        &user,
+        known.as_deref(),
+        certificate.as_deref(),
+        &mut reply,
+    )
+    .await;
+    if let Err(AuthError::Failed(_) | AuthError::Certificate { .. }) = &authenticated {
         route.auth_failed(client.get_ref().peer());
     }
     authenticated?;
@@ -769,15 +777,21 @@ impl Session {
         };
         // Boxed on its own: two boxes of up to 1 KiB each cost less than one past it
         // (`a_request_s_future_fits_the_allocator_s_fast_path`).
-        let end = Box::pin(link.run(
-            client,
-            &mut first,
-            lease.conn(),
-            &mut self.overrides,
-            statements,
-            role_lost,
-        ))
-        .await;
+        let (overrides, conn) = (&mut self.overrides, lease.conn());
+        let end = match conn.stream.is_tls() {
+            false => {
+                let link = link.run::<C, PlainServer>(
+                    client, &mut first, conn, overrides, statements, role_lost,
+                );
+                Box::pin(link).await
+            }
+            true => {
+                let link = link.run::<C, TlsServer>(
+                    client, &mut first, conn, overrides, statements, role_lost,
+                );
+                Box::pin(link).await
+            }
+        };
         lease.record_stats();
         self.entry.set(State::Idle, 0);
         let conn = lease.conn();
@@ -1225,7 +1239,7 @@ impl Link<'_> {
     /// and they share their view of the protocol state through `LinkState`. Each socket is
     /// split into its read and write halves and driven only through tokio's own reads and
     /// writes, whose wake-ups tokio guarantees (its coop budget included).
-    async fn run<C: ClientIo>(
+    async fn run<C: ClientIo, S: ServerSplit>(
         self,
         client: &mut C,
         buf: &mut BytesMut,
@@ -1255,7 +1269,14 @@ impl Link<'_> {
         // Pinned already (an earlier transaction of this client made session state), or
         // watched for it in transaction mode.
         st.pinned.store(*self.pinned, Relaxed);
-        let (mut server_r, mut server_w) = stream.split();
+        let Some((mut server_r, mut server_w)) = S::split(stream) else {
+            // The caller picks `S` by the stream's kind.
+            let error = ClientError::ServerLost("server stream of another kind".into());
+            return LinkEnd::Failed {
+                error,
+                tell_client: true,
+            };
+        };
         let max_prepared = self.settings.max_prepared_statements as usize;
         let tracker = statements.map(|c| LazyTracker::new(c, prepared, max_prepared));
 
@@ -1753,12 +1774,16 @@ mod tests {
         // (callgrind, -S 32 clients), in mi_malloc_aligned's generic path.
         let size = output_size(Session::serve_request::<TcpStream>);
         assert!(size <= 1024, "per-request future is {size} bytes");
-        let size = output_size7(Link::run::<TcpStream>);
+        let size = output_size7(Link::run::<TcpStream, PlainServer>);
         assert!(size <= 1024, "link future is {size} bytes");
         let size = output_size(Session::serve_request::<TlsClient>);
         assert!(size <= 1024, "per-request future (TLS) is {size} bytes");
-        let size = output_size7(Link::run::<TlsClient>);
-        assert!(size <= 1024, "link future (TLS) is {size} bytes");
+        let size = output_size7(Link::run::<TlsClient, PlainServer>);
+        assert!(size <= 1024, "link future (TLS client) is {size} bytes");
+        let size = output_size7(Link::run::<TcpStream, TlsServer>);
+        assert!(size <= 1024, "link future (TLS server) is {size} bytes");
+        let size = output_size7(Link::run::<TlsClient, TlsServer>);
+        assert!(size <= 1024, "link future (TLS both) is {size} bytes");
     }
 
     fn output_size7<A, B, C, D, E, F, G, R>(_: impl Fn(A, B, C, D, E, F, G) -> R) -> usize {

@@ -18,7 +18,9 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use tracing::debug;
 
 use super::health::{Observation, Progress};
-use crate::config::{BackendConfig, CheckMethod, HealthConfig};
+use crate::config::{BackendConfig, CheckMethod, HealthConfig, ServerSslMode};
+use crate::tls::ServerTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// On a primary the current WAL file name starts with the timeline in 8 hex digits; that is
 /// up to date right after a promotion, unlike the checkpoint's timeline. The third column is
@@ -40,16 +42,16 @@ pub enum Probe {
 }
 
 impl Probe {
-    pub fn new(backend: &BackendConfig, health: &HealthConfig) -> Self {
+    pub fn new(backend: &BackendConfig, health: &HealthConfig, tls: Option<&ServerTls>) -> Self {
         match health.method {
-            CheckMethod::Sql => Probe::Sql(SqlProbe::new(backend, health)),
+            CheckMethod::Sql => Probe::Sql(SqlProbe::new(backend, health, tls)),
             CheckMethod::Patroni => Probe::Patroni(PatroniProbe {
                 host: backend.host.clone(),
                 port: backend.patroni_port(health),
                 sql: health
                     .patroni
                     .cross_check
-                    .then(|| SqlProbe::new(backend, health)),
+                    .then(|| SqlProbe::new(backend, health, tls)),
             }),
         }
     }
@@ -90,10 +92,12 @@ impl Probe {
 pub struct SqlProbe {
     config: tokio_postgres::Config,
     client: Option<Client>,
+    /// TLS toward PostgreSQL, as the pools' connections have it.
+    tls: Option<MakeRustlsConnect>,
 }
 
 impl SqlProbe {
-    fn new(backend: &BackendConfig, health: &HealthConfig) -> Box<Self> {
+    fn new(backend: &BackendConfig, health: &HealthConfig, tls: Option<&ServerTls>) -> Box<Self> {
         let mut pg = tokio_postgres::Config::new();
         pg.host(&backend.host)
             .port(backend.port)
@@ -104,9 +108,19 @@ impl SqlProbe {
         if let Some(pw) = &health.sql.password {
             pg.password(pw);
         }
+        // As the pools' connections: `prefer` and `require` as libpq's, verification by
+        // rustls' configuration.
+        let tls = tls.map(|t| {
+            pg.ssl_mode(match t.mode {
+                ServerSslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                _ => tokio_postgres::config::SslMode::Require,
+            });
+            MakeRustlsConnect::new((*t.client_config()).clone())
+        });
         Box::new(SqlProbe {
             config: pg,
             client: None,
+            tls,
         })
     }
 
@@ -114,12 +128,20 @@ impl SqlProbe {
         let client = match &self.client {
             Some(c) if !c.is_closed() => c,
             _ => {
-                let (client, conn) = self
-                    .config
-                    .connect(NoTls)
-                    .await
-                    .map_err(|e| format!("connect: {}", pg_cause(&e)))?;
-                tokio::spawn(conn);
+                let failed = |e: tokio_postgres::Error| format!("connect: {}", pg_cause(&e));
+                let client = match &self.tls {
+                    None => {
+                        let (client, conn) = self.config.connect(NoTls).await.map_err(failed)?;
+                        tokio::spawn(conn);
+                        client
+                    }
+                    Some(tls) => {
+                        let (client, conn) =
+                            self.config.connect(tls.clone()).await.map_err(failed)?;
+                        tokio::spawn(conn);
+                        client
+                    }
+                };
                 self.client.insert(client)
             }
         };

@@ -25,6 +25,7 @@ pub use table::{Backend, BackendView, Election, RoutingTable, Serving, SessionGu
 
 use crate::config::{BackendConfig, Config, HealthConfig, LagLimit};
 use crate::metrics::Metrics;
+use crate::tls::ServerTls;
 use check::Probe;
 use health::HealthState;
 
@@ -59,6 +60,8 @@ struct Checked {
 #[derive(Clone)]
 struct CheckContext {
     health: HealthConfig,
+    /// TLS toward PostgreSQL, for SQL checks.
+    tls: Option<Arc<ServerTls>>,
     results: mpsc::Sender<CheckResult>,
     shutdown: CancellationToken,
 }
@@ -215,17 +218,24 @@ impl Topology {
         changes
     }
 
-    /// Takes reloaded `[health]` settings: every check task restarts with them (health
-    /// states, and so the routing table, stay as they are). Returns whether they changed.
-    pub fn reconfigure_health(self: &Arc<Self>, health: &HealthConfig) -> bool {
+    /// Takes reloaded `[health]` settings and TLS toward PostgreSQL: when either changed
+    /// (`tls_changed`), every check task restarts with them (health states, and so the
+    /// routing table, stay as they are). Returns whether anything changed.
+    pub fn reconfigure_health(
+        self: &Arc<Self>,
+        health: &HealthConfig,
+        tls: Option<Arc<ServerTls>>,
+        tls_changed: bool,
+    ) -> bool {
         let mut checks = self.checks.lock().expect("checks lock");
         let Some(context) = checks.started.as_mut() else {
             return false;
         };
-        if context.health == *health {
+        if context.health == *health && !tls_changed {
             return false;
         }
         context.health = health.clone();
+        context.tls = tls;
         let context = context.clone();
         for c in &mut checks.backends {
             c.stop.cancel();
@@ -309,10 +319,16 @@ impl Topology {
     }
 
     /// Starts one check task per backend and the publisher; all stop on `shutdown`.
-    pub fn spawn_checks(self: &Arc<Self>, config: &Config, shutdown: CancellationToken) {
+    pub fn spawn_checks(
+        self: &Arc<Self>,
+        config: &Config,
+        tls: Option<Arc<ServerTls>>,
+        shutdown: CancellationToken,
+    ) {
         let (tx, rx) = mpsc::channel(config.backends.len().max(1) * 4);
         let context = CheckContext {
             health: config.health.clone(),
+            tls,
             results: tx,
             shutdown,
         };
@@ -327,7 +343,7 @@ impl Topology {
 
     /// Starts backend `c`'s check task; it stops at shutdown or when `c.stop` is cancelled.
     fn start_check(self: &Arc<Self>, c: &Checked, context: &CheckContext) {
-        let probe = Probe::new(&c.config, &context.health);
+        let probe = Probe::new(&c.config, &context.health, context.tls.as_deref());
         let (health, results) = (context.health.clone(), context.results.clone());
         let (stop, shutdown) = (c.stop.clone(), context.shutdown.clone());
         let checks = self
