@@ -1,0 +1,82 @@
+//! `scripts/demo`: interrupted with Ctrl-C mid-run, it leaves no process and no temp dir.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::PATIENCE;
+
+#[test]
+fn the_demo_cleans_up_after_ctrl_c() {
+    let mut demo = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"))
+        .env("PGVANE_BIN", env!("CARGO_BIN_EXE_pgvane"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        // A process group of its own, as a terminal gives a job: Ctrl-C reaches all of it.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = demo.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Its temp dir, named as it starts the cluster; interrupted once pgbench runs.
+    let deadline = Instant::now() + PATIENCE * 3;
+    let (mut work, mut seen) = (None, Vec::new());
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("the demo did not get to pgbench: {seen:#?}"));
+        if let Some(at) = line.find(" in /tmp/") {
+            // The path, without the terminal codes that may follow it.
+            let path = line[at + 4..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || "/._-".contains(*c))
+                .collect::<String>();
+            work = Some(path);
+        }
+        let running = line.contains("pgbench through pgvane");
+        seen.push(line);
+        if running {
+            break;
+        }
+    }
+    let work = work.unwrap_or_else(|| panic!("no temp dir named: {seen:#?}"));
+    assert!(std::path::Path::new(&work).exists());
+    std::thread::sleep(Duration::from_millis(500));
+    let group = format!("-{}", demo.id());
+    let status = Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = Instant::now();
+    loop {
+        if demo.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            exited.elapsed() < PATIENCE,
+            "the demo did not exit after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!std::path::Path::new(&work).exists(), "{work} left behind");
+    let ps = Command::new("ps")
+        .args(["-eo", "pid,args"])
+        .output()
+        .unwrap();
+    let left: Vec<String> = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.contains(&work))
+        .map(str::to_owned)
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:#?}");
+}
