@@ -50,27 +50,15 @@ say "cluster: primary + replica, scale $SCALE"
 cluster_start "$WORK" 1
 DIRECT=${NODE_PORTS[0]}
 
-# pgvane_config takes its listener ports from RW_PORT, RO_PORT and TX_PORT.
-RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
-pgvane_config "$WORK/pgvane.toml" 1s
-PASS_PORT=$RW_PORT TXN_PORT=$TX_PORT
-"$PGVANE" --config "$WORK/pgvane.toml" > "$WORK/pgvane.log" 2>&1 &
-PIDS+=($!); PGVANE_PID=$!
+pgvane_start pgvane
+PGVANE_PID=$STARTED_PID PASS=$PASS_PORT TXN=$TXN_PORT
 # A second pgvane on one thread (worker_threads = 1), as PgBouncer runs.
-RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
-pgvane_config "$WORK/pgvane-1t.toml" 1s
-sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/pgvane-1t.toml"
-TXN1_PORT=$TX_PORT
-"$PGVANE" --config "$WORK/pgvane-1t.toml" > "$WORK/pgvane-1t.log" 2>&1 &
-PIDS+=($!); PGVANE1_PID=$!
+pgvane_start pgvane-1t "$PGVANE" 1
+PGVANE1_PID=$STARTED_PID TXN1=$TXN_PORT
 LIMITS_TARGET=()
 if [ -n "$LIMITS" ]; then
     # Every limit on, set far above what the workloads reach: the cost of checking them.
-    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
-    pgvane_config "$WORK/limits.toml" 1s
-    sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/limits.toml"
-    cat >> "$WORK/limits.toml" <<'TOML'
-
+    EXTRA='
 [limits]
 allow = ["127.0.0.0/8"]
 deny = ["10.255.255.0/24"]
@@ -81,42 +69,20 @@ user_connection_rate = "1000000/s"
 max_user_client_connections = 1000000
 max_db_client_connections = 1000000
 user_transaction_rate = "100000000/s"
-user_transaction_burst = 100000000
-TOML
-    "$PGVANE" --config "$WORK/limits.toml" > "$WORK/limits.log" 2>&1 &
-    PIDS+=($!)
-    LIMITS_TARGET=("pgvane-txn-1t-limits:$TX_PORT:$!")
-    wait_port "$TX_PORT"
+user_transaction_burst = 100000000' pgvane_start limits "$PGVANE" 1
+    LIMITS_TARGET=("pgvane-txn-1t-limits:$TXN_PORT:$STARTED_PID")
+    wait_port "$TXN_PORT"
 fi
 BASE_TARGET=()
 if [ -n "$BASELINE" ]; then
-    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
-    pgvane_config "$WORK/baseline.toml" 1s
-    sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/baseline.toml"
-    "$BASELINE" --config "$WORK/baseline.toml" > "$WORK/baseline.log" 2>&1 &
-    PIDS+=($!)
-    BASE_TARGET=("baseline-txn-1t:$TX_PORT:$!")
-    wait_port "$TX_PORT"
+    pgvane_start baseline "$BASELINE" 1
+    BASE_TARGET=("baseline-txn-1t:$TXN_PORT:$STARTED_PID")
+    wait_port "$TXN_PORT"
 fi
-
-HAPROXY_PORT=$(free_port)
-cat > "$WORK/haproxy.cfg" <<CFG
-global
-    maxconn 4096
-defaults
-    mode tcp
-    timeout client 30m
-    timeout server 30m
-    timeout connect 4s
-listen pg
-    bind 127.0.0.1:$HAPROXY_PORT
-    server pg0 127.0.0.1:$DIRECT maxconn 1000
-CFG
-haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 &
-PIDS+=($!); HAPROXY_PID=$!
+haproxy_start
 
 pgbouncer_start "$WORK" 20000
-wait_port "$PASS_PORT"; wait_port "$TXN_PORT"; wait_port "$TXN1_PORT"; wait_port "$HAPROXY_PORT"
+wait_port "$PASS"; wait_port "$TXN"; wait_port "$TXN1"; wait_port "$HAPROXY_PORT"
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 TLS_TARGETS=()
 if [ -n "$TLS" ]; then
@@ -124,33 +90,26 @@ if [ -n "$TLS" ]; then
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
         -subj /CN=localhost -keyout "$WORK/tls/server.key" -out "$WORK/tls/server.crt" 2>/dev/null
     chmod 644 "$WORK/tls/server.key"
-    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
-    pgvane_config "$WORK/tls.toml" 1s
-    sed -i 's/^max_client_conn = .*/&\nworker_threads = 1/' "$WORK/tls.toml"
-    cat >> "$WORK/tls.toml" <<TOML
-
+    EXTRA="
 [tls]
-client_tls_sslmode = "require"
-client_tls_cert_file = "$WORK/tls/server.crt"
-client_tls_key_file = "$WORK/tls/server.key"
-TOML
-    "$PGVANE" --config "$WORK/tls.toml" > "$WORK/tls.log" 2>&1 &
-    PIDS+=($!)
-    TLS_TARGETS=("pgvane-txn-1t-tls:$TX_PORT:$!:require")
+client_tls_sslmode = \"require\"
+client_tls_cert_file = \"$WORK/tls/server.crt\"
+client_tls_key_file = \"$WORK/tls/server.key\"" pgvane_start tls "$PGVANE" 1
+    TLS_TARGETS=("pgvane-txn-1t-tls:$TXN_PORT:$STARTED_PID:require")
+    wait_port "$TXN_PORT"
     PLAIN_BOUNCER_PORT=$BOUNCER_PORT
     pgbouncer_start "$WORK/tls" 20000 "client_tls_sslmode = require
 client_tls_key_file = $WORK/tls/server.key
 client_tls_cert_file = $WORK/tls/server.crt"
     TLS_TARGETS+=("pgbouncer-tls:$BOUNCER_PORT:$(cat "$WORK/tls/pgbouncer.pid"):require")
     BOUNCER_PORT=$PLAIN_BOUNCER_PORT
-    wait_port "$TX_PORT"
 fi
 
 pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s "$SCALE" -q postgres > /dev/null 2>&1
 
 # name:port:pid of the process whose CPU time is measured (none for direct).
-TARGETS=("direct:$DIRECT:" "pgvane-pass:$PASS_PORT:$PGVANE_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID"
-         "pgvane-txn:$TXN_PORT:$PGVANE_PID" "pgvane-txn-1t:$TXN1_PORT:$PGVANE1_PID"
+TARGETS=("direct:$DIRECT:" "pgvane-pass:$PASS:$PGVANE_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID"
+         "pgvane-txn:$TXN:$PGVANE_PID" "pgvane-txn-1t:$TXN1:$PGVANE1_PID"
          "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID" "${BASE_TARGET[@]}" "${LIMITS_TARGET[@]}"
          "${TLS_TARGETS[@]}")
 # Prepared runs use a pgbench thread per client: pgbench prepares synchronously (PQprepare),

@@ -173,6 +173,41 @@ pgvane_config() {
 # pgbouncer_start WORK MAX_CLIENTS: PgBouncer in transaction mode, pool of 20, in front of
 # NODE_PORTS[0], on a free port. Its auth_file holds the SCRAM verifier from pg_authid, so it
 # runs no PBKDF2 per client login. Sets BOUNCER_PORT; the pid is in WORK/pgbouncer.pid.
+# pgvane_start NAME [BINARY] [THREADS]: a pgvane (BINARY, default $PGVANE) with
+# pgvane_config's listeners on fresh ports, its config and log WORK/NAME.toml and .log,
+# worker_threads = THREADS if given, and EXTRA (TOML appended) from the environment; sets
+# PASS_PORT (passthrough, primary), TXN_PORT (transaction pooling) and STARTED_PID.
+pgvane_start() {
+    local name=$1 binary=${2:-$PGVANE} threads=${3:-}
+    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
+    pgvane_config "$WORK/$name.toml" 1s
+    [ -n "$threads" ] && sed -i "s/^max_client_conn = .*/&\nworker_threads = $threads/" "$WORK/$name.toml"
+    printf '%s\n' "${EXTRA:-}" >> "$WORK/$name.toml"
+    "$binary" --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
+    PIDS+=($!); STARTED_PID=$!
+    PASS_PORT=$RW_PORT TXN_PORT=$TX_PORT
+}
+
+# haproxy_start: HAProxy (tcp) in front of NODE_PORTS[0] on a free port; sets HAPROXY_PORT
+# and HAPROXY_PID.
+haproxy_start() {
+    HAPROXY_PORT=$(free_port)
+    cat > "$WORK/haproxy.cfg" <<CFG
+global
+    maxconn 8192
+defaults
+    mode tcp
+    timeout client 30m
+    timeout server 30m
+    timeout connect 4s
+listen pg
+    bind 127.0.0.1:$HAPROXY_PORT
+    server pg0 127.0.0.1:${NODE_PORTS[0]} maxconn 1000
+CFG
+    haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 &
+    PIDS+=($!); HAPROXY_PID=$!
+}
+
 # pgbouncer_start WORK MAX_CLIENTS [EXTRA_SETTINGS]: a PgBouncer in transaction mode on
 # the primary, its files in WORK; sets BOUNCER_PORT.
 pgbouncer_start() {
