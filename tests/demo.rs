@@ -80,3 +80,48 @@ fn the_demo_cleans_up_after_ctrl_c() {
         .collect();
     assert!(left.is_empty(), "processes left: {left:#?}");
 }
+
+/// The whole demo: it runs to its end, shows the failover live (the crash, the promotion
+/// and the first write after it marked) and exits cleanly.
+#[test]
+fn the_demo_runs_to_its_end_and_shows_the_failover() {
+    let mut demo = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"))
+        .env("PGVANE_BIN", env!("CARGO_BIN_EXE_pgvane"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut stdout = demo.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        out
+    });
+    // Bounded: a demo that never ends (waiting on a process it started) is a failure too.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = demo.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > PATIENCE * 5 {
+            let group = format!("-{}", demo.id());
+            let _ = Command::new("kill").args(["-INT", "--", &group]).status();
+            let _ = demo.wait();
+            panic!("the demo did not end within {:?}", PATIENCE * 5);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = reader.join().unwrap();
+    assert!(status.success(), "{out}");
+    for marked in [
+        "the primary is killed",
+        "the replica is promoted",
+        "first write through pgvane",
+        "summary:",
+        "demo done",
+    ] {
+        assert!(out.contains(marked), "{marked}:\n{out}");
+    }
+}
