@@ -12,7 +12,9 @@
 # CPU per transaction is the proxy process's user + system time over the transactions it
 # served (memory per client is benches/idle_rss.sh's: a proxy's RSS after a run keeps what
 # earlier runs allocated, so a delta here would mislead). A target that cannot take the clients (PostgreSQL's max_connections is
-# 400: direct, HAProxy and passthrough at 1000) is shown as n/a. The machine is shared:
+# 400: direct, HAProxy and passthrough at 1000) is shown as n/a. From 2,000 clients on a
+# run lasts at least 30 s: pgbench's clocks include its connections' SCRAM logins, which
+# take seconds at that count, and a shorter run would count no transaction at all. The machine is shared:
 # compare within a run. Charts need matplotlib, installed into target/bench-venv from
 # PyPI when missing.
 set -euo pipefail
@@ -90,7 +92,9 @@ for clients in $COUNTS; do
                 logdir="$WORK/log-$clients-$wname-$name-$rep"
                 mkdir -p "$logdir"
                 cpu0=$(cpu_ticks "$pid")
-                out=$(cd "$logdir" && pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$DURATION" \
+                duration=$DURATION
+                [ "$clients" -ge 2000 ] && [ "$duration" -lt 30 ] && duration=30
+                out=$(cd "$logdir" && pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$duration" \
                       -c "$clients" -j 2 -n $wflags --log postgres 2>/dev/null) || out=""
                 cpu1=$(cpu_ticks "$pid")
                 tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")
