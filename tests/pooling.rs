@@ -390,7 +390,11 @@ async fn server_connects_per_backend_are_bounded() {
         clients.push(connect(tx, SUPERUSER, "postgres").await.unwrap());
     }
     let pg = cluster.primary();
-    // The health monitor's connection and the pool's one idle connection.
+    // The pool's one connection is kept by a transaction: the freeze below stops the
+    // postmaster only, so a free connection would serve every query one after the other
+    // (on a busy machine, often) and no connect would ever start.
+    clients[0].batch_execute("BEGIN").await.unwrap();
+    // The health monitor's connection and the pool's one connection.
     let before = connections_to(pg.port);
 
     // A frozen server completes TCP handshakes but never answers a login: each of the five
