@@ -50,11 +50,7 @@ say "cluster: primary + replica, scale $SCALE"
 cluster_start "$WORK" 1
 DIRECT=${NODE_PORTS[0]}
 
-pgvane_start pgvane
-PGVANE_PID=$STARTED_PID PASS=$PASS_PORT TXN=$TXN_PORT
-# A second pgvane on one thread (worker_threads = 1), as PgBouncer runs.
-pgvane_start pgvane-1t "$PGVANE" 1
-PGVANE1_PID=$STARTED_PID TXN1=$TXN_PORT
+bench_targets_start
 LIMITS_TARGET=()
 if [ -n "$LIMITS" ]; then
     # Every limit on, set far above what the workloads reach: the cost of checking them.
@@ -79,11 +75,6 @@ if [ -n "$BASELINE" ]; then
     BASE_TARGET=("baseline-txn-1t:$TXN_PORT:$STARTED_PID")
     wait_port "$TXN_PORT"
 fi
-haproxy_start
-
-pgbouncer_start "$WORK" 20000
-wait_port "$PASS"; wait_port "$TXN"; wait_port "$TXN1"; wait_port "$HAPROXY_PORT"
-BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 TLS_TARGETS=()
 if [ -n "$TLS" ]; then
     mkdir -p "$WORK/tls"

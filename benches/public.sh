@@ -49,15 +49,7 @@ say "cluster: primary + replica, scale 10"
 cluster_start "$WORK" 1
 DIRECT=${NODE_PORTS[0]}
 
-pgvane_start pgvane
-PGVANE_PID=$STARTED_PID PASS=$PASS_PORT TXN=$TXN_PORT
-# A second pgvane on one thread (worker_threads = 1), as PgBouncer runs.
-pgvane_start pgvane-1t "$PGVANE" 1
-PGVANE1_PID=$STARTED_PID TXN1=$TXN_PORT
-haproxy_start
-pgbouncer_start "$WORK" 20000
-BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
-wait_port "$PASS"; wait_port "$TXN"; wait_port "$TXN1"; wait_port "$HAPROXY_PORT"
+bench_targets_start
 pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s 10 -q postgres > /dev/null 2>&1
 
 # name:port:pid (no pid: direct) and the most clients the target can take.

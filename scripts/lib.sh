@@ -170,9 +170,6 @@ pgvane_config() {
     } > "$file"
 }
 
-# pgbouncer_start WORK MAX_CLIENTS: PgBouncer in transaction mode, pool of 20, in front of
-# NODE_PORTS[0], on a free port. Its auth_file holds the SCRAM verifier from pg_authid, so it
-# runs no PBKDF2 per client login. Sets BOUNCER_PORT; the pid is in WORK/pgbouncer.pid.
 # pgvane_start NAME [BINARY] [THREADS]: a pgvane (BINARY, default $PGVANE) with
 # pgvane_config's listeners on fresh ports, its config and log WORK/NAME.toml and .log,
 # worker_threads = THREADS if given, and EXTRA (TOML appended) from the environment; sets
@@ -208,8 +205,25 @@ CFG
     PIDS+=($!); HAPROXY_PID=$!
 }
 
-# pgbouncer_start WORK MAX_CLIENTS [EXTRA_SETTINGS]: a PgBouncer in transaction mode on
-# the primary, its files in WORK; sets BOUNCER_PORT.
+# bench_targets_start: the proxies the benchmarks compare, in front of NODE_PORTS[0] and
+# listening: pgvane (PGVANE_PID; PASS passthrough, TXN transaction pooling), pgvane on one
+# thread as PgBouncer runs (PGVANE1_PID, TXN1), HAProxy (HAPROXY_PORT, HAPROXY_PID) and
+# PgBouncer (BOUNCER_PORT, BOUNCER_PID).
+bench_targets_start() {
+    pgvane_start pgvane
+    PGVANE_PID=$STARTED_PID PASS=$PASS_PORT TXN=$TXN_PORT
+    pgvane_start pgvane-1t "$PGVANE" 1
+    PGVANE1_PID=$STARTED_PID TXN1=$TXN_PORT
+    haproxy_start
+    pgbouncer_start "$WORK" 20000
+    BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
+    wait_port "$PASS"; wait_port "$TXN"; wait_port "$TXN1"; wait_port "$HAPROXY_PORT"
+}
+
+# pgbouncer_start WORK MAX_CLIENTS [EXTRA_SETTINGS]: PgBouncer in transaction mode, pool
+# of 20, in front of NODE_PORTS[0], on a free port, with EXTRA_SETTINGS in its
+# [pgbouncer] section. Its auth_file holds the SCRAM verifier from pg_authid, so it runs no
+# PBKDF2 per client login. Sets BOUNCER_PORT; the pid is in WORK/pgbouncer.pid.
 pgbouncer_start() {
     local work=$1 max_clients=$2 extra=${3:-} verifier
     BOUNCER_PORT=$(free_port)

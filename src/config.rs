@@ -121,6 +121,23 @@ impl TlsConfig {
     pub fn mode(&self) -> ClientSslMode {
         self.client_tls_sslmode.unwrap_or_default()
     }
+
+    /// The keys about connections to PostgreSQL (`[tls]` only).
+    pub fn server_keys(
+        &self,
+    ) -> (
+        Option<ServerSslMode>,
+        Option<&Path>,
+        Option<&Path>,
+        Option<&Path>,
+    ) {
+        (
+            self.server_tls_sslmode,
+            self.server_tls_ca_file.as_deref(),
+            self.server_tls_cert_file.as_deref(),
+            self.server_tls_key_file.as_deref(),
+        )
+    }
 }
 
 /// PgBouncer's `client_tls_sslmode`: whether clients may, or must, use TLS.
@@ -1175,13 +1192,7 @@ impl Config {
                     ),
                 );
             }
-            let server_keys = [
-                l.tls.server_tls_sslmode.is_some(),
-                l.tls.server_tls_ca_file.is_some(),
-                l.tls.server_tls_cert_file.is_some(),
-                l.tls.server_tls_key_file.is_some(),
-            ];
-            if server_keys.into_iter().any(|set| set) {
+            if l.tls.server_keys() != TlsConfig::default().server_keys() {
                 bad(
                     format!("listener[{i}].tls"),
                     "server_tls_* keys apply to every connection to PostgreSQL: set them in [tls]"

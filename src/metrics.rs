@@ -294,13 +294,11 @@ impl Metrics {
 
     /// The certificates in force (at start and after each reload).
     pub fn set_certificates(&self, tls: &TlsByListener) {
-        let mut all = Vec::new();
-        for (listener, t) in tls {
-            for (file, at) in &t.expiry {
-                all.push((listener.clone(), file.display().to_string(), *at));
-            }
-        }
-        *self.certificates.lock().expect("certificates lock") = all;
+        let all = tls.iter().map(|(listener, t)| {
+            let file = t.cert_file.display().to_string();
+            (listener.clone(), file, t.not_after)
+        });
+        *self.certificates.lock().expect("certificates lock") = all.collect();
     }
 
     /// The Prometheus text exposition of every metric, with pool gauges read from `pools`.

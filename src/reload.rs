@@ -212,7 +212,7 @@ impl Reloader {
         self.apply_listeners(&mut next, &tls, &mut report);
 
         // Server connections made with other TLS settings are replaced as released.
-        let server_tls_changed = server_keys(&next.tls) != server_keys(&old.tls);
+        let server_tls_changed = next.tls.server_keys() != old.tls.server_keys();
         shared.pools.set_server_tls(server_tls.clone());
         if server_tls_changed {
             let replaced = shared.pools.reconnect(None);
@@ -385,14 +385,4 @@ fn resize_client_slots(shared: &Arc<Shared>, from: u32, to: u32) {
 /// A config error as one line, each problem with its key.
 fn describe(e: &ConfigError) -> String {
     e.to_string().replace('\n', "; ")
-}
-
-/// The `[tls]` keys about connections to PostgreSQL.
-fn server_keys(tls: &crate::config::TlsConfig) -> impl PartialEq + '_ {
-    (
-        tls.server_tls_sslmode,
-        &tls.server_tls_ca_file,
-        &tls.server_tls_cert_file,
-        &tls.server_tls_key_file,
-    )
 }

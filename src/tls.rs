@@ -35,9 +35,10 @@ const TLS_HANDSHAKE: u8 = 0x16;
 pub struct ListenerTls {
     pub mode: ClientSslMode,
     acceptor: TlsAcceptor,
-    /// Each certificate file served and when its first certificate (the listener's own)
+    /// The certificate file served, and when its first certificate (the listener's own)
     /// expires, as a Unix time: `pgvane_tls_certificate_expiry_seconds`.
-    pub expiry: Vec<(PathBuf, i64)>,
+    pub cert_file: PathBuf,
+    pub not_after: i64,
 }
 
 impl std::fmt::Debug for ListenerTls {
@@ -178,7 +179,8 @@ fn listener_tls(tls: &TlsConfig) -> Result<ListenerTls, Failure> {
     Ok(ListenerTls {
         mode,
         acceptor: TlsAcceptor::from(Arc::new(config)),
-        expiry: vec![(cert_file.to_owned(), not_after)],
+        cert_file: cert_file.to_owned(),
+        not_after,
     })
 }
 
@@ -254,18 +256,17 @@ pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(3
 /// [`EXPIRY_WARNING`].
 pub fn expiring_soon(tls: &TlsByListener) -> Vec<String> {
     let soon = unix_now() + EXPIRY_WARNING.as_secs() as i64;
-    let mut out = Vec::new();
-    for (listener, t) in tls {
-        for (file, at) in &t.expiry {
-            if *at < soon {
-                let days = (at - unix_now()) / 86_400;
-                out.push(format!(
-                    "listener {listener}: certificate {} expires in {days} days; renew it",
-                    file.display()
-                ));
-            }
-        }
-    }
+    let mut out: Vec<String> = tls
+        .iter()
+        .filter(|(_, t)| t.not_after < soon)
+        .map(|(listener, t)| {
+            let days = (t.not_after - unix_now()) / 86_400;
+            format!(
+                "listener {listener}: certificate {} expires in {days} days; renew it",
+                t.cert_file.display()
+            )
+        })
+        .collect();
     out.sort();
     out
 }

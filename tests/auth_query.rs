@@ -24,11 +24,7 @@ async fn a_user_only_postgresql_knows_logs_in_through_auth_query() {
     for _ in 0..2 {
         let c = connect(tx, "dyn", "postgres").await.unwrap();
         let rows = c.simple_query("SELECT current_user").await.unwrap();
-        let who = rows.iter().find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        });
-        assert_eq!(who.as_deref(), Some("dyn"));
+        assert_eq!(first_value(&rows), Some("dyn"));
     }
     let wrong = tokio_postgres::Config::new()
         .host("127.0.0.1")

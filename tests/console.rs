@@ -540,14 +540,8 @@ async fn an_admin_reaches_the_console_when_every_client_slot_is_taken() {
 async fn disable_enable_reconnect_and_shutdown() {
     let (_cluster, tx, mut pgvane) = with_console().await;
     let app = connect(tx, SUPERUSER, "postgres").await.unwrap();
-    let backend_pid = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
-        rows.iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .unwrap()
-    };
+    let backend_pid =
+        |rows: Vec<tokio_postgres::SimpleQueryMessage>| first_value(&rows).unwrap().to_owned();
     let first = backend_pid(app.simple_query("SELECT pg_backend_pid()").await.unwrap());
     let (mut console, _) = RawClient::login(tx, SUPERUSER, "pgbouncer").await;
 
@@ -826,14 +820,8 @@ async fn the_console_answers_on_a_unix_socket_with_peer_authentication() {
     for user in ["pgbouncer", SUPERUSER] {
         let console = over_socket(user, "pgbouncer").await.unwrap();
         let version = console.simple_query("SHOW VERSION").await.unwrap();
-        let row = version.iter().find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        });
-        assert!(
-            row.as_deref().unwrap_or("").starts_with("pgvane"),
-            "{user}: {row:?}"
-        );
+        let row = first_value(&version);
+        assert!(row.unwrap_or("").starts_with("pgvane"), "{user}: {row:?}");
         // Admin access: PAUSE and RESUME run.
         console.simple_query("PAUSE").await.unwrap();
         console.simple_query("RESUME").await.unwrap();

@@ -87,12 +87,7 @@ async fn two_instances_follow_a_failover_each_on_its_own() {
                     let sql = format!("INSERT INTO w VALUES ({i}) RETURNING inet_server_port()");
                     match c.simple_query(&sql).await {
                         Ok(messages) => {
-                            let port = messages.iter().find_map(|m| match m {
-                                tokio_postgres::SimpleQueryMessage::Row(r) => {
-                                    r.get(0)?.parse().ok()
-                                }
-                                _ => None,
-                            });
+                            let port = first_value(&messages).and_then(|p| p.parse().ok());
                             if let Some(port) = port {
                                 acked.lock().unwrap().push((Instant::now(), i, port));
                             }

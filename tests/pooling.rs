@@ -523,11 +523,7 @@ async fn a_scram_secret_from_pg_authid_is_enough_to_log_in_to_the_server() {
     // SCRAM login proved.
     let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
     let rows = c.simple_query("SELECT 40 + 2").await.unwrap();
-    let answer = rows.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-        _ => None,
-    });
-    assert_eq!(answer.as_deref(), Some("42"));
+    assert_eq!(first_value(&rows), Some("42"));
     let err = tokio_postgres::Config::new()
         .host("127.0.0.1")
         .port(tx)

@@ -91,17 +91,20 @@ pub enum AdminError {
     NoSuchClient(u64),
 }
 
+/// A command naming `database` (none: all) must name one some pool serves.
+fn served(shared: &Shared, database: Option<&str>) -> Result<(), AdminError> {
+    match database {
+        Some(d) if !shared.pools.serves_database(d) => Err(AdminError::NoSuchDatabase),
+        _ => Ok(()),
+    }
+}
+
 /// PgBouncer's KILL: every client session of `database` (of all with `None`) ends at once,
 /// told why (57P01); the database is paused, so new work waits for RESUME; its pools are
 /// replaced, so their server connections close (what a session had open is rolled back).
 /// Returns how many sessions were ended.
 pub fn kill(shared: &Arc<Shared>, database: Option<String>) -> Result<usize, AdminError> {
-    if database
-        .as_deref()
-        .is_some_and(|d| !shared.pools.serves_database(d))
-    {
-        return Err(AdminError::NoSuchDatabase);
-    }
+    served(shared, database.as_deref())?;
     pause(shared, database.clone());
     let of_db = |e: &Arc<Entry>| database.as_deref().is_none_or(|d| d == e.database);
     let entries = shared.clients.entries();
@@ -223,12 +226,7 @@ pub async fn pause_and_wait(
     shared: &Arc<Shared>,
     database: Option<String>,
 ) -> Result<usize, AdminError> {
-    if database
-        .as_deref()
-        .is_some_and(|d| !shared.pools.serves_database(d))
-    {
-        return Err(AdminError::NoSuchDatabase);
-    }
+    served(shared, database.as_deref())?;
     pause(shared, database);
     Ok(drained(shared, Some(tokio::time::Instant::now() + PAUSE_WAIT)).await)
 }

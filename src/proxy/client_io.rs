@@ -61,6 +61,9 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
         String::new()
     }
 
+    /// The client's address, for the log. Asked of the socket rather than kept per session:
+    /// idle sessions are what a pooler has most of, and it is only needed when one ends
+    /// badly.
     fn peer(&self) -> SocketAddr {
         self.tcp()
             .peer_addr()

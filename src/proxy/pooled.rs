@@ -479,12 +479,6 @@ async fn login<C: ClientIo>(
     Ok(Some(LoggedIn::Session(session, early)))
 }
 
-/// The client's address, for the log. Asked of the socket rather than kept per session:
-/// idle sessions are what a pooler has most of, and it is only needed when one ends badly.
-fn peer_of<C: ClientIo>(client: &C) -> SocketAddr {
-    client.peer()
-}
-
 /// Whether a failure to get a server connection is the backend's (try elsewhere or wait
 /// for the routing table) or final.
 fn classify(e: PoolError) -> Attempt {
@@ -724,7 +718,7 @@ impl Session {
         } = match chosen {
             Ok(c) => c,
             Err(e) => {
-                let peer = peer_of(client);
+                let peer = client.peer();
                 match e {
                     ClientError::Abandoned => {
                         info!(client = %peer, "request dropped, never sent: the client gave up while it waited")
@@ -816,7 +810,7 @@ impl Session {
             let extra = settings.track_extra_parameters.clone();
             if let Err(e) = Box::pin(self.read_back(lease.conn(), &extra)).await {
                 let error = ClientError::from(e);
-                info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended: cannot read back the client's parameters");
+                info!(client = %client.peer(), backend = %backend.name, error = %error, "session ended: cannot read back the client's parameters");
                 drop(lease);
                 send_error(client, &error, &shared.metrics).await;
                 return Served::End;
@@ -861,7 +855,7 @@ impl Session {
                 if died {
                     shared.topology.report_failure(backend);
                 }
-                info!(client = %peer_of(client), backend = %backend.name, error = %error, "session ended");
+                info!(client = %client.peer(), backend = %backend.name, error = %error, "session ended");
                 // What still runs on the server is cancelled, and the connection closed,
                 // before the client is told (a client past a limit may not read).
                 if cancel {
@@ -918,7 +912,7 @@ async fn refuse_request<C: ClientIo>(
     let refusals = &shared.metrics.refusals;
     refusals.with_label_values(&[refusal.label(), "yes"]).inc();
     if let Some(not_logged) = shared.refusal_log.take() {
-        info!(client = %peer_of(client), error = %refusal, not_logged, "request refused");
+        info!(client = %client.peer(), error = %refusal, not_logged, "request refused");
     }
     let mut reply = BytesMut::new();
     ErrorResponse::error(refusal.sqlstate(), format!("pgvane: {refusal}"))

@@ -683,8 +683,13 @@ pub async fn server_port(c: &Client) -> u16 {
 /// statement, one round trip, so it works the same through a transaction pooler.
 pub async fn try_server_port(c: &Client) -> Option<u16> {
     let messages = c.simple_query("SELECT inet_server_port()").await.ok()?;
+    first_value(&messages)?.parse().ok()
+}
+
+/// The first column of the first row of a simple query's answer.
+pub fn first_value(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<&str> {
     messages.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
         _ => None,
     })
 }
