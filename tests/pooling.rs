@@ -215,10 +215,14 @@ async fn cancel_reaches_the_running_query() {
     assert_eq!(err.as_db_error().unwrap().code().code(), "57014", "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    // A cancel for an idle client is dropped and harms nothing.
-    let idle = connect(tx, SUPERUSER, "app").await.unwrap();
-    idle.cancel_token().cancel_query(NoTls).await.unwrap();
-    assert_eq!(server_port(&idle).await, cluster.primary().port);
+    // A cancel for an idle client is dropped and harms nothing. Sent raw to wait for
+    // pgvane to close the cancel connection: tokio-postgres returns once it has sent the
+    // request, and a cancel still on its way would reach the next query.
+    let (mut idle, login) = raw::RawClient::login(tx, SUPERUSER, "app").await;
+    raw::RawClient::cancel(tx, raw::RawClient::key(&login)).await;
+    idle.send(&raw::query("SELECT 1")).await;
+    let reply = idle.until_ready().await;
+    assert_eq!(raw::rows(&reply), ["1"], "{}", raw::show(&reply));
 }
 
 #[tokio::test]
