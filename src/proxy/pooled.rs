@@ -699,6 +699,9 @@ impl Session {
         // dropped, never sent (what else it sends meanwhile joins the request).
         let (cancel_key, watched, read_ahead) = (&self.cancel_key, &*client, &mut *first);
         let watch = move || {
+            // A waiting client keeps only the bytes it sent, not a link buffer: with
+            // thousands of clients on a small pool, nearly all of them wait.
+            LinkBuffer::shed(read_ahead);
             Box::pin(async move {
                 tokio::select! {
                     _ = watched.watch(read_ahead, HELD_READ_AHEAD) => {}
@@ -711,6 +714,7 @@ impl Session {
         let asked = now_us();
         self.entry.request(asked);
         let chosen = Box::pin(route.with_backend(shared, acquire, watch)).await;
+        first.restore();
         let Chosen {
             index: i,
             table,
@@ -1684,8 +1688,12 @@ const SPARE_LINK_BUFFERS_MAX: usize = 64;
 
 impl LinkBuffer {
     fn take() -> Self {
+        Self(Self::spare_or_new())
+    }
+
+    fn spare_or_new() -> BytesMut {
         let spare = SPARE_LINK_BUFFERS.with_borrow_mut(Vec::pop);
-        Self(spare.unwrap_or_else(|| BytesMut::with_capacity(LINK_BUFFER)))
+        spare.unwrap_or_else(|| BytesMut::with_capacity(LINK_BUFFER))
     }
 
     fn holding(bytes: &[u8]) -> Self {
@@ -1693,14 +1701,31 @@ impl LinkBuffer {
         buf.extend_from_slice(bytes);
         buf
     }
+
+    /// Swaps a link buffer for a copy of just what it holds, and gives the buffer back to
+    /// the spares; [`LinkBuffer::restore`] undoes it.
+    fn shed(buf: &mut BytesMut) {
+        let compact = BytesMut::from(&buf[..]);
+        drop(LinkBuffer(std::mem::replace(buf, compact)));
+    }
+
+    /// Makes a shed buffer a link buffer again (what it holds kept).
+    fn restore(&mut self) {
+        if self.0.capacity() < LINK_BUFFER {
+            let compact = std::mem::replace(&mut self.0, Self::spare_or_new());
+            self.0.extend_from_slice(&compact);
+        }
+    }
 }
 
 impl Drop for LinkBuffer {
     fn drop(&mut self) {
         let mut buf = std::mem::take(&mut self.0);
         buf.clear();
-        // Reclaims what reading advanced past.
-        buf.reserve(LINK_BUFFER);
+        // Reclaims what reading advanced past; a shed buffer is let go.
+        if !buf.try_reclaim(LINK_BUFFER) {
+            return;
+        }
         // One that grew for a large message is let go.
         if buf.capacity() <= 2 * LINK_BUFFER {
             SPARE_LINK_BUFFERS.with_borrow_mut(|spare| {
@@ -1759,6 +1784,20 @@ mod tests {
         assert!(size <= 320, "pooled session future is {size} bytes");
         let size = output_size(handle::<TlsClient>);
         assert!(size <= 320, "pooled TLS session future is {size} bytes");
+    }
+
+    #[test]
+    fn a_waiting_request_keeps_its_bytes_not_a_link_buffer() {
+        let mut first = LinkBuffer::holding(b"Q\0\0\0\x0dSELECT 1\0");
+        let sent = first.to_vec();
+        LinkBuffer::shed(&mut first);
+        assert_eq!(first.capacity(), sent.len());
+        assert_eq!(first[..], sent[..]);
+        // The link buffer went back to the spares, and comes back with the bytes.
+        assert!(SPARE_LINK_BUFFERS.with_borrow(|s| s.iter().any(|b| b.capacity() >= LINK_BUFFER)));
+        first.restore();
+        assert!(first.capacity() >= LINK_BUFFER);
+        assert_eq!(first[..], sent[..]);
     }
 
     #[test]
