@@ -7,6 +7,10 @@
 # transaction) to benches/results/ (or -o DIR).
 #
 #   benches/public.sh [-T seconds] [-r repetitions] [-c "16 64 256 1000"] [-o DIR]
+#                     [-t "pgvane-txn-1t pgbouncer-txn"] [-b BINARY]
+#
+# -t picks targets by name (direct always runs). -b BINARY adds "baseline-txn-1t": another
+# pgvane build with worker_threads = 1, for an A/B of a change within one run.
 #
 # Latency percentiles come from pgbench --log (every transaction), not from its average.
 # CPU per transaction is the proxy process's user + system time over the transactions it
@@ -21,10 +25,11 @@ set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
 
-DURATION=6 REPS=2 COUNTS="16 64 256 1000" OUT="$PGVANE_ROOT/benches/results"
-while getopts "T:r:c:o:" o; do
+DURATION=6 REPS=2 COUNTS="16 64 256 1000" OUT="$PGVANE_ROOT/benches/results" ONLY_T="" BASELINE=""
+while getopts "T:r:c:o:t:b:" o; do
     case $o in
         T) DURATION=$OPTARG ;; r) REPS=$OPTARG ;; c) COUNTS=$OPTARG ;; o) OUT=$OPTARG ;;
+        t) ONLY_T=$OPTARG ;; b) BASELINE=$OPTARG ;;
         *) exit 2 ;;
     esac
 done
@@ -56,6 +61,18 @@ pgbench -h 127.0.0.1 -p "$DIRECT" -U postgres -i -s 10 -q postgres > /dev/null 2
 TARGETS=("direct:$DIRECT::400" "haproxy:$HAPROXY_PORT:$HAPROXY_PID:400"
          "pgvane-passthrough:$PASS:$PGVANE_PID:400" "pgvane-txn:$TXN:$PGVANE_PID:20000"
          "pgvane-txn-1t:$TXN1:$PGVANE1_PID:20000" "pgbouncer-txn:$BOUNCER_PORT:$BOUNCER_PID:20000")
+if [ -n "$BASELINE" ]; then
+    pgvane_start baseline "$BASELINE" 1
+    wait_port "$TXN_PORT"
+    TARGETS+=("baseline-txn-1t:$TXN_PORT:$STARTED_PID:20000")
+fi
+if [ -n "$ONLY_T" ]; then
+    for i in "${!TARGETS[@]}"; do
+        name=${TARGETS[$i]%%:*}
+        [ "$name" != direct ] && [[ " $ONLY_T " != *" $name "* ]] && unset "TARGETS[$i]"
+    done
+    TARGETS=("${TARGETS[@]}")
+fi
 WORKLOADS=("select-only:-S" "tpcb-like:")
 
 cpu_ticks() { if [ -n "$1" ]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }

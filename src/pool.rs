@@ -1,8 +1,9 @@
 //! Server connection pools of the session and transaction listeners.
 //!
 //! A [`Pool`] holds the idle server connections of one (backend, database, user) and a fair
-//! FIFO queue of clients waiting for one: a client takes a *slot* (a permit of a fair
-//! semaphore of `pool_size`), then the most recently used idle connection, or opens a new one.
+//! FIFO queue of clients waiting for one: a client takes a *slot* (one of `pool_size`), then
+//! the most recently used idle connection, or opens a new one; a released slot and its
+//! connection go straight to the longest-waiting client ([`queue`]).
 //! Connections only exist because a client once needed one, so a pool never holds more than
 //! its slots (plus `min_pool_size` kept warm). After `reserve_pool_timeout` a waiting client
 //! may also take one of `reserve_pool_size` extra slots. Per-database and per-user caps count
@@ -24,6 +25,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+mod queue;
+
+use queue::{Limits, Queue, Slot};
 
 use crate::auth::{error_code, error_message, login_to_server, ServerLoginError, User, UserStore};
 use crate::config::{
@@ -411,12 +416,9 @@ pub struct Pool {
     settings: Arc<PoolConfig>,
     /// What the `[[database]]` and `[[user]]` entries make of `settings` for this pool.
     shape: PoolShape,
-    /// Idle connections, most recently used last.
-    // Boxed on purpose: connections move in and out of this list on every transaction.
-    #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<ServerConn>>>,
-    slots: Arc<Semaphore>,
-    reserve: Arc<Semaphore>,
+    /// Slots, idle connections (most recently used last) and waiting clients. Boxed
+    /// connections: they move in and out of the queue on every transaction.
+    queue: Arc<Queue<Box<ServerConn>>>,
     caps: Vec<(Cap, Arc<Gate>)>,
     /// Clients of this pool waiting for a cap's permit, and their wake-up when a connection
     /// of the pool is released: they take it instead.
@@ -433,9 +435,9 @@ pub struct Pool {
     open: AtomicUsize,
     /// Client sessions in this pool (see [`Pool::join`]).
     sessions: AtomicUsize,
-    /// When each client now waiting for a slot started to (SHOW POOLS' cl_waiting and
-    /// maxwait); touched only by clients that wait.
-    waits: Mutex<BTreeMap<Instant, usize>>,
+    /// When each client now waiting for a cap's permit started to (with the queue's
+    /// waiters, SHOW POOLS' cl_waiting and maxwait).
+    cap_waits: Mutex<BTreeMap<Instant, usize>>,
     /// Since when no session or lease holds the pool: read and written only by the upkeep
     /// task, once a second, so the data path pays nothing for it.
     unused_since: Mutex<Option<coarsetime::Instant>>,
@@ -449,7 +451,7 @@ const KNOWN_PARAMS_MAX: usize = 64;
 /// crash, every idle connection may be dead, but those that have noticed are skipped anyway.
 const STALE_RETRIES: u32 = 3;
 
-/// A client's place among a pool's waiting clients, from its start to its end.
+/// A client's place among a pool's clients waiting for a cap, from its start to its end.
 struct Waiting<'a> {
     waits: &'a Mutex<BTreeMap<Instant, usize>>,
     since: Instant,
@@ -481,7 +483,8 @@ pub struct Lease {
     /// transaction, and a pointer is cheaper to move than the connection's few hundred bytes.
     conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
-    _slot: OwnedSemaphorePermit,
+    /// Given back when the lease ends, with the connection if it was released clean.
+    slot: Option<Slot>,
 }
 
 impl Lease {
@@ -507,14 +510,19 @@ impl Lease {
         if self.conn.take().is_some() {
             self.pool.open.fetch_sub(1, Ordering::Relaxed);
         }
-        self.conn = Some(self.pool.connection(Duration::ZERO).await?);
+        self.conn = Some(self.pool.connection(None, Duration::ZERO).await?);
         Ok(())
     }
 
     /// Returns a connection whose state is known to be idle and clean.
     pub fn release(mut self) {
         let conn = self.conn.take().expect("released once");
-        self.pool.put_back(conn);
+        let kept = self.pool.put_back(conn);
+        let slot = self
+            .slot
+            .take()
+            .expect("a lease holds its slot until it ends");
+        self.pool.queue.give_back(slot, kept);
     }
 
     /// Runs the reset query (session mode), then returns the connection if that worked.
@@ -545,6 +553,9 @@ impl Drop for Lease {
         if self.conn.take().is_some() {
             self.pool.open.fetch_sub(1, Ordering::Relaxed);
             debug!(pool = ?self.pool.key, "server connection closed (not released clean)");
+        }
+        if let Some(slot) = self.slot.take() {
+            self.pool.queue.give_back(slot, None);
         }
     }
 }
@@ -604,18 +615,25 @@ impl Pool {
 
     /// Clients waiting for a server connection now.
     pub fn waiting_clients(&self) -> usize {
-        self.waits.lock().expect("pool lock").values().sum()
+        let for_caps: usize = self.cap_waits.lock().expect("pool lock").values().sum();
+        self.queue.waiting().0 + for_caps
     }
 
     /// How long the longest-waiting client has waited.
     pub fn longest_wait(&self) -> Option<Duration> {
-        let waits = self.waits.lock().expect("pool lock");
-        waits.keys().next().map(Instant::elapsed)
+        let for_cap = self
+            .cap_waits
+            .lock()
+            .expect("pool lock")
+            .keys()
+            .next()
+            .map(Instant::elapsed);
+        self.queue.waiting().1.max(for_cap)
     }
 
     /// Closes every idle connection now; returns how many.
     fn close_idle(&self) -> usize {
-        let conns = std::mem::take(&mut *self.idle.lock().expect("pool lock"));
+        let conns = std::mem::take(&mut *self.queue.idle());
         self.open.fetch_sub(conns.len(), Ordering::Relaxed);
         conns.len()
     }
@@ -625,7 +643,7 @@ impl Pool {
     }
 
     pub fn idle_connections(&self) -> usize {
-        self.idle.lock().expect("pool lock").len()
+        self.queue.idle().len()
     }
 
     /// Connections lent to clients (or being opened for one).
@@ -677,28 +695,33 @@ impl Pool {
         Ok(())
     }
 
-    /// Waits (FIFO) for a slot, then lends an idle connection or opens a new one.
+    /// Waits (FIFO) for a slot, then lends the connection released with it, an idle one or
+    /// a new one.
     pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
-        let wait = self.settings.query_wait_timeout;
-        // A free slot needs neither a timer, nor a place in the queue, nor the clock.
-        let (slot, started) = match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => (permit, None),
-            Err(_) => {
+        // A free slot needs neither a place in the queue nor the clock.
+        let (grant, started) = match self.queue.try_take() {
+            Some(grant) => (grant, None),
+            None => {
                 let started = Instant::now();
-                // Boxed: a wait's timers are large, and most leases never wait.
-                let permit = Box::pin(self.wait_for_slot())
+                // Boxed: most leases never wait.
+                let grant = Box::pin(self.queue.wait())
                     .await
-                    .ok_or(PoolError::WaitTimeout(wait))?;
-                (permit, Some(started))
+                    .ok_or(PoolError::WaitTimeout(self.settings.query_wait_timeout))?;
+                if grant.slot == Slot::Reserve {
+                    info!(pool = ?self.key, "pool exhausted; using a reserve connection slot");
+                }
+                (grant, Some(started))
             }
         };
-        let waited = started.map_or(Duration::ZERO, |s| s.elapsed());
-        let conn = self.connection(waited).await?;
-        Ok(Lease {
-            conn: Some(conn),
+        // Made first: should no connection come, the slot goes back.
+        let mut lease = Lease {
+            conn: None,
             pool: self.clone(),
-            _slot: slot,
-        })
+            slot: Some(grant.slot),
+        };
+        let waited = started.map_or(Duration::ZERO, |s| s.elapsed());
+        lease.conn = Some(self.connection(grant.item, waited).await?);
+        Ok(lease)
     }
 
     /// As [`Pool::acquire`], with the connection's parameters brought to a client's values
@@ -739,11 +762,16 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that is still usable, or a new one; `waited`
-    /// is what the caller has already spent of `query_wait_timeout`.
-    async fn connection(&self, waited: Duration) -> Result<Box<ServerConn>, PoolError> {
+    /// `released` (the connection released with the slot), else the most recently used
+    /// idle connection, if still usable, or a new one; `waited` is what the caller has
+    /// already spent of `query_wait_timeout`.
+    async fn connection(
+        &self,
+        mut released: Option<Box<ServerConn>>,
+        waited: Duration,
+    ) -> Result<Box<ServerConn>, PoolError> {
         loop {
-            let candidate = self.idle.lock().expect("pool lock").pop();
+            let candidate = released.take().or_else(|| self.queue.pop_idle());
             let Some(mut conn) = candidate else { break };
             if self.usable(&mut conn).await {
                 return Ok(conn);
@@ -754,34 +782,6 @@ impl Pool {
         let remaining = (!wait.is_zero()).then(|| wait.saturating_sub(waited));
         // Boxed, as the check in `usable`: rare, and large in every lease's future otherwise.
         Box::pin(self.open_connection(remaining)).await
-    }
-
-    /// Queues (FIFO) for a slot, within `query_wait_timeout`; after `reserve_pool_timeout`
-    /// a reserve slot will do too.
-    async fn wait_for_slot(&self) -> Option<OwnedSemaphorePermit> {
-        let _waiting = Waiting::new(&self.waits);
-        let normal = self.slots.clone().acquire_owned();
-        let reserve = async {
-            if self.shape.reserve_pool_size == 0 {
-                return std::future::pending().await;
-            }
-            tokio::time::sleep(self.settings.reserve_pool_timeout).await;
-            let permit = self.reserve.clone().acquire_owned().await;
-            if permit.is_ok() {
-                info!(pool = ?self.key, "pool exhausted; using a reserve connection slot");
-            }
-            permit
-        };
-        let either = async {
-            tokio::select! {
-                p = normal => p.ok(),
-                p = reserve => p.ok(),
-            }
-        };
-        match self.settings.query_wait_timeout {
-            d if d.is_zero() => either.await,
-            d => tokio::time::timeout(d, either).await.ok().flatten(),
-        }
     }
 
     /// A connection idle for longer than `server_check_delay` must answer the check query.
@@ -843,13 +843,13 @@ impl Pool {
                     // A wait as for a slot, in SHOW POOLS' cl_waiting and maxwait; counted,
                     // so that a connection released meanwhile comes here (or, from another
                     // pool under the cap, closes to free its permit).
-                    let _waiting = Waiting::new(&self.waits);
+                    let _waiting = Waiting::new(&self.cap_waits);
                     let _counted = (Counted::new(&cap.waiting), Counted::new(&self.cap_waiting));
                     loop {
                         tokio::select! {
                             got = permit(&cap.permits) => break got?,
                             () = self.released.notified() => {
-                                if let Some(conn) = self.idle.lock().expect("pool lock").pop() {
+                                if let Some(conn) = self.queue.pop_idle() {
                                     return Ok(conn);
                                 }
                             }
@@ -964,25 +964,26 @@ impl Pool {
         Ok(conn)
     }
 
-    fn put_back(&self, mut conn: Box<ServerConn>) {
+    /// A released connection, if it is to be kept: handed on with its slot.
+    fn put_back(&self, mut conn: Box<ServerConn>) -> Option<Box<ServerConn>> {
         if self.backend.is_draining() || self.is_retired() {
             self.open.fetch_sub(1, Ordering::Relaxed);
             debug!(pool = ?self.key, "backend drained or pool replaced by a reload; server connection closed at release");
-            return;
+            return None;
         }
         let now = coarse_now();
         if expired(now, conn.created, self.settings.server_lifetime) {
             self.open.fetch_sub(1, Ordering::Relaxed);
             debug!(pool = ?self.key, "server connection reached server_lifetime; closed");
-            return;
+            return None;
         }
         conn.last_used = now;
         conn.entry.set(State::Idle, 0);
         if self.cap_waiting.load(Ordering::Relaxed) > 0 {
             // A client of this pool waits for a cap: the connection is its.
-            self.idle.lock().expect("pool lock").push(conn);
+            self.queue.idle().push(conn);
             self.released.notify_one();
-            return;
+            return None;
         }
         if self
             .caps
@@ -991,9 +992,9 @@ impl Pool {
         {
             self.open.fetch_sub(1, Ordering::Relaxed);
             debug!(pool = ?self.key, "server connection closed at release: a client of another pool waits for its cap");
-            return;
+            return None;
         }
-        self.idle.lock().expect("pool lock").push(conn);
+        Some(conn)
     }
 
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime`, keeping
@@ -1002,7 +1003,7 @@ impl Pool {
         let s = &self.settings;
         let min = self.shape.min_pool_size as usize;
         {
-            let mut idle = self.idle.lock().expect("pool lock");
+            let mut idle = self.queue.idle();
             let open = self.open.load(Ordering::Relaxed);
             let mut closable = open.saturating_sub(min);
             let before = idle.len();
@@ -1024,7 +1025,7 @@ impl Pool {
         }
         while self.open.load(Ordering::Relaxed) < min && !self.backend.is_draining() {
             match self.open_connection(Some(s.server_connect_timeout)).await {
-                Ok(conn) => self.idle.lock().expect("pool lock").insert(0, conn),
+                Ok(conn) => self.queue.idle().insert(0, conn),
                 Err(e) => {
                     warn!(pool = ?self.key, error = %e, "cannot open min_pool_size connection");
                     break;
@@ -1374,9 +1375,12 @@ impl Pools {
             backend: backend.clone(),
             user: user.clone(),
             settings: settings.clone(),
-            idle: Mutex::default(),
-            slots: Arc::new(Semaphore::new(shape.pool_size as usize)),
-            reserve: Arc::new(Semaphore::new(shape.reserve_pool_size as usize)),
+            queue: Arc::new(Queue::new(Limits {
+                size: shape.pool_size as usize,
+                reserve: shape.reserve_pool_size as usize,
+                reserve_after: settings.reserve_pool_timeout,
+                wait_limit: Some(settings.query_wait_timeout).filter(|d| !d.is_zero()),
+            })),
             shape,
             caps,
             siblings: Arc::downgrade(self),
@@ -1387,7 +1391,7 @@ impl Pools {
             cap_waiting: AtomicUsize::new(0),
             released: tokio::sync::Notify::new(),
             sessions: AtomicUsize::new(0),
-            waits: Mutex::default(),
+            cap_waits: Mutex::default(),
             unused_since: Mutex::default(),
         });
         pools
@@ -1407,7 +1411,7 @@ impl Pools {
             Cap::User => p.key.user == key.user,
         };
         for pool in self.all().iter().filter(|p| p.key != *key && shares(p)) {
-            let mut idle = pool.idle.lock().expect("pool lock");
+            let mut idle = pool.queue.idle();
             if !idle.is_empty() {
                 // Oldest first: idle connections are kept most recently used last.
                 drop(idle.remove(0));

@@ -371,6 +371,73 @@ async fn query_wait_timeout_gives_a_clear_error() {
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
+/// The pool's waiting clients, from a fresh console connection.
+async fn clients_waiting(port: u16) -> u64 {
+    let (mut console, _) = raw::RawClient::login(port, SUPERUSER, "pgbouncer").await;
+    let pools = raw::run(&mut console, "SHOW POOLS").await;
+    raw::num(&raw::row_of(&pools, "postgres"), "cl_waiting")
+}
+
+#[tokio::test]
+async fn waiting_clients_are_served_first_come_first_served() {
+    let extra =
+        format!("[admin]\nadmin_users = [\"{SUPERUSER}\"]\n\n[pool]\ndefault_pool_size = 1\n");
+    let (cluster, tx, _pgvane) = behind_txn_listener(&extra);
+    cluster
+        .primary()
+        .connect()
+        .await
+        .batch_execute("CREATE SEQUENCE turn")
+        .await
+        .unwrap();
+    let holder = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    // Each joins the queue only once the one before it waits there.
+    let mut waiting = Vec::new();
+    for n in 1..=4 {
+        let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+        waiting.push(tokio::spawn(async move {
+            let got = c.simple_query("SELECT nextval('turn')").await.unwrap();
+            first_value(&got).unwrap().to_owned()
+        }));
+        eventually(PATIENCE, "the client in the queue", || async {
+            (clients_waiting(tx).await == n).then_some(())
+        })
+        .await;
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    let mut turns = Vec::new();
+    for w in waiting {
+        turns.push(tokio::time::timeout(PATIENCE, w).await.unwrap().unwrap());
+    }
+    assert_eq!(turns, ["1", "2", "3", "4"]);
+}
+
+#[tokio::test]
+async fn a_client_waiting_past_reserve_pool_timeout_gets_a_reserve_connection() {
+    let extra =
+        "[pool]\ndefault_pool_size = 1\nreserve_pool_size = 1\nreserve_pool_timeout = \"300ms\"\n";
+    let (_cluster, tx, _pgvane) = behind_txn_listener(extra);
+    let holder = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let held_pid = backend_pid(&holder).await;
+    // Served while the holder keeps the pool's one connection: by a second one.
+    let waiter = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    let started = Instant::now();
+    let pid = tokio::time::timeout(PATIENCE, backend_pid(&waiter))
+        .await
+        .expect("served from the reserve");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_ne!(pid, held_pid);
+    // The reserve slot went back: the next waiter gets it again, after its own wait.
+    let started = Instant::now();
+    tokio::time::timeout(PATIENCE, backend_pid(&waiter))
+        .await
+        .expect("served from the reserve again");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_connects_per_backend_are_bounded() {
     let cluster = Cluster::start(0);

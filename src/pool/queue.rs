@@ -1,0 +1,409 @@
+//! A pool's slots, its idle connections, and the FIFO queue of clients waiting for a slot.
+//!
+//! A slot given back goes straight to the longest-waiting client, with the connection
+//! released in it: no client is woken to find the slot taken by another, and none overtakes
+//! one that waits. One timer per queue (a task that lives while clients wait) ends the
+//! waits past the wait limit and gives reserve slots to clients that have waited
+//! `reserve_after`; a wait holds no timer of its own.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, Notify};
+// tokio's: the same clock, that tests can pause.
+use tokio::time::Instant;
+
+/// What a queue hands out, and how long a client may wait for it.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Slots (`pool_size`).
+    pub size: usize,
+    /// Extra slots for clients that have waited `reserve_after` (`reserve_pool_size`).
+    pub reserve: usize,
+    pub reserve_after: Duration,
+    /// How long a client may wait (`query_wait_timeout`); `None`: for ever.
+    pub wait_limit: Option<Duration>,
+}
+
+/// Which kind of slot a client holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Normal,
+    Reserve,
+}
+
+/// A slot, with the idle item that came with it (the one released last, if any).
+pub struct Grant<T> {
+    pub slot: Slot,
+    pub item: Option<T>,
+}
+
+pub struct Queue<T> {
+    state: Mutex<State<T>>,
+    limits: Limits,
+    /// Wakes the timer when a reserve slot frees up: its next deadline may come sooner.
+    reserve_freed: Notify,
+}
+
+struct State<T> {
+    /// Most recently used last.
+    idle: Vec<T>,
+    free: usize,
+    free_reserve: usize,
+    waiters: VecDeque<Waiter<T>>,
+    next_id: u64,
+    timer_running: bool,
+}
+
+struct Waiter<T> {
+    id: u64,
+    since: Instant,
+    grant: oneshot::Sender<Grant<T>>,
+}
+
+impl<T: Send + 'static> Queue<T> {
+    pub fn new(limits: Limits) -> Self {
+        Queue {
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                free: limits.size,
+                free_reserve: limits.reserve,
+                waiters: VecDeque::new(),
+                next_id: 0,
+                timer_running: false,
+            }),
+            limits,
+            reserve_freed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().expect("pool queue lock")
+    }
+
+    /// A free slot, with the most recently used idle item, if no client waits for one.
+    pub fn try_take(&self) -> Option<Grant<T>> {
+        let mut s = self.lock();
+        s.take_free()
+    }
+
+    /// Waits in line for a slot; `None`: the wait limit passed first. Dropping the future
+    /// leaves the line (what was handed to it meanwhile goes to the next client).
+    pub async fn wait(self: &Arc<Self>) -> Option<Grant<T>> {
+        let (grant, rx) = oneshot::channel();
+        let id = {
+            let mut s = self.lock();
+            // A slot freed since `try_take`, with no one in line to hand it to.
+            if let Some(free) = s.take_free() {
+                return Some(free);
+            }
+            let id = s.next_id;
+            s.next_id += 1;
+            s.waiters.push_back(Waiter {
+                id,
+                since: Instant::now(),
+                grant,
+            });
+            let timed = self.limits.wait_limit.is_some() || self.limits.reserve > 0;
+            if timed && !s.timer_running {
+                s.timer_running = true;
+                tokio::spawn(self.clone().keep_time());
+            }
+            id
+        };
+        let mut queued = Queued {
+            queue: self,
+            id,
+            rx: Some(rx),
+        };
+        let got = queued.rx.as_mut().expect("queued").await;
+        queued.rx = None;
+        // The timer drops a waiter whose limit passed.
+        got.ok()
+    }
+
+    /// Gives a slot back, with the item to keep idle if any: both go to the
+    /// longest-waiting client if one may take the slot, else the slot is free again.
+    pub fn give_back(&self, slot: Slot, mut item: Option<T>) {
+        loop {
+            let waiter = {
+                let mut s = self.lock();
+                let takes = s.waiters.front().is_some_and(|w| {
+                    slot == Slot::Normal || w.since.elapsed() >= self.limits.reserve_after
+                });
+                if takes {
+                    s.waiters.pop_front().expect("a front waiter")
+                } else {
+                    if let Some(item) = item {
+                        s.idle.push(item);
+                    }
+                    match slot {
+                        Slot::Normal => s.free += 1,
+                        Slot::Reserve => {
+                            s.free_reserve += 1;
+                            if !s.waiters.is_empty() {
+                                self.reserve_freed.notify_one();
+                            }
+                        }
+                    }
+                    return;
+                }
+            };
+            // Sent outside the lock; a client that left meanwhile sends it back.
+            match waiter.grant.send(Grant { slot, item }) {
+                Ok(()) => return,
+                Err(back) => item = back.item,
+            }
+        }
+    }
+
+    /// The idle items, most recently used last, for their upkeep.
+    pub fn idle(&self) -> IdleGuard<'_, T> {
+        IdleGuard(self.lock())
+    }
+
+    /// The most recently used idle item.
+    pub fn pop_idle(&self) -> Option<T> {
+        self.lock().idle.pop()
+    }
+
+    /// Clients waiting now, and how long the first has waited.
+    pub fn waiting(&self) -> (usize, Option<Duration>) {
+        let s = self.lock();
+        (
+            s.waiters.len(),
+            s.waiters.front().map(|w| w.since.elapsed()),
+        )
+    }
+
+    /// The queue's timer: runs while clients wait.
+    async fn keep_time(self: Arc<Self>) {
+        loop {
+            let (expired, reserved, next) = {
+                let mut s = self.lock();
+                let now = Instant::now();
+                let mut expired = Vec::new();
+                if let Some(limit) = self.limits.wait_limit {
+                    while s.waiters.front().is_some_and(|w| now >= w.since + limit) {
+                        expired.extend(s.waiters.pop_front());
+                    }
+                }
+                let reserve_after = self.limits.reserve_after;
+                let mut reserved = Vec::new();
+                while s.free_reserve > 0
+                    && s.waiters
+                        .front()
+                        .is_some_and(|w| now >= w.since + reserve_after)
+                {
+                    s.free_reserve -= 1;
+                    reserved.extend(s.waiters.pop_front());
+                }
+                let next = match s.waiters.front() {
+                    None => {
+                        s.timer_running = false;
+                        None
+                    }
+                    Some(w) => {
+                        let ends = self.limits.wait_limit.map(|l| w.since + l);
+                        let reserve = (s.free_reserve > 0).then_some(w.since + reserve_after);
+                        Some(ends.into_iter().chain(reserve).min())
+                    }
+                };
+                (expired, reserved, next)
+            };
+            // Their senders dropped: those waits end with nothing.
+            drop(expired);
+            for w in reserved {
+                let grant = Grant {
+                    slot: Slot::Reserve,
+                    item: None,
+                };
+                if let Err(back) = w.grant.send(grant) {
+                    self.give_back(back.slot, back.item);
+                }
+            }
+            match next {
+                None => return,
+                Some(Some(at)) => tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = self.reserve_freed.notified() => {}
+                },
+                Some(None) => self.reserve_freed.notified().await,
+            }
+        }
+    }
+}
+
+impl<T> State<T> {
+    fn take_free(&mut self) -> Option<Grant<T>> {
+        if !self.waiters.is_empty() || self.free == 0 {
+            return None;
+        }
+        self.free -= 1;
+        Some(Grant {
+            slot: Slot::Normal,
+            item: self.idle.pop(),
+        })
+    }
+}
+
+/// The idle items under the queue's lock.
+pub struct IdleGuard<'a, T>(MutexGuard<'a, State<T>>);
+
+impl<T> std::ops::Deref for IdleGuard<'_, T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.0.idle
+    }
+}
+
+impl<T> std::ops::DerefMut for IdleGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        &mut self.0.idle
+    }
+}
+
+/// A client's place in line, left when dropped.
+struct Queued<'a, T: Send + 'static> {
+    queue: &'a Arc<Queue<T>>,
+    id: u64,
+    /// Taken once the wait has its answer.
+    rx: Option<oneshot::Receiver<Grant<T>>>,
+}
+
+impl<T: Send + 'static> Drop for Queued<'_, T> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        {
+            let mut s = self.queue.lock();
+            if let Some(at) = s.waiters.iter().position(|w| w.id == self.id) {
+                s.waiters.remove(at);
+                return;
+            }
+        }
+        // Handed a slot meanwhile: it goes on to the next client.
+        if let Ok(grant) = rx.try_recv() {
+            self.queue.give_back(grant.slot, grant.item);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    fn queue(size: usize, reserve: usize, wait_limit: Option<u64>) -> Arc<Queue<u32>> {
+        Arc::new(Queue::new(Limits {
+            size,
+            reserve,
+            reserve_after: Duration::from_secs(5),
+            wait_limit: wait_limit.map(Duration::from_secs),
+        }))
+    }
+
+    /// Polls once: the wait's answer if it has one now.
+    fn poll_now<F: Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        match std::pin::Pin::new(f).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_released_slot_goes_to_the_longest_waiting_client_with_its_connection() {
+        let q = queue(1, 0, None);
+        let held = q.try_take().expect("a free slot");
+        assert!(held.item.is_none());
+        assert!(q.try_take().is_none());
+        let mut first = Box::pin(q.wait());
+        let mut second = Box::pin(q.wait());
+        assert!(poll_now(&mut first).is_none() && poll_now(&mut second).is_none());
+        assert_eq!(q.waiting().0, 2);
+
+        q.give_back(Slot::Normal, Some(7));
+        // Nobody overtakes: not a new client, not the second one.
+        assert!(q.try_take().is_none());
+        assert!(poll_now(&mut second).is_none());
+        let got = poll_now(&mut first).expect("handed over").expect("a slot");
+        assert_eq!((got.slot, got.item), (Slot::Normal, Some(7)));
+        assert_eq!(q.waiting().0, 1);
+
+        q.give_back(Slot::Normal, None);
+        let got = poll_now(&mut second).expect("handed over").expect("a slot");
+        assert_eq!((got.slot, got.item), (Slot::Normal, None));
+        q.give_back(Slot::Normal, Some(8));
+        let free = q.try_take().expect("free again");
+        assert_eq!(free.item, Some(8));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_the_line_passes_on_what_it_was_handed() {
+        let q = queue(1, 0, None);
+        let _held = q.try_take().unwrap();
+        let mut leaving = Box::pin(q.wait());
+        let mut next = Box::pin(q.wait());
+        assert!(poll_now(&mut leaving).is_none() && poll_now(&mut next).is_none());
+        // Handed the slot, gone before it looked.
+        q.give_back(Slot::Normal, Some(1));
+        drop(leaving);
+        let got = poll_now(&mut next).expect("passed on").expect("a slot");
+        assert_eq!(got.item, Some(1));
+
+        // Gone while still in line: out of the count, and skipped.
+        let mut gone = Box::pin(q.wait());
+        let mut after = Box::pin(q.wait());
+        assert!(poll_now(&mut gone).is_none() && poll_now(&mut after).is_none());
+        drop(gone);
+        assert_eq!(q.waiting().0, 1);
+        q.give_back(Slot::Normal, Some(2));
+        assert_eq!(poll_now(&mut after).unwrap().unwrap().item, Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_timer_ends_waits_past_the_limit_in_order() {
+        let q = queue(1, 0, Some(10));
+        let _held = q.try_take().unwrap();
+        let early = tokio::spawn({
+            let q = q.clone();
+            async move { q.wait().await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let late = tokio::spawn({
+            let q = q.clone();
+            async move { q.wait().await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert!(early.is_finished() && !late.is_finished());
+        assert!(!early.await.unwrap(), "timed out");
+        assert_eq!(q.waiting().0, 1);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!late.await.unwrap(), "timed out");
+        assert_eq!(q.waiting(), (0, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reserve_slots_go_to_clients_that_waited_reserve_after() {
+        let q = queue(1, 1, Some(60));
+        let _held = q.try_take().unwrap();
+        let waiter = |q: &Arc<Queue<u32>>| {
+            let q = q.clone();
+            tokio::spawn(async move { q.wait().await.map(|g| g.slot) })
+        };
+        let first = waiter(&q);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let second = waiter(&q);
+        tokio::time::sleep(Duration::from_secs(4) + Duration::from_millis(500)).await;
+        // 5.5 s: the first has waited 5 s and holds the one reserve slot.
+        assert_eq!(first.await.unwrap(), Some(Slot::Reserve));
+        assert!(!second.is_finished());
+        // A freed reserve slot goes to the second once it has waited 5 s too.
+        q.give_back(Slot::Reserve, None);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!second.is_finished());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(second.await.unwrap(), Some(Slot::Reserve));
+    }
+}
