@@ -22,6 +22,11 @@
 //! longest time any writer went without a commit, and for Patroni how many idle clients
 //! failed their next transaction (15 s after the promotion) and the phantom commits: rows
 //! on the new leader whose INSERT the writer saw fail.
+//!
+//! With `PGVANE_TIMELINE=FILE`, a Patroni mode also writes the first run's commits per
+//! 100 ms through each proxy, from 2 s before the event to 15 s after the promotion, as
+//! CSV (`proxy,ms_after_event,commits`, the promotion's time in a `# promoted_ms=` line):
+//! the failover timeline chart of `benches/public.sh`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -76,6 +81,8 @@ struct Outcome {
     failed: u32,
     longest_stall: Duration,
     failed_ids: Vec<i64>,
+    /// Every writer's commits.
+    commits: Vec<Instant>,
 }
 
 /// Writers through one proxy, each with what it saw.
@@ -111,10 +118,12 @@ impl WriterGroup {
         let mut failed = 0;
         let mut longest_stall = Duration::ZERO;
         let mut failed_ids = Vec::new();
+        let mut commits = Vec::new();
         for s in &self.seen {
             let s = s.lock().unwrap();
             failed += s.failed;
             failed_ids.extend(&s.failed_ids);
+            commits.extend(&s.commits);
             if let Some(t) = s.commits.iter().find(|t| **t > promoted) {
                 first_after = Some(first_after.map_or(*t, |f| f.min(*t)));
             }
@@ -127,6 +136,7 @@ impl WriterGroup {
             failed,
             longest_stall,
             failed_ids,
+            commits,
         }
     }
 }
@@ -238,7 +248,8 @@ async fn idle_failures(idle: &[tokio_postgres::Client]) -> usize {
 /// What one proxy's clients saw: writers' outcome, idle clients that failed, phantom commits.
 type Seen3 = (Outcome, usize, i64);
 
-async fn run_patroni(mode: &str, writers: usize) -> (Duration, Seen3, Seen3) {
+/// The event (crash or switchover), the promotion, and what each proxy's clients saw.
+async fn run_patroni(mode: &str, writers: usize) -> (Instant, Instant, Seen3, Seen3) {
     let mut cluster = tokio::task::spawn_blocking(|| PatroniCluster::start(3))
         .await
         .unwrap();
@@ -321,7 +332,6 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, Seen3, Seen3) {
         }
         promoted
     };
-    let to_leader = promoted - event;
     // Long enough for HAProxy to mark the old leader down (fall 3 x inter 3 s).
     tokio::time::sleep(Duration::from_secs(15)).await;
     let pgvane_idle = idle_failures(&idle_pgvane).await;
@@ -334,10 +344,45 @@ async fn run_patroni(mode: &str, writers: usize) -> (Duration, Seen3, Seen3) {
     let haproxy_phantoms = phantoms(leader_port, &haproxy_outcome.failed_ids).await;
     drop((haproxy, pgvane, cluster));
     (
-        to_leader,
+        event,
+        promoted,
         (pgvane_outcome, pgvane_idle, pgvane_phantoms),
         (haproxy_outcome, haproxy_idle, haproxy_phantoms),
     )
+}
+
+/// Commits per 100 ms through each proxy, from 2 s before `event` to 15 s after `promoted`.
+fn timeline_csv(event: Instant, promoted: Instant, outcomes: &[(&str, &Outcome)]) -> String {
+    const BUCKET_MS: i64 = 100;
+    let ms = |t: Instant| {
+        if t >= event {
+            (t - event).as_millis() as i64
+        } else {
+            -((event - t).as_millis() as i64)
+        }
+    };
+    // Whole buckets only: a partial last one would show as a drop.
+    let from = -2000;
+    let to = from + (ms(promoted) + 15_000 - from) / BUCKET_MS * BUCKET_MS;
+    let mut csv = format!(
+        "# promoted_ms={}\nproxy,ms_after_event,commits\n",
+        ms(promoted)
+    );
+    for (name, o) in outcomes {
+        let mut buckets = vec![0u32; ((to - from) / BUCKET_MS) as usize];
+        for t in o
+            .commits
+            .iter()
+            .map(|t| ms(*t))
+            .filter(|t| (from..to).contains(t))
+        {
+            buckets[((t - from) / BUCKET_MS) as usize] += 1;
+        }
+        for (i, n) in buckets.iter().enumerate() {
+            csv += &format!("{name},{},{n}\n", from + i as i64 * BUCKET_MS);
+        }
+    }
+    csv
 }
 
 fn main() {
@@ -373,8 +418,14 @@ fn main() {
         "patroni-crash" | "patroni-switchover" | "patroni-switchover-paused" => {
             println!("| {mode} run | proxy | event -> new leader | promotion -> first write | failed attempts | longest stall | idle clients failed | phantom commits |");
             println!("|---|---|---:|---:|---:|---:|---:|---:|");
+            let timeline = std::env::var_os("PGVANE_TIMELINE");
             for run in 1..=runs {
-                let (to_leader, pgvane, haproxy) = rt.block_on(run_patroni(&mode, writers));
+                let (event, promoted, pgvane, haproxy) = rt.block_on(run_patroni(&mode, writers));
+                if let (1, Some(file)) = (run, &timeline) {
+                    let csv = timeline_csv(event, promoted, &[("pgvane", &pgvane.0), ("HAProxy", &haproxy.0)]);
+                    std::fs::write(file, csv).expect("PGVANE_TIMELINE is writable");
+                }
+                let to_leader = promoted - event;
                 for (name, (o, idle, phantom)) in [("pgvane", pgvane), ("HAProxy", haproxy)] {
                     println!(
                         "| {run} | {name} | {} ms | {} ms | {} | {} ms | {idle} of 8 | {phantom} |",

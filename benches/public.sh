@@ -7,10 +7,20 @@
 # transaction) to benches/results/ (or -o DIR).
 #
 #   benches/public.sh [-T seconds] [-r repetitions] [-c "16 64 256 1000"] [-o DIR]
-#                     [-t "pgvane-txn-1t pgbouncer-txn"] [-b BINARY]
+#                     [-w "select-only churn"] [-t "pgvane-txn-1t pgbouncer-txn"] [-b BINARY] [-n]
 #
-# -t picks targets by name (direct always runs). -b BINARY adds "baseline-txn-1t": another
-# pgvane build with worker_threads = 1, for an A/B of a change within one run.
+# -w picks workloads by name, -t targets by name (direct and the baseline always run). -b BINARY adds "baseline-txn-1t": another
+# pgvane build with worker_threads = 1, for an A/B of a change within one run. -n skips the
+# failover timeline.
+#
+# Workloads: select-only (-S), TPC-B-like, select-only with named prepared statements
+# (-M prepared, which PgBouncer 1.18 cannot carry in transaction mode: "failed"), and
+# connection churn (-S -C, a SCRAM login per transaction; up to 256 clients, beyond which
+# it measures pgbench's own PBKDF2).
+#
+# The failover timeline: `cargo bench --bench failover -- patroni-crash 1 8` (3 Patroni
+# nodes + etcd; pgvane and HAProxy with Patroni's own configuration side by side, 8 writers
+# each) writes its commits per 100 ms across the leader's crash; charted as timeline.png.
 #
 # Latency percentiles come from pgbench --log (every transaction), not from its average.
 # CPU per transaction is the proxy process's user + system time over the transactions it
@@ -26,10 +36,11 @@ set -euo pipefail
 cd "$PGVANE_ROOT"
 
 DURATION=6 REPS=2 COUNTS="16 64 256 1000" OUT="$PGVANE_ROOT/benches/results" ONLY_T="" BASELINE=""
-while getopts "T:r:c:o:t:b:" o; do
+TIMELINE=1 ONLY_W=""
+while getopts "T:r:c:o:t:b:nw:" o; do
     case $o in
         T) DURATION=$OPTARG ;; r) REPS=$OPTARG ;; c) COUNTS=$OPTARG ;; o) OUT=$OPTARG ;;
-        t) ONLY_T=$OPTARG ;; b) BASELINE=$OPTARG ;;
+        t) ONLY_T=$OPTARG ;; b) BASELINE=$OPTARG ;; n) TIMELINE="" ;; w) ONLY_W=$OPTARG ;;
         *) exit 2 ;;
     esac
 done
@@ -69,23 +80,33 @@ fi
 if [ -n "$ONLY_T" ]; then
     for i in "${!TARGETS[@]}"; do
         name=${TARGETS[$i]%%:*}
-        [ "$name" != direct ] && [[ " $ONLY_T " != *" $name "* ]] && unset "TARGETS[$i]"
+        case $name in direct|baseline-txn-1t) continue ;; esac
+        [[ " $ONLY_T " != *" $name "* ]] && unset "TARGETS[$i]"
     done
     TARGETS=("${TARGETS[@]}")
 fi
-WORKLOADS=("select-only:-S" "tpcb-like:")
+# name:pgbench flags:most clients
+WORKLOADS=("select-only:-S:" "tpcb-like::" "prepared:-S -M prepared:" "churn:-S -C:256")
+if [ -n "$ONLY_W" ]; then
+    for i in "${!WORKLOADS[@]}"; do
+        [[ " $ONLY_W " != *" ${WORKLOADS[$i]%%:*} "* ]] && unset "WORKLOADS[$i]"
+    done
+    WORKLOADS=("${WORKLOADS[@]}")
+fi
 
 cpu_ticks() { if [ -n "$1" ]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
 
 RESULTS="$WORK/results"
 : > "$RESULTS"
 total=0
-for _ in $COUNTS; do for _ in "${WORKLOADS[@]}"; do for _ in $(seq 1 "$REPS"); do
-    total=$((total + ${#TARGETS[@]})); done; done; done
+for clients in $COUNTS; do for w in "${WORKLOADS[@]}"; do
+    most=${w##*:}; [ -n "$most" ] && [ "$clients" -gt "$most" ] && continue
+    total=$((total + REPS * ${#TARGETS[@]})); done; done
 done_runs=0 started=$SECONDS
 for clients in $COUNTS; do
     for w in "${WORKLOADS[@]}"; do
-        IFS=: read -r wname wflags <<< "$w"
+        IFS=: read -r wname wflags wmost <<< "$w"
+        [ -n "$wmost" ] && [ "$clients" -gt "$wmost" ] && continue
         for rep in $(seq 1 "$REPS"); do
             # Targets interleaved within a repetition, so drift hits them alike.
             for t in "${TARGETS[@]}"; do
@@ -127,15 +148,22 @@ print(f"{q(0.50):.2f} {q(0.95):.2f} {q(0.99):.2f}")')
 done
 printf '\n'
 
+if [ -n "$TIMELINE" ]; then
+    ensure_packages patroni:patroni etcd:etcd-server
+    say "failover timeline: Patroni crash, pgvane and HAProxy side by side"
+    PGVANE_TIMELINE="$WORK/timeline.csv" cargo bench --locked --quiet --bench failover -- \
+        patroni-crash 1 8 > "$WORK/failover.md"
+fi
+
 mkdir -p "$OUT"
 COMMIT="$(git -C "$PGVANE_ROOT" rev-parse --short HEAD)$(git -C "$PGVANE_ROOT" diff --quiet || echo '+')"
-"$VENV/bin/python" - "$RESULTS" "$OUT" "$COMMIT" "benches/public.sh -T $DURATION -r $REPS -c \"$COUNTS\"" <<'PY'
-import collections, datetime, statistics, sys
+"$VENV/bin/python" - "$RESULTS" "$OUT" "$COMMIT" "benches/public.sh -T $DURATION -r $REPS -c \"$COUNTS\"" "$WORK" <<'PY'
+import collections, datetime, os, statistics, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-results, out, commit, command = sys.argv[1:5]
+results, out, commit, command, work = sys.argv[1:6]
 rows = collections.defaultdict(list)
 order = []
 for line in open(results):
@@ -155,6 +183,11 @@ counts = sorted({k[0] for k in rows})
 workloads = list(dict.fromkeys(k[1] for k in rows))
 today = datetime.date.today().isoformat()
 md = [f"Measured {today} at commit {commit} with `{command}` (medians; latency from every transaction).", ""]
+timeline = f"{work}/timeline.csv"
+if os.path.exists(timeline):
+    md += ["**Failover** (Patroni leader crash; 8 writers through each proxy, one INSERT each",
+           "per 20 ms; commits per 100 ms in timeline.png)", "",
+           open(f"{work}/failover.md").read().strip(), ""]
 for w in workloads:
     md += [f"**{w}**", "", "| clients | target | tps | p50 ms | p95 ms | p99 ms | CPU µs/txn |",
            "|---:|---|---:|---:|---:|---:|---:|"]
@@ -168,8 +201,12 @@ for w in workloads:
 open(f"{out}/public.md", "w").write("\n".join(md))
 
 def chart(name, index, ylabel, log=False):
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
-    for ax, w in zip(axes[0], workloads):
+    cols = min(2, len(workloads))
+    rows = -(-len(workloads) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(workloads):]:
+        ax.set_visible(False)
+    for ax, w in zip(axes.flat, workloads):
         for t in order:
             pts = [(c, median((c, w, t), index)) for c in counts]
             pts = [(c, v) for c, v in pts if isinstance(v, float)]
@@ -193,6 +230,26 @@ chart("tps", 0, "transactions per second")
 chart("p50", 1, "p50 latency, ms", log=True)
 chart("p99", 3, "p99 latency, ms", log=True)
 chart("cpu", 4, "proxy CPU per transaction, µs")
+
+if os.path.exists(timeline):
+    lines = open(timeline).read().splitlines()
+    promoted = int(lines[0].split("=")[1]) / 1000
+    series = collections.defaultdict(list)
+    for line in lines[2:]:
+        proxy, ms, n = line.split(",")
+        series[proxy].append((int(ms) / 1000, int(n)))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for proxy, pts in series.items():
+        ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label=proxy)
+    ax.axvline(0, color="red", linestyle="--", label="leader crashed")
+    ax.axvline(promoted, color="green", linestyle="--", label="new leader promoted")
+    ax.set_xlabel("seconds after the crash")
+    ax.set_ylabel("commits per 100 ms")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Failover timeline (Patroni crash), {today}, commit {commit}")
+    fig.tight_layout()
+    fig.savefig(f"{out}/timeline.png", dpi=90)
 print("\n".join(md))
 PY
-say "written: $OUT/public.md, tps.png, p50.png, p99.png, cpu.png"
+say "written: $OUT/public.md, tps.png, p50.png, p99.png, cpu.png${TIMELINE:+, timeline.png}"

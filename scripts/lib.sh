@@ -145,6 +145,118 @@ CONF
     done
 }
 
+# Runs a program as the unprivileged user when we are root, in place (exec: the caller's $!
+# is the program), without the demo's libpq variables (Patroni's pg_basebackup must use
+# its own pgpass file).
+as_pg_exec() {
+    local prog=$1; shift
+    if [ "$(id -u)" -eq 0 ]; then
+        id "$PG_USER" >/dev/null 2>&1 || PG_USER=nobody
+        exec setpriv --reuid="$PG_USER" --regid="$(id -g "$PG_USER")" --init-groups \
+            env -u PGPASSWORD -u PGHOST -u PGPORT -u PGUSER -C /tmp "$prog" "$@"
+    fi
+    exec env -u PGPASSWORD -u PGHOST -u PGPORT -u PGUSER "$prog" "$@"
+}
+
+# http_ok PORT PATH: whether GET on 127.0.0.1:PORT answers 200.
+http_ok() {
+    [ "$(curl -s -o /dev/null -m 2 -w '%{http_code}' "http://127.0.0.1:$1$2")" = 200 ]
+}
+
+# wait_until SECONDS WHAT COMMAND...: runs COMMAND every 100 ms until it succeeds.
+wait_until() {
+    local limit=$1 what=$2 end; shift 2
+    end=$((SECONDS + limit))
+    until "$@"; do
+        [ $SECONDS -lt $end ] || { echo "timed out after ${limit}s waiting for $what" >&2; return 1; }
+        sleep 0.1
+    done
+}
+
+# patroni_start DIR N: etcd and N Patroni nodes (Debian's patroni and etcd-server) on free
+# loopback ports under DIR, with the timings of tests/common/patroni.rs (ttl 10 s,
+# loop_wait 2 s, retry_timeout 5 s); returns once pt0 leads and the others stream from it.
+# Sets NODE_PORTS, API_PORTS and NODE_DIRS (pt0 first).
+patroni_start() {
+    local dir=$1 n=$2 client peer i name pg api
+    mkdir -p "$dir"
+    [ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$dir"
+    client=$(free_port); peer=$(free_port)
+    (as_pg_exec etcd --name e0 --data-dir "$dir/etcd" \
+        --listen-client-urls="http://127.0.0.1:$client" --advertise-client-urls="http://127.0.0.1:$client" \
+        --listen-peer-urls="http://127.0.0.1:$peer" --initial-advertise-peer-urls="http://127.0.0.1:$peer" \
+        --initial-cluster="e0=http://127.0.0.1:$peer" > "$dir/etcd.log" 2>&1) &
+    PIDS+=($!)
+    NODE_PORTS=(); API_PORTS=(); NODE_DIRS=(); NODE_PREFIX=pt
+    for i in $(seq 0 $((n - 1))); do
+        name=pt$i pg=$(free_port) api=$(free_port)
+        cat > "$dir/$name.yml" <<YAML
+scope: pgvane-demo
+name: $name
+restapi:
+  listen: 127.0.0.1:$api
+  connect_address: 127.0.0.1:$api
+etcd3:
+  hosts: 127.0.0.1:$client
+bootstrap:
+  dcs:
+    ttl: 10
+    loop_wait: 2
+    retry_timeout: 5
+    postgresql:
+      use_pg_rewind: true
+      parameters:
+        synchronous_commit: 'off'
+        wal_keep_size: 256MB
+        max_connections: 400
+  initdb:
+  - encoding: UTF8
+  - locale: C
+  - auth-host: scram-sha-256
+  - auth-local: trust
+postgresql:
+  listen: 127.0.0.1:$pg
+  connect_address: 127.0.0.1:$pg
+  data_dir: $dir/$name
+  bin_dir: $(pg_bindir)
+  pgpass: $dir/$name.pgpass
+  authentication:
+    superuser: {username: postgres, password: $PGPASSWORD}
+    replication: {username: replicator, password: $PGPASSWORD}
+    rewind: {username: postgres, password: $PGPASSWORD}
+  parameters:
+    unix_socket_directories: $dir
+  pg_hba:
+  - local all all trust
+  - host all all 127.0.0.1/32 scram-sha-256
+  - host replication replicator 127.0.0.1/32 scram-sha-256
+  basebackup:
+  - checkpoint: fast
+YAML
+        [ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$dir/$name.yml"
+        (as_pg_exec patroni "$dir/$name.yml" > "$dir/$name.log" 2>&1) &
+        PIDS+=($!)
+        NODE_PORTS+=("$pg"); API_PORTS+=("$api"); NODE_DIRS+=("$dir/$name")
+        # pt0 bootstraps alone, so that it is the leader the demo starts with.
+        [ "$i" -eq 0 ] && wait_until 90 "pt0 to lead" http_ok "$api" /primary
+    done
+    for api in "${API_PORTS[@]:1}"; do wait_until 120 "replicas to run" http_ok "$api" /replica; done
+    wait_until 60 "replicas to stream" eval '[ "$(psql -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -XAtc \
+        "SELECT count(*) FROM pg_stat_replication WHERE state = '"'"'streaming'"'"'" postgres 2>/dev/null)" = $((n - 1)) ]'
+}
+
+# patroni_crash I: node I's Patroni, postmaster and backends frozen, then killed (its leader
+# key expires after ttl, as on a machine failure).
+patroni_crash() {
+    local pm pids
+    pm=$(head -n 1 "${NODE_DIRS[$1]}/postmaster.pid")
+    pids="$(pgrep -f "patroni ${NODE_DIRS[$1]}.yml") $pm $(pgrep -P "$pm" | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    kill -STOP $pids 2>/dev/null || true
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+}
+
 cluster_stop() {
     for d in "${NODE_DIRS[@]+"${NODE_DIRS[@]}"}"; do
         [ -f "$d/postmaster.pid" ] && { pg_run pg_ctl -D "$d" -m immediate -w stop >/dev/null 2>&1 || true; }
@@ -152,17 +264,21 @@ cluster_stop() {
     return 0
 }
 
-# pgvane_config FILE INTERVAL: backends from NODE_PORTS; a passthrough listener on RW_PORT
-# (primary), one on RO_PORT (replicas) and a transaction-pooling listener on TX_PORT (primary).
+# pgvane_config FILE INTERVAL: backends from NODE_PORTS (checked through Patroni's REST API
+# on API_PORTS if set, with SQL otherwise); a passthrough listener on RW_PORT (primary), one
+# on RO_PORT (replicas) and a transaction-pooling listener on TX_PORT (primary).
 pgvane_config() {
-    local file=$1 interval=${2:-1s}
+    local file=$1 interval=${2:-1s} method=sql
+    [ -n "${API_PORTS[*]:-}" ] && method=patroni
     {
         printf '[general]\nmax_client_conn = 20000\n\n'
-        printf '[health]\nmethod = "sql"\ninterval = "%s"\n\n[health.sql]\nuser = "postgres"\npassword = "%s"\n' \
-            "$interval" "$PGPASSWORD"
+        printf '[health]\nmethod = "%s"\ninterval = "%s"\n\n[health.sql]\nuser = "postgres"\npassword = "%s"\n' \
+            "$method" "$interval" "$PGPASSWORD"
         printf '\n[pool]\ndefault_pool_size = 20\n\n[[user]]\nname = "postgres"\npassword = "%s"\n' "$PGPASSWORD"
         for i in "${!NODE_PORTS[@]}"; do
-            printf '\n[[backend]]\nname = "pg%s"\nhost = "127.0.0.1"\nport = %s\n' "$i" "${NODE_PORTS[$i]}"
+            printf '\n[[backend]]\nname = "%s%s"\nhost = "127.0.0.1"\nport = %s\n' \
+                "${NODE_PREFIX:-pg}" "$i" "${NODE_PORTS[$i]}"
+            [ "$method" = patroni ] && printf 'patroni_port = %s\n' "${API_PORTS[$i]}"
         done
         printf '\n[[listener]]\nname = "rw"\naddress = "127.0.0.1"\nport = %s\ntarget = "primary"\n' "$RW_PORT"
         printf '\n[[listener]]\nname = "ro"\naddress = "127.0.0.1"\nport = %s\ntarget = "replica"\nfallback_to_primary = true\n' "$RO_PORT"

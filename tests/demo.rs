@@ -82,10 +82,44 @@ fn the_demo_cleans_up_after_ctrl_c() {
 }
 
 /// The whole demo: it runs to its end, shows the failover live (the crash, the promotion
-/// and the first write after it marked) and exits cleanly.
+/// and the first write after it marked) and exits cleanly. With Patroni (installed by
+/// scripts/test), the demo's default here.
 #[test]
 fn the_demo_runs_to_its_end_and_shows_the_failover() {
-    let mut demo = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"))
+    let out = run_whole_demo(None);
+    assert!(out.contains("Patroni promotes the replica"), "{out}");
+    writes_reach(&out, "pt1");
+}
+
+/// The same on plain streaming replication.
+#[test]
+fn the_plain_replication_demo_runs_to_its_end_and_shows_the_failover() {
+    let out = run_whole_demo(Some("plain"));
+    assert!(out.contains("the replica promoted"), "{out}");
+    writes_reach(&out, "pg1");
+}
+
+/// After the failover, the primary listener reaches `node` (the demo's "now via" line).
+fn writes_reach(out: &str, node: &str) {
+    let line = out
+        .lines()
+        .find(|l| l.contains("now via"))
+        .unwrap_or_else(|| panic!("no \"now via\" line:\n{out}"));
+    let port = line
+        .split("server port ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no server port: {line}"));
+    assert!(line.contains(&format!("({node} is {port})")), "{line}");
+}
+
+/// Runs the demo (`PGVANE_DEMO=mode`) to its end; its output, with every mark checked.
+fn run_whole_demo(mode: Option<&str>) -> String {
+    let mut command = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"));
+    if let Some(mode) = mode {
+        command.env("PGVANE_DEMO", mode);
+    }
+    let mut demo = command
         .env("PGVANE_BIN", env!("CARGO_BIN_EXE_pgvane"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -124,4 +158,5 @@ fn the_demo_runs_to_its_end_and_shows_the_failover() {
     ] {
         assert!(out.contains(marked), "{marked}:\n{out}");
     }
+    out
 }
