@@ -24,7 +24,9 @@
 #
 # Latency percentiles come from pgbench --log (every transaction), not from its average.
 # CPU per transaction is the proxy process's user + system time over the transactions it
-# served (memory per client is benches/idle_rss.sh's: a proxy's RSS after a run keeps what
+# served, and beside it pgbench's and PostgreSQL's (all nodes): on a machine they share,
+# tps follows the sum, and a proxy that paces its replies badly makes pgbench spend more
+# (memory per client is benches/idle_rss.sh's: a proxy's RSS after a run keeps what
 # earlier runs allocated, so a delta here would mislead). A target that cannot take the clients (PostgreSQL's max_connections is
 # 400: direct, HAProxy and passthrough at 1000) is shown as n/a. From 2,000 clients on a
 # run lasts at least 30 s: pgbench's clocks include its connections' SCRAM logins, which
@@ -46,7 +48,8 @@ while getopts "T:r:c:o:t:b:nw:" o; do
 done
 
 ensure_postgres
-ensure_packages pgbench:postgresql-client python3:python3 haproxy:haproxy pgbouncer:pgbouncer
+ensure_packages pgbench:postgresql-client python3:python3 haproxy:haproxy pgbouncer:pgbouncer \
+    /usr/bin/time:time
 VENV="$PGVANE_ROOT/target/bench-venv"
 if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
     say "installing matplotlib (PyPI) into $VENV"
@@ -95,6 +98,19 @@ if [ -n "$ONLY_W" ]; then
 fi
 
 cpu_ticks() { if [ -n "$1" ]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
+# PostgreSQL's CPU (every node): each postmaster's own and its reaped children's, and its
+# live children's (a pool's server connections live through the runs).
+pg_ticks() {
+    local pm total=0
+    for d in "${NODE_DIRS[@]}"; do
+        pm=$(head -n 1 "$d/postmaster.pid")
+        total=$((total + $(awk '{print $14 + $15 + $16 + $17}' "/proc/$pm/stat")))
+        for c in $(pgrep -P "$pm"); do
+            total=$((total + $(awk '{print $14 + $15}' "/proc/$c/stat" 2>/dev/null || echo 0)))
+        done
+    done
+    echo "$total"
+}
 
 RESULTS="$WORK/results"
 : > "$RESULTS"
@@ -116,21 +132,21 @@ for clients in $COUNTS; do
                 printf '\r  [%d/%d, ~%d s left] %-5s clients %-12s %-20s rep %s   ' \
                     "$done_runs" "$total" "$left" "$clients" "$wname" "$name" "$rep"
                 if [ "$clients" -gt "$most" ]; then
-                    echo "$clients $wname $name na na na na na" >> "$RESULTS"
+                    echo "$clients $wname $name na na na na na na na" >> "$RESULTS"
                     continue
                 fi
                 logdir="$WORK/log-$clients-$wname-$name-$rep"
                 mkdir -p "$logdir"
-                cpu0=$(cpu_ticks "$pid")
+                cpu0=$(cpu_ticks "$pid") pg0=$(pg_ticks)
                 duration=$DURATION
                 [ "$clients" -ge 2000 ] && [ "$duration" -lt 30 ] && duration=30
-                out=$(cd "$logdir" && pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$duration" \
+                out=$(cd "$logdir" && /usr/bin/time -f "%U %S" -o "$logdir/time" pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$duration" \
                       -c "$clients" -j 2 -n $wflags --log postgres 2>/dev/null) || out=""
-                cpu1=$(cpu_ticks "$pid")
+                cpu1=$(cpu_ticks "$pid") pg1=$(pg_ticks)
                 tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")
                 txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<< "$out")
                 if [ -z "$tps" ] || [ -z "$txns" ] || [ "$txns" -eq 0 ]; then
-                    echo "$clients $wname $name failed na na na na" >> "$RESULTS"
+                    echo "$clients $wname $name failed na na na na na na" >> "$RESULTS"
                     continue
                 fi
                 # Latency of every transaction (pgbench --log: third field, microseconds).
@@ -140,7 +156,11 @@ v = sorted(int(l.split()[2]) for l in sys.stdin if l.strip())
 q = lambda p: v[min(len(v) - 1, int(p * len(v)))] / 1000
 print(f"{q(0.50):.2f} {q(0.95):.2f} {q(0.99):.2f}")')
                 us=$([ -n "$pid" ] && python3 -c "print(f'{($cpu1 - $cpu0) * 10000 / $txns:.1f}')" || echo na)
-                echo "$clients $wname $name $tps $p50 $p95 $p99 $us" >> "$RESULTS"
+                read -r bench_user bench_sys < "$logdir/time"
+                read -r bench_us pg_us < <(python3 -c "
+n = $txns
+print(f'{($bench_user + $bench_sys) * 1e6 / n:.1f} {($pg1 - $pg0) * 1e4 / n:.1f}')")
+                echo "$clients $wname $name $tps $p50 $p95 $p99 $us $bench_us $pg_us" >> "$RESULTS"
                 rm -rf "$logdir"
             done
         done
@@ -189,14 +209,17 @@ if os.path.exists(timeline):
            "per 20 ms; commits per 100 ms in timeline.png)", "",
            open(f"{work}/failover.md").read().strip(), ""]
 for w in workloads:
-    md += [f"**{w}**", "", "| clients | target | tps | p50 ms | p95 ms | p99 ms | CPU µs/txn |",
-           "|---:|---|---:|---:|---:|---:|---:|"]
+    md += [f"**{w}**", "", "| clients | target | tps | p50 ms | p95 ms | p99 ms | CPU µs/txn: proxy | pgbench | PostgreSQL |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in counts:
         for t in order:
-            cells = [median((c, w, t), i) for i in range(5)]
+            if (c, w, t) not in rows:
+                continue
+            cells = [median((c, w, t), i) for i in range(7)]
             fmt = lambda v, f: "n/a" if v is None else ("failed" if v == "failed" else f.format(v))
             md.append(f"| {c} | {t} | " + " | ".join([fmt(cells[0], "{:.0f}"), fmt(cells[1], "{:.2f}"),
-                      fmt(cells[2], "{:.2f}"), fmt(cells[3], "{:.2f}"), fmt(cells[4], "{:.1f}")]) + " |")
+                      fmt(cells[2], "{:.2f}"), fmt(cells[3], "{:.2f}"), fmt(cells[4], "{:.1f}"),
+                      fmt(cells[5], "{:.1f}"), fmt(cells[6], "{:.1f}")]) + " |")
     md.append("")
 open(f"{out}/public.md", "w").write("\n".join(md))
 
