@@ -26,6 +26,8 @@
 # CPU per transaction is the proxy process's user + system time over the transactions it
 # served, and beside it pgbench's and PostgreSQL's (all nodes): on a machine they share,
 # tps follows the sum, and a proxy that paces its replies badly makes pgbench spend more
+# (pgbench's includes its clients' SCRAM logins, which dominate at 1,000 clients in a short
+# run)
 # (memory per client is benches/idle_rss.sh's: a proxy's RSS after a run keeps what
 # earlier runs allocated, so a delta here would mislead). A target that cannot take the clients (PostgreSQL's max_connections is
 # 400: direct, HAProxy and passthrough at 1000) is shown as n/a. From 2,000 clients on a
@@ -142,6 +144,15 @@ for clients in $COUNTS; do
                 [ "$clients" -ge 2000 ] && [ "$duration" -lt 30 ] && duration=30
                 out=$(cd "$logdir" && /usr/bin/time -f "%U %S" -o "$logdir/time" pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$duration" \
                       -c "$clients" -j 2 -n $wflags --log postgres 2>/dev/null) || out=""
+                # Direct connections' backends exit as pgbench ends: their CPU counts once
+                # the postmaster has reaped them.
+                children=$(pgrep -c -P "$(head -n 1 "${NODE_DIRS[0]}/postmaster.pid")" || true)
+                for _ in $(seq 25); do
+                    sleep 0.2
+                    now=$(pgrep -c -P "$(head -n 1 "${NODE_DIRS[0]}/postmaster.pid")" || true)
+                    [ "$now" -lt "$children" ] || break
+                    children=$now
+                done
                 cpu1=$(cpu_ticks "$pid") pg1=$(pg_ticks)
                 tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")
                 txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<< "$out")
@@ -193,11 +204,14 @@ for line in open(results):
         order.append(target)
 
 def median(key, i):
-    vals = [r[i] for r in rows.get(key, [])]
+    reps = rows.get(key, [])
+    # A target that failed any repetition is shown as failed, not by its other runs.
+    if any(r[0] == "failed" for r in reps):
+        return "failed" if i == 0 else None
+    vals = [r[i] for r in reps]
     if not vals or vals[0] == "na":
         return None
-    nums = [float(v) for v in vals if v not in ("na", "failed")]
-    return statistics.median(nums) if nums else "failed"
+    return statistics.median(float(v) for v in vals)
 
 counts = sorted({k[0] for k in rows})
 workloads = list(dict.fromkeys(k[1] for k in rows))

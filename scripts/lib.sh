@@ -174,8 +174,9 @@ wait_until() {
 }
 
 # patroni_start DIR N: etcd and N Patroni nodes (Debian's patroni and etcd-server) on free
-# loopback ports under DIR, with the timings of tests/common/patroni.rs (ttl 10 s,
-# loop_wait 2 s, retry_timeout 5 s); returns once pt0 leads and the others stream from it.
+# loopback ports under DIR, configured from scripts/patroni-node.yml as the tests' are
+# (ttl 10 s, loop_wait 2 s, retry_timeout 5 s); returns once pt0 leads and the others
+# stream from it.
 # Sets NODE_PORTS, API_PORTS and NODE_DIRS (pt0 first).
 patroni_start() {
     local dir=$1 n=$2 client peer i name pg api
@@ -190,49 +191,10 @@ patroni_start() {
     NODE_PORTS=(); API_PORTS=(); NODE_DIRS=(); NODE_PREFIX=pt
     for i in $(seq 0 $((n - 1))); do
         name=pt$i pg=$(free_port) api=$(free_port)
-        cat > "$dir/$name.yml" <<YAML
-scope: pgvane-demo
-name: $name
-restapi:
-  listen: 127.0.0.1:$api
-  connect_address: 127.0.0.1:$api
-etcd3:
-  hosts: 127.0.0.1:$client
-bootstrap:
-  dcs:
-    ttl: 10
-    loop_wait: 2
-    retry_timeout: 5
-    postgresql:
-      use_pg_rewind: true
-      parameters:
-        synchronous_commit: 'off'
-        wal_keep_size: 256MB
-        max_connections: 400
-  initdb:
-  - encoding: UTF8
-  - locale: C
-  - auth-host: scram-sha-256
-  - auth-local: trust
-postgresql:
-  listen: 127.0.0.1:$pg
-  connect_address: 127.0.0.1:$pg
-  data_dir: $dir/$name
-  bin_dir: $(pg_bindir)
-  pgpass: $dir/$name.pgpass
-  authentication:
-    superuser: {username: postgres, password: $PGPASSWORD}
-    replication: {username: replicator, password: $PGPASSWORD}
-    rewind: {username: postgres, password: $PGPASSWORD}
-  parameters:
-    unix_socket_directories: $dir
-  pg_hba:
-  - local all all trust
-  - host all all 127.0.0.1/32 scram-sha-256
-  - host replication replicator 127.0.0.1/32 scram-sha-256
-  basebackup:
-  - checkpoint: fast
-YAML
+        sed -e "s|@SCOPE@|pgvane-demo|g; s|@NAME@|$name|g; s|@API_PORT@|$api|g" \
+            -e "s|@PG_PORT@|$pg|g; s|@ETCD_PORT@|$client|g; s|@DIR@|$dir|g" \
+            -e "s|@BIN_DIR@|$(pg_bindir)|g; s|@SUPERUSER@|postgres|g; s|@PASSWORD@|$PGPASSWORD|g" \
+            "$PGVANE_ROOT/scripts/patroni-node.yml" > "$dir/$name.yml"
         [ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$dir/$name.yml"
         (as_pg_exec patroni "$dir/$name.yml" > "$dir/$name.log" 2>&1) &
         PIDS+=($!)

@@ -1,7 +1,8 @@
 //! A real Patroni cluster on loopback: one etcd and one Patroni per node (Debian packages
 //! `patroni` and `etcd-server`), every port from the kernel, everything in a temp dir.
 //!
-//! Timings are faster than Patroni's defaults so failovers fit in a test: ttl 10 s,
+//! Each node's configuration is scripts/patroni-node.yml, shared with the demo. Timings are
+//! faster than Patroni's defaults so failovers fit in a test: ttl 10 s,
 //! loop_wait 2 s, retry_timeout 5 s. Patroni advises ttl >= loop_wait + 2 * retry_timeout
 //! (12 s here); with one healthy local etcd the shorter ttl is safe and halves the wait for a
 //! crashed leader's lock to expire.
@@ -138,57 +139,27 @@ impl PatroniCluster {
             patroni: None,
             name,
         };
-        let dir = self.dir.path().display();
-        let yaml = format!(
-            r#"scope: {SCOPE}
-name: {name}
-restapi:
-  listen: 127.0.0.1:{api}
-  connect_address: 127.0.0.1:{api}
-etcd3:
-  hosts: 127.0.0.1:{etcd_port}
-bootstrap:
-  dcs:
-    ttl: 10
-    loop_wait: 2
-    retry_timeout: 5
-    postgresql:
-      use_pg_rewind: true
-      parameters:
-        fsync: 'off'
-        synchronous_commit: 'off'
-        wal_keep_size: 256MB
-        max_connections: 200
-  initdb:
-  - encoding: UTF8
-  - locale: C
-  - auth-host: scram-sha-256
-  - auth-local: trust
-postgresql:
-  listen: 127.0.0.1:{pg}
-  connect_address: 127.0.0.1:{pg}
-  data_dir: {data}
-  bin_dir: {bin}
-  pgpass: {dir}/{name}.pgpass
-  authentication:
-    superuser: {{username: {SUPERUSER}, password: {PASSWORD}}}
-    replication: {{username: replicator, password: {PASSWORD}}}
-    rewind: {{username: {SUPERUSER}, password: {PASSWORD}}}
-  parameters:
-    unix_socket_directories: {dir}
-  pg_hba:
-  - local all all trust
-  - host all all 127.0.0.1/32 scram-sha-256
-  - host replication replicator 127.0.0.1/32 scram-sha-256
-  basebackup:
-  - checkpoint: fast
-"#,
-            name = node.name,
-            api = node.api_port,
-            pg = node.pg_port,
-            data = node.data.display(),
-            bin = pg_bindir().display(),
+        let dir = self.dir.path().display().to_string();
+        let (api, pg, etcd) = (
+            node.api_port.to_string(),
+            node.pg_port.to_string(),
+            etcd_port.to_string(),
         );
+        let bin = pg_bindir().display().to_string();
+        let mut yaml = include_str!("../../scripts/patroni-node.yml").to_owned();
+        for (name, value) in [
+            ("@SCOPE@", SCOPE),
+            ("@NAME@", &node.name),
+            ("@API_PORT@", &api),
+            ("@PG_PORT@", &pg),
+            ("@ETCD_PORT@", &etcd),
+            ("@DIR@", &dir),
+            ("@BIN_DIR@", &bin),
+            ("@SUPERUSER@", SUPERUSER),
+            ("@PASSWORD@", PASSWORD),
+        ] {
+            yaml = yaml.replace(name, value);
+        }
         std::fs::write(&node.config, yaml).unwrap();
         hand_over(&node.config);
         node
