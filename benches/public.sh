@@ -193,6 +193,7 @@ import collections, datetime, os, statistics, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 
 results, out, commit, command, work = sys.argv[1:6]
 rows = collections.defaultdict(list)
@@ -239,8 +240,8 @@ open(f"{out}/public.md", "w").write("\n".join(md))
 
 def chart(name, index, ylabel, log=False):
     cols = min(2, len(workloads))
-    rows = -(-len(workloads) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    lines = -(-len(workloads) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(6 * cols, 4 * lines), squeeze=False)
     for ax in axes.flat[len(workloads):]:
         ax.set_visible(False)
     for ax, w in zip(axes.flat, workloads):
@@ -250,8 +251,10 @@ def chart(name, index, ylabel, log=False):
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
         ax.set_xscale("log")
-        ax.set_xticks(counts)
-        ax.set_xticklabels([str(c) for c in counts])
+        ticks = [c for c in counts if any((c, w, t) in rows for t in order)]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(c) for c in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if log:
             ax.set_yscale("log")
         ax.set_title(w)
