@@ -42,8 +42,9 @@ pub struct Grant<T> {
 pub struct Queue<T> {
     state: Mutex<State<T>>,
     limits: Limits,
-    /// Wakes the timer when a reserve slot frees up: its next deadline may come sooner.
-    reserve_freed: Notify,
+    /// Wakes the timer when its next deadline may come sooner: a reserve slot freed up,
+    /// or a client joined an empty line.
+    rearm: Notify,
 }
 
 struct State<T> {
@@ -74,7 +75,7 @@ impl<T: Send + 'static> Queue<T> {
                 timer_running: false,
             }),
             limits,
-            reserve_freed: Notify::new(),
+            rearm: Notify::new(),
         }
     }
 
@@ -100,6 +101,7 @@ impl<T: Send + 'static> Queue<T> {
             }
             let id = s.next_id;
             s.next_id += 1;
+            let first = s.waiters.is_empty();
             s.waiters.push_back(Waiter {
                 id,
                 since: Instant::now(),
@@ -109,6 +111,9 @@ impl<T: Send + 'static> Queue<T> {
             if timed && !s.timer_running {
                 s.timer_running = true;
                 tokio::spawn(self.clone().keep_time());
+            } else if timed && first {
+                // The timer may sleep for a client that has left the line since.
+                self.rearm.notify_one();
             }
             id
         };
@@ -143,7 +148,7 @@ impl<T: Send + 'static> Queue<T> {
                         Slot::Reserve => {
                             s.free_reserve += 1;
                             if !s.waiters.is_empty() {
-                                self.reserve_freed.notify_one();
+                                self.rearm.notify_one();
                             }
                         }
                     }
@@ -227,9 +232,9 @@ impl<T: Send + 'static> Queue<T> {
                 None => return,
                 Some(Some(at)) => tokio::select! {
                     () = tokio::time::sleep_until(at) => {}
-                    () = self.reserve_freed.notified() => {}
+                    () = self.rearm.notified() => {}
                 },
-                Some(None) => self.reserve_freed.notified().await,
+                Some(None) => self.rearm.notified().await,
             }
         }
     }
@@ -405,5 +410,30 @@ mod tests {
         assert!(!second.is_finished());
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(second.await.unwrap(), Some(Slot::Reserve));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_joining_an_empty_line_gets_its_reserve_slot_on_time() {
+        let q = queue(1, 1, Some(60));
+        let _held = q.try_take().unwrap();
+        // The reserve slot is taken first: a client that waits now has only its limit as
+        // a deadline (60 s), and the timer sleeps until then.
+        let reserve = q.wait().await.expect("the reserve slot after 5 s");
+        assert_eq!(reserve.slot, Slot::Reserve);
+        let mut served = Box::pin(q.wait());
+        assert!(poll_now(&mut served).is_none());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        q.give_back(Slot::Normal, None);
+        assert_eq!(served.await.unwrap().slot, Slot::Normal);
+        // The line is empty; the reserve slot frees up; a new client joins.
+        q.give_back(Slot::Reserve, None);
+        let started = Instant::now();
+        let got = q.wait().await.expect("a slot");
+        assert_eq!(got.slot, Slot::Reserve);
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
