@@ -113,6 +113,19 @@ pg_ticks() {
     done
     echo "$total"
 }
+# Waits (up to 5 s) while the primary's postmaster still reaps the backends of connections
+# that just closed (direct ones end with pgbench): pg_ticks counts their CPU only then.
+until_reaped() {
+    local pm before now
+    pm=$(head -n 1 "${NODE_DIRS[0]}/postmaster.pid")
+    before=$(pgrep -c -P "$pm" || true)
+    for _ in $(seq 25); do
+        sleep 0.2
+        now=$(pgrep -c -P "$pm" || true)
+        [ "$now" -lt "$before" ] || return 0
+        before=$now
+    done
+}
 
 RESULTS="$WORK/results"
 : > "$RESULTS"
@@ -144,15 +157,7 @@ for clients in $COUNTS; do
                 [ "$clients" -ge 2000 ] && [ "$duration" -lt 30 ] && duration=30
                 out=$(cd "$logdir" && /usr/bin/time -f "%U %S" -o "$logdir/time" pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$duration" \
                       -c "$clients" -j 2 -n $wflags --log postgres 2>/dev/null) || out=""
-                # Direct connections' backends exit as pgbench ends: their CPU counts once
-                # the postmaster has reaped them.
-                children=$(pgrep -c -P "$(head -n 1 "${NODE_DIRS[0]}/postmaster.pid")" || true)
-                for _ in $(seq 25); do
-                    sleep 0.2
-                    now=$(pgrep -c -P "$(head -n 1 "${NODE_DIRS[0]}/postmaster.pid")" || true)
-                    [ "$now" -lt "$children" ] || break
-                    children=$now
-                done
+                until_reaped
                 cpu1=$(cpu_ticks "$pid") pg1=$(pg_ticks)
                 tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")
                 txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<< "$out")

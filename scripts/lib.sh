@@ -203,8 +203,13 @@ patroni_start() {
         [ "$i" -eq 0 ] && wait_until 90 "pt0 to lead" http_ok "$api" /primary
     done
     for api in "${API_PORTS[@]:1}"; do wait_until 120 "replicas to run" http_ok "$api" /replica; done
-    wait_until 60 "replicas to stream" eval '[ "$(psql -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -XAtc \
-        "SELECT count(*) FROM pg_stat_replication WHERE state = '"'"'streaming'"'"'" postgres 2>/dev/null)" = $((n - 1)) ]'
+    wait_until 60 "replicas to stream" streaming $((n - 1))
+}
+
+# streaming N: whether N replicas stream from the node on NODE_PORTS[0].
+streaming() {
+    [ "$(psql -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -XAtc \
+        "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'" postgres 2>/dev/null)" = "$1" ]
 }
 
 # patroni_crash I: node I's Patroni, postmaster and backends frozen, then killed (its leader

@@ -1,25 +1,47 @@
-//! `scripts/demo`: interrupted with Ctrl-C mid-run, it leaves no process and no temp dir.
+//! `scripts/demo`: run to its end on Patroni and on plain replication, and interrupted with
+//! Ctrl-C mid-run, after which it leaves no process and no temp dir.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::PATIENCE;
 
-#[test]
-fn the_demo_cleans_up_after_ctrl_c() {
-    let mut demo = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"))
+/// The demo (`PGVANE_DEMO=mode` if given) with this build's pgvane, its output piped, in a
+/// process group of its own, as a terminal gives a job: Ctrl-C ([`interrupt`]) reaches all
+/// of it.
+fn start_demo(mode: Option<&str>) -> Child {
+    let mut command = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"));
+    if let Some(mode) = mode {
+        command.env("PGVANE_DEMO", mode);
+    }
+    command
         .env("PGVANE_BIN", env!("CARGO_BIN_EXE_pgvane"))
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        // A process group of its own, as a terminal gives a job: Ctrl-C reaches all of it.
         .process_group(0)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Ctrl-C to the demo's whole process group; whether `kill` could send it.
+fn interrupt(demo: &Child) -> bool {
+    let group = format!("-{}", demo.id());
+    Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn the_demo_cleans_up_after_ctrl_c() {
+    let mut demo = start_demo(None);
     let (tx, rx) = mpsc::channel();
     let stdout = demo.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -51,12 +73,7 @@ fn the_demo_cleans_up_after_ctrl_c() {
     let work = work.unwrap_or_else(|| panic!("no temp dir named: {seen:#?}"));
     assert!(std::path::Path::new(&work).exists());
     std::thread::sleep(Duration::from_millis(500));
-    let group = format!("-{}", demo.id());
-    let status = Command::new("kill")
-        .args(["-INT", "--", &group])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    assert!(interrupt(&demo));
     let exited = Instant::now();
     loop {
         if demo.try_wait().unwrap().is_some() {
@@ -115,18 +132,7 @@ fn writes_reach(out: &str, node: &str) {
 
 /// Runs the demo (`PGVANE_DEMO=mode`) to its end; its output, with every mark checked.
 fn run_whole_demo(mode: Option<&str>) -> String {
-    let mut command = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"));
-    if let Some(mode) = mode {
-        command.env("PGVANE_DEMO", mode);
-    }
-    let mut demo = command
-        .env("PGVANE_BIN", env!("CARGO_BIN_EXE_pgvane"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap();
+    let mut demo = start_demo(mode);
     let mut stdout = demo.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut out = String::new();
@@ -140,8 +146,7 @@ fn run_whole_demo(mode: Option<&str>) -> String {
             break status;
         }
         if started.elapsed() > PATIENCE * 5 {
-            let group = format!("-{}", demo.id());
-            let _ = Command::new("kill").args(["-INT", "--", &group]).status();
+            interrupt(&demo);
             let _ = demo.wait();
             panic!("the demo did not end within {:?}", PATIENCE * 5);
         }
