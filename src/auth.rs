@@ -140,6 +140,20 @@ impl User {
         Self::new(name, None)
     }
 
+    /// The SCRAM ClientKey a client's login revealed, if any.
+    pub fn client_key(&self) -> Option<&[u8; 32]> {
+        self.client_key.get()
+    }
+
+    /// Learns the SCRAM ClientKey another pgvane process learned (a session moved here at an
+    /// upgrade): kept only if it matches this user's verifier.
+    pub fn learn_client_key(&self, key: [u8; 32]) {
+        let Some(scram) = &self.scram else { return };
+        if constant_time_eq(&<Sha256 as sha2::Digest>::digest(key), &scram.stored_key) {
+            let _ = self.client_key.set(key);
+        }
+    }
+
     /// What pgvane logs in to PostgreSQL with: the plain password if it has one, else the
     /// SCRAM keys a client's login revealed.
     pub fn server_credential(&self) -> ServerCredential<'_> {

@@ -329,8 +329,9 @@ pub struct GeneralConfig {
     pub failover_hold_timeout: Duration,
     /// Threads that run sessions, health checks and the admin API (HAProxy's nbthread).
     pub worker_threads: WorkerThreads,
-    /// Unix socket on which a running pgvane hands its listening sockets to a new one
-    /// started with the same setting (zero-downtime upgrade). Unset: no hand-over.
+    /// Unix socket on which a running pgvane hands its listening sockets, then its pooled
+    /// sessions, to a new one started with the same setting (zero-downtime upgrade).
+    /// Unset: no hand-over.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upgrade_socket: Option<PathBuf>,
 }

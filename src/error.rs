@@ -68,6 +68,8 @@ pub enum ClientError {
     QueryTimeout(Duration),
     #[error("transaction_timeout ({0:?}): the server connection was held this long")]
     TransactionTimeout(Duration),
+    #[error("listener \"{0}\" does not take over pooled sessions after the upgrade (removed, or no longer pooled)")]
+    ListenerGone(String),
     #[error("invalid frontend message: {0}")]
     Protocol(#[from] ProtocolError),
     /// A first packet that is no startup packet: closed without an answer.
@@ -154,6 +156,8 @@ impl ClientError {
             Abandoned => fatal("57014", self.to_string()),
             // admin_shutdown, as for pg_terminate_backend.
             Killed => fatal("57P01", self.to_string()),
+            ListenerGone(_) => fatal("57P01", self.to_string())
+                .with_hint("connect again: the upgraded pgvane serves other listeners"),
             IdleTransactionTimeout(_) => fatal("25P03", self.to_string()),
             // query_canceled, as PostgreSQL's statement_timeout; transaction_timeout (PG 17).
             QueryTimeout(_) => fatal("57014", self.to_string()),

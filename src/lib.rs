@@ -16,7 +16,8 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`reload`]: applies a changed configuration file to the running process.
 //! - [`server`]: process lifecycle (bind, start, signals, drain).
-//! - [`upgrade`]: hands the listening sockets to a new process (zero-downtime upgrade).
+//! - [`upgrade`]: hands the listening sockets and the pooled sessions to a new process
+//!   (zero-downtime upgrade).
 
 pub mod admin;
 pub mod auth;

@@ -8,9 +8,14 @@
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst,
+};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::Waker;
 use std::time::{Duration, SystemTime};
+
+use atomic_waker::AtomicWaker;
 
 use crate::stats::now_us;
 
@@ -61,6 +66,10 @@ pub struct Entry {
     socket: Mutex<Option<RawFd>>,
     /// Clients: ended by KILL or KILL_CLIENT.
     killed: AtomicBool,
+    /// Clients: asked to move to an upgrade's new process; the session's idle wait, woken
+    /// then (registered only where an upgrade socket is configured).
+    leave: AtomicBool,
+    idle: AtomicWaker,
 }
 
 impl Entry {
@@ -91,6 +100,22 @@ impl Entry {
             }
             None => false,
         }
+    }
+
+    /// Whether the session is asked to move to an upgrade's new process; if not yet,
+    /// `waker` is woken when it is.
+    pub fn asked_to_leave(&self, waker: &Waker) -> bool {
+        // Registered before the flag is read, which `ask_to_leave` sets before it wakes: a
+        // session either sees the flag or is woken.
+        self.idle.register(waker);
+        self.leave.load(SeqCst)
+    }
+
+    /// Asks an idle session to move to an upgrade's new process (a busy one moves once its
+    /// request is served).
+    pub fn ask_to_leave(&self) {
+        self.leave.store(true, SeqCst);
+        self.idle.wake();
     }
 
     pub fn is_killed(&self) -> bool {
@@ -189,6 +214,8 @@ impl Registry {
             prepared: AtomicU32::new(0),
             socket: Mutex::new(e.socket),
             killed: AtomicBool::new(false),
+            leave: AtomicBool::new(false),
+            idle: AtomicWaker::new(),
         });
         let mut open = self.open.lock().expect("registry lock");
         // Pruned when it has doubled since the last prune: amortized, and bounded by twice

@@ -28,6 +28,7 @@ use crate::config::{Config, ConfigError, LimitsConfig, ListenerConfig};
 use crate::limits::{self, LogBudget, FILES_HEADROOM, REFUSALS_IN_FLIGHT, REFUSAL_LOG_LINES};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
+use crate::proxy::migrate::Emigration;
 use crate::proxy::{self, CancelRegistry, ClientSettings, PauseState, Route, Shared};
 use crate::reload::{user_limits_of, ReloadHandle, Reloader};
 use crate::tls::{self, ServerTls, TlsByListener};
@@ -235,11 +236,33 @@ impl Listeners {
         named.flatten().collect()
     }
 
+    /// Takes over a session an upgrade's old process sent, on its listener here.
+    pub fn adopt(&self, emigrant: upgrade::Emigrant) {
+        let route_of = |name: &str| Some(self.running.get(name)?.route.load_full());
+        proxy::adopt(emigrant, route_of, &self.shared, &self.sessions);
+    }
+
     /// Stops accepting on every listener and waits until the accept loops have ended.
     async fn stop_all(self) {
         self.stop_all.cancel();
         self.accepting.close();
         self.accepting.wait().await;
+    }
+}
+
+/// The next session from an upgrade's old process; pending forever when none come.
+async fn arrival(
+    arrivals: &mut Option<tokio::sync::mpsc::UnboundedReceiver<upgrade::Emigrant>>,
+) -> Option<upgrade::Emigrant> {
+    match arrivals {
+        Some(arriving) => match arriving.recv().await {
+            Some(emigrant) => Some(emigrant),
+            None => {
+                *arrivals = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -368,6 +391,7 @@ pub async fn run(path: PathBuf, config: Config, referenced: Referenced) -> Resul
         shutdowns,
         disabled: Default::default(),
         clients: Default::default(),
+        emigration: Emigration::new(config.general.upgrade_socket.is_some()),
         metrics,
     });
     // Login-rate state of users idle long enough to have full buckets again goes.
@@ -408,8 +432,12 @@ pub async fn run(path: PathBuf, config: Config, referenced: Referenced) -> Resul
     let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let (upgrades, mut upgrade_requests) = tokio::sync::mpsc::channel(1);
+    // Sessions the old process sends once this one serves; and, once this one is the old
+    // one, when it has sent its own.
+    let mut arrivals = None;
+    let mut emigrated = None;
     if let Some(path) = &config.general.upgrade_socket {
-        inherited.ready();
+        arrivals = inherited.ready();
         if let Err(e) = upgrade::offer(path, upgrades) {
             warn!(path = %path.display(), error = %e, "cannot offer the listening sockets for upgrades");
         }
@@ -448,11 +476,14 @@ pub async fn run(path: PathBuf, config: Config, referenced: Referenced) -> Resul
                     sockets.extend(admin.map(|fd| (ADMIN_SOCKET.to_owned(), fd)));
                     let _ = reply.send(sockets);
                 }
-                upgrade::Request::Handed => {
+                upgrade::Request::Handed { emigrants, sent } => {
+                    shared.emigration.start(emigrants, &shared.clients);
+                    emigrated = Some(sent);
                     stop_admin.cancel();
                     break Shutdown::WaitForClients;
                 }
             },
+            Some(emigrant) = arrival(&mut arrivals) => reloader.listeners().adopt(emigrant),
         }
     };
     systemd::stopping();
@@ -483,6 +514,11 @@ pub async fn run(path: PathBuf, config: Config, referenced: Referenced) -> Resul
             _ = sigterm.recv() => warn!("second signal: closing sessions now"),
             _ = sigint.recv() => warn!("second signal: closing sessions now"),
         }
+    }
+    shared.emigration.end();
+    if let Some(sent) = emigrated {
+        // Sessions that moved are on their way until the sending thread is done.
+        let _ = tokio::time::timeout(upgrade::EXCHANGE_LIMIT, sent).await;
     }
     stop_background.cancel();
     stop_admin.cancel();

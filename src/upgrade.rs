@@ -8,8 +8,12 @@
 //! old one then stops accepting (nothing queued is lost: the sockets stay open in the new
 //! process) and shuts down as on SIGTERM, letting its sessions finish within
 //! `shutdown_timeout`. A new process that dies before READY changes nothing: the old one
-//! goes on serving. Sessions are not moved between processes: idle pooled clients of the
-//! old process stay there until they leave or `shutdown_timeout` passes.
+//! goes on serving.
+//!
+//! After READY the same connection carries the old process's idle pooled sessions to the
+//! new one ([`Emigrant`]s: a client's socket and its session's state, one per message), so
+//! that its clients keep their connections across the upgrade; what a session is made of is
+//! the data path's business, here it is bytes.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -23,13 +27,20 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 /// How long either side waits for the other during a hand-over.
-const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
+pub const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Most sockets one hand-over carries (SCM_RIGHTS allows 253 per message).
 const MAX_SOCKETS: usize = 200;
 
 /// Listening sockets by name (listener names, and "admin"), as handed over.
 pub type Sockets = Vec<(String, OwnedFd)>;
+
+/// A pooled client moving to the new process: its socket and its session's state.
+pub type Emigrant = (Vec<u8>, OwnedFd);
+
+/// Largest session state one emigrant carries (its prepared statements, mostly); a session
+/// with more stays on the old process.
+pub const MAX_EMIGRANT: usize = 16 << 20;
 
 /// What a new process received from the running one, and the connection over which it
 /// will say READY.
@@ -57,13 +68,80 @@ impl Inherited {
         bound_here(&socket).then_some(socket)
     }
 
-    /// Tells the old process that this one serves: it stops accepting and winds down.
-    pub fn ready(self) {
-        let Some(mut link) = self.link else { return };
+    /// Tells the old process that this one serves: it stops accepting and winds down,
+    /// sending its idle pooled sessions here; they arrive on the returned channel.
+    pub fn ready(self) -> Option<mpsc::UnboundedReceiver<Emigrant>> {
+        let mut link = self.link?;
         if let Err(e) = link.write_all(b"READY\n") {
             warn!(error = %e, "cannot tell the old process to stop accepting; it goes on serving beside this one");
+            return None;
         }
+        let (arrived, arrivals) = mpsc::unbounded_channel();
+        // Blocking reads on a thread of their own, for as long as the old process drains.
+        std::thread::spawn(move || {
+            let _ = link.set_read_timeout(None);
+            let mut count = 0u64;
+            loop {
+                match receive_emigrant(&mut link) {
+                    Ok(Some(emigrant)) => {
+                        count += 1;
+                        if arrived.send(emigrant).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(error = %e, "reading sessions from the old process failed; the rest finish there");
+                        break;
+                    }
+                }
+            }
+            info!(
+                sessions = count,
+                "the old process has sent its last session"
+            );
+        });
+        Some(arrivals)
     }
+}
+
+/// Sends one session over `link`: the length of its state, the state, and the client's
+/// socket attached to the first bytes.
+fn send_emigrant(link: &UnixStream, (state, socket): &Emigrant) -> std::io::Result<()> {
+    let mut message = Vec::with_capacity(4 + state.len());
+    message.extend_from_slice(&(state.len() as u32).to_be_bytes());
+    message.extend_from_slice(state);
+    let sent = link.send_with_fd(&message, &[socket.as_raw_fd()])?;
+    // A long message may go in several writes; the descriptor went with the first.
+    (&*link).write_all(&message[sent..])
+}
+
+/// Reads one session from `link`; `None` once the old process has closed it.
+fn receive_emigrant(link: &mut UnixStream) -> std::io::Result<Option<Emigrant>> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    // The length alone first: a read never takes bytes past the message that carries the
+    // descriptor, so that the next message's descriptor is not lost with them.
+    let mut length = [0u8; 4];
+    let mut fds: [RawFd; 2] = [-1; 2];
+    let (n, received) = link.recv_with_fd(&mut length, &mut fds)?;
+    let socket: Vec<OwnedFd> = fds[..received]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 && received == 0 {
+        return Ok(None);
+    }
+    let Ok::<[OwnedFd; 1], _>([socket]) = socket.try_into() else {
+        return Err(invalid(format!("{received} sockets with one session")));
+    };
+    std::io::Read::read_exact(link, &mut length[n..])?;
+    let length = u32::from_be_bytes(length) as usize;
+    if length > MAX_EMIGRANT {
+        return Err(invalid(format!("a session's state of {length} bytes")));
+    }
+    let mut state = vec![0u8; length];
+    std::io::Read::read_exact(link, &mut state)?;
+    Ok(Some((state, socket)))
 }
 
 /// Asks a running pgvane at `path` for its listening sockets. Nothing listens there: a
@@ -115,8 +193,13 @@ pub fn take_over(path: &Path) -> std::io::Result<Inherited> {
 pub enum Request {
     /// Duplicates of the listening sockets in force.
     Sockets(oneshot::Sender<Sockets>),
-    /// The new process serves: stop accepting and shut down.
-    Handed,
+    /// The new process serves: stop accepting, send it the idle pooled sessions on
+    /// `emigrants`, and shut down. `sent` resolves once the channel has closed and all it
+    /// carried has gone.
+    Handed {
+        emigrants: mpsc::UnboundedSender<Emigrant>,
+        sent: oneshot::Receiver<()>,
+    },
 }
 
 /// Offers this process's listening sockets at `path` until the process ends. The main loop
@@ -153,11 +236,17 @@ pub fn offer(path: &Path, requests: mpsc::Sender<Request>) -> std::io::Result<()
                 let Ok(sockets) = rx.await else { return };
                 let handed = tokio::task::spawn_blocking(move || hand_over(stream, &sockets)).await;
                 match handed {
-                    Ok(Ok(true)) => {
-                        info!(path = %path.display(), "the new pgvane serves on the handed-over sockets: this one stops accepting and winds down");
-                        let _ = requests.send(Request::Handed).await;
+                    Ok(Ok(Some(link))) => {
+                        info!(path = %path.display(), "the new pgvane serves on the handed-over sockets: this one stops accepting, sends it its idle sessions and winds down");
+                        let (emigrants, leaving) = mpsc::unbounded_channel();
+                        let (done, sent) = oneshot::channel();
+                        std::thread::spawn(move || {
+                            send_emigrants(&link, leaving);
+                            let _ = done.send(());
+                        });
+                        let _ = requests.send(Request::Handed { emigrants, sent }).await;
                     }
-                    Ok(Ok(false)) => {
+                    Ok(Ok(None)) => {
                         warn!("the new pgvane went away before it served; this one goes on serving")
                     }
                     Ok(Err(e)) => {
@@ -178,15 +267,35 @@ fn same_user(stream: &tokio::net::UnixStream) -> bool {
     matches!((peer, own), (Ok(p), Ok(o)) if p == o || p == 0)
 }
 
-/// Sends `sockets` when asked, then waits for READY. Returns whether it came.
-fn hand_over(stream: UnixStream, sockets: &Sockets) -> std::io::Result<bool> {
+/// Sends the sessions that `leaving` carries over `link` until the channel closes. One that
+/// cannot be sent closes its client's connection (the new process went away).
+fn send_emigrants(link: &UnixStream, mut leaving: mpsc::UnboundedReceiver<Emigrant>) {
+    let (mut sent, mut lost) = (0u64, 0u64);
+    while let Some(emigrant) = leaving.blocking_recv() {
+        if lost == 0 {
+            match send_emigrant(link, &emigrant) {
+                Ok(()) => sent += 1,
+                Err(e) => {
+                    warn!(error = %e, "cannot send a session to the new process; its client is disconnected, and so are those after it");
+                    lost += 1;
+                }
+            }
+        } else {
+            lost += 1;
+        }
+    }
+    info!(sent, lost, "sessions sent to the new process");
+}
+
+/// Sends `sockets` when asked, then waits for READY. Returns the connection if it came.
+fn hand_over(stream: UnixStream, sockets: &Sockets) -> std::io::Result<Option<UnixStream>> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(EXCHANGE_LIMIT))?;
     let mut lines = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     lines.read_line(&mut line)?;
     if line.trim() != "FDS" {
-        return Ok(false);
+        return Ok(None);
     }
     let names: Vec<&str> = sockets.iter().map(|(n, _)| n.as_str()).collect();
     let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
@@ -196,5 +305,63 @@ fn hand_over(stream: UnixStream, sockets: &Sockets) -> std::io::Result<bool> {
     stream.set_read_timeout(Some(EXCHANGE_LIMIT * 6))?;
     line.clear();
     lines.read_line(&mut line)?;
-    Ok(line.trim() == "READY")
+    stream.set_read_timeout(None)?;
+    Ok((line.trim() == "READY").then_some(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sessions keep their order, their state and each its own socket, whatever the size
+    /// of the state (a large one goes in several writes, only the first carrying the
+    /// descriptor).
+    #[test]
+    fn emigrants_arrive_whole_in_order_each_with_its_socket() {
+        let (sender, mut receiver) = UnixStream::pair().unwrap();
+        let sizes = [0usize, 10, 300_000, 5, 2 << 20, 1];
+        let sockets: Vec<UnixStream> = sizes
+            .iter()
+            .map(|_| UnixStream::pair().unwrap().0)
+            .collect();
+        let ids: Vec<u64> = sockets.iter().map(|s| inode(s.as_raw_fd())).collect();
+        let sending = {
+            let sent: Vec<Emigrant> = sizes
+                .iter()
+                .zip(&sockets)
+                .enumerate()
+                .map(|(i, (&n, s))| (vec![i as u8; n], OwnedFd::from(s.try_clone().unwrap())))
+                .collect();
+            std::thread::spawn(move || {
+                for emigrant in &sent {
+                    send_emigrant(&sender, emigrant).unwrap();
+                }
+            })
+        };
+        for (i, &n) in sizes.iter().enumerate() {
+            let (state, socket) = receive_emigrant(&mut receiver).unwrap().expect("a session");
+            assert_eq!(state, vec![i as u8; n], "state {i}");
+            assert_eq!(inode(socket.as_raw_fd()), ids[i], "socket {i}");
+        }
+        sending.join().unwrap();
+        assert!(receive_emigrant(&mut receiver).unwrap().is_none(), "closed");
+    }
+
+    /// A message claiming more state than any session may carry is refused, not allocated.
+    #[test]
+    fn an_oversized_state_is_refused() {
+        let (sender, mut receiver) = UnixStream::pair().unwrap();
+        let (socket, _) = UnixStream::pair().unwrap();
+        let length = (MAX_EMIGRANT as u32 + 1).to_be_bytes();
+        sender.send_with_fd(&length, &[socket.as_raw_fd()]).unwrap();
+        let err = receive_emigrant(&mut receiver).expect_err("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    fn inode(fd: RawFd) -> u64 {
+        let path = format!("/proc/self/fd/{fd}");
+        std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap()
+    }
 }

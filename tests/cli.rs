@@ -417,6 +417,45 @@ fn import_maps_every_key_it_knows() {
     }
 }
 
+/// A transaction listener `tx` (prepared statements tracked), the admin API on `admin`,
+/// and `upgrade_socket` at `socket`.
+fn upgradable_config(
+    cluster: &Cluster,
+    tx: u16,
+    admin: u16,
+    socket: &std::path::Path,
+    shutdown_timeout: &str,
+) -> String {
+    pooled_config(
+        cluster,
+        &listener("tx", tx, "primary", "mode = \"transaction\""),
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n[pool]\nmax_prepared_statements = 10\n"),
+    )
+    .replace(
+        "[general]\n",
+        &format!(
+            "[general]\nupgrade_socket = \"{}\"\nshutdown_timeout = \"{shutdown_timeout}\"\n",
+            socket.display()
+        ),
+    )
+}
+
+/// Starts pgvane on `text` and waits until it offers its sockets for an upgrade at `socket`.
+async fn start_upgradable(text: &str, ports: &[u16], socket: &std::path::Path) -> Pgvane {
+    let p = Pgvane::start(text, ports);
+    eventually(PATIENCE, "the upgrade socket offered", || async {
+        socket.exists().then_some(())
+    })
+    .await;
+    p
+}
+
+/// Waits (up to PATIENCE) for `p` to exit: its exit status if it did, and `p` for its log.
+async fn exit_of(mut p: Pgvane) -> (Option<std::process::ExitStatus>, Pgvane) {
+    let exited = tokio::task::spawn_blocking(move || (p.wait_exit(PATIENCE), p));
+    exited.await.unwrap()
+}
+
 /// Zero-downtime upgrade: a second pgvane with the same `upgrade_socket` takes over the
 /// listening sockets; a client connecting in a loop meanwhile is never refused, the old
 /// process finishes the transaction it has open, then exits.
@@ -429,23 +468,8 @@ async fn an_upgrade_takes_over_the_sockets_without_refusing_a_connection() {
     let (tx, admin) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("upgrade.sock");
-    let text = pooled_config(
-        &cluster,
-        &listener("tx", tx, "primary", "mode = \"transaction\""),
-        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
-    )
-    .replace(
-        "[general]\n",
-        &format!(
-            "[general]\nupgrade_socket = \"{}\"\nshutdown_timeout = \"60s\"\n",
-            socket.display()
-        ),
-    );
-    let mut old = Pgvane::start(&text, &[tx, admin]);
-    eventually(PATIENCE, "the upgrade socket offered", || async {
-        socket.exists().then_some(())
-    })
-    .await;
+    let text = upgradable_config(&cluster, tx, admin, &socket, "60s");
+    let old = start_upgradable(&text, &[tx, admin], &socket).await;
     let held = connect(tx, SUPERUSER, "postgres").await.unwrap();
     held.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
@@ -482,12 +506,7 @@ async fn an_upgrade_takes_over_the_sockets_without_refusing_a_connection() {
     // The old process still serves the transaction it has open.
     held.batch_execute("SELECT 2; COMMIT").await.unwrap();
     drop(held);
-    let exited = tokio::task::spawn_blocking(move || {
-        let status = old.wait_exit(PATIENCE);
-        (status, old)
-    })
-    .await
-    .unwrap();
+    let exited = exit_of(old).await;
     assert!(
         exited.0.is_some(),
         "the old process exits once its sessions are done"
@@ -507,4 +526,138 @@ async fn an_upgrade_takes_over_the_sockets_without_refusing_a_connection() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// Zero-downtime upgrade with pooled clients: idle ones move to the new process with their
+/// sockets and sessions (parameters, prepared statements, cancel key), a busy one once its
+/// transaction ends; none reconnects, and the old process exits long before its
+/// shutdown_timeout, having nobody left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_moves_pooled_clients_to_the_new_process() {
+    let cluster = Cluster::start(0);
+    let (tx, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("upgrade.sock");
+    let text = upgradable_config(&cluster, tx, admin, &socket, "600s");
+    let old = start_upgradable(&text, &[tx, admin], &socket).await;
+
+    // An idle client with a parameter of its own and a named prepared statement.
+    let prepared = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    prepared
+        .batch_execute("SET application_name = 'moved'")
+        .await
+        .unwrap();
+    let add_one = prepared.prepare("SELECT $1::int + 1").await.unwrap();
+    assert_eq!(
+        prepared
+            .query_one(&add_one, &[&41])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        42
+    );
+    // Idle clients that only logged in.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(connect(tx, SUPERUSER, "postgres").await.unwrap());
+    }
+    // One in a transaction while the upgrade happens.
+    let busy = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    let new = Pgvane::start(&text, &[tx, admin]);
+    old.wait_log("winds down", PATIENCE).await;
+    // The busy client's transaction goes on where it is, then the client moves too.
+    busy.batch_execute("SELECT 2; COMMIT").await.unwrap();
+    let (status, old) = exit_of(old).await;
+    assert!(
+        status.is_some(),
+        "the old process exits once its sessions have moved (shutdown_timeout is 600 s):\n{}",
+        old.log()
+    );
+    assert!(
+        old.log().contains("sent=22 lost=0"),
+        "every pooled session was sent:\n{}",
+        old.log()
+    );
+
+    // Every client goes on over the connection it has, now served by the new process.
+    assert_eq!(
+        prepared
+            .query_one(&add_one, &[&1])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2
+    );
+    let name = prepared
+        .query_one("SHOW application_name", &[])
+        .await
+        .unwrap();
+    assert_eq!(name.get::<_, String>(0), "moved");
+    for c in &idle {
+        assert_eq!(
+            c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+            1
+        );
+    }
+    busy.batch_execute("SELECT 3").await.unwrap();
+    // Its cancel key came along: a cancel reaches its query through the new process.
+    let cancel = prepared.cancel_token();
+    let sleeping = tokio::spawn(async move { prepared.batch_execute("SELECT pg_sleep(60)").await });
+    eventually(PATIENCE, "the query running", || async {
+        let c = cluster.primary().connect().await;
+        let running = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (running.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await;
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = sleeping.await.unwrap().unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    new.wait_log(
+        "the old process has sent its last session sessions=22",
+        PATIENCE,
+    )
+    .await;
+}
+
+/// A session whose user pgvane knows only by its SCRAM verifier moves with the keys its
+/// login proved: the new process, which has seen no login of that user, logs in to
+/// PostgreSQL with them for the session's next transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_session_brings_the_scram_keys_its_server_logins_need() {
+    let cluster = Cluster::start(0);
+    let verifier = scram_verifier(&cluster).await;
+    let tx = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let (file, socket) = (dir.path().join("userlist.txt"), dir.path().join("up.sock"));
+    std::fs::write(&file, format!("\"{SUPERUSER}\" \"{verifier}\"\n")).unwrap();
+    let text = format!(
+        "{}\n[auth]\nfile = \"{}\"\n[general]\nupgrade_socket = \"{}\"\nshutdown_timeout = \"600s\"\n",
+        config(&cluster, "interval = \"200ms\"", &listener("tx", tx, "primary", "mode = \"transaction\"")),
+        file.display(),
+        socket.display(),
+    );
+    let old = start_upgradable(&text, &[tx], &socket).await;
+    let c = connect(tx, SUPERUSER, "postgres").await.unwrap();
+    assert_eq!(
+        first_value(&c.simple_query("SELECT 1").await.unwrap()),
+        Some("1")
+    );
+
+    let new = Pgvane::start(&text, &[tx]);
+    assert!(exit_of(old).await.0.is_some(), "the old process exits");
+    new.wait_log("sessions=1", PATIENCE).await;
+    let rows = c.simple_query("SELECT 40 + 2").await.unwrap();
+    assert_eq!(first_value(&rows), Some("42"));
 }

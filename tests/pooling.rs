@@ -576,18 +576,7 @@ async fn md5_auth_and_auth_file() {
 #[tokio::test]
 async fn a_scram_secret_from_pg_authid_is_enough_to_log_in_to_the_server() {
     let cluster = Cluster::start(0);
-    let verifier: String = cluster
-        .primary()
-        .connect()
-        .await
-        .query_one(
-            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
-            &[&SUPERUSER],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(verifier.starts_with("SCRAM-SHA-256$"));
+    let verifier = scram_verifier(&cluster).await;
     let (tx, _pgvane, _dir) = behind_auth_file(&cluster, &verifier, "");
 
     // pgvane has no plain password: it logs in to PostgreSQL with the keys the client's

@@ -122,19 +122,27 @@ impl Drop for CancelKey {
 impl CancelRegistry {
     /// Issues a fresh random key for a client.
     pub fn register(self: &Arc<Self>) -> CancelKey {
-        let mut clients = self.clients.lock().expect("cancel registry");
         loop {
-            let key: (u32, u32) = rand::random();
-            if let std::collections::hash_map::Entry::Vacant(e) = clients.entry(key) {
-                let slot = e.insert(Arc::default()).clone();
-                return CancelKey {
-                    process_id: key.0,
-                    secret_key: key.1,
-                    slot,
-                    registry: self.clone(),
-                };
+            if let Some(key) = self.register_key(rand::random()) {
+                return key;
             }
         }
+    }
+
+    /// Takes `key` for a client, unless another client has it: a session that came from an
+    /// upgrade's old process keeps the key it was given there.
+    pub fn register_key(self: &Arc<Self>, key: (u32, u32)) -> Option<CancelKey> {
+        let mut clients = self.clients.lock().expect("cancel registry");
+        let std::collections::hash_map::Entry::Vacant(e) = clients.entry(key) else {
+            return None;
+        };
+        let slot = e.insert(Arc::default()).clone();
+        Some(CancelKey {
+            process_id: key.0,
+            secret_key: key.1,
+            slot,
+            registry: self.clone(),
+        })
     }
 
     /// Forwards a client's CancelRequest to the server it is using, if any.

@@ -42,6 +42,12 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     /// The TCP connection underneath (addresses).
     fn tcp(&self) -> &TcpStream;
 
+    /// The plain TCP connection this is, to hand to another process; a TLS one comes back
+    /// (its state cannot leave the process).
+    fn into_tcp(self) -> Result<TcpStream, Self>
+    where
+        Self: Sized;
+
     /// Resolves when the client hangs up, while its work waits for a server; what it sends
     /// meanwhile is kept in `buf` (up to `limit` bytes), not lost.
     fn watch<'a>(
@@ -110,6 +116,10 @@ impl ClientIo for TcpStream {
         self
     }
 
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Ok(self)
+    }
+
     fn watch<'a>(
         &'a self,
         buf: &'a mut BytesMut,
@@ -173,6 +183,10 @@ impl ClientIo for TlsClient {
 
     fn tcp(&self) -> &TcpStream {
         self.0.get_ref().0
+    }
+
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Err(self)
     }
 
     fn certificate_cn(&self) -> Option<String> {

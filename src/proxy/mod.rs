@@ -8,6 +8,7 @@
 mod auth_query;
 mod cancel;
 pub mod client_io;
+pub mod migrate;
 mod passthrough;
 mod pooled;
 pub mod prepared;
@@ -468,6 +469,8 @@ pub struct Shared {
     pub disabled: crate::admin::Disabled,
     /// Open pooled sessions, for SHOW CLIENTS.
     pub clients: crate::registry::Registry,
+    /// Idle sessions moving to an upgrade's new process.
+    pub emigration: migrate::Emigration,
     pub metrics: Arc<Metrics>,
 }
 
@@ -540,43 +543,16 @@ pub async fn serve(
         // A debug-level span: at the default level it costs an idle client nothing, and the
         // info-level events name the client themselves.
         let span = tracing::debug_span!("session", listener = %name, client = %peer);
-        let address = match admit_address(&route.addresses, peer) {
-            Ok(guard) => guard,
-            Err(refusal) => {
-                let err = ClientError::Limited(refusal);
-                turn_away(client, peer, err, refusal.label(), &shared, &sessions, span);
+        // Full: a pooled listener still takes an admin console login, in a reserved slot.
+        let console_slot = route.config.mode.is_pooled();
+        let admission = match admit(&route, &shared, peer, &clients, console_slot) {
+            Ok(admission) => admission,
+            Err((err, limit)) => {
+                turn_away(client, peer, err, limit, &shared, &sessions, span);
                 continue;
             }
         };
-        let admitted = match shared.client_slots.clone().try_acquire_owned() {
-            Ok(slot) => Some((slot, false)),
-            // Full: a pooled listener still takes an admin console login, in a reserved slot.
-            Err(_) if route.config.mode.is_pooled() => {
-                let reserved = shared.console.reserved.clone().try_acquire_owned();
-                reserved.ok().map(|slot| (slot, true))
-            }
-            Err(_) => None,
-        };
-        let Some((slot, reserved)) = admitted else {
-            let err = ClientError::TooManyClients(shared.max_client_conn());
-            turn_away(
-                client,
-                peer,
-                err,
-                "max_client_conn",
-                &shared,
-                &sessions,
-                span,
-            );
-            continue;
-        };
         let (route, shared) = (route.clone(), shared.clone());
-        let admission = Admission {
-            _slot: slot,
-            reserved,
-            _open: ClientGauge::open(&clients),
-            _address: address.map(Box::new),
-        };
         if route.config.mode.is_pooled() && route.tls.is_some() {
             let session = pooled::handle_tls(client, peer, route, shared, admission);
             sessions.spawn(session.instrument(span));
@@ -595,6 +571,93 @@ pub async fn serve(
                 drop(admission);
             };
             sessions.spawn(session.instrument(span));
+        }
+    }
+}
+
+/// Admits a client of `route` from `peer` under its address's limits and max_client_conn
+/// (with `console_slot`, past it in a slot reserved for admin console logins), counted in
+/// `clients`; or says which limit refuses it.
+fn admit(
+    route: &Route,
+    shared: &Shared,
+    peer: SocketAddr,
+    clients: &prometheus::IntGauge,
+    console_slot: bool,
+) -> Result<Admission, (ClientError, &'static str)> {
+    let address = admit_address(&route.addresses, peer)
+        .map_err(|refusal| (ClientError::Limited(refusal), refusal.label()))?;
+    let admitted = match shared.client_slots.clone().try_acquire_owned() {
+        Ok(slot) => Some((slot, false)),
+        Err(_) if console_slot => {
+            let reserved = shared.console.reserved.clone().try_acquire_owned();
+            reserved.ok().map(|slot| (slot, true))
+        }
+        Err(_) => None,
+    };
+    let Some((slot, reserved)) = admitted else {
+        let err = ClientError::TooManyClients(shared.max_client_conn());
+        return Err((err, "max_client_conn"));
+    };
+    Ok(Admission {
+        _slot: slot,
+        reserved,
+        _open: ClientGauge::open(clients),
+        _address: address.map(Box::new),
+    })
+}
+
+/// Takes over a session an upgrade's old process sent (see [`migrate`]): it goes on on
+/// `route_of` its listener, admitted as a new client would be. A session that cannot go on
+/// here (its listener gone or no longer pooled, a limit) is told why and closed.
+pub fn adopt(
+    (state, socket): crate::upgrade::Emigrant,
+    route_of: impl Fn(&str) -> Option<Arc<Route>>,
+    shared: &Arc<Shared>,
+    sessions: &TaskTracker,
+) {
+    let migrant: migrate::Migrant = match serde_json::from_slice(&state) {
+        Ok(m) => m,
+        Err(e) => {
+            return warn!(error = %e, "unreadable session state from the old process; its client is disconnected")
+        }
+    };
+    let client = std::net::TcpStream::from(socket);
+    let client = match client
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(client))
+    {
+        Ok(c) => c,
+        Err(e) => return warn!(error = %e, "cannot serve a client socket from the old process"),
+    };
+    let peer = client
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let admitted = match route_of(&migrant.listener) {
+        Some(route) if route.config.mode.is_pooled() => {
+            let clients = shared
+                .metrics
+                .clients
+                .with_label_values(&[&route.config.name]);
+            let admitted = admit(&route, shared, peer, &clients, false);
+            admitted.map(|a| (route, a)).map_err(|(err, _)| err)
+        }
+        _ => Err(ClientError::ListenerGone(migrant.listener.clone())),
+    };
+    let span = tracing::debug_span!("session", listener = %migrant.listener, client = %peer);
+    match admitted {
+        Ok((route, admission)) => {
+            let session = pooled::adopt(client, migrant, route, shared.clone(), admission);
+            sessions.spawn(session.instrument(span));
+        }
+        Err(err) => {
+            info!(client = %peer, error = %err, "a session from the old process cannot go on here; its client is told why");
+            let shared = shared.clone();
+            let told = async move {
+                let mut client = client;
+                send_error(&mut client, &err, &shared.metrics).await;
+            };
+            sessions.spawn(told.instrument(span));
         }
     }
 }

@@ -14,7 +14,7 @@
 //! ends any other way closes its server connection instead of returning it.
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
 };
@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::auth_query;
 use super::cancel::{send_cancel, CancelKey};
 use super::client_io::{ClientIo, TlsClient};
+use super::migrate::{self, Migrant};
 use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint, Then};
 use super::session_state::{session_state, sets_extra, with_rejections, Carried, Feature};
 use super::{
@@ -53,6 +54,7 @@ use crate::registry::{Entry, NewEntry, State};
 use crate::stats::{bump, now_us, LinkCounts, Measure};
 use crate::tls::{self, Negotiated, PlainServer, ServerSplit, TlsServer};
 use crate::topology::{Backend, RoutingTable};
+use crate::upgrade::MAX_EMIGRANT;
 
 /// Read buffer for a client's request while linked (PgBouncer's pkt_buf is 4 KiB).
 const LINK_BUFFER: usize = 8192;
@@ -61,30 +63,69 @@ const LINK_BUFFER: usize = 8192;
 const LOGIN_BUFFER: usize = 512;
 
 /// A pooled client's whole session; `admission` is held until it ends.
-///
-/// Its state is what every idle client costs, hence its shape: a function returning an
-/// `async move` block, since an `async fn` keeps its arguments twice (as received and as
-/// moved into its body), and the idle loop written inline, since a called async fn would
-/// hold a second copy of the client and the session (896 bytes before, 264 now).
-#[allow(clippy::manual_async_fn)]
 pub fn handle<C: ClientIo>(
-    mut client: C,
+    client: C,
     peer: SocketAddr,
     route: Arc<Route>,
     shared: Arc<Shared>,
     admission: Admission,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    session(client, route, shared, admission, Start::Login(peer))
+}
+
+/// A session that moved here from an upgrade's old process: its state is restored and it
+/// goes on as it was, its client none the wiser.
+pub fn adopt(
+    client: TcpStream,
+    migrant: Migrant,
+    route: Arc<Route>,
+    shared: Arc<Shared>,
+    admission: Admission,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    session(
+        client,
+        route,
+        shared,
+        admission,
+        Start::Restore(Box::new(migrant)),
+    )
+}
+
+/// How a session begins.
+enum Start {
+    /// A new client logs in.
+    Login(SocketAddr),
+    /// A session arrives from an upgrade's old process.
+    Restore(Box<Migrant>),
+}
+
+/// A session from its start until the client leaves (or the session moves to an upgrade's
+/// new process).
+///
+/// Its state is what every idle client costs, hence its shape: a function returning an
+/// `async move` block, since an `async fn` keeps its arguments twice (as received and as
+/// moved into its body), and the idle loop written inline, since a called async fn would
+/// hold a second copy of the client and the session (896 bytes before, 312 now).
+#[allow(clippy::manual_async_fn)]
+fn session<C: ClientIo>(
+    mut client: C,
+    route: Arc<Route>,
+    shared: Arc<Shared>,
+    admission: Admission,
+    start: Start,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     async move {
-        let reserved = admission.reserved;
         let owner = &shared;
         let (route, shared) = (&*route, &*shared);
         // Boxed: a logged-in session should not keep carrying the login's state.
+        let reserved = admission.reserved;
         let (mut session, early) =
-            match Box::pin(login_or_refuse(&mut client, peer, route, shared, reserved)).await {
+            match Box::pin(begin(&mut client, start, route, shared, reserved)).await {
                 Some(LoggedIn::Session(session, early)) => (session, early),
                 Some(LoggedIn::Console(login)) => {
-                    // A task of its own: awaited here, it would take room in every
-                    // session's future.
+                    // A task of its own: awaited here, it would take room in every session's
+                    // future.
+                    let peer = client.peer();
                     let console = console::serve(client, peer, login, owner.clone());
                     tokio::spawn(async move {
                         console.await;
@@ -94,7 +135,6 @@ pub fn handle<C: ClientIo>(
                 }
                 None => return,
             };
-        info!(client = %peer, listener = %route.config.name, user = %session.home.key.user, database = %session.home.key.database, "client logged in");
         // A request the client sent along with its login without waiting for it to
         // complete, or one a transaction's link read the start of: served without a wait.
         let mut begun = early;
@@ -104,11 +144,27 @@ pub fn handle<C: ClientIo>(
                 // server. poll_read_ready parks on the socket's own waker slot: a much
                 // smaller future than `readable()`, and idle clients are what a pooler has
                 // most of.
-                if std::future::poll_fn(|cx| ClientIo::poll_read_ready(&mut client, cx))
-                    .await
-                    .is_err()
-                {
-                    return;
+                let woken = std::future::poll_fn(|cx| {
+                    if session.movable && session.entry.asked_to_leave(cx.waker()) {
+                        return Poll::Ready(Ok(Idle::Leave));
+                    }
+                    ClientIo::poll_read_ready(&mut client, cx).map_ok(|()| Idle::Readable)
+                })
+                .await;
+                match woken {
+                    Err(_) => return,
+                    Ok(Idle::Readable) => {}
+                    Ok(Idle::Leave) => match session.emigrate(client, route, shared) {
+                        Ok(()) => {
+                            session.leave(route, shared);
+                            return;
+                        }
+                        Err(stays) => {
+                            client = stays;
+                            session.movable = false;
+                            continue;
+                        }
+                    },
                 }
             }
             // Everything a request needs lives in its own boxed future, so that an idle
@@ -130,6 +186,14 @@ pub fn handle<C: ClientIo>(
             }
         }
     }
+}
+
+/// What ended an idle session's wait.
+enum Idle {
+    /// The client sent something (or hung up).
+    Readable,
+    /// The session is to move to an upgrade's new process.
+    Leave,
 }
 
 /// A client of a listener with TLS: encryption negotiated first (within
@@ -201,6 +265,20 @@ impl Served {
     }
 }
 
+/// Logs the client in, or restores its session; `None` when it does not go on.
+async fn begin<C: ClientIo>(
+    client: &mut C,
+    start: Start,
+    route: &Route,
+    shared: &Shared,
+    reserved: bool,
+) -> Option<LoggedIn> {
+    match start {
+        Start::Login(peer) => login_or_refuse(client, peer, route, shared, reserved).await,
+        Start::Restore(migrant) => restore_or_refuse(client, *migrant, route, shared).await,
+    }
+}
+
 /// Logs the client in within `client_login_timeout`, or tells it why not.
 async fn login_or_refuse<C: ClientIo>(
     client: &mut C,
@@ -214,7 +292,11 @@ async fn login_or_refuse<C: ClientIo>(
         false => shared.client_login_timeout(),
     };
     let error = match tokio::time::timeout(limit, login(client, route, shared, reserved)).await {
-        Ok(Ok(session)) => return session,
+        Ok(Ok(Some(LoggedIn::Session(session, early)))) => {
+            info!(client = %peer, listener = %route.config.name, user = %session.home.key.user, database = %session.home.key.database, "client logged in");
+            return Some(LoggedIn::Session(session, early));
+        }
+        Ok(Ok(other)) => return other,
         Ok(Err(e)) => e,
         Err(_) => ClientError::LoginTimeout(limit),
     };
@@ -259,6 +341,9 @@ struct Session {
     /// Transaction mode: the client created session state (see `session_state`) and keeps
     /// its server connection until it leaves.
     pinned: bool,
+    /// Whether the session may move to an upgrade's new process when asked: plain TCP
+    /// with an upgrade socket configured, until it once could not.
+    movable: bool,
 }
 
 /// Startup and authentication, returning the session (or console) and any bytes the client
@@ -391,18 +476,7 @@ async fn login<C: ClientIo>(
     let user = known.unwrap_or_else(|| Arc::new(User::without_secret(user)));
 
     // The client is shown the parameters of a server of its target, with its own values.
-    let login_params = |backend: &Arc<Backend>| {
-        let pool = shared.pools.get(backend, &user, &database);
-        async move {
-            match Box::pin(pool.login_params()).await {
-                Ok(params) => Ok((pool, params)),
-                Err(e) => {
-                    shared.pools.free_if_unused(pool);
-                    Err(classify(e))
-                }
-            }
-        }
-    };
+    let login_params = |backend: &Arc<Backend>| pool_with_params(shared, backend, &user, &database);
     // Read ahead while held, and passed on with what the login buffer holds.
     let mut ahead = BytesMut::new();
     let watch = watching(&**client.get_ref(), &mut ahead);
@@ -423,11 +497,6 @@ async fn login<C: ClientIo>(
         let _ = client.write_all(&reply).await;
         return Err(e.into());
     }
-    // A value the server has anyway need not be remembered per client.
-    overrides.retain(|(k, v)| !defaults.all.iter().any(|(dk, dv)| dk == k && dv == v));
-    // Kept for the whole session: no spare room.
-    overrides.shrink_to_fit();
-
     let cancel_key = shared.cancels.register();
     let mut buf = reply;
     for (k, v) in &defaults.all {
@@ -440,43 +509,123 @@ async fn login<C: ClientIo>(
         .write_all(&buf)
         .await
         .map_err(crate::protocol::ProtocolError::from)?;
-    pool.join();
-    let application_name = overrides
-        .iter()
-        .chain(&defaults.all)
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    let stream = client.get_ref().tcp();
-    let entry = shared.clients.add(NewEntry {
-        user: pool.key.user.clone(),
-        database: pool.key.database.clone(),
-        addr: client.get_ref().peer(),
-        local_addr: stream
-            .local_addr()
-            .unwrap_or_else(|_| client.get_ref().peer()),
-        application_name,
-        remote_pid: 0,
-        tls: client.get_ref().tls_description(),
-        close_needed: None,
-        socket: Some(stream.as_raw_fd()),
-    });
-    let session = Session {
-        _limited: limited,
-        entry,
-        home: pool,
-        defaults,
-        overrides,
-        cancel_key,
-        statements: None,
-        pinned: false,
-    };
+    let session = Session::open(
+        &**client.get_ref(),
+        Opening {
+            limited,
+            pool,
+            defaults,
+            overrides,
+            cancel_key,
+            statements: None,
+        },
+        shared,
+    );
     let early = (!client.buffer().is_empty() || !ahead.is_empty()).then(|| {
         let mut early = LinkBuffer::holding(client.buffer());
         early.extend_from_slice(&ahead);
         early
     });
     Ok(Some(LoggedIn::Session(session, early)))
+}
+
+/// `user`'s pool for `database` on `backend`, with the parameter values its servers show
+/// clients.
+fn pool_with_params<'a>(
+    shared: &'a Shared,
+    backend: &Arc<Backend>,
+    user: &Arc<User>,
+    database: &str,
+) -> impl std::future::Future<Output = Result<(Arc<Pool>, Arc<LoginParams>), Attempt>> + 'a {
+    let pool = shared.pools.get(backend, user, database);
+    async move {
+        match Box::pin(pool.login_params()).await {
+            Ok(params) => Ok((pool, params)),
+            Err(e) => {
+                shared.pools.free_if_unused(pool);
+                Err(classify(e))
+            }
+        }
+    }
+}
+
+/// Restores a session that arrived from an upgrade's old process, or tells its client why
+/// it cannot go on here.
+async fn restore_or_refuse<C: ClientIo>(
+    client: &mut C,
+    migrant: Migrant,
+    route: &Route,
+    shared: &Shared,
+) -> Option<LoggedIn> {
+    match restore(client, migrant, route, shared).await {
+        Ok((session, early)) => {
+            debug!(client = %client.peer(), user = %session.home.key.user, "session taken over from the old process");
+            Some(LoggedIn::Session(session, early))
+        }
+        Err(e) => {
+            info!(client = %client.peer(), error = %e, "a session from the old process cannot go on here; its client is told why");
+            send_error(client, &e, &shared.metrics).await;
+            None
+        }
+    }
+}
+
+/// Restores a session from what the old process sent: its user and pool, its parameters,
+/// cancel key and prepared statements. Nothing is said to the client, which knows it all.
+async fn restore<C: ClientIo>(
+    client: &mut C,
+    migrant: Migrant,
+    route: &Route,
+    shared: &Shared,
+) -> Result<(Session, Option<LinkBuffer>), ClientError> {
+    let Migrant {
+        user,
+        database,
+        params,
+        process_id,
+        secret_key,
+        statements,
+        client_key,
+        ..
+    } = migrant;
+    if !shared.pools.knows_database(&database) {
+        return Err(ClientError::NoSuchDatabase(database));
+    }
+    let users = shared.users.load_full();
+    let mut known = users.get(&user);
+    if let (None, Some(query)) = (&known, &users.auth_query) {
+        known = Box::pin(auth_query::lookup(shared, query, &user, &database)).await?;
+    }
+    let user = known.unwrap_or_else(|| Arc::new(User::without_secret(user)));
+    if let Some(key) = client_key.and_then(|k| <[u8; 32]>::try_from(k).ok()) {
+        user.learn_client_key(key);
+    }
+    let limited = match &*shared.user_limits.load() {
+        Some(limits) => Some(Box::new(limits.admit(&user.name, &database)?)),
+        None => None,
+    };
+    let login_params = |backend: &Arc<Backend>| pool_with_params(shared, backend, &user, &database);
+    let mut ahead = BytesMut::new();
+    let watch = watching(&*client, &mut ahead);
+    let (pool, defaults) = route.with_backend(shared, login_params, watch).await?.value;
+    let cancel_key = match shared.cancels.register_key((process_id, secret_key)) {
+        Some(key) => key,
+        None => {
+            warn!(client = %client.peer(), "a session from the old process has a cancel key taken here; its cancels will not reach its queries");
+            shared.cancels.register()
+        }
+    };
+    let opening = Opening {
+        limited,
+        pool,
+        defaults,
+        overrides: params,
+        cancel_key,
+        statements: migrate::restore_statements(statements),
+    };
+    let session = Session::open(&*client, opening, shared);
+    let early = (!ahead.is_empty()).then(|| LinkBuffer::holding(&ahead));
+    Ok((session, early))
 }
 
 /// Whether a failure to get a server connection is the backend's (try elsewhere or wait
@@ -553,7 +702,111 @@ impl Drop for Session {
     }
 }
 
+/// What a session starts with, at a login or when it arrives from an upgrade's old process.
+struct Opening {
+    limited: Option<Box<UserGuard>>,
+    pool: Arc<Pool>,
+    defaults: Arc<LoginParams>,
+    overrides: Vec<(String, String)>,
+    cancel_key: CancelKey,
+    statements: Option<Box<ClientStatements>>,
+}
+
 impl Session {
+    /// The session of `client`: counted in its pool and listed in SHOW CLIENTS.
+    fn open<C: ClientIo>(client: &C, o: Opening, shared: &Shared) -> Session {
+        let Opening {
+            limited,
+            pool,
+            defaults,
+            mut overrides,
+            cancel_key,
+            statements,
+        } = o;
+        // A value the server has anyway need not be remembered per client.
+        overrides.retain(|(k, v)| !defaults.all.iter().any(|(dk, dv)| dk == k && dv == v));
+        // Kept for the whole session: no spare room.
+        overrides.shrink_to_fit();
+        pool.join();
+        let application_name = overrides
+            .iter()
+            .chain(&defaults.all)
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let stream = client.tcp();
+        let entry = shared.clients.add(NewEntry {
+            user: pool.key.user.clone(),
+            database: pool.key.database.clone(),
+            addr: client.peer(),
+            local_addr: stream.local_addr().unwrap_or_else(|_| client.peer()),
+            application_name,
+            remote_pid: 0,
+            tls: client.tls_description(),
+            close_needed: None,
+            socket: Some(stream.as_raw_fd()),
+        });
+        if let Some(statements) = &statements {
+            entry.set_prepared(statements.len());
+        }
+        let emigration = &shared.emigration;
+        if emigration.is_on() {
+            // Logged in while the others were asked to move.
+            entry.ask_to_leave();
+        }
+        Session {
+            _limited: limited,
+            entry,
+            home: pool,
+            defaults,
+            overrides,
+            cancel_key,
+            statements,
+            pinned: false,
+            movable: !C::ENCRYPTED && emigration.is_possible(),
+        }
+    }
+
+    /// Moves the idle session to an upgrade's new process: its state and its client's
+    /// socket go on the emigration channel. The client comes back if the session cannot
+    /// move (its state is too large, or the emigration has ended).
+    fn emigrate<C: ClientIo>(&self, client: C, route: &Route, shared: &Shared) -> Result<(), C> {
+        let Some(to) = shared.emigration.ticket() else {
+            return Err(client);
+        };
+        let migrant = Migrant {
+            listener: route.config.name.clone(),
+            user: self.home.key.user.clone(),
+            database: self.home.key.database.clone(),
+            params: self.overrides.clone(),
+            process_id: self.cancel_key.process_id,
+            secret_key: self.cancel_key.secret_key,
+            statements: migrate::statements_of(self.statements.as_deref()),
+            client_key: self.home.user().client_key().map(|k| k.to_vec()),
+        };
+        let state = match serde_json::to_vec(&migrant) {
+            Ok(state) if state.len() <= MAX_EMIGRANT => state,
+            _ => {
+                info!(client = %client.peer(), prepared = self.entry.prepared(), "session state too large to move to the new process; the session stays here");
+                return Err(client);
+            }
+        };
+        let tcp = client.into_tcp()?;
+        // Before the socket leaves: KILL must not touch a descriptor number reused here.
+        self.entry.detach();
+        let socket = match tcp.into_std() {
+            Ok(socket) => OwnedFd::from(socket),
+            Err(e) => {
+                warn!(error = %e, "cannot take a client's socket off the runtime to move it; the client is disconnected");
+                return Ok(());
+            }
+        };
+        if to.send((state, socket)).is_err() {
+            warn!("the emigration ended under a session moving; its client is disconnected");
+        }
+        Ok(())
+    }
+
     /// Whether the backend of the pool the client logged in through still serves its
     /// listener's target.
     fn home_serves(&self, table: &RoutingTable, route: &Route) -> bool {

@@ -76,6 +76,24 @@ impl Statement {
             refused: None,
         }
     }
+
+    /// A statement as a session moved from an upgrade's old process had it.
+    pub fn restored(text: &[u8], refused: Option<Feature>) -> Self {
+        Self {
+            refused,
+            ..Self::new(text)
+        }
+    }
+
+    /// Its Parse message past the name.
+    pub fn text(&self) -> &[u8] {
+        &self.text
+    }
+
+    /// What `session_state = "reject"` refused in it.
+    pub fn refused(&self) -> Option<Feature> {
+        self.refused
+    }
 }
 
 /// One client's named statements.

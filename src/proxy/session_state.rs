@@ -20,7 +20,7 @@ use bytes::{BufMut, BytesMut};
 use crate::protocol::put_message;
 
 /// A kind of session state, as named in logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Feature {
     Listen,
     AdvisoryLock,

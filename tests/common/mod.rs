@@ -551,12 +551,12 @@ impl Pgvane {
         .await
     }
 
-    /// Waits for the process to exit, up to `limit`.
     /// Whether the process has ended, now.
     pub fn has_exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
+    /// Waits for the process to exit, up to `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
@@ -665,6 +665,15 @@ pub fn config(cluster: &impl Backends, health: &str, listeners: &str) -> String 
         "[health]\n{health}\n[health.sql]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n{}{listeners}",
         cluster.backends_toml()
     )
+}
+
+/// The superuser's SCRAM verifier, as pg_authid holds it.
+pub async fn scram_verifier(cluster: &Cluster) -> String {
+    let c = cluster.primary().connect().await;
+    let sql = "SELECT rolpassword FROM pg_authid WHERE rolname = $1";
+    let verifier: String = c.query_one(sql, &[&SUPERUSER]).await.unwrap().get(0);
+    assert!(verifier.starts_with("SCRAM-SHA-256$"));
+    verifier
 }
 
 /// A `[[listener]]` table.
