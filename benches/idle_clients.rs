@@ -1,5 +1,7 @@
 //! Opens N client connections to a PostgreSQL-speaking port, logs each one in, then keeps
-//! them all idle: the load half of `benches/idle_rss.sh`, which reads the proxy's memory.
+//! them all idle for HOLD_SECONDS: the load half of `benches/idle_rss.sh`, which reads the
+//! proxy's memory. Then each client queries again over its connection, and the count that
+//! could not is printed (`benches/upgrade.sh` upgrades pgvane meanwhile).
 //!
 //! cargo bench --bench idle_clients -- PORT COUNT USER PASSWORD DBNAME HOLD_SECONDS
 
@@ -46,4 +48,11 @@ async fn main() {
         .await;
     println!("connected {}", clients.len());
     tokio::time::sleep(Duration::from_secs(hold)).await;
+    let failed = stream::iter(&clients)
+        .map(|c| async move { c.simple_query("SELECT 1").await.is_err() })
+        .buffer_unordered(64)
+        .filter(|failed| std::future::ready(*failed))
+        .count()
+        .await;
+    println!("queried again {} failed {failed}", clients.len());
 }

@@ -458,7 +458,8 @@ async fn exit_of(mut p: Pgvane) -> (Option<std::process::ExitStatus>, Pgvane) {
 
 /// Zero-downtime upgrade: a second pgvane with the same `upgrade_socket` takes over the
 /// listening sockets; a client connecting in a loop meanwhile is never refused, the old
-/// process finishes the transaction it has open, then exits.
+/// process finishes the transaction it has open, then exits, and idle pooled clients go on
+/// over their connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_takes_over_the_sockets_without_refusing_a_connection() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -472,6 +473,10 @@ async fn an_upgrade_takes_over_the_sockets_without_refusing_a_connection() {
     let old = start_upgradable(&text, &[tx, admin], &socket).await;
     let held = connect(tx, SUPERUSER, "postgres").await.unwrap();
     held.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(connect(tx, SUPERUSER, "postgres").await.unwrap());
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -521,6 +526,10 @@ async fn an_upgrade_takes_over_the_sockets_without_refusing_a_connection() {
     stop.store(true, Ordering::Relaxed);
     let errors = looping.await.unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "{errors:?}");
+    // Pooled clients idle through it all go on over their connections.
+    for c in &idle {
+        c.batch_execute("SELECT 1").await.unwrap();
+    }
     // The new process offers its sockets for the next upgrade, to its own user only.
     assert!(new.log().contains("listening"), "{}", new.log());
     let mode =
