@@ -531,15 +531,9 @@ async fn server_connections_use_tls_toward_a_postgresql_that_requires_it() {
     assert_eq!(version, "TLSv1.3");
 }
 
-/// tokio-postgres over rustls (tokio-postgres-rustls) with sslmode=require, verifying the
-/// certificate against the CA and the host name: prepared statements across transactions.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokio_postgres_verifies_pgvane_s_certificate() {
-    let cluster = Cluster::start(0);
-    let pki = Pki::new();
-    let (cert, key) = pki.issue("server", "localhost", &["localhost"]);
-    let (text, port) = tls_listener("tls", &tls_keys(&cert, &key, "require"));
-    let _pgvane = Pgvane::start(&pooled_config(&cluster, &text, ""), &[port]);
+/// tokio-postgres over rustls (tokio-postgres-rustls) with sslmode=require, verifying
+/// pgvane's certificate against `pki`'s CA and the host name.
+async fn tls_client(pki: &Pki, port: u16) -> tokio_postgres::Client {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(pki.ca_file()).unwrap();
@@ -564,6 +558,66 @@ async fn tokio_postgres_verifies_pgvane_s_certificate() {
         .await
         .unwrap();
     tokio::spawn(conn);
+    client
+}
+
+/// At an upgrade an encrypted session cannot leave its process: it stays on the old one
+/// and goes on there, the old process ending only once it has. A plain session moved to a
+/// new process whose listener now requires TLS is refused there, not served unencrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_an_upgrade_tls_sessions_stay_and_moved_ones_meet_the_new_tls_requirement() {
+    let cluster = Cluster::start(0);
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "localhost", &["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("upgrade.sock");
+    let (preferred, port) = tls_listener("tls", &tls_keys(&cert, &key, "prefer"));
+    let config = |listener: &str| {
+        let general = format!(
+            "[general]\nupgrade_socket = \"{}\"\nshutdown_timeout = \"600s\"\n",
+            socket.display()
+        );
+        pooled_config(&cluster, listener, "").replace("[general]\n", &general)
+    };
+    let mut old = Pgvane::start(&config(&preferred), &[port]);
+    eventually(PATIENCE, "the upgrade socket offered", || async {
+        socket.exists().then_some(())
+    })
+    .await;
+    let encrypted = tls_client(&pki, port).await;
+    let statement = encrypted.prepare("SELECT $1::int + 1").await.unwrap();
+    let plain = connect(port, SUPERUSER, "postgres").await.unwrap();
+    plain.batch_execute("SELECT 1").await.unwrap();
+
+    let required = preferred.replace("\"prefer\"", "\"require\"");
+    let new = Pgvane::start(&config(&required), &[port]);
+    new.wait_log("accepts TLS connections only", PATIENCE).await;
+    plain
+        .batch_execute("SELECT 1")
+        .await
+        .expect_err("a plain session on a listener that now requires TLS");
+    // The encrypted session is served where it is, by the old process.
+    let row = encrypted.query_one(&statement, &[&41]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert!(!old.has_exited(), "the old process serves its TLS session");
+    drop(encrypted);
+    let exited = tokio::task::spawn_blocking(move || old.wait_exit(PATIENCE)).await;
+    assert!(
+        exited.unwrap().is_some(),
+        "the old process exits once it has"
+    );
+}
+
+/// tokio-postgres over rustls (tokio-postgres-rustls) with sslmode=require, verifying the
+/// certificate against the CA and the host name: prepared statements across transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_verifies_pgvane_s_certificate() {
+    let cluster = Cluster::start(0);
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "localhost", &["localhost"]);
+    let (text, port) = tls_listener("tls", &tls_keys(&cert, &key, "require"));
+    let _pgvane = Pgvane::start(&pooled_config(&cluster, &text, ""), &[port]);
+    let client = tls_client(&pki, port).await;
     let statement = client.prepare("SELECT $1::int + 1").await.unwrap();
     for n in 0..20 {
         let row = client.query_one(&statement, &[&n]).await.unwrap();

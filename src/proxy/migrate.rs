@@ -74,13 +74,10 @@ impl Emigration {
     /// A sender for a session about to move, while sessions move: it cannot fail while
     /// held (the channel's receiver lives until its last sender is gone).
     pub fn ticket(&self) -> Option<mpsc::UnboundedSender<Emigrant>> {
-        let ticket = self.to.lock().expect("emigration lock").clone();
-        if ticket.is_none() {
-            self.on.store(false, Ordering::SeqCst);
-        }
-        ticket
+        self.to.lock().expect("emigration lock").clone()
     }
 
+    /// Whether sessions are moving (a session that logs in now is to move too).
     pub fn is_on(&self) -> bool {
         self.on.load(Ordering::SeqCst)
     }

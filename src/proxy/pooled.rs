@@ -408,14 +408,7 @@ async fn login<C: ClientIo>(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
-    if !C::ENCRYPTED
-        && route
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.mode >= ClientSslMode::Require)
-    {
-        return Err(ClientError::TlsRequired(route.config.name.clone()));
-    }
+    refuse_plain_if_required::<C>(route)?;
     let to_console = console::DATABASES.contains(&database.as_str());
     // Before authentication, as PgBouncer does: no pool and no auth_query for it.
     if !to_console && !shared.pools.knows_database(&database) {
@@ -529,6 +522,18 @@ async fn login<C: ClientIo>(
     Ok(Some(LoggedIn::Session(session, early)))
 }
 
+/// Refuses a client without TLS on a listener that requires it.
+fn refuse_plain_if_required<C: ClientIo>(route: &Route) -> Result<(), ClientError> {
+    let required = route
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode >= ClientSslMode::Require);
+    match !C::ENCRYPTED && required {
+        true => Err(ClientError::TlsRequired(route.config.name.clone())),
+        false => Ok(()),
+    }
+}
+
 /// `user`'s pool for `database` on `backend`, with the parameter values its servers show
 /// clients.
 fn pool_with_params<'a>(
@@ -588,6 +593,8 @@ async fn restore<C: ClientIo>(
         client_key,
         ..
     } = migrant;
+    // As for a login: the listener's TLS requirement may be new with the upgrade.
+    refuse_plain_if_required::<C>(route)?;
     if !shared.pools.knows_database(&database) {
         return Err(ClientError::NoSuchDatabase(database));
     }
