@@ -10,13 +10,7 @@ N=${1:-10000}
 
 ensure_postgres
 ensure_packages python3:python3 psql:postgresql-client pgbouncer:pgbouncer
-cargo build --release --locked --quiet
-cargo bench --locked --no-run --bench idle_clients 2>/dev/null
-CLIENTS=$(ls -t target/release/deps/idle_clients-* | grep -v '\.d$' | head -n 1)
-# Each process needs about N descriptors; raise the soft limit as far as allowed.
-WANT=$((N + 1000)); HARD=$(ulimit -Hn)
-[ "$HARD" != unlimited ] && [ "$HARD" -lt "$WANT" ] && WANT=$HARD
-ulimit -n "$WANT"
+idle_clients_ready "$N"
 
 work_dir pgvane-rss
 

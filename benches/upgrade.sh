@@ -11,12 +11,7 @@ cd "$PGVANE_ROOT"
 N=${1:-2000}
 
 ensure_postgres
-cargo build --release --locked --quiet
-cargo bench --locked --no-run --bench idle_clients 2>/dev/null
-CLIENTS=$(ls -t target/release/deps/idle_clients-* | grep -v '\.d$' | head -n 1)
-WANT=$((N + 1000)); HARD=$(ulimit -Hn)
-[ "$HARD" != unlimited ] && [ "$HARD" -lt "$WANT" ] && WANT=$HARD
-ulimit -n "$WANT"
+idle_clients_ready "$N"
 
 work_dir pgvane-upgrade
 cluster_start "$WORK" 0

@@ -231,6 +231,19 @@ cluster_stop() {
     return 0
 }
 
+# idle_clients_ready N: builds pgvane and the idle-clients load (benches/idle_clients.rs),
+# sets CLIENTS to the latter, and raises the open files limit for N clients as far as the
+# hard limit allows (each process needs about N descriptors).
+idle_clients_ready() {
+    local n=$1 want hard
+    cargo build --release --locked --quiet
+    cargo bench --locked --no-run --bench idle_clients 2>/dev/null
+    CLIENTS=$(ls -t target/release/deps/idle_clients-* | grep -v '\.d$' | head -n 1)
+    want=$((n + 1000)); hard=$(ulimit -Hn)
+    [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ] && want=$hard
+    ulimit -n "$want"
+}
+
 # pgvane_config FILE INTERVAL: backends from NODE_PORTS (checked through Patroni's REST API
 # on API_PORTS if set, with SQL otherwise); a passthrough listener on RW_PORT (primary), one
 # on RO_PORT (replicas) and a transaction-pooling listener on TX_PORT (primary).

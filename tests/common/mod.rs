@@ -12,12 +12,13 @@ pub mod patroni;
 pub mod raw;
 pub mod relay;
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -34,12 +35,20 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 /// Bump when the template's initdb options change, so stale templates are not reused.
 const TEMPLATE_VERSION: u32 = 1;
 
-/// Asks the kernel for a free loopback port.
+/// Asks the kernel for a free loopback port, never one this test process was given before:
+/// the kernel may hand out a just-released port again, and two calls in a row (two
+/// listeners of one config) must not get the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// The user PostgreSQL programs run as: ourselves, or an unprivileged one when we are root.
