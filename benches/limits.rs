@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
             contended(cores, per, |i| drop(addresses.admit(address(i)))) * n as u32
         })
     });
-    let (app, report) = ("app".to_string(), "report".to_string());
+    let (app, report): (std::sync::Arc<str>, std::sync::Arc<str>) = ("app".into(), "report".into());
     group.bench_function("user transaction turn, 1 thread", |b| {
         b.iter(|| assert!(users.transaction_turn(&app).is_none()))
     });

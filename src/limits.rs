@@ -304,7 +304,8 @@ pub struct UserLimits {
     /// Shared with the limits a reload replaces, so that clients counted before it are
     /// still counted (and given back) after it.
     open: Arc<OpenCounts>,
-    transactions: Option<DefaultKeyedRateLimiter<String>>,
+    /// Keyed by the pool's shared name: a turn clones no string.
+    transactions: Option<DefaultKeyedRateLimiter<Arc<str>>>,
     /// How long a transaction over the rate may wait for its turn.
     shape: Duration,
 }
@@ -367,7 +368,7 @@ impl UserLimits {
 
     /// Takes a turn for `user`'s next transaction if one is free now: `None`, or how long
     /// until the next one. Checked per transaction, so no allocation and no future.
-    pub fn transaction_turn(&self, user: &String) -> Option<Duration> {
+    pub fn transaction_turn(&self, user: &Arc<str>) -> Option<Duration> {
         let limiter = self.transactions.as_ref()?;
         let not_until = limiter.check_key(user).err()?;
         Some(not_until.wait_time_from(DefaultClock::default().now()))
@@ -375,7 +376,7 @@ impl UserLimits {
 
     /// Waits for `user`'s next transaction to be within its rate, up to
     /// `user_transaction_shape`; refuses it if that is not long enough.
-    pub async fn pace_transaction(&self, user: &String) -> Result<(), Refusal> {
+    pub async fn pace_transaction(&self, user: &Arc<str>) -> Result<(), Refusal> {
         let deadline = tokio::time::Instant::now() + self.shape;
         while let Some(wait) = self.transaction_turn(user) {
             if tokio::time::Instant::now() + wait > deadline {
@@ -420,10 +421,14 @@ impl UserLimits {
 
     /// Drops the rate state of users idle long enough that their buckets are full again.
     pub fn forget_idle(&self) {
-        for r in [&self.rate, &self.transactions].into_iter().flatten() {
-            r.retain_recent();
-            r.shrink_to_fit();
+        fn forget<K: Clone + Eq + std::hash::Hash>(r: &Option<DefaultKeyedRateLimiter<K>>) {
+            if let Some(r) = r {
+                r.retain_recent();
+                r.shrink_to_fit();
+            }
         }
+        forget(&self.rate);
+        forget(&self.transactions);
     }
 }
 

@@ -393,8 +393,9 @@ enum Cap {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub backend: String,
-    pub database: String,
-    pub user: String,
+    /// Shared with its sessions' and connections' SHOW CLIENTS / SHOW SERVERS entries.
+    pub database: Arc<str>,
+    pub user: Arc<str>,
 }
 
 pub struct Pool {
@@ -908,14 +909,14 @@ impl Pool {
             .collect();
         let all = hello.params.clone();
         let entry = self.servers.add(NewEntry {
-            user: self.user.name.clone(),
+            user: self.key.user.clone(),
             database: self.key.database.clone(),
             addr: stream.tcp().peer_addr().unwrap_or_else(|_| unspecified()),
             local_addr: stream.tcp().local_addr().unwrap_or_else(|_| unspecified()),
             application_name: String::new(),
             remote_pid: hello.process_id,
             tls: match &stream {
-                ServerStream::Plain(_) => String::new(),
+                ServerStream::Plain(_) => Box::default(),
                 ServerStream::Tls(_) => "TLS".into(),
             },
             close_needed: Some(self.retired.clone()),
@@ -1171,7 +1172,7 @@ fn prune(caps: &Caps) {
 }
 
 /// database → user → pool.
-type PoolsOfBackend = HashMap<String, HashMap<String, Arc<Pool>>>;
+type PoolsOfBackend = HashMap<Arc<str>, HashMap<Arc<str>, Arc<Pool>>>;
 
 /// The clock for server connection ages, read at every lease and release: coarse (a few
 /// milliseconds) but a fraction of a precise read's cost, which is plenty for limits counted
@@ -1291,7 +1292,7 @@ impl Pools {
     /// server connection closes when released, and sessions take new ones from the next
     /// transaction on. Returns how many pools were replaced.
     pub fn reconnect(&self, database: Option<&str>) -> usize {
-        self.retire(|_, pool| database.is_none_or(|d| pool.key.database == d))
+        self.retire(|_, pool| database.is_none_or(|d| *pool.key.database == *d))
     }
 
     /// Retires the pools of backends not in `backends` (removed or moved by a reload).
@@ -1337,14 +1338,14 @@ impl Pools {
         let found = pools
             .get(&backend.name)
             .and_then(|dbs| dbs.get(database))
-            .and_then(|users| users.get(&user.name));
+            .and_then(|users| users.get(user.name.as_str()));
         if let Some(p) = found {
             return p.clone();
         }
         let key = PoolKey {
             backend: backend.name.clone(),
-            database: database.to_owned(),
-            user: user.name.clone(),
+            database: database.into(),
+            user: user.name.as_str().into(),
         };
         let settings = self.settings.load_full();
         let shape = self

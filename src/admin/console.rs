@@ -573,7 +573,7 @@ async fn run(out: &mut BytesMut, text: &str, user: &str, access: Access, shared:
                 // PgBouncer's: returns once no server connection of `db` (of any with none)
                 // is still waiting to be closed (after RECONNECT or a reload).
                 let waiting = |e: &Arc<Entry>| {
-                    e.close_needed() && arg.as_deref().is_none_or(|d| d == e.database)
+                    e.close_needed() && arg.as_deref().is_none_or(|d| d == &*e.database)
                 };
                 while shared.pools.servers.entries().iter().any(waiting) {
                     tokio::time::sleep(CLOSE_POLL).await;
@@ -792,11 +792,11 @@ fn show(out: &mut BytesMut, what: &str, shared: &Shared) -> bool {
         "USERS" => show_users(out, shared),
         "LISTS" => {
             let pools = shared.pools.all();
-            let databases: BTreeSet<&str> = pools.iter().map(|p| p.key.database.as_str()).collect();
-            let users: BTreeSet<&str> = pools.iter().map(|p| p.key.user.as_str()).collect();
+            let databases: BTreeSet<&str> = pools.iter().map(|p| &*p.key.database).collect();
+            let users: BTreeSet<&str> = pools.iter().map(|p| &*p.key.user).collect();
             let pairs: BTreeSet<(&str, &str)> = pools
                 .iter()
-                .map(|p| (p.key.database.as_str(), p.key.user.as_str()))
+                .map(|p| (&*p.key.database, &*p.key.user))
                 .collect();
             let slots = shared.max_client_conn() as usize;
             let clients = slots.saturating_sub(shared.client_slots.available_permits());
@@ -908,7 +908,9 @@ fn show_pools(out: &mut BytesMut, shared: &Shared) {
         "load_balance_hosts",
     ];
     let mut rs = ResultSet::new(out, &names, "ssiiiiiiiiiiiiiss");
-    let pairs = pools_by(shared, |p| (p.key.database.clone(), p.key.user.clone()));
+    let pairs = pools_by(shared, |p| {
+        (p.key.database.to_string(), p.key.user.to_string())
+    });
     for ((db, user), pools) in pairs {
         let sum = |f: &dyn Fn(&Arc<Pool>) -> usize| pools.iter().map(f).sum::<usize>();
         let waiting = sum(&|p| p.waiting_clients());
@@ -964,7 +966,7 @@ fn show_databases(out: &mut BytesMut, shared: &Shared) {
     ];
     let settings = shared.pools.settings();
     let paused = shared.paused.borrow().clone();
-    let mut databases = pools_by(shared, |p| p.key.database.clone());
+    let mut databases = pools_by(shared, |p| p.key.database.to_string());
     // Listed databases no client used yet are shown too, as PgBouncer shows its entries,
     // and those paused or disabled (KILL leaves no pool behind).
     let paused_dbs = match &paused {
@@ -1021,7 +1023,7 @@ fn show_users(out: &mut BytesMut, shared: &Shared) {
         "max_user_client_connections",
         "current_client_connections",
     ];
-    let users = pools_by(shared, |p| p.key.user.clone());
+    let users = pools_by(shared, |p| p.key.user.to_string());
     let mut rs = ResultSet::new(out, &names, "siisiiii");
     for (user, pools) in users {
         let open: usize = pools.iter().map(|p| p.open_connections()).sum();
@@ -1086,8 +1088,8 @@ fn show_sockets(out: &mut BytesMut, kind: &str, entries: &[Arc<Entry>], shared: 
         let link = e.link();
         rs.row([
             Some(kind.to_owned()),
-            Some(e.user.clone()),
-            Some(e.database.clone()),
+            Some(e.user.to_string()),
+            Some(e.database.to_string()),
             Some("none".to_owned()),
             Some(e.state().as_str().to_owned()),
             Some(e.addr.ip().to_string()),
@@ -1106,7 +1108,7 @@ fn show_sockets(out: &mut BytesMut, kind: &str, entries: &[Arc<Entry>], shared: 
                 format!("{link:#x}")
             }),
             Some(e.remote_pid.to_string()),
-            Some(e.tls.clone()),
+            Some(e.tls.to_string()),
             Some(e.application_name.clone()),
             Some(e.prepared().to_string()),
             Some(e.id.to_string()),
@@ -1183,7 +1185,9 @@ fn show_latency(out: &mut BytesMut, shared: &Shared) {
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let types = format!("ss{}", "q".repeat(names.len() - 2));
     let mut rs = ResultSet::new(out, &names, &types);
-    let pairs = pools_by(shared, |p| (p.key.database.clone(), p.key.user.clone()));
+    let pairs = pools_by(shared, |p| {
+        (p.key.database.to_string(), p.key.user.to_string())
+    });
     for ((db, user), pools) in pairs {
         let mut window = pools[0].latency.window();
         for pool in &pools[1..] {

@@ -106,7 +106,7 @@ fn served(shared: &Shared, database: Option<&str>) -> Result<(), AdminError> {
 pub fn kill(shared: &Arc<Shared>, database: Option<String>) -> Result<usize, AdminError> {
     served(shared, database.as_deref())?;
     pause(shared, database.clone());
-    let of_db = |e: &Arc<Entry>| database.as_deref().is_none_or(|d| d == e.database);
+    let of_db = |e: &Arc<Entry>| database.as_deref().is_none_or(|d| d == &*e.database);
     let entries = shared.clients.entries();
     let killed = entries.iter().filter(|e| of_db(e) && e.kill()).count();
     let replaced = shared.pools.reconnect(database.as_deref());
@@ -511,8 +511,8 @@ fn status(shared: &Shared) -> Value {
         .map(|p| {
             json!({
                 "backend": p.key.backend,
-                "database": p.key.database,
-                "user": p.key.user,
+                "database": &*p.key.database,
+                "user": &*p.key.user,
                 "active": p.busy_connections(),
                 "idle": p.idle_connections(),
             })

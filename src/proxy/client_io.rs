@@ -63,8 +63,8 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     }
 
     /// Protocol and cipher suite, as PgBouncer's SHOW CLIENTS shows them; empty without TLS.
-    fn tls_description(&self) -> String {
-        String::new()
+    fn tls_description(&self) -> Box<str> {
+        Box::default()
     }
 
     /// The client's address, for the log. Asked of the socket rather than kept per session:
@@ -194,7 +194,7 @@ impl ClientIo for TlsClient {
         crate::tls::common_name(certs.first()?)
     }
 
-    fn tls_description(&self) -> String {
+    fn tls_description(&self) -> Box<str> {
         let tls = self.0.get_ref().1;
         let version = match tls.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
@@ -202,8 +202,8 @@ impl ClientIo for TlsClient {
             _ => "TLS",
         };
         match tls.negotiated_cipher_suite() {
-            Some(suite) => format!("{version}/{:?}", suite.suite()),
-            None => version.to_owned(),
+            Some(suite) => format!("{version}/{:?}", suite.suite()).into(),
+            None => version.into(),
         }
     }
 

@@ -104,40 +104,44 @@ enum Start {
 ///
 /// Its state is what every idle client costs, hence its shape: a function returning an
 /// `async move` block, since an `async fn` keeps its arguments twice (as received and as
-/// moved into its body), and the idle loop written inline, since a called async fn would
-/// hold a second copy of the client and the session (896 bytes before, 312 now).
+/// moved into its body); the login boxed before that block, since what the block captures
+/// it keeps for good (the start, a second client); the idle loop written inline, since a
+/// called async fn would hold a second copy of the client and the session; and no
+/// references kept beside the `Arc`s (896 bytes before, 256 now).
 #[allow(clippy::manual_async_fn)]
 fn session<C: ClientIo>(
-    mut client: C,
+    client: C,
     route: Arc<Route>,
     shared: Arc<Shared>,
     admission: Admission,
     start: Start,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let reserved = admission.reserved;
+    let begin = Box::pin(begin(
+        client,
+        start,
+        route.clone(),
+        shared.clone(),
+        reserved,
+    ));
     async move {
-        let owner = &shared;
-        let (route, shared) = (&*route, &*shared);
-        // Boxed: a logged-in session should not keep carrying the login's state.
-        let reserved = admission.reserved;
-        let (mut session, early) =
-            match Box::pin(begin(&mut client, start, route, shared, reserved)).await {
-                Some(LoggedIn::Session(session, early)) => (session, early),
-                Some(LoggedIn::Console(login)) => {
-                    // A task of its own: awaited here, it would take room in every session's
-                    // future.
-                    let peer = client.peer();
-                    let console = console::serve(client, peer, login, owner.clone());
-                    tokio::spawn(async move {
-                        console.await;
-                        drop(admission);
-                    });
-                    return;
-                }
-                None => return,
-            };
-        // A request the client sent along with its login without waiting for it to
-        // complete, or one a transaction's link read the start of: served without a wait.
-        let mut begun = early;
+        let (mut client, mut session, mut begun) = match begin.await {
+            Some((client, LoggedIn::Session(session, early))) => (client, session, early),
+            Some((client, LoggedIn::Console(login))) => {
+                // A task of its own: awaited here, it would take room in every session's
+                // future.
+                let peer = client.peer();
+                let console = console::serve(client, peer, login, shared);
+                tokio::spawn(async move {
+                    console.await;
+                    drop(admission);
+                });
+                return;
+            }
+            None => return,
+        };
+        // `begun`: a request the client sent along with its login without waiting for it
+        // to complete, or one a transaction's link read the start of: served without a wait.
         loop {
             if begun.is_none() {
                 // Idle: wait for the client's next request, holding neither buffer nor
@@ -154,9 +158,9 @@ fn session<C: ClientIo>(
                 match woken {
                     Err(_) => return,
                     Ok(Idle::Readable) => {}
-                    Ok(Idle::Leave) => match session.emigrate(client, route, shared) {
+                    Ok(Idle::Leave) => match session.emigrate(client, &route, &shared) {
                         Ok(()) => {
-                            session.leave(route, shared);
+                            session.leave(&route, &shared);
                             return;
                         }
                         Err(stays) => {
@@ -169,15 +173,16 @@ fn session<C: ClientIo>(
             }
             // Everything a request needs lives in its own boxed future, so that an idle
             // session costs no more than the state above.
-            match Box::pin(session.serve_request(&mut client, route, shared, begun.take())).await {
+            match Box::pin(session.serve_request(&mut client, &route, &shared, begun.take())).await
+            {
                 Served::End => {
                     let killed = session.entry.is_killed();
                     let user = killed.then(|| session.home.key.user.clone());
-                    session.leave(route, shared);
+                    session.leave(&route, &shared);
                     if let Some(user) = user {
                         // A task of its own: an await here would take room in every
                         // session's future.
-                        tokio::spawn(tell_killed(client, user, owner.clone()));
+                        tokio::spawn(tell_killed(client, user, shared));
                     }
                     return;
                 }
@@ -230,8 +235,8 @@ pub async fn handle_tls(
 
 /// Tells a client KILL ended its session (the session is over: its entry let go of the
 /// socket).
-async fn tell_killed<C: ClientIo>(mut client: C, user: String, shared: Arc<Shared>) {
-    info!(client = %client.peer(), user, "session ended by KILL on the console");
+async fn tell_killed<C: ClientIo>(mut client: C, user: Arc<str>, shared: Arc<Shared>) {
+    info!(client = %client.peer(), user = %user, "session ended by KILL on the console");
     send_error(&mut client, &ClientError::Killed, &shared.metrics).await;
 }
 
@@ -265,18 +270,20 @@ impl Served {
     }
 }
 
-/// Logs the client in, or restores its session; `None` when it does not go on.
+/// Logs the client in, or restores its session; `None` when it does not go on. Takes the
+/// client and gives it back, so that the session's own future need not hold it meanwhile.
 async fn begin<C: ClientIo>(
-    client: &mut C,
+    mut client: C,
     start: Start,
-    route: &Route,
-    shared: &Shared,
+    route: Arc<Route>,
+    shared: Arc<Shared>,
     reserved: bool,
-) -> Option<LoggedIn> {
-    match start {
-        Start::Login(peer) => login_or_refuse(client, peer, route, shared, reserved).await,
-        Start::Restore(migrant) => restore_or_refuse(client, *migrant, route, shared).await,
-    }
+) -> Option<(C, LoggedIn)> {
+    let logged_in = match start {
+        Start::Login(peer) => login_or_refuse(&mut client, peer, &route, &shared, reserved).await,
+        Start::Restore(migrant) => restore_or_refuse(&mut client, *migrant, &route, &shared).await,
+    };
+    logged_in.map(|logged_in| (client, logged_in))
 }
 
 /// Logs the client in within `client_login_timeout`, or tells it why not.
@@ -783,8 +790,8 @@ impl Session {
         };
         let migrant = Migrant {
             listener: route.config.name.clone(),
-            user: self.home.key.user.clone(),
-            database: self.home.key.database.clone(),
+            user: self.home.key.user.to_string(),
+            database: self.home.key.database.to_string(),
             params: self.overrides.clone(),
             process_id: self.cancel_key.process_id,
             secret_key: self.cancel_key.secret_key,
@@ -2037,13 +2044,15 @@ mod tests {
 
     #[test]
     fn a_pooled_session_task_stays_small() {
-        // Every idle client costs this much in its task; it was 896 bytes when arguments and
-        // the session were held twice (idle_rss.sh: 1,633 bytes per idle client; 1,159-1,163
-        // once it was 264, with glibc's allocator).
+        // Every idle client costs this much in its task. tokio's task cell is the future
+        // plus 112 bytes (header, scheduler, id, stage tag, trailer, and the TaskTracker's
+        // token), rounded up to 128: up to 272 bytes of future it takes 384, past that 512.
+        // The future was 896 bytes when arguments and the session were held twice, 312
+        // while it kept the login's start and references beside its Arcs.
         let size = output_size(handle::<TcpStream>);
-        assert!(size <= 320, "pooled session future is {size} bytes");
+        assert!(size <= 272, "pooled session future is {size} bytes");
         let size = output_size(handle::<TlsClient>);
-        assert!(size <= 320, "pooled TLS session future is {size} bytes");
+        assert!(size <= 272, "pooled TLS session future is {size} bytes");
     }
 
     #[test]
