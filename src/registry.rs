@@ -258,7 +258,7 @@ mod tests {
     #[test]
     fn an_entry_fits_the_allocators_256_byte_class() {
         // Every idle client holds one, with the Arc's two counts: 16 bytes over 256 and
-        // mimalloc takes 320 (idle_rss.sh: 64 bytes per idle client).
+        // mimalloc's next size class is 320, 64 bytes more per idle client.
         let size = std::mem::size_of::<Entry>() + 16;
         assert!(size <= 256, "a client's registry entry takes {size} bytes");
     }
