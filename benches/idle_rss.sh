@@ -3,6 +3,9 @@
 # transaction pooling), each holding N logged-in idle clients, in the same run.
 #
 #   benches/idle_rss.sh [N]        (default 10000)
+#
+# BASELINE=BINARY adds another pgvane build, measured the same way in the same run, for an
+# A/B of a change.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
@@ -20,6 +23,17 @@ pgvane_config "$WORK/pgvane.toml" 1s
 "$PWD/target/release/pgvane" --config "$WORK/pgvane.toml" > "$WORK/pgvane.log" 2>&1 &
 PGVANE_PID=$!
 PIDS+=($PGVANE_PID)
+if [ -n "${BASELINE:-}" ]; then
+    # Same configuration on listener ports of its own.
+    MAIN_TX_PORT=$TX_PORT
+    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
+    pgvane_config "$WORK/baseline.toml" 1s
+    BASE_TX_PORT=$TX_PORT TX_PORT=$MAIN_TX_PORT
+    "$BASELINE" --config "$WORK/baseline.toml" > "$WORK/baseline.log" 2>&1 &
+    BASE_PID=$!
+    PIDS+=($BASE_PID)
+    wait_port "$BASE_TX_PORT"
+fi
 
 pgbouncer_start "$WORK" $((N + 100))
 wait_port "$TX_PORT"
@@ -44,6 +58,10 @@ say "$N idle clients each"
 {
     measure pgvane "$PGVANE_PID" "$TX_PORT"
     sleep 2
+    if [ -n "${BASELINE:-}" ]; then
+        measure baseline "$BASE_PID" "$BASE_TX_PORT"
+        sleep 2
+    fi
     measure pgbouncer "$BOUNCER_PID" "$BOUNCER_PORT"
 } | tee "$WORK/rss"
 python3 - "$WORK/rss" "$N" <<'PY'

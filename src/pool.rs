@@ -913,7 +913,7 @@ impl Pool {
             database: self.key.database.clone(),
             addr: stream.tcp().peer_addr().unwrap_or_else(|_| unspecified()),
             local_addr: stream.tcp().local_addr().unwrap_or_else(|_| unspecified()),
-            application_name: String::new(),
+            application_name: Box::default(),
             remote_pid: hello.process_id,
             tls: match &stream {
                 ServerStream::Plain(_) => Box::default(),

@@ -6,14 +6,14 @@
 //! since the last prune). The data path writes an entry's state with relaxed stores, a few
 //! per transaction, on the entry's own cache line.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst,
 };
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Waker;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use atomic_waker::AtomicWaker;
 
@@ -39,22 +39,51 @@ impl State {
     }
 }
 
-/// One session or server connection.
+/// A socket address in 16 bytes, not `SocketAddr`'s 32: IPv6 ones, the rarer, boxed.
+#[derive(Debug)]
+enum CompactAddr {
+    V4(SocketAddrV4),
+    V6(Box<SocketAddrV6>),
+}
+
+impl From<SocketAddr> for CompactAddr {
+    fn from(a: SocketAddr) -> Self {
+        match a {
+            SocketAddr::V4(a) => CompactAddr::V4(a),
+            SocketAddr::V6(a) => CompactAddr::V6(Box::new(a)),
+        }
+    }
+}
+
+impl CompactAddr {
+    fn get(&self) -> SocketAddr {
+        match self {
+            CompactAddr::V4(a) => SocketAddr::V4(*a),
+            CompactAddr::V6(a) => SocketAddr::V6(**a),
+        }
+    }
+}
+
+/// One session or server connection. Every idle client holds one: its size is kept in
+/// mimalloc's 192-byte class (`an_entry_fits_the_allocators_192_byte_class`).
 #[derive(Debug)]
 pub struct Entry {
     pub id: u64,
     /// Shared with the pool's key: an idle client's entry holds no strings of its own but
-    /// its application_name.
+    /// `texts`.
     pub user: Arc<str>,
     pub database: Arc<str>,
-    pub addr: SocketAddr,
-    pub local_addr: SocketAddr,
-    pub connect_time: SystemTime,
-    pub application_name: String,
+    addr: CompactAddr,
+    local_addr: CompactAddr,
+    /// Microseconds since the Unix epoch.
+    connect_time_us: u64,
+    /// application_name, then (clients over TLS) protocol and cipher suite, as SHOW
+    /// CLIENTS' tls column, which starts at `tls_from`: one allocation, and none for a
+    /// client with neither.
+    texts: Box<str>,
+    tls_from: u32,
     /// Servers: the backend process id (from the cancel key).
     pub remote_pid: u32,
-    /// Clients over TLS: protocol and cipher suite, as SHOW CLIENTS' tls column.
-    pub tls: Box<str>,
     /// Servers: set when their pool is replaced (reload, RECONNECT): closed at release.
     close_needed: Option<Arc<AtomicBool>>,
     state: AtomicU8,
@@ -64,8 +93,9 @@ pub struct Entry {
     link: AtomicU64,
     /// Named prepared statements: a client's, or prepared on a server connection.
     prepared: AtomicU32,
-    /// Clients: their socket while the session holds it open, for KILL.
-    socket: Mutex<Option<RawFd>>,
+    /// Clients: their socket while the session holds it open, for KILL; `NO_SOCKET` when
+    /// none (a plain descriptor, not an `Option`: 4 bytes less).
+    socket: Mutex<RawFd>,
     /// Clients: ended by KILL or KILL_CLIENT.
     killed: AtomicBool,
     /// Clients: asked to move to an upgrade's new process; the session's idle wait, woken
@@ -94,13 +124,13 @@ impl Entry {
         self.killed.store(true, Relaxed);
         let socket = self.socket.lock().expect("entry lock");
         match *socket {
-            Some(fd) => {
+            NO_SOCKET => false,
+            fd => {
                 // SAFETY: the session clears `socket` (under this lock) before it closes the
                 // descriptor, so `fd` is still the client's socket here.
                 unsafe { libc::shutdown(fd, libc::SHUT_RD) };
                 true
             }
-            None => false,
         }
     }
 
@@ -126,7 +156,30 @@ impl Entry {
 
     /// The session is about to close its socket: KILL must no longer touch it.
     pub fn detach(&self) {
-        *self.socket.lock().expect("entry lock") = None;
+        *self.socket.lock().expect("entry lock") = NO_SOCKET;
+    }
+
+    /// The peer's address: the client's, or the server's.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.get()
+    }
+
+    /// pgvane's end of the connection.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr.get()
+    }
+
+    pub fn application_name(&self) -> &str {
+        &self.texts[..self.tls_from as usize]
+    }
+
+    /// Clients over TLS: protocol and cipher suite; empty for others.
+    pub fn tls(&self) -> &str {
+        &self.texts[self.tls_from as usize..]
+    }
+
+    pub fn connect_time(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_micros(self.connect_time_us)
     }
 
     pub fn close_needed(&self) -> bool {
@@ -174,13 +227,16 @@ impl Entry {
     }
 }
 
+/// `Entry::socket` holding none.
+const NO_SOCKET: RawFd = -1;
+
 /// What an entry is made of.
 pub struct NewEntry {
     pub user: Arc<str>,
     pub database: Arc<str>,
     pub addr: SocketAddr,
     pub local_addr: SocketAddr,
-    pub application_name: String,
+    pub application_name: Box<str>,
     pub remote_pid: u32,
     pub tls: Box<str>,
     /// Servers: their pool's "replaced" flag.
@@ -203,18 +259,23 @@ impl Registry {
             id: self.next_id.fetch_add(1, Relaxed) + 1,
             user: e.user,
             database: e.database,
-            addr: e.addr,
-            local_addr: e.local_addr,
-            connect_time: SystemTime::now(),
-            application_name: e.application_name,
+            addr: e.addr.into(),
+            local_addr: e.local_addr.into(),
+            connect_time_us: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
+            tls_from: e.application_name.len() as u32,
+            texts: match e.tls.is_empty() {
+                true => e.application_name,
+                false => [&*e.application_name, &*e.tls].concat().into(),
+            },
             remote_pid: e.remote_pid,
-            tls: e.tls,
             close_needed: e.close_needed,
             state: AtomicU8::new(State::Idle as u8),
             since_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
             prepared: AtomicU32::new(0),
-            socket: Mutex::new(e.socket),
+            socket: Mutex::new(e.socket.unwrap_or(NO_SOCKET)),
             killed: AtomicBool::new(false),
             leave: AtomicBool::new(false),
             idle: AtomicWaker::new(),
@@ -247,7 +308,7 @@ mod tests {
             database: "d".into(),
             addr: "127.0.0.1:1".parse().unwrap(),
             local_addr: "127.0.0.1:2".parse().unwrap(),
-            application_name: String::new(),
+            application_name: Box::default(),
             remote_pid: 0,
             tls: Box::default(),
             close_needed: None,
@@ -256,11 +317,41 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_fits_the_allocators_256_byte_class() {
-        // Every idle client holds one, with the Arc's two counts: 16 bytes over 256 and
-        // mimalloc's next size class is 320, 64 bytes more per idle client.
+    fn an_entry_fits_the_allocators_192_byte_class() {
+        // With the Arc's two counts; mimalloc's classes here are 192, 224, 256.
         let size = std::mem::size_of::<Entry>() + 16;
-        assert!(size <= 256, "a client's registry entry takes {size} bytes");
+        assert!(size <= 192, "a client's registry entry takes {size} bytes");
+    }
+
+    #[test]
+    fn an_entry_gives_back_what_it_was_made_of() {
+        let r = Registry::default();
+        let plain = r.add(new());
+        assert_eq!((plain.application_name(), plain.tls()), ("", ""));
+        assert!(!plain.kill(), "no socket to shut");
+        let e = r.add(NewEntry {
+            addr: "[2001:db8::1]:5433".parse().unwrap(),
+            application_name: "psql".into(),
+            tls: "TLSv1.3/TLS13_AES_256_GCM_SHA384".into(),
+            ..new()
+        });
+        assert_eq!(e.application_name(), "psql");
+        assert_eq!(e.tls(), "TLSv1.3/TLS13_AES_256_GCM_SHA384");
+        assert_eq!(e.addr(), "[2001:db8::1]:5433".parse().unwrap());
+        assert_eq!(e.local_addr(), "127.0.0.1:2".parse().unwrap());
+        let age = SystemTime::now().duration_since(e.connect_time()).unwrap();
+        assert!(
+            age < Duration::from_secs(3600),
+            "connect_time is now, not {age:?} ago"
+        );
+        let tls_only = r.add(NewEntry {
+            tls: "TLSv1.2/x".into(),
+            ..new()
+        });
+        assert_eq!(
+            (tls_only.application_name(), tls_only.tls()),
+            ("", "TLSv1.2/x")
+        );
     }
 
     #[test]

@@ -1078,7 +1078,7 @@ fn show_sockets(out: &mut BytesMut, kind: &str, entries: &[Arc<Entry>], shared: 
     let draining = |e: &Entry| {
         let same = |v: &crate::topology::BackendView| {
             let ip = v.backend.host.parse::<std::net::IpAddr>();
-            v.backend.port == e.addr.port() && ip.map_or(true, |ip| ip == e.addr.ip())
+            v.backend.port == e.addr().port() && ip.map_or(true, |ip| ip == e.addr().ip())
         };
         kind == "S" && table.backends.iter().any(|v| v.draining && same(v))
     };
@@ -1092,11 +1092,11 @@ fn show_sockets(out: &mut BytesMut, kind: &str, entries: &[Arc<Entry>], shared: 
             Some(e.database.to_string()),
             Some("none".to_owned()),
             Some(e.state().as_str().to_owned()),
-            Some(e.addr.ip().to_string()),
-            Some(e.addr.port().to_string()),
-            Some(e.local_addr.ip().to_string()),
-            Some(e.local_addr.port().to_string()),
-            Some(timestamp(e.connect_time)),
+            Some(e.addr().ip().to_string()),
+            Some(e.addr().port().to_string()),
+            Some(e.local_addr().ip().to_string()),
+            Some(e.local_addr().port().to_string()),
+            Some(timestamp(e.connect_time())),
             Some(e.request_time().map(timestamp).unwrap_or_default()),
             Some(waited.as_secs().to_string()),
             Some(waited.subsec_micros().to_string()),
@@ -1108,8 +1108,8 @@ fn show_sockets(out: &mut BytesMut, kind: &str, entries: &[Arc<Entry>], shared: 
                 format!("{link:#x}")
             }),
             Some(e.remote_pid.to_string()),
-            Some(e.tls.to_string()),
-            Some(e.application_name.clone()),
+            Some(e.tls().to_string()),
+            Some(e.application_name().to_string()),
             Some(e.prepared().to_string()),
             Some(e.id.to_string()),
         ]);

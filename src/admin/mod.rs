@@ -126,7 +126,7 @@ pub fn kill_client(shared: &Shared, id: u64) -> Result<(), AdminError> {
     let entry = entries.iter().find(|e| e.id == id);
     match entry {
         Some(e) if e.kill() => {
-            info!(client = %e.addr, user = %e.user, id, "KILL_CLIENT: session ended");
+            info!(client = %e.addr(), user = %e.user, id, "KILL_CLIENT: session ended");
             Ok(())
         }
         _ => Err(AdminError::NoSuchClient(id)),

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,21 +36,25 @@ pub struct CancelRegistry {
 /// The server a client holds. Pointed at a server and cleared once per transaction each, so
 /// with plain stores, no lock and no reference count: the server's key is copied in, and its
 /// backend written only when it changes (in practice, once per client and failover).
+///
+/// One per pooled client, idle ones included: 64 bytes, which with the `Arc`'s counts fill
+/// mimalloc's 80-byte class (`a_slot_fits_the_allocators_80_byte_class`).
 #[derive(Default)]
 struct Slot {
     /// The server's process id and secret key (`pack`); 0 while the client holds none (no
     /// PostgreSQL process has id 0).
     key: AtomicU64,
-    /// Which backend `backend` holds, by address, to see without the lock that it is current.
+    /// Which backend `backend` holds, by address, to see without a load of it that it is
+    /// current.
     backend_id: AtomicUsize,
-    backend: Mutex<Option<Arc<Backend>>>,
+    backend: ArcSwapOption<Backend>,
     /// Cancel requests for this client between reading `key` and the server's close.
     in_flight: AtomicU32,
-    /// Told of a cancel that found the client holding no server connection: a request of
-    /// it held for a backend is then dropped.
-    unlinked_cancel: Notify,
-    /// Told when `in_flight` drops to 0.
-    settled: Notify,
+    /// Cancel requests that found the client holding no server connection.
+    unlinked_cancels: AtomicU32,
+    /// Told when `unlinked_cancels` grows and when `in_flight` drops to 0: one `Notify`
+    /// for both, each waiter looking again at the count it waits on.
+    changed: Notify,
 }
 
 fn pack(process_id: u32, secret_key: u32) -> u64 {
@@ -76,7 +81,7 @@ impl CancelKey {
         let id = Arc::as_ptr(&t.backend) as usize;
         // The slot's own reference keeps that address from being reused by another backend.
         if self.slot.backend_id.load(Ordering::Relaxed) != id {
-            *self.slot.backend.lock().expect("cancel slot") = Some(t.backend.clone());
+            self.slot.backend.store(Some(t.backend.clone()));
             self.slot.backend_id.store(id, Ordering::Relaxed);
         }
         let key = pack(t.process_id, t.secret_key);
@@ -89,19 +94,29 @@ impl CancelKey {
         self.slot.in_flight.load(Ordering::SeqCst) > 0
     }
 
-    /// Resolves at a cancel request that finds this client holding no server connection.
+    /// Resolves at a cancel request that finds this client holding no server connection
+    /// (one that came before the first poll counts: the count is read then, as the wait
+    /// of a `Notify` would start then).
     pub async fn cancelled_while_unlinked(&self) {
-        self.slot.unlinked_cancel.notified().await
+        let seen = self.slot.unlinked_cancels.load(Ordering::SeqCst);
+        self.wait_until(|slot| slot.unlinked_cancels.load(Ordering::SeqCst) != seen)
+            .await
     }
 
     /// Waits until no cancel for this client is in flight: the server connection it held
     /// may then go to another client.
     pub async fn settled(&self) {
+        self.wait_until(|slot| slot.in_flight.load(Ordering::SeqCst) == 0)
+            .await
+    }
+
+    /// Waits until `done` holds, looked at again at each change of the slot.
+    async fn wait_until(&self, done: impl Fn(&Slot) -> bool) {
         loop {
-            let notified = self.slot.settled.notified();
+            let notified = self.slot.changed.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            if !self.cancel_in_flight() {
+            if done(&self.slot) {
                 return;
             }
             notified.await;
@@ -161,7 +176,7 @@ impl CancelRegistry {
         // A client switching servers meanwhile can pair a key with the other server's
         // backend: that server knows no such key and ignores the request.
         let key = slot.key.load(Ordering::SeqCst);
-        let backend = slot.backend.lock().expect("cancel slot").clone();
+        let backend = slot.backend.load_full();
         match backend.filter(|_| key != 0) {
             Some(backend) => {
                 send_cancel(&CancelTarget {
@@ -172,12 +187,13 @@ impl CancelRegistry {
                 .await
             }
             None => {
-                slot.unlinked_cancel.notify_waiters();
+                slot.unlinked_cancels.fetch_add(1, Ordering::SeqCst);
+                slot.changed.notify_waiters();
                 debug!("cancel request for a client holding no server connection");
             }
         }
         if slot.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            slot.settled.notify_waiters();
+            slot.changed.notify_waiters();
         }
     }
 }
@@ -209,5 +225,57 @@ pub async fn send_cancel(target: &CancelTarget) {
             );
         }
         Err(e) => debug!(error = %e, "cannot forward cancel request"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn a_slot_fits_the_allocators_80_byte_class() {
+        // An Arc's two counts come on top; mimalloc's classes here are 64, 80, 96, 112, 128.
+        assert!(std::mem::size_of::<Slot>() + 16 <= 80);
+    }
+
+    /// A cancel settling wakes the unlinked-cancel wait (they share one `Notify`) but does
+    /// not end it; a cancel that finds the client holding no server does.
+    #[tokio::test]
+    async fn a_settled_cancel_is_not_taken_for_one_that_found_no_server() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        let registry = Arc::new(CancelRegistry::default());
+        let key = registry.register();
+        key.set_target(Some(&CancelTarget {
+            backend: Arc::new(Backend::new("pg0".into(), "127.0.0.1".into(), port)),
+            process_id: 7,
+            secret_key: 9,
+        }));
+        let unlinked = key.cancelled_while_unlinked();
+        let mut unlinked = std::pin::pin!(unlinked);
+        // Polled once: the wait has started.
+        assert!(futures_util::poll!(unlinked.as_mut()).is_pending());
+
+        let forwarded = tokio::spawn({
+            let registry = registry.clone();
+            let (pid, secret) = (key.process_id, key.secret_key);
+            async move { registry.cancel(pid, secret).await }
+        });
+        // The "server" takes the CancelRequest, then closes: the cancel settles.
+        let (mut conn, _) = server.accept().await.unwrap();
+        let mut request = [0u8; 16];
+        conn.read_exact(&mut request).await.unwrap();
+        assert_eq!(&request[8..], &[0, 0, 0, 7, 0, 0, 0, 9]);
+        assert!(key.cancel_in_flight());
+        drop(conn);
+        forwarded.await.unwrap();
+        key.settled().await;
+        assert!(!key.cancel_in_flight());
+        assert!(futures_util::poll!(unlinked.as_mut()).is_pending());
+
+        key.set_target(None);
+        registry.cancel(key.process_id, key.secret_key).await;
+        unlinked.await;
     }
 }

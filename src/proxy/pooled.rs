@@ -746,7 +746,7 @@ impl Session {
             .iter()
             .chain(&defaults.all)
             .find(|(k, _)| k == "application_name")
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| v.as_str().into())
             .unwrap_or_default();
         let stream = client.tcp();
         let entry = shared.clients.add(NewEntry {
