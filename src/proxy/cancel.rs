@@ -50,7 +50,8 @@ struct Slot {
     backend: ArcSwapOption<Backend>,
     /// Cancel requests for this client between reading `key` and the server's close.
     in_flight: AtomicU32,
-    /// Cancel requests that found the client holding no server connection.
+    /// Cancel requests that found the client holding no server connection: a request it
+    /// has waiting for one is then dropped, never sent.
     unlinked_cancels: AtomicU32,
     /// Told when `unlinked_cancels` grows and when `in_flight` drops to 0: one `Notify`
     /// for both, each waiter looking again at the count it waits on.
