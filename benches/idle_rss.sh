@@ -18,25 +18,16 @@ idle_clients_ready "$N"
 work_dir pgvane-rss
 
 cluster_start "$WORK" 0
-RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
-pgvane_config "$WORK/pgvane.toml" 1s
-"$PWD/target/release/pgvane" --config "$WORK/pgvane.toml" > "$WORK/pgvane.log" 2>&1 &
-PGVANE_PID=$!
-PIDS+=($PGVANE_PID)
+pgvane_start pgvane "$PWD/target/release/pgvane"
+PGVANE_PID=$STARTED_PID PGVANE_TX_PORT=$TXN_PORT
 if [ -n "${BASELINE:-}" ]; then
-    # Same configuration on listener ports of its own.
-    MAIN_TX_PORT=$TX_PORT
-    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
-    pgvane_config "$WORK/baseline.toml" 1s
-    BASE_TX_PORT=$TX_PORT TX_PORT=$MAIN_TX_PORT
-    "$BASELINE" --config "$WORK/baseline.toml" > "$WORK/baseline.log" 2>&1 &
-    BASE_PID=$!
-    PIDS+=($BASE_PID)
+    pgvane_start baseline "$BASELINE"
+    BASE_PID=$STARTED_PID BASE_TX_PORT=$TXN_PORT
     wait_port "$BASE_TX_PORT"
 fi
 
 pgbouncer_start "$WORK" $((N + 100))
-wait_port "$TX_PORT"
+wait_port "$PGVANE_TX_PORT"
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -56,7 +47,7 @@ measure() {
 
 say "$N idle clients each"
 {
-    measure pgvane "$PGVANE_PID" "$TX_PORT"
+    measure pgvane "$PGVANE_PID" "$PGVANE_TX_PORT"
     sleep 2
     if [ -n "${BASELINE:-}" ]; then
         measure baseline "$BASE_PID" "$BASE_TX_PORT"
