@@ -1933,11 +1933,11 @@ fn statement_text(data: &[u8], tag: u8, at: isize) -> Option<&[u8]> {
     let body = data.get(at + 5..data.len().min(at + 1 + len))?;
     let text = if tag == b'P' {
         // After the statement's name.
-        &body[body.iter().position(|&b| b == 0)? + 1..]
+        &body[memchr::memchr(0, body)? + 1..]
     } else {
         body
     };
-    Some(text.split(|&b| b == 0).next().unwrap_or_default())
+    Some(memchr::memchr(0, text).map_or(text, |end| &text[..end]))
 }
 
 /// The buffer a link reads the client's requests into. Taken from, and given back to, a

@@ -15,6 +15,9 @@
 //! [`rejecting_parse_rest`]), so that the error reaches the client in order, in the
 //! transaction state the statement itself would have met, and the session goes on.
 
+use std::sync::OnceLock;
+
+use aho_corasick::AhoCorasick;
 use bytes::{BufMut, BytesMut};
 
 use crate::protocol::put_message;
@@ -77,25 +80,25 @@ impl Carried<'_> {
 /// The session state `sql` (a simple query, or a Parse's statement; possibly only its
 /// start) would create, if any.
 pub fn session_state(sql: &[u8], carried: Carried) -> Option<Feature> {
-    if contains_ignore_case(sql, b"advisory_lock")
-        && (contains_ignore_case(sql, b"pg_advisory_lock")
-            || contains_ignore_case(sql, b"pg_try_advisory_lock"))
-    {
+    if advisory_locks().is_match(sql) {
         return Some(Feature::AdvisoryLock);
     }
-    // Each statement of a multi-statement query; a ';' inside a literal only makes an
-    // extra, harmless look.
-    sql.split(|&b| b == b';')
-        .find_map(|s| statement_state(s, carried))
+    statements(sql).find_map(|s| statement_state(s, carried))
 }
 
 /// Whether `sql` may change one of `extra` (SET or RESET of one, RESET ALL, DISCARD ALL):
 /// the client's value is then read back from the server after the transaction.
 pub fn sets_extra(sql: &[u8], extra: &[String]) -> bool {
     let named = |w: &[u8]| extra.iter().any(|e| e.as_bytes().eq_ignore_ascii_case(w));
-    sql.split(|&b| b == b';').any(|statement| {
+    statements(sql).any(|statement| {
         let mut words = words(statement);
-        let (Some(first), Some(mut second)) = (words.next(), words.next()) else {
+        let Some(first) = words.next() else {
+            return false;
+        };
+        if !(is(first, "set") || is(first, "reset") || is(first, "discard")) {
+            return false;
+        }
+        let Some(mut second) = words.next() else {
             return false;
         };
         if is(second, "session") || is(second, "local") {
@@ -105,6 +108,32 @@ pub fn sets_extra(sql: &[u8], extra: &[String]) -> bool {
         (is(first, "set") && named(second))
             || (is(first, "reset") && (named(second) || is(second, "all")))
             || (is(first, "discard") && is(second, "all"))
+    })
+}
+
+/// Each statement of a multi-statement query; a ';' inside a literal only makes an extra,
+/// harmless look. Found with memchr: every simple query and Parse a transaction-mode
+/// client sends passes here.
+fn statements(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut from = 0;
+    let mut ends = memchr::memchr_iter(b';', sql).chain(std::iter::once(sql.len()));
+    std::iter::from_fn(move || {
+        let end = ends.next()?;
+        let statement = &sql[from..end];
+        from = end + 1;
+        Some(statement)
+    })
+}
+
+/// The functions that take a session-level advisory lock (`pg_advisory_lock_shared`
+/// included), anywhere in a query and in any case.
+fn advisory_locks() -> &'static AhoCorasick {
+    static FINDER: OnceLock<AhoCorasick> = OnceLock::new();
+    FINDER.get_or_init(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(["pg_advisory_lock", "pg_try_advisory_lock"])
+            .expect("two plain patterns always build")
     })
 }
 
@@ -232,12 +261,6 @@ pub fn with_rejections(
     (out, refused)
 }
 
-fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +276,13 @@ mod tests {
                 Some(Feature::AdvisoryLock),
             ),
             ("SELECT pg_advisory_xact_lock(1)", None),
+            ("SELECT PG_ADVISORY_LOCK(1)", Some(Feature::AdvisoryLock)),
+            (
+                "select 1; select Pg_Advisory_Lock_Shared(2)",
+                Some(Feature::AdvisoryLock),
+            ),
+            ("SELECT pg_advisory_unlock(1)", None),
+            ("select advisory_lock(1)", None),
             (
                 "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
                 Some(Feature::HoldCursor),
@@ -276,6 +306,9 @@ mod tests {
                 "BEGIN; SET work_mem = 1; COMMIT",
                 Some(Feature::UnreportedSet),
             ),
+            ("SELECT 1;\n  (LISTEN jobs)", Some(Feature::Listen)),
+            ("SELECT 1;", None),
+            ("", None),
         ];
         let reported = ["TimeZone".to_string(), "application_name".to_string()];
         let extra = ["search_path".to_string()];
@@ -304,6 +337,18 @@ mod tests {
         }
         for sql in ["SET work_mem = 1", "SELECT 1", "RESET work_mem", "SET"] {
             assert!(!sets_extra(sql.as_bytes(), &extra), "{sql}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The memchr split is the slice split on ';': every statement, empty ones included.
+        #[test]
+        fn statements_are_the_pieces_between_semicolons(
+            sql in proptest::collection::vec(proptest::sample::select(b"; aS\n".to_vec()), 0..40)
+        ) {
+            let pieces: Vec<&[u8]> = statements(&sql).collect();
+            let want: Vec<&[u8]> = sql.split(|&b| b == b';').collect();
+            proptest::prop_assert_eq!(pieces, want);
         }
     }
 
