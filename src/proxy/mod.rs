@@ -176,12 +176,19 @@ type Abandon<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 /// Resolves when `client` hangs up (end of stream, or an error). What it sends meanwhile is
 /// read into `buf` (up to `limit` bytes, after which the watch stops), not lost: the caller
 /// passes it on once its work goes ahead.
+///
+/// It waits on the socket's own reader waker slot (`poll_read_ready`), free while the
+/// client's work waits: `readable()` would join and leave the socket's waiter list under
+/// its lock, on nearly every transaction when many clients share a small pool.
 pub(crate) async fn watch_client(client: &TcpStream, buf: &mut BytesMut, limit: usize) {
     loop {
         if buf.len() >= limit {
             return std::future::pending().await;
         }
-        if client.readable().await.is_err() {
+        if std::future::poll_fn(|cx| client.poll_read_ready(cx))
+            .await
+            .is_err()
+        {
             return;
         }
         buf.reserve(4096);
