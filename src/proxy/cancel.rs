@@ -14,13 +14,14 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use atomic_waker::AtomicWaker;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::pool::CancelTarget;
@@ -53,9 +54,12 @@ struct Slot {
     /// Cancel requests that found the client holding no server connection: a request it
     /// has waiting for one is then dropped, never sent.
     unlinked_cancels: AtomicU32,
-    /// Told when `unlinked_cancels` grows and when `in_flight` drops to 0: one `Notify`
-    /// for both, each waiter looking again at the count it waits on.
-    changed: Notify,
+    /// Woken when `unlinked_cancels` grows and when `in_flight` drops to 0. One waker for
+    /// both: only the client's own session waits on its slot, for one or the other, and
+    /// looks again at the count it waits on. Registering costs a compare-and-swap where a
+    /// `Notify` would put the waiter on its list under a lock, on every transaction that
+    /// waits for a server.
+    changed: AtomicWaker,
 }
 
 fn pack(process_id: u32, secret_key: u32) -> u64 {
@@ -96,8 +100,7 @@ impl CancelKey {
     }
 
     /// Resolves at a cancel request that finds this client holding no server connection
-    /// (one that came before the first poll counts: the count is read then, as the wait
-    /// of a `Notify` would start then).
+    /// (one that came before the first poll counts: the count is read then).
     pub async fn cancelled_while_unlinked(&self) {
         let seen = self.slot.unlinked_cancels.load(Ordering::SeqCst);
         self.wait_until(|slot| slot.unlinked_cancels.load(Ordering::SeqCst) != seen)
@@ -111,17 +114,17 @@ impl CancelKey {
             .await
     }
 
-    /// Waits until `done` holds, looked at again at each change of the slot.
+    /// Waits until `done` holds, looked at again at each change of the slot (registered
+    /// first, so that a change between the look and the wait still wakes it).
     async fn wait_until(&self, done: impl Fn(&Slot) -> bool) {
-        loop {
-            let notified = self.slot.changed.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if done(&self.slot) {
-                return;
+        std::future::poll_fn(|cx| {
+            self.slot.changed.register(cx.waker());
+            match done(&self.slot) {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
             }
-            notified.await;
-        }
+        })
+        .await
     }
 }
 
@@ -189,12 +192,12 @@ impl CancelRegistry {
             }
             None => {
                 slot.unlinked_cancels.fetch_add(1, Ordering::SeqCst);
-                slot.changed.notify_waiters();
+                slot.changed.wake();
                 debug!("cancel request for a client holding no server connection");
             }
         }
         if slot.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            slot.changed.notify_waiters();
+            slot.changed.wake();
         }
     }
 }
@@ -240,7 +243,7 @@ mod tests {
         assert!(std::mem::size_of::<Slot>() + 16 <= 80);
     }
 
-    /// A cancel settling wakes the unlinked-cancel wait (they share one `Notify`) but does
+    /// A cancel settling wakes the unlinked-cancel wait (they share one waker) but does
     /// not end it; a cancel that finds the client holding no server does.
     #[tokio::test]
     async fn a_settled_cancel_is_not_taken_for_one_that_found_no_server() {
@@ -278,5 +281,30 @@ mod tests {
         key.set_target(None);
         registry.cancel(key.process_id, key.secret_key).await;
         unlinked.await;
+    }
+
+    /// A session waiting for a server, parked, is woken by a cancel that another task
+    /// handles (the listener's): its wait ends.
+    #[tokio::test]
+    async fn a_cancel_from_another_task_wakes_a_waiting_session() {
+        let registry = Arc::new(CancelRegistry::default());
+        let key = Arc::new(registry.register());
+        let (parked, is_parked) = tokio::sync::oneshot::channel();
+        let waiting = tokio::spawn({
+            let key = key.clone();
+            async move {
+                let unlinked = key.cancelled_while_unlinked();
+                let mut unlinked = std::pin::pin!(unlinked);
+                assert!(futures_util::poll!(unlinked.as_mut()).is_pending());
+                parked.send(()).unwrap();
+                unlinked.await
+            }
+        });
+        is_parked.await.unwrap();
+        registry.cancel(key.process_id, key.secret_key).await;
+        tokio::time::timeout(Duration::from_secs(60), waiting)
+            .await
+            .expect("the cancel woke the waiting session")
+            .unwrap();
     }
 }
