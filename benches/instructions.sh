@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Instructions per transaction in pgvane (transaction pooling, one thread) under callgrind:
+# a count that a busy machine does not move, for an A/B of a small data-path change that
+# CPU time on this shared machine would hide in its noise.
+#
+#   benches/instructions.sh [-c clients] [-w "pgbench flags"]     (default -c 32 -w -S)
+#
+# pgbench runs twice through the same pgvane, A and then B transactions per client, each
+# run between a zeroing and a dump of callgrind's counters: (Ir(B) - Ir(A)) / ((B - A) *
+# clients) leaves out what both runs share (logins, the first connections). Everything
+# the process runs counts (tokio, libc, the allocator), the kernel does not. A pool of 20:
+# from about 40 clients most transactions wait for a server connection. BASELINE=BINARY
+# measures another build the same way; PROFILE=DIR keeps the dumps for
+# callgrind_annotate.
+set -euo pipefail
+. "$(dirname "$0")/../scripts/lib.sh"
+cd "$PGVANE_ROOT"
+
+CLIENTS=32 FLAGS=-S
+while getopts "c:w:" o; do
+    case $o in
+        c) CLIENTS=$OPTARG ;; w) FLAGS=$OPTARG ;; *) exit 2 ;;
+    esac
+done
+# Transactions per client in the two runs: about 3,000 and 13,000 in all at 32 clients.
+A=$(( (3200 + CLIENTS - 1) / CLIENTS )) B=$(( (12800 + CLIENTS - 1) / CLIENTS ))
+B=$((B > A + 20 ? B : A + 20))
+
+ensure_postgres
+ensure_packages pgbench:postgresql-client python3:python3 valgrind:valgrind
+cargo build --release --locked --quiet
+ulimit -n "$(ulimit -Hn)"
+
+work_dir pgvane-instructions
+cluster_start "$WORK" 0
+pgbench -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -i -s 10 -q postgres > /dev/null 2>&1
+
+# count NAME BINARY: prints the instructions per transaction of BINARY.
+count() {
+    local name=$1 binary=$2 port pid ir=()
+    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port); port=$TX_PORT
+    pgvane_config "$WORK/$name.toml" 1s
+    sed -i "s/^max_client_conn = .*/&\nworker_threads = 1/" "$WORK/$name.toml"
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg.%p" \
+        "$binary" --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
+    pid=$!; PIDS+=("$pid")
+    for _ in $(seq 1 1200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    # The pool's connections opened, every code path taken once.
+    pgbench -h 127.0.0.1 -p "$port" -U postgres $FLAGS -c "$CLIENTS" -j 2 -t 5 postgres > /dev/null 2>&1
+    for t in "$A" "$B"; do
+        callgrind_control -z "$pid" > /dev/null 2>&1
+        pgbench -h 127.0.0.1 -p "$port" -U postgres $FLAGS -c "$CLIENTS" -j 2 -t "$t" postgres \
+            > "$WORK/$name.pgbench" 2>&1 || { cat "$WORK/$name.pgbench"; exit 1; }
+        callgrind_control -d "$pid" > /dev/null 2>&1
+        # callgrind numbers its dumps 1, 2, ...
+        local dump="$WORK/$name.cg.$pid.$(( ${#ir[@]} + 1 ))"
+        for _ in $(seq 1 600); do [ -s "$dump" ] && break; sleep 0.1; done
+        ir+=("$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")")
+        [ -n "${PROFILE:-}" ] && mkdir -p "$PROFILE" && cp "$dump" "$PROFILE/$name.$t.callgrind"
+    done
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    python3 -c "print('$name: %d instructions per transaction' % round(($((ir[1])) - $((ir[0]))) / (($B - $A) * $CLIENTS)))"
+}
+
+say "pgbench $FLAGS, $CLIENTS clients, pool of 20: $A then $B transactions per client"
+count pgvane "$PWD/target/release/pgvane"
+[ -n "${BASELINE:-}" ] && count baseline "$BASELINE"
+exit 0
