@@ -95,7 +95,9 @@ pub fn sets_extra(sql: &[u8], extra: &[String]) -> bool {
         let Some(first) = words.next() else {
             return false;
         };
-        if !(is(first, "set") || is(first, "reset") || is(first, "discard")) {
+        let (set, reset, discard) = (is(first, "set"), is(first, "reset"), is(first, "discard"));
+        // Most statements end here, without a look at their second word.
+        if !(set || reset || discard) {
             return false;
         }
         let Some(mut second) = words.next() else {
@@ -105,9 +107,9 @@ pub fn sets_extra(sql: &[u8], extra: &[String]) -> bool {
             second = words.next().unwrap_or_default();
         }
         let second = second.split(|&b| b == b'=').next().unwrap_or_default();
-        (is(first, "set") && named(second))
-            || (is(first, "reset") && (named(second) || is(second, "all")))
-            || (is(first, "discard") && is(second, "all"))
+        (set && named(second))
+            || (reset && (named(second) || is(second, "all")))
+            || (discard && is(second, "all"))
     })
 }
 
