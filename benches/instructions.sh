@@ -38,12 +38,9 @@ pgbench -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -i -s 10 -q postgres > /d
 # count NAME BINARY: prints the instructions per transaction of BINARY.
 count() {
     local name=$1 binary=$2 port pid ir=()
-    RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port); port=$TX_PORT
-    pgvane_config "$WORK/$name.toml" 1s
-    sed -i "s/^max_client_conn = .*/&\nworker_threads = 1/" "$WORK/$name.toml"
-    valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg.%p" \
-        "$binary" --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
-    pid=$!; PIDS+=("$pid")
+    WRAP="valgrind --tool=callgrind --callgrind-out-file=$WORK/$name.cg.%p" \
+        pgvane_start "$name" "$binary" 1
+    pid=$STARTED_PID port=$TXN_PORT
     for _ in $(seq 1 1200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
     # The pool's connections opened, every code path taken once.
     pgbench -h 127.0.0.1 -p "$port" -U postgres $FLAGS -c "$CLIENTS" -j 2 -t 5 postgres > /dev/null 2>&1

@@ -268,15 +268,16 @@ pgvane_config() {
 
 # pgvane_start NAME [BINARY] [THREADS]: a pgvane (BINARY, default $PGVANE) with
 # pgvane_config's listeners on fresh ports, its config and log WORK/NAME.toml and .log,
-# worker_threads = THREADS if given, and EXTRA (TOML appended) from the environment; sets
-# PASS_PORT (passthrough, primary), TXN_PORT (transaction pooling) and STARTED_PID.
+# worker_threads = THREADS if given, and EXTRA (TOML appended) from the environment; WRAP
+# from the environment is a command it runs under (valgrind, say: the pid is still its own).
+# Sets PASS_PORT (passthrough, primary), TXN_PORT (transaction pooling) and STARTED_PID.
 pgvane_start() {
     local name=$1 binary=${2:-$PGVANE} threads=${3:-}
     RW_PORT=$(free_port); RO_PORT=$(free_port); TX_PORT=$(free_port)
     pgvane_config "$WORK/$name.toml" 1s
     [ -n "$threads" ] && sed -i "s/^max_client_conn = .*/&\nworker_threads = $threads/" "$WORK/$name.toml"
     printf '%s\n' "${EXTRA:-}" >> "$WORK/$name.toml"
-    "$binary" --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
+    ${WRAP:-} "$binary" --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
     PIDS+=($!); STARTED_PID=$!
     PASS_PORT=$RW_PORT TXN_PORT=$TX_PORT
 }
