@@ -10,16 +10,25 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The period averages are taken over (PgBouncer's default `stats_period`).
 pub const STATS_PERIOD: Duration = Duration::from_secs(60);
 
-/// Microseconds since the first call in this process: a timestamp that fits an atomic.
+/// Microseconds on the monotonic clock (never 0): a timestamp that fits an atomic. Read
+/// from the clock itself, four times per transaction: through `Instant` each read took an
+/// `elapsed` (a normalised subtraction of two timespecs) as well, about 3 % of pgvane's
+/// instructions per transaction.
 pub fn now_us() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given; CLOCK_MONOTONIC always
+    // exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// What one link counted, kept with its server connection. Both halves of the link run
