@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Steady state with many clients: pgvane (transaction pooling, one thread) and PgBouncer
+# (same pool of 20) measured in the same windows of a long pgbench run, after every client
+# has logged in, so that neither the logins nor the start of a run count. Targets take
+# turns, first one and then the other leading, round after round: on a shared machine
+# whose load moves within minutes, pairs of adjacent windows are what compare.
+#
+#   benches/steady.sh [-c clients] [-r rounds] [-W window seconds] [-w "pgbench flags"] [-p]
+#                                                     (default -c 1000 -r 4 -W 10 -w -S)
+#
+# -p pins PostgreSQL to the second CPU and the proxies and pgbench to the first, so that
+# what a proxy does to the caches and run queue of the CPUs it shares with PostgreSQL
+# shows as the difference between a pinned and an unpinned run.
+#
+# Per window and target: tps and p50/p99 latency of the transactions that ended in it
+# (pgbench --log), CPU per transaction (user/system, microseconds) of the proxy, of the
+# primary's PostgreSQL processes and of pgbench, and, where perf can count system calls,
+# the proxy's recv, send, epoll_wait and epoll_ctl calls per transaction and PostgreSQL's
+# sleeps (its backends' epoll_wait) and pgbench's wake-ups (ppoll) per transaction; and
+# the TCP segments sent per transaction (nstat, the whole machine). BASELINE=BINARY adds
+# another pgvane build as a third target.
+set -euo pipefail
+. "$(dirname "$0")/../scripts/lib.sh"
+cd "$PGVANE_ROOT"
+
+CLIENTS=1000 ROUNDS=4 WINDOW=10 FLAGS=-S PIN=""
+while getopts "c:r:W:w:p" o; do
+    case $o in
+        c) CLIENTS=$OPTARG ;; r) ROUNDS=$OPTARG ;; W) WINDOW=$OPTARG ;; w) FLAGS=$OPTARG ;;
+        p) PIN=1 ;;
+        *) exit 2 ;;
+    esac
+done
+
+ensure_postgres
+ensure_packages pgbench:postgresql-client python3:python3 pgbouncer:pgbouncer nstat:iproute2
+cargo build --release --locked --quiet
+hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=1048576
+ulimit -n "$hard"
+PERF=""
+perf stat -e syscalls:sys_enter_sendto -- true > /dev/null 2>&1 && PERF=1
+
+work_dir pgvane-steady
+cluster_start "$WORK" 0
+pgbench -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -i -s 10 -q postgres > /dev/null 2>&1
+pgvane_start pgvane "$PGVANE_ROOT/target/release/pgvane" 1
+NAMES=(pgvane-txn-1t) PIDS_OF=("$STARTED_PID") PORTS=("$TXN_PORT")
+if [ -n "${BASELINE:-}" ]; then
+    pgvane_start baseline "$BASELINE" 1
+    NAMES+=(baseline-txn-1t) PIDS_OF+=("$STARTED_PID") PORTS+=("$TXN_PORT")
+fi
+pgbouncer_start "$WORK" 20000
+NAMES+=(pgbouncer-txn) PIDS_OF+=("$(cat "$WORK/pgbouncer.pid")") PORTS+=("$BOUNCER_PORT")
+for p in "${PORTS[@]}"; do wait_port "$p"; done
+POSTMASTER=$(head -n 1 "${NODE_DIRS[0]}/postmaster.pid")
+ON_CPU0=""
+if [ -n "$PIN" ]; then
+    # Backends forked from now on inherit the postmaster's CPU; the pools' connections,
+    # opened later, are among them.
+    for p in "$POSTMASTER" $(pgrep -P "$POSTMASTER"); do taskset -pc 1 "$p" > /dev/null; done
+    for p in "${PIDS_OF[@]}"; do taskset -a -pc 0 "$p" > /dev/null; done
+    ON_CPU0="taskset -c 0"
+fi
+
+# user and system ticks of the given pids (one that ended counts 0)
+ticks() {
+    local u=0 s=0 a b p
+    for p in "$@"; do
+        read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null || echo "0 0")
+        u=$((u + a)) s=$((s + b))
+    done
+    echo "$u $s"
+}
+SYSCALLS=syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl
+RESULTS="$WORK/results"
+: > "$RESULTS"
+say "pgbench $FLAGS, $CLIENTS clients, pool of 20: $ROUNDS rounds of ${WINDOW} s windows${PIN:+, pinned}"
+for round in $(seq 1 "$ROUNDS"); do
+    order=("${!NAMES[@]}")
+    [ $((round % 2)) -eq 0 ] && mapfile -t order < <(printf '%s\n' "${!NAMES[@]}" | tac)
+    for i in "${order[@]}"; do
+        name=${NAMES[$i]} pid=${PIDS_OF[$i]} port=${PORTS[$i]}
+        logdir="$WORK/log-$round-$name"
+        mkdir -p "$logdir"
+        # Stopped once the window has closed and its transactions are logged.
+        (cd "$logdir" && exec $ON_CPU0 pgbench -h 127.0.0.1 -p "$port" -U postgres $FLAGS -n \
+            -c "$CLIENTS" -j 2 -T $((WINDOW + 600)) --log postgres > "$logdir/out" 2>&1) &
+        bench=$!
+        # The window opens 3 s after the first transaction is logged.
+        for _ in $(seq 1 1200); do
+            [ -n "$(find "$logdir" -name 'pgbench_log.*' -size +0 2>/dev/null)" ] && break
+            kill -0 "$bench" 2>/dev/null || break
+            sleep 0.1
+        done
+        sleep 3
+        backends=$(pgrep -P "$POSTMASTER" | paste -sd ' ')
+        if [ -n "$PERF" ]; then
+            perf stat -x, -e "$SYSCALLS" -p "$pid" -o "$logdir/perf.proxy" -- sleep "$WINDOW" &
+            perf_proxy=$!
+            # The client backends only: a process that ends meanwhile fails perf.
+            clients_of_pg=$(ps -o pid=,args= -p "${backends// /,}" | awk '/ postgres postgres 127/ {print $1}' | paste -sd ,)
+            perf stat -x, -e syscalls:sys_enter_epoll_wait -p "$clients_of_pg" \
+                -o "$logdir/perf.pg" -- sleep "$WINDOW" > /dev/null 2>&1 &
+            perf_pg=$!
+            perf stat -x, -e syscalls:sys_enter_ppoll -p "$bench" -o "$logdir/perf.bench" \
+                -- sleep "$WINDOW" > /dev/null 2>&1 &
+            perf_bench=$!
+        fi
+        nstat -n > /dev/null
+        t0=$(date +%s.%N)
+        read -r pu0 ps0 < <(ticks "$pid"); read -r gu0 gs0 < <(ticks $backends "$POSTMASTER")
+        read -r bu0 bs0 < <(ticks "$bench")
+        sleep "$WINDOW"
+        t1=$(date +%s.%N)
+        nstat TcpOutSegs > "$logdir/nstat"
+        read -r pu1 ps1 < <(ticks "$pid"); read -r gu1 gs1 < <(ticks $backends "$POSTMASTER")
+        read -r bu1 bs1 < <(ticks "$bench")
+        [ -n "$PERF" ] && { wait "$perf_proxy" "$perf_pg" "$perf_bench" || true; }
+        kill -0 "$bench" 2>/dev/null || { cat "$logdir/out"; echo "pgbench ended early" >&2; exit 1; }
+        # pgbench writes its log through stdio buffers: a little more for the last lines.
+        sleep 2
+        kill -TERM "$bench"; wait "$bench" || true
+        echo "$round $name $t0 $t1 $((pu1 - pu0)) $((ps1 - ps0)) $((gu1 - gu0)) $((gs1 - gs0)) $((bu1 - bu0)) $((bs1 - bs0)) $logdir" >> "$RESULTS"
+    done
+done
+
+python3 - "$RESULTS" "$(getconf CLK_TCK)" <<'PY'
+import glob, statistics, sys
+rows, hz = sys.argv[1], int(sys.argv[2])
+
+def perf(path):
+    counts = {}
+    try:
+        for line in open(path):
+            f = line.strip().split(",")
+            if len(f) > 2 and f[0].isdigit():
+                counts[f[2].split("sys_enter_")[-1]] = int(f[0])
+    except FileNotFoundError:
+        pass
+    return counts
+
+table, by_target = [], {}
+for line in open(rows):
+    rnd, name, t0, t1, pu, ps, gu, gs, bu, bs, logdir = line.split()
+    t0, t1 = float(t0), float(t1)
+    lat = []
+    for log in glob.glob(f"{logdir}/pgbench_log.*"):
+        for entry in open(log):
+            f = entry.split()
+            # client, transaction, latency us, script, end time s, end time us
+            if len(f) >= 6 and t0 <= int(f[4]) + int(f[5]) / 1e6 < t1:
+                lat.append(int(f[2]))
+    n = len(lat)
+    if n == 0:
+        sys.exit(f"{name}, round {rnd}: no transaction ended in the window")
+    lat.sort()
+    us = lambda ticks: int(ticks) * 1e6 / hz / n
+    px, pg = perf(f"{logdir}/perf.proxy"), perf(f"{logdir}/perf.pg")
+    calls = (f"{px['recvfrom'] / n:.2f} / {px['sendto'] / n:.2f} / {px['epoll_wait'] / n:.3f}"
+             f" / {px['epoll_ctl'] / n:.2f}"
+             if px else "n/a")
+    sleeps = f"{pg['epoll_wait'] / n:.2f}" if pg else "n/a"
+    bench = perf(f"{logdir}/perf.bench")
+    wakes = f"{bench['ppoll'] / n:.3f}" if bench else "n/a"
+    segs = next((int(l.split()[1]) for l in open(f"{logdir}/nstat") if l.startswith("TcpOutSegs")), 0)
+    row = dict(tps=n / (t1 - t0), p50=lat[n // 2] / 1000, p99=lat[min(n - 1, int(0.99 * n))] / 1000,
+               proxy=us(pu) + us(ps), pg=us(gu) + us(gs), bench=us(bu) + us(bs))
+    by_target.setdefault(name, []).append(row)
+    table.append(f"| {rnd} | {name} | {row['tps']:.0f} | {row['p50']:.1f} / {row['p99']:.1f} | "
+                 f"{us(pu):.1f} / {us(ps):.1f} | {us(gu):.1f} / {us(gs):.1f} | "
+                 f"{us(bu):.1f} / {us(bs):.1f} | {calls} | {sleeps} | {wakes} | {segs / n:.2f} |")
+print("| round | target | tps | p50 / p99 ms | proxy µs user / sys | PostgreSQL µs user / sys "
+      "| pgbench µs user / sys | proxy recv / send / epoll_wait / epoll_ctl per txn "
+      "| PostgreSQL sleeps per txn | pgbench wake-ups per txn | TCP segments per txn |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("\n".join(table))
+print()
+print("Medians: " + "; ".join(
+    f"{name}: {statistics.median(r['tps'] for r in rs):.0f} tps, p99 "
+    f"{statistics.median(r['p99'] for r in rs):.1f} ms, proxy {statistics.median(r['proxy'] for r in rs):.1f} µs, "
+    f"PostgreSQL {statistics.median(r['pg'] for r in rs):.1f} µs, pgbench {statistics.median(r['bench'] for r in rs):.1f} µs"
+    for name, rs in by_target.items()))
+PY
