@@ -29,7 +29,7 @@ B=$((B > A + 20 ? B : A + 20))
 ensure_postgres
 ensure_packages pgbench:postgresql-client python3:python3 valgrind:valgrind
 cargo build --release --locked --quiet
-ulimit -n "$(ulimit -Hn)"
+nofile_max
 
 work_dir pgvane-instructions
 cluster_start "$WORK" 0

@@ -62,8 +62,7 @@ cargo build --release --locked --quiet
 PGVANE="$PGVANE_ROOT/target/release/pgvane"
 # 1000 clients need as many sockets in pgbench and in each proxy (twice, for a pooler's
 # clients and servers); PgBouncer gets it through pgbouncer_start.
-hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=1048576
-ulimit -n "$hard"
+nofile_max
 
 work_dir pgvane-public
 say "cluster: primary + replica, scale 10"

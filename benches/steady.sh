@@ -35,8 +35,7 @@ done
 ensure_postgres
 ensure_packages pgbench:postgresql-client python3:python3 pgbouncer:pgbouncer nstat:iproute2
 cargo build --release --locked --quiet
-hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=1048576
-ulimit -n "$hard"
+nofile_max
 PERF=""
 perf stat -e syscalls:sys_enter_sendto -- true > /dev/null 2>&1 && PERF=1
 
@@ -71,6 +70,10 @@ ticks() {
     done
     echo "$u $s"
 }
+# logged_or_gone DIR PID: pgbench in DIR has logged a transaction, or has ended.
+logged_or_gone() {
+    [ -n "$(find "$1" -name 'pgbench_log.*' -size +0 2>/dev/null)" ] || ! kill -0 "$2" 2>/dev/null
+}
 SYSCALLS=syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl
 RESULTS="$WORK/results"
 : > "$RESULTS"
@@ -86,12 +89,9 @@ for round in $(seq 1 "$ROUNDS"); do
         (cd "$logdir" && exec $ON_CPU0 pgbench -h 127.0.0.1 -p "$port" -U postgres $FLAGS -n \
             -c "$CLIENTS" -j 2 -T $((WINDOW + 600)) --log postgres > "$logdir/out" 2>&1) &
         bench=$!
-        # The window opens 3 s after the first transaction is logged.
-        for _ in $(seq 1 1200); do
-            [ -n "$(find "$logdir" -name 'pgbench_log.*' -size +0 2>/dev/null)" ] && break
-            kill -0 "$bench" 2>/dev/null || break
-            sleep 0.1
-        done
+        # The window opens 3 s after the first transaction is logged (or pgbench ended:
+        # reported below).
+        wait_until 120 "pgbench's first logged transaction" logged_or_gone "$logdir" "$bench"
         sleep 3
         backends=$(pgrep -P "$POSTMASTER" | paste -sd ' ')
         if [ -n "$PERF" ]; then

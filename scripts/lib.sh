@@ -173,6 +173,14 @@ wait_until() {
     done
 }
 
+# nofile_max: this shell's open-file limit raised to its hard limit (a cap where that is
+# unlimited), for the thousands of sockets a many-client run opens; children inherit it.
+nofile_max() {
+    local hard
+    hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=1048576
+    ulimit -n "$hard"
+}
+
 # patroni_start DIR N: etcd and N Patroni nodes (Debian's patroni and etcd-server) on free
 # loopback ports under DIR, configured from scripts/patroni-node.yml as the tests' are
 # (ttl 10 s, loop_wait 2 s, retry_timeout 5 s); returns once pt0 leads and the others
