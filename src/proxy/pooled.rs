@@ -32,7 +32,7 @@ use super::cancel::{send_cancel, CancelKey};
 use super::client_io::{ClientIo, TlsClient};
 use super::migrate::{self, Migrant};
 use super::prepared::{forgets_all, untracked, ClientStatements, LazyTracker, LinkPoint, Then};
-use super::session_state::{session_state, sets_extra, with_rejections, Carried, Feature};
+use super::session_state::{look, with_rejections, Carried, Feature};
 use super::{
     read_client_startup, send_error, watching, Abandon, Admission, Attempt, Chosen, Route, Shared,
     HELD_READ_AHEAD,
@@ -1634,22 +1634,21 @@ impl Link<'_> {
                 let mut refuse_from = None;
                 let scanned = scan.feed(data, |e| {
                     if let Event::Start { tag, at } = e {
-                        let look = match self.session_state {
+                        let looking = match self.session_state {
                             Some(SessionStatePolicy::Pin) => created.is_none(),
                             Some(SessionStatePolicy::Reject) => true,
                             None => false,
                         };
-                        let sql = match look && matches!(tag, b'Q' | b'P') {
+                        let sql = match looking && matches!(tag, b'Q' | b'P') {
                             true => statement_text(data, tag, at),
                             false => None,
                         };
                         if let Some(sql) = sql {
-                            let carried = self.carried(reported_at_login);
-                            if sets_extra(sql, carried.extra) {
+                            let found = look(sql, self.carried(reported_at_login));
+                            if found.sets_extra {
                                 st.read_back.store(true, Relaxed);
                             }
-                            let found = session_state(sql, carried);
-                            match (found, self.session_state, tag) {
+                            match (found.state, self.session_state, tag) {
                                 // A Parse creates nothing: a refused statement's Bind is
                                 // pointed elsewhere by the tracker.
                                 (_, Some(SessionStatePolicy::Reject), b'P') => {}

@@ -61,7 +61,7 @@ impl Feature {
 /// The parameters whose values follow a client from one server connection to the next, so
 /// that a SET of one is no session state: those the server reports, and
 /// `pool.track_extra_parameters` (read back after a transaction that sets one, see
-/// [`sets_extra`]).
+/// [`Look::sets_extra`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Carried<'a> {
     pub reported: &'a [String],
@@ -77,40 +77,37 @@ impl Carried<'_> {
     }
 }
 
-/// The session state `sql` (a simple query, or a Parse's statement; possibly only its
-/// start) would create, if any.
-pub fn session_state(sql: &[u8], carried: Carried) -> Option<Feature> {
-    if advisory_locks().is_match(sql) {
-        return Some(Feature::AdvisoryLock);
-    }
-    statements(sql).find_map(|s| statement_state(s, carried))
+/// What one look at a query (a simple query, or a Parse's statement; possibly only its
+/// start) finds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Look {
+    /// The session state it would create, if any (the first found).
+    pub state: Option<Feature>,
+    /// Whether it may change one of `extra` (SET or RESET of one, RESET ALL, DISCARD ALL):
+    /// the client's value is then read back from the server after the transaction.
+    pub sets_extra: bool,
 }
 
-/// Whether `sql` may change one of `extra` (SET or RESET of one, RESET ALL, DISCARD ALL):
-/// the client's value is then read back from the server after the transaction.
-pub fn sets_extra(sql: &[u8], extra: &[String]) -> bool {
-    let named = |w: &[u8]| extra.iter().any(|e| e.as_bytes().eq_ignore_ascii_case(w));
-    statements(sql).any(|statement| {
-        let mut words = words(statement);
-        let Some(first) = words.next() else {
-            return false;
-        };
-        let (set, reset, discard) = (is(first, "set"), is(first, "reset"), is(first, "discard"));
-        // Most statements end here, without a look at their second word.
-        if !(set || reset || discard) {
-            return false;
-        }
-        let Some(mut second) = words.next() else {
-            return false;
-        };
-        if is(second, "session") || is(second, "local") {
-            second = words.next().unwrap_or_default();
-        }
-        let second = second.split(|&b| b == b'=').next().unwrap_or_default();
-        (set && named(second))
-            || (reset && (named(second) || is(second, "all")))
-            || (discard && is(second, "all"))
-    })
+/// Looks at `sql` once for both: every simple query and Parse of a transaction-mode client
+/// passes here, and most statements end at their first word.
+pub fn look(sql: &[u8], carried: Carried) -> Look {
+    let mut found = Look {
+        state: advisory_locks()
+            .is_match(sql)
+            .then_some(Feature::AdvisoryLock),
+        sets_extra: false,
+    };
+    for statement in statements(sql) {
+        let (state, sets_extra) = statement_look(statement, carried);
+        found.state = found.state.or(state);
+        found.sets_extra |= sets_extra;
+    }
+    found
+}
+
+/// The session state `sql` would create, if any.
+pub fn session_state(sql: &[u8], carried: Carried) -> Option<Feature> {
+    look(sql, carried).state
 }
 
 /// Each statement of a multi-statement query; a ';' inside a literal only makes an extra,
@@ -149,10 +146,14 @@ fn is(w: &[u8], keyword: &str) -> bool {
     w.eq_ignore_ascii_case(keyword.as_bytes())
 }
 
-fn statement_state(statement: &[u8], carried: Carried) -> Option<Feature> {
+/// The session state one statement would create, and whether it may change an extra
+/// parameter.
+fn statement_look(statement: &[u8], carried: Carried) -> (Option<Feature>, bool) {
     let mut words = words(statement);
-    let first = words.next()?;
-    if is(first, "listen") {
+    let Some(first) = words.next() else {
+        return (None, false);
+    };
+    let state = if is(first, "listen") {
         Some(Feature::Listen)
     } else if is(first, "prepare") {
         // PREPARE TRANSACTION is two-phase commit, not a statement.
@@ -163,27 +164,55 @@ fn statement_state(statement: &[u8], carried: Carried) -> Option<Feature> {
             .any(|w| is(w[0], "with") && is(w[1], "hold"))
             .then_some(Feature::HoldCursor)
     } else if is(first, "create") {
-        let mut next = words.next()?;
-        if is(next, "local") || is(next, "global") {
-            next = words.next()?;
-        }
+        let next = words.next().unwrap_or_default();
+        let next = match is(next, "local") || is(next, "global") {
+            true => words.next().unwrap_or_default(),
+            false => next,
+        };
         (is(next, "temp") || is(next, "temporary")).then_some(Feature::TempTable)
-    } else if is(first, "set") {
-        let mut name = words.next()?;
-        if is(name, "local") || is(name, "transaction") {
-            return None; // ends with the transaction
-        }
-        if is(name, "session") {
-            name = words.next()?;
-            if is(name, "characteristics") || is(name, "authorization") {
-                return Some(Feature::UnreportedSet);
-            }
-        }
-        let name = name.split(|&b| b == b'=').next().unwrap_or_default();
-        (!carried.contains(name)).then_some(Feature::UnreportedSet)
+    } else if is(first, "set") || is(first, "reset") || is(first, "discard") {
+        return changed_parameter(first, words, carried);
     } else {
         None
+    };
+    (state, false)
+}
+
+/// A SET, RESET or DISCARD (`first`, then `words`): the session state it creates (a SET of
+/// a parameter that does not follow the client), and whether it may change an extra one.
+fn changed_parameter<'s>(
+    first: &[u8],
+    mut words: impl Iterator<Item = &'s [u8]>,
+    carried: Carried,
+) -> (Option<Feature>, bool) {
+    let named = |w: &[u8]| {
+        carried
+            .extra
+            .iter()
+            .any(|e| e.as_bytes().eq_ignore_ascii_case(w))
+    };
+    let Some(mut second) = words.next() else {
+        return (None, false);
+    };
+    let (set, reset) = (is(first, "set"), is(first, "reset"));
+    if !set && !reset {
+        return (None, is(second, "all"));
     }
+    // SET LOCAL and SET TRANSACTION end with the transaction.
+    let lasts = !(is(second, "local") || is(second, "transaction"));
+    if is(second, "session") || is(second, "local") {
+        second = words.next().unwrap_or_default();
+        if set && lasts && (is(second, "characteristics") || is(second, "authorization")) {
+            return (Some(Feature::UnreportedSet), false);
+        }
+    }
+    let name = second.split(|&b| b == b'=').next().unwrap_or_default();
+    if reset {
+        return (None, named(name) || is(name, "all"));
+    }
+    let state =
+        (lasts && !name.is_empty() && !carried.contains(name)).then_some(Feature::UnreportedSet);
+    (state, named(name))
 }
 
 /// A DO block that raises what the client is told instead of running `feature`'s statement.
@@ -327,6 +356,11 @@ mod tests {
     #[test]
     fn changes_of_extra_parameters_are_told() {
         let extra = ["search_path".to_string()];
+        let carried = Carried {
+            reported: &[],
+            extra: &extra,
+        };
+        let sets_extra = |sql: &str| look(sql.as_bytes(), carried).sets_extra;
         for sql in [
             "SET search_path = app",
             "set SESSION search_path to app, public",
@@ -335,10 +369,47 @@ mod tests {
             "RESET ALL",
             "discard all",
         ] {
-            assert!(sets_extra(sql.as_bytes(), &extra), "{sql}");
+            assert!(sets_extra(sql), "{sql}");
         }
         for sql in ["SET work_mem = 1", "SELECT 1", "RESET work_mem", "SET"] {
-            assert!(!sets_extra(sql.as_bytes(), &extra), "{sql}");
+            assert!(!sets_extra(sql), "{sql}");
+        }
+        // One look tells both, in any statement of a query.
+        let cases: &[(&str, Option<Feature>, bool)] = &[
+            ("SET LOCAL search_path = app", None, true),
+            (
+                "SET search_path = app; LISTEN jobs",
+                Some(Feature::Listen),
+                true,
+            ),
+            ("LISTEN jobs; RESET ALL", Some(Feature::Listen), true),
+            (
+                "SET work_mem = 1; SET search_path = app",
+                Some(Feature::UnreportedSet),
+                true,
+            ),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+                Some(Feature::UnreportedSet),
+                false,
+            ),
+            ("SET LOCAL SESSION AUTHORIZATION x", None, false),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None, false),
+            ("SET SESSION", None, false),
+            ("DISCARD PLANS", None, false),
+            (
+                "SELECT pg_advisory_lock(1); SET search_path = a",
+                Some(Feature::AdvisoryLock),
+                true,
+            ),
+            ("CREATE", None, false),
+        ];
+        for (sql, state, sets_extra) in cases {
+            let want = Look {
+                state: *state,
+                sets_extra: *sets_extra,
+            };
+            assert_eq!(look(sql.as_bytes(), carried), want, "{sql}");
         }
     }
 
