@@ -12,12 +12,13 @@
 # what a proxy does to the caches and run queue of the CPUs it shares with PostgreSQL
 # shows as the difference between a pinned and an unpinned run.
 #
-# Per window and target: tps and p50/p99 latency of the transactions that ended in it
-# (pgbench --log), CPU per transaction (user/system, microseconds) of the proxy, of the
+# Per window and target: tps and latency percentiles of the transactions that ended in it
+# (pgbench --log) and how evenly the clients were served (transactions per client), CPU per transaction (user/system, microseconds) of the proxy, of the
 # primary's PostgreSQL processes and of pgbench, and, where perf can count system calls,
 # the proxy's recv, send, epoll_wait and epoll_ctl calls per transaction and PostgreSQL's
-# sleeps (its backends' epoll_wait) and pgbench's wake-ups (ppoll) per transaction; and
-# the TCP segments sent per transaction (nstat, the whole machine). BASELINE=BINARY adds
+# sleeps (its backends' epoll_wait) and pgbench's wake-ups (ppoll) per transaction; how
+# often each of the three was preempted per transaction (involuntary context switches);
+# and the TCP segments sent per transaction (nstat, the whole machine). BASELINE=BINARY adds
 # another pgvane build as a third target.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
@@ -70,6 +71,12 @@ ticks() {
     done
     echo "$u $s"
 }
+# involuntary context switches of the given pids' threads (one that ended counts 0)
+preempted() {
+    local p
+    for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null || true; done |
+        awk '/^nonvoluntary_ctxt_switches/ {s += $2} END {print s + 0}'
+}
 # logged_or_gone DIR PID: pgbench in DIR has logged a transaction, or has ended.
 logged_or_gone() {
     [ -n "$(find "$1" -name 'pgbench_log.*' -size +0 2>/dev/null)" ] || ! kill -0 "$2" 2>/dev/null
@@ -110,23 +117,25 @@ for round in $(seq 1 "$ROUNDS"); do
         t0=$(date +%s.%N)
         read -r pu0 ps0 < <(ticks "$pid"); read -r gu0 gs0 < <(ticks $backends "$POSTMASTER")
         read -r bu0 bs0 < <(ticks "$bench")
+        pv0=$(preempted "$pid") gv0=$(preempted $backends) bv0=$(preempted "$bench")
         sleep "$WINDOW"
         t1=$(date +%s.%N)
         nstat TcpOutSegs > "$logdir/nstat"
         read -r pu1 ps1 < <(ticks "$pid"); read -r gu1 gs1 < <(ticks $backends "$POSTMASTER")
         read -r bu1 bs1 < <(ticks "$bench")
+        pv1=$(preempted "$pid") gv1=$(preempted $backends) bv1=$(preempted "$bench")
         [ -n "$PERF" ] && { wait "$perf_proxy" "$perf_pg" "$perf_bench" || true; }
         kill -0 "$bench" 2>/dev/null || { cat "$logdir/out"; echo "pgbench ended early" >&2; exit 1; }
         # pgbench writes its log through stdio buffers: a little more for the last lines.
         sleep 2
         kill -TERM "$bench"; wait "$bench" || true
-        echo "$round $name $t0 $t1 $((pu1 - pu0)) $((ps1 - ps0)) $((gu1 - gu0)) $((gs1 - gs0)) $((bu1 - bu0)) $((bs1 - bs0)) $logdir" >> "$RESULTS"
+        echo "$round $name $t0 $t1 $((pu1 - pu0)) $((ps1 - ps0)) $((gu1 - gu0)) $((gs1 - gs0)) $((bu1 - bu0)) $((bs1 - bs0)) $((pv1 - pv0)) $((gv1 - gv0)) $((bv1 - bv0)) $logdir" >> "$RESULTS"
     done
 done
 
-python3 - "$RESULTS" "$(getconf CLK_TCK)" <<'PY'
+python3 - "$RESULTS" "$(getconf CLK_TCK)" "$CLIENTS" <<'PY'
 import glob, statistics, sys
-rows, hz = sys.argv[1], int(sys.argv[2])
+rows, hz, clients = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
 def perf(path):
     counts = {}
@@ -139,21 +148,28 @@ def perf(path):
         pass
     return counts
 
-table, by_target = [], {}
+table, tails, by_target = [], [], {}
 for line in open(rows):
-    rnd, name, t0, t1, pu, ps, gu, gs, bu, bs, logdir = line.split()
+    rnd, name, t0, t1, pu, ps, gu, gs, bu, bs, pv, gv, bv, logdir = line.split()
     t0, t1 = float(t0), float(t1)
-    lat = []
+    lat, per_client = [], {}
     for log in glob.glob(f"{logdir}/pgbench_log.*"):
         for entry in open(log):
             f = entry.split()
             # client, transaction, latency us, script, end time s, end time us
             if len(f) >= 6 and t0 <= int(f[4]) + int(f[5]) / 1e6 < t1:
                 lat.append(int(f[2]))
+                per_client[f[0]] = per_client.get(f[0], 0) + 1
     n = len(lat)
     if n == 0:
         sys.exit(f"{name}, round {rnd}: no transaction ended in the window")
     lat.sort()
+    pct = lambda q: lat[min(n - 1, int(q * n))] / 1000
+    # Clients that ended no transaction in the window count as 0.
+    counts = sorted(list(per_client.values()) + [0] * (int(clients) - len(per_client)))
+    tails.append(f"| {rnd} | {name} | {pct(0.5):.1f} | {pct(0.9):.1f} | {pct(0.99):.1f} | "
+                 f"{pct(0.999):.1f} | {lat[-1] / 1000:.1f} | {counts[0]} / "
+                 f"{counts[len(counts) // 100]} / {counts[len(counts) // 2]} |")
     us = lambda ticks: int(ticks) * 1e6 / hz / n
     px, pg = perf(f"{logdir}/perf.proxy"), perf(f"{logdir}/perf.pg")
     calls = (f"{px['recvfrom'] / n:.2f} / {px['sendto'] / n:.2f} / {px['epoll_wait'] / n:.3f}"
@@ -168,12 +184,20 @@ for line in open(rows):
     by_target.setdefault(name, []).append(row)
     table.append(f"| {rnd} | {name} | {row['tps']:.0f} | {row['p50']:.1f} / {row['p99']:.1f} | "
                  f"{us(pu):.1f} / {us(ps):.1f} | {us(gu):.1f} / {us(gs):.1f} | "
-                 f"{us(bu):.1f} / {us(bs):.1f} | {calls} | {sleeps} | {wakes} | {segs / n:.2f} |")
+                 f"{us(bu):.1f} / {us(bs):.1f} | {calls} | {sleeps} | {wakes} | "
+                 f"{int(pv) / n:.3f} / {int(gv) / n:.3f} / {int(bv) / n:.3f} | {segs / n:.2f} |")
 print("| round | target | tps | p50 / p99 ms | proxy µs user / sys | PostgreSQL µs user / sys "
       "| pgbench µs user / sys | proxy recv / send / epoll_wait / epoll_ctl per txn "
-      "| PostgreSQL sleeps per txn | pgbench wake-ups per txn | TCP segments per txn |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "| PostgreSQL sleeps per txn | pgbench wake-ups per txn "
+      "| preempted per txn: proxy / PostgreSQL / pgbench | TCP segments per txn |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 print("\n".join(table))
+print()
+# FIFO queueing shows as a narrow spread: every client waits about as long, and ends
+# about as many transactions.
+print("| round | target | p50 ms | p90 | p99 | p99.9 | max | transactions per client: min / 1st percentile / median |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("\n".join(tails))
 print()
 print("Medians: " + "; ".join(
     f"{name}: {statistics.median(r['tps'] for r in rs):.0f} tps, p99 "
