@@ -13,8 +13,9 @@
 # shows as the difference between a pinned and an unpinned run.
 #
 # Per window and target: tps and latency percentiles of the transactions that ended in it
-# (pgbench --log) and how evenly the clients were served (transactions per client), CPU per transaction (user/system, microseconds) of the proxy, of the
-# primary's PostgreSQL processes and of pgbench, and, where perf can count system calls,
+# (pgbench --log) and how evenly the clients were served (transactions per client), CPU
+# per transaction (user/system, microseconds) of the proxy, of the primary's PostgreSQL
+# processes and of pgbench, and, where perf can count system calls,
 # the proxy's recv, send, epoll_wait and epoll_ctl calls per transaction and PostgreSQL's
 # sleeps (its backends' epoll_wait) and pgbench's wake-ups (ppoll) per transaction; how
 # often each of the three was preempted per transaction (involuntary context switches);
@@ -179,7 +180,7 @@ for line in open(rows):
     bench = perf(f"{logdir}/perf.bench")
     wakes = f"{bench['ppoll'] / n:.3f}" if bench else "n/a"
     segs = next((int(l.split()[1]) for l in open(f"{logdir}/nstat") if l.startswith("TcpOutSegs")), 0)
-    row = dict(tps=n / (t1 - t0), p50=lat[n // 2] / 1000, p99=lat[min(n - 1, int(0.99 * n))] / 1000,
+    row = dict(tps=n / (t1 - t0), p50=pct(0.5), p99=pct(0.99),
                proxy=us(pu) + us(ps), pg=us(gu) + us(gs), bench=us(bu) + us(bs))
     by_target.setdefault(name, []).append(row)
     table.append(f"| {rnd} | {name} | {row['tps']:.0f} | {row['p50']:.1f} / {row['p99']:.1f} | "
