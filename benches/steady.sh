@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Steady state with many clients: pgvane (transaction pooling, one thread) and PgBouncer
-# (same pool of 20) measured in the same windows of a long pgbench run, after every client
-# has logged in, so that neither the logins nor the start of a run count. Targets take
+# (same pool of 20) measured in the same windows of a long pgbench run, after an unmeasured
+# run through each target and after every client has logged in, so that neither cold
+# server connections, the logins nor the start of a run count. Targets take
 # turns, first one and then the other leading, round after round: on a shared machine
 # whose load moves within minutes, pairs of adjacent windows are what compare.
 #
-#   benches/steady.sh [-c clients] [-r rounds] [-W window seconds] [-w "pgbench flags"] [-p]
-#                                                     (default -c 1000 -r 4 -W 10 -w -S)
+#   benches/steady.sh [-c clients] [-j pgbench threads] [-r rounds] [-W window seconds]
+#                     [-w "pgbench flags"] [-p]          (default -c 1000 -j 2 -r 4 -W 10 -w -S)
 #
 # -p pins PostgreSQL to the second CPU and the proxies and pgbench to the first, so that
 # what a proxy does to the caches and run queue of the CPUs it shares with PostgreSQL
@@ -25,11 +26,11 @@ set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
 
-CLIENTS=1000 ROUNDS=4 WINDOW=10 FLAGS=-S PIN=""
-while getopts "c:r:W:w:p" o; do
+CLIENTS=1000 THREADS=2 ROUNDS=4 WINDOW=10 FLAGS=-S PIN=""
+while getopts "c:j:r:W:w:p" o; do
     case $o in
-        c) CLIENTS=$OPTARG ;; r) ROUNDS=$OPTARG ;; W) WINDOW=$OPTARG ;; w) FLAGS=$OPTARG ;;
-        p) PIN=1 ;;
+        c) CLIENTS=$OPTARG ;; j) THREADS=$OPTARG ;; r) ROUNDS=$OPTARG ;; W) WINDOW=$OPTARG ;;
+        w) FLAGS=$OPTARG ;; p) PIN=1 ;;
         *) exit 2 ;;
     esac
 done
@@ -85,7 +86,16 @@ logged_or_gone() {
 SYSCALLS=syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl
 RESULTS="$WORK/results"
 : > "$RESULTS"
-say "pgbench $FLAGS, $CLIENTS clients, pool of 20: $ROUNDS rounds of ${WINDOW} s windows${PIN:+, pinned}"
+say "pgbench $FLAGS, $CLIENTS clients on $THREADS threads, pool of 20: $ROUNDS rounds of ${WINDOW} s windows${PIN:+, pinned}"
+# An unmeasured run through each target first: its pool's connections are opened, and their
+# backends have faulted in the shared buffers they touch, before any window (a first round
+# measured cold put PostgreSQL's CPU per transaction 15-20 % higher for whichever target ran
+# first).
+for i in "${!NAMES[@]}"; do
+    $ON_CPU0 pgbench -h 127.0.0.1 -p "${PORTS[$i]}" -U postgres $FLAGS -n -c "$CLIENTS" \
+        -j "$THREADS" -T "$WINDOW" postgres > "$WORK/warm-up" 2>&1 ||
+        { cat "$WORK/warm-up"; echo "warm-up through ${NAMES[$i]} failed" >&2; exit 1; }
+done
 for round in $(seq 1 "$ROUNDS"); do
     order=("${!NAMES[@]}")
     [ $((round % 2)) -eq 0 ] && mapfile -t order < <(printf '%s\n' "${!NAMES[@]}" | tac)
@@ -95,7 +105,7 @@ for round in $(seq 1 "$ROUNDS"); do
         mkdir -p "$logdir"
         # Stopped once the window has closed and its transactions are logged.
         (cd "$logdir" && exec $ON_CPU0 pgbench -h 127.0.0.1 -p "$port" -U postgres $FLAGS -n \
-            -c "$CLIENTS" -j 2 -T $((WINDOW + 600)) --log postgres > "$logdir/out" 2>&1) &
+            -c "$CLIENTS" -j "$THREADS" -T $((WINDOW + 600)) --log postgres > "$logdir/out" 2>&1) &
         bench=$!
         # The window opens 3 s after the first transaction is logged (or pgbench ended:
         # reported below).
