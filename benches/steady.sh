@@ -87,13 +87,14 @@ SYSCALLS=syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_ente
 RESULTS="$WORK/results"
 : > "$RESULTS"
 say "pgbench $FLAGS, $CLIENTS clients on $THREADS threads, pool of 20: $ROUNDS rounds of ${WINDOW} s windows${PIN:+, pinned}"
+# pgbench as every run here calls it; the target's port and the run's length follow.
+PGBENCH=($ON_CPU0 pgbench -h 127.0.0.1 -U postgres $FLAGS -n -c "$CLIENTS" -j "$THREADS")
 # An unmeasured run through each target first: its pool's connections are opened, and their
 # backends have faulted in the shared buffers they touch, before any window (a first round
-# measured cold put PostgreSQL's CPU per transaction 15-20 % higher for whichever target ran
+# measured cold put PostgreSQL's CPU per transaction 15-23 % higher for whichever target ran
 # first).
 for i in "${!NAMES[@]}"; do
-    $ON_CPU0 pgbench -h 127.0.0.1 -p "${PORTS[$i]}" -U postgres $FLAGS -n -c "$CLIENTS" \
-        -j "$THREADS" -T "$WINDOW" postgres > "$WORK/warm-up" 2>&1 ||
+    "${PGBENCH[@]}" -p "${PORTS[$i]}" -T "$WINDOW" postgres > "$WORK/warm-up" 2>&1 ||
         { cat "$WORK/warm-up"; echo "warm-up through ${NAMES[$i]} failed" >&2; exit 1; }
 done
 for round in $(seq 1 "$ROUNDS"); do
@@ -104,8 +105,8 @@ for round in $(seq 1 "$ROUNDS"); do
         logdir="$WORK/log-$round-$name"
         mkdir -p "$logdir"
         # Stopped once the window has closed and its transactions are logged.
-        (cd "$logdir" && exec $ON_CPU0 pgbench -h 127.0.0.1 -p "$port" -U postgres $FLAGS -n \
-            -c "$CLIENTS" -j "$THREADS" -T $((WINDOW + 600)) --log postgres > "$logdir/out" 2>&1) &
+        (cd "$logdir" && exec "${PGBENCH[@]}" -p "$port" -T $((WINDOW + 600)) --log postgres \
+            > "$logdir/out" 2>&1) &
         bench=$!
         # The window opens 3 s after the first transaction is logged (or pgbench ended:
         # reported below).
