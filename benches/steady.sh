@@ -20,8 +20,9 @@
 # the proxy's recv, send, epoll_wait and epoll_ctl calls per transaction and PostgreSQL's
 # sleeps (its backends' epoll_wait) and pgbench's wake-ups (ppoll) per transaction; how
 # often each of the three was preempted per transaction (involuntary context switches);
-# and the TCP segments sent per transaction (nstat, the whole machine). BASELINE=BINARY adds
-# another pgvane build as a third target.
+# and the TCP segments sent per transaction (nstat, the whole machine); the proxy's RSS at
+# the window's end, and what it grew per client since the proxy started (before any client
+# or server connection). BASELINE=BINARY adds another pgvane build as a third target.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
@@ -54,6 +55,10 @@ fi
 pgbouncer_start "$WORK" 20000
 NAMES+=(pgbouncer-txn) PIDS_OF+=("$(cat "$WORK/pgbouncer.pid")") PORTS+=("$BOUNCER_PORT")
 for p in "${PORTS[@]}"; do wait_port "$p"; done
+# resident set of a pid, KiB
+rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+RSS_START=()
+for p in "${PIDS_OF[@]}"; do RSS_START+=("$(rss "$p")"); done
 POSTMASTER=$(head -n 1 "${NODE_DIRS[0]}/postmaster.pid")
 ON_CPU0=""
 if [ -n "$PIN" ]; then
@@ -136,12 +141,13 @@ for round in $(seq 1 "$ROUNDS"); do
         read -r pu1 ps1 < <(ticks "$pid"); read -r gu1 gs1 < <(ticks $backends "$POSTMASTER")
         read -r bu1 bs1 < <(ticks "$bench")
         pv1=$(preempted "$pid") gv1=$(preempted $backends) bv1=$(preempted "$bench")
+        rss1=$(rss "$pid")
         [ -n "$PERF" ] && { wait "$perf_proxy" "$perf_pg" "$perf_bench" || true; }
         kill -0 "$bench" 2>/dev/null || { cat "$logdir/out"; echo "pgbench ended early" >&2; exit 1; }
         # pgbench writes its log through stdio buffers: a little more for the last lines.
         sleep 2
         kill -TERM "$bench"; wait "$bench" || true
-        echo "$round $name $t0 $t1 $((pu1 - pu0)) $((ps1 - ps0)) $((gu1 - gu0)) $((gs1 - gs0)) $((bu1 - bu0)) $((bs1 - bs0)) $((pv1 - pv0)) $((gv1 - gv0)) $((bv1 - bv0)) $logdir" >> "$RESULTS"
+        echo "$round $name $t0 $t1 $((pu1 - pu0)) $((ps1 - ps0)) $((gu1 - gu0)) $((gs1 - gs0)) $((bu1 - bu0)) $((bs1 - bs0)) $((pv1 - pv0)) $((gv1 - gv0)) $((bv1 - bv0)) $rss1 ${RSS_START[$i]} $logdir" >> "$RESULTS"
     done
 done
 
@@ -162,7 +168,7 @@ def perf(path):
 
 table, tails, by_target = [], [], {}
 for line in open(rows):
-    rnd, name, t0, t1, pu, ps, gu, gs, bu, bs, pv, gv, bv, logdir = line.split()
+    rnd, name, t0, t1, pu, ps, gu, gs, bu, bs, pv, gv, bv, rss, rss0, logdir = line.split()
     t0, t1 = float(t0), float(t1)
     lat, per_client = [], {}
     for log in glob.glob(f"{logdir}/pgbench_log.*"):
@@ -191,18 +197,23 @@ for line in open(rows):
     bench = perf(f"{logdir}/perf.bench")
     wakes = f"{bench['ppoll'] / n:.3f}" if bench else "n/a"
     segs = next((int(l.split()[1]) for l in open(f"{logdir}/nstat") if l.startswith("TcpOutSegs")), 0)
+    # RSS at the window's end (MiB), and its growth since the proxy started per client (bytes)
+    grown = (int(rss) - int(rss0)) * 1024 / int(clients)
     row = dict(tps=n / (t1 - t0), p50=pct(0.5), p99=pct(0.99),
-               proxy=us(pu) + us(ps), pg=us(gu) + us(gs), bench=us(bu) + us(bs))
+               proxy=us(pu) + us(ps), pg=us(gu) + us(gs), bench=us(bu) + us(bs),
+               rss=int(rss) / 1024, grown=grown)
     by_target.setdefault(name, []).append(row)
     table.append(f"| {rnd} | {name} | {row['tps']:.0f} | {row['p50']:.1f} / {row['p99']:.1f} | "
                  f"{us(pu):.1f} / {us(ps):.1f} | {us(gu):.1f} / {us(gs):.1f} | "
                  f"{us(bu):.1f} / {us(bs):.1f} | {calls} | {sleeps} | {wakes} | "
-                 f"{int(pv) / n:.3f} / {int(gv) / n:.3f} / {int(bv) / n:.3f} | {segs / n:.2f} |")
+                 f"{int(pv) / n:.3f} / {int(gv) / n:.3f} / {int(bv) / n:.3f} | {segs / n:.2f} | "
+                 f"{row['rss']:.1f} / {grown:.0f} |")
 print("| round | target | tps | p50 / p99 ms | proxy µs user / sys | PostgreSQL µs user / sys "
       "| pgbench µs user / sys | proxy recv / send / epoll_wait / epoll_ctl per txn "
       "| PostgreSQL sleeps per txn | pgbench wake-ups per txn "
-      "| preempted per txn: proxy / PostgreSQL / pgbench | TCP segments per txn |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "| preempted per txn: proxy / PostgreSQL / pgbench | TCP segments per txn "
+      "| proxy RSS MiB / grown per client bytes |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 print("\n".join(table))
 print()
 # FIFO queueing shows as a narrow spread: every client waits about as long, and ends
@@ -214,6 +225,7 @@ print()
 print("Medians: " + "; ".join(
     f"{name}: {statistics.median(r['tps'] for r in rs):.0f} tps, p99 "
     f"{statistics.median(r['p99'] for r in rs):.1f} ms, proxy {statistics.median(r['proxy'] for r in rs):.1f} µs, "
-    f"PostgreSQL {statistics.median(r['pg'] for r in rs):.1f} µs, pgbench {statistics.median(r['bench'] for r in rs):.1f} µs"
+    f"PostgreSQL {statistics.median(r['pg'] for r in rs):.1f} µs, pgbench {statistics.median(r['bench'] for r in rs):.1f} µs, "
+    f"RSS {statistics.median(r['rss'] for r in rs):.1f} MiB ({statistics.median(r['grown'] for r in rs):.0f} bytes per client)"
     for name, rs in by_target.items()))
 PY
