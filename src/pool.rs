@@ -511,7 +511,7 @@ impl Lease {
         if self.conn.take().is_some() {
             self.pool.open.fetch_sub(1, Ordering::Relaxed);
         }
-        self.conn = Some(self.pool.connection(None, Duration::ZERO).await?);
+        self.conn = Some(self.pool.connection(None, None).await?);
         Ok(())
     }
 
@@ -703,9 +703,11 @@ impl Pool {
         let (grant, started) = match self.queue.try_take() {
             Some(grant) => (grant, None),
             None => {
-                let started = Instant::now();
-                // Boxed: most leases never wait.
-                let grant = Box::pin(self.queue.wait())
+                // tokio's clock, as the queue's.
+                let started = tokio::time::Instant::now();
+                let grant = self
+                    .queue
+                    .wait(started)
                     .await
                     .ok_or(PoolError::WaitTimeout(self.settings.query_wait_timeout))?;
                 if grant.slot == Slot::Reserve {
@@ -720,8 +722,7 @@ impl Pool {
             pool: self.clone(),
             slot: Some(grant.slot),
         };
-        let waited = started.map_or(Duration::ZERO, |s| s.elapsed());
-        lease.conn = Some(self.connection(grant.item, waited).await?);
+        lease.conn = Some(self.connection(grant.item, started).await?);
         Ok(lease)
     }
 
@@ -764,12 +765,12 @@ impl Pool {
     }
 
     /// `released` (the connection released with the slot), else the most recently used
-    /// idle connection, if still usable, or a new one; `waited` is what the caller has
-    /// already spent of `query_wait_timeout`.
+    /// idle connection, if still usable, or a new one; a caller that has waited since
+    /// `waited_since` has spent that much of `query_wait_timeout`.
     async fn connection(
         &self,
         mut released: Option<Box<ServerConn>>,
-        waited: Duration,
+        waited_since: Option<tokio::time::Instant>,
     ) -> Result<Box<ServerConn>, PoolError> {
         loop {
             let candidate = released.take().or_else(|| self.queue.pop_idle());
@@ -780,6 +781,7 @@ impl Pool {
             self.open.fetch_sub(1, Ordering::Relaxed);
         }
         let wait = self.settings.query_wait_timeout;
+        let waited = waited_since.map_or(Duration::ZERO, |since| since.elapsed());
         let remaining = (!wait.is_zero()).then(|| wait.saturating_sub(waited));
         // Boxed, as the check in `usable`: rare, and large in every lease's future otherwise.
         Box::pin(self.open_connection(remaining)).await

@@ -4,13 +4,18 @@
 //! released in it: no client is woken to find the slot taken by another, and none overtakes
 //! one that waits. One timer per queue (a task that lives while clients wait) ends the
 //! waits past the wait limit and gives reserve slots to clients that have waited
-//! `reserve_after`; a wait holds no timer of its own.
+//! `reserve_after`; a wait holds no timer of its own, nor a channel: its answer is left in
+//! a place in the queue, reused by later waits.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, Notify};
+use slab::Slab;
+use tokio::sync::Notify;
 // tokio's: the same clock, that tests can pause.
 use tokio::time::Instant;
 
@@ -52,15 +57,24 @@ struct State<T> {
     idle: Vec<T>,
     free: usize,
     free_reserve: usize,
-    waiters: VecDeque<Waiter<T>>,
-    next_id: u64,
+    /// The line, longest-waiting first.
+    waiters: VecDeque<Waiter>,
+    /// Each waiting client's place, where its answer is left: reused from one wait to the
+    /// next, so a wait allocates nothing once the line has been as long before.
+    places: Slab<Place<T>>,
     timer_running: bool,
 }
 
-struct Waiter<T> {
-    id: u64,
+struct Waiter {
+    place: usize,
     since: Instant,
-    grant: oneshot::Sender<Grant<T>>,
+}
+
+enum Place<T> {
+    Waiting(Waker),
+    Granted(Grant<T>),
+    /// The wait limit passed first.
+    TimedOut,
 }
 
 impl<T: Send + 'static> Queue<T> {
@@ -71,7 +85,7 @@ impl<T: Send + 'static> Queue<T> {
                 free: limits.size,
                 free_reserve: limits.reserve,
                 waiters: VecDeque::new(),
-                next_id: 0,
+                places: Slab::new(),
                 timer_running: false,
             }),
             limits,
@@ -89,78 +103,46 @@ impl<T: Send + 'static> Queue<T> {
         s.take_free()
     }
 
-    /// Waits in line for a slot; `None`: the wait limit passed first. Dropping the future
-    /// leaves the line (what was handed to it meanwhile goes to the next client).
-    pub async fn wait(self: &Arc<Self>) -> Option<Grant<T>> {
-        let (grant, rx) = oneshot::channel();
-        let id = {
-            let mut s = self.lock();
-            // A slot freed since `try_take`, with no one in line to hand it to.
-            if let Some(free) = s.take_free() {
-                return Some(free);
-            }
-            let id = s.next_id;
-            s.next_id += 1;
-            let first = s.waiters.is_empty();
-            s.waiters.push_back(Waiter {
-                id,
-                since: Instant::now(),
-                grant,
-            });
-            let timed = self.limits.wait_limit.is_some() || self.limits.reserve > 0;
-            if timed && !s.timer_running {
-                s.timer_running = true;
-                tokio::spawn(self.clone().keep_time());
-            } else if timed && first {
-                // The timer may sleep for a client that has left the line since.
-                self.rearm.notify_one();
-            }
-            id
-        };
-        let mut queued = Queued {
+    /// Waits in line, from `since`, for a slot; `None`: the wait limit passed first.
+    /// Dropping the future leaves the line (what was handed to it meanwhile goes to the
+    /// next client).
+    pub fn wait(self: &Arc<Self>, since: Instant) -> Wait<'_, T> {
+        Wait {
             queue: self,
-            id,
-            rx: Some(rx),
-        };
-        let got = queued.rx.as_mut().expect("queued").await;
-        queued.rx = None;
-        // The timer drops a waiter whose limit passed.
-        got.ok()
+            since,
+            place: None,
+        }
     }
 
     /// Gives a slot back, with the item to keep idle if any: both go to the
     /// longest-waiting client if one may take the slot, else the slot is free again.
-    pub fn give_back(&self, slot: Slot, mut item: Option<T>) {
-        loop {
-            let waiter = {
-                let mut s = self.lock();
-                let takes = s.waiters.front().is_some_and(|w| {
-                    slot == Slot::Normal || w.since.elapsed() >= self.limits.reserve_after
-                });
-                if takes {
-                    s.waiters.pop_front().expect("a front waiter")
-                } else {
-                    if let Some(item) = item {
-                        s.idle.push(item);
-                    }
-                    match slot {
-                        Slot::Normal => s.free += 1,
-                        Slot::Reserve => {
-                            s.free_reserve += 1;
-                            if !s.waiters.is_empty() {
-                                self.rearm.notify_one();
-                            }
+    pub fn give_back(&self, slot: Slot, item: Option<T>) {
+        let waker = {
+            let mut s = self.lock();
+            let takes = s.waiters.front().is_some_and(|w| {
+                slot == Slot::Normal || w.since.elapsed() >= self.limits.reserve_after
+            });
+            if takes {
+                let waiter = s.waiters.pop_front().expect("a front waiter");
+                s.answer(waiter.place, Place::Granted(Grant { slot, item }))
+            } else {
+                if let Some(item) = item {
+                    s.idle.push(item);
+                }
+                match slot {
+                    Slot::Normal => s.free += 1,
+                    Slot::Reserve => {
+                        s.free_reserve += 1;
+                        if !s.waiters.is_empty() {
+                            self.rearm.notify_one();
                         }
                     }
-                    return;
                 }
-            };
-            // Sent outside the lock; a client that left meanwhile sends it back.
-            match waiter.grant.send(Grant { slot, item }) {
-                Ok(()) => return,
-                Err(back) => item = back.item,
+                return;
             }
-        }
+        };
+        // Woken outside the lock: the client may run at once on another thread.
+        waker.wake();
     }
 
     /// The idle items, most recently used last, for their upkeep.
@@ -184,27 +166,32 @@ impl<T: Send + 'static> Queue<T> {
 
     /// The queue's timer: runs while clients wait.
     async fn keep_time(self: Arc<Self>) {
+        let mut woken = Vec::new();
         loop {
-            let (expired, reserved, next) = {
+            let next = {
                 let mut s = self.lock();
                 let now = Instant::now();
-                let mut expired = Vec::new();
                 if let Some(limit) = self.limits.wait_limit {
                     while s.waiters.front().is_some_and(|w| now >= w.since + limit) {
-                        expired.extend(s.waiters.pop_front());
+                        let w = s.waiters.pop_front().expect("a front waiter");
+                        woken.push(s.answer(w.place, Place::TimedOut));
                     }
                 }
                 let reserve_after = self.limits.reserve_after;
-                let mut reserved = Vec::new();
                 while s.free_reserve > 0
                     && s.waiters
                         .front()
                         .is_some_and(|w| now >= w.since + reserve_after)
                 {
                     s.free_reserve -= 1;
-                    reserved.extend(s.waiters.pop_front());
+                    let w = s.waiters.pop_front().expect("a front waiter");
+                    let grant = Grant {
+                        slot: Slot::Reserve,
+                        item: None,
+                    };
+                    woken.push(s.answer(w.place, Place::Granted(grant)));
                 }
-                let next = match s.waiters.front() {
+                match s.waiters.front() {
                     None => {
                         s.timer_running = false;
                         None
@@ -214,20 +201,9 @@ impl<T: Send + 'static> Queue<T> {
                         let reserve = (s.free_reserve > 0).then_some(w.since + reserve_after);
                         Some(ends.into_iter().chain(reserve).min())
                     }
-                };
-                (expired, reserved, next)
-            };
-            // Their senders dropped: those waits end with nothing.
-            drop(expired);
-            for w in reserved {
-                let grant = Grant {
-                    slot: Slot::Reserve,
-                    item: None,
-                };
-                if let Err(back) = w.grant.send(grant) {
-                    self.give_back(back.slot, back.item);
                 }
-            }
+            };
+            woken.drain(..).for_each(Waker::wake);
             match next {
                 None => return,
                 Some(Some(at)) => tokio::select! {
@@ -251,6 +227,14 @@ impl<T> State<T> {
             item: self.idle.pop(),
         })
     }
+
+    /// Leaves `answer` in the place of a client taken out of line; its waker, to wake.
+    fn answer(&mut self, place: usize, answer: Place<T>) -> Waker {
+        match std::mem::replace(&mut self.places[place], answer) {
+            Place::Waiting(waker) => waker,
+            Place::Granted(_) | Place::TimedOut => unreachable!("a client in line is waiting"),
+        }
+    }
 }
 
 /// The idle items under the queue's lock.
@@ -269,27 +253,77 @@ impl<T> std::ops::DerefMut for IdleGuard<'_, T> {
     }
 }
 
-/// A client's place in line, left when dropped.
-struct Queued<'a, T: Send + 'static> {
+/// A client's wait for a slot ([`Queue::wait`]): in line from its first poll until
+/// answered, and out of line when dropped.
+#[must_use = "a wait joins the line only when polled"]
+pub struct Wait<'a, T: Send + 'static> {
     queue: &'a Arc<Queue<T>>,
-    id: u64,
-    /// Taken once the wait has its answer.
-    rx: Option<oneshot::Receiver<Grant<T>>>,
+    since: Instant,
+    /// Its place while in line.
+    place: Option<usize>,
 }
 
-impl<T: Send + 'static> Drop for Queued<'_, T> {
-    fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else { return };
-        {
-            let mut s = self.queue.lock();
-            if let Some(at) = s.waiters.iter().position(|w| w.id == self.id) {
-                s.waiters.remove(at);
-                return;
+impl<T: Send + 'static> Future for Wait<'_, T> {
+    type Output = Option<Grant<T>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let queue = self.queue;
+        let mut s = queue.lock();
+        let Some(place) = self.place else {
+            // A slot freed since `try_take`, with no one in line to hand it to.
+            if let Some(free) = s.take_free() {
+                return Poll::Ready(Some(free));
+            }
+            let place = s.places.insert(Place::Waiting(cx.waker().clone()));
+            let first = s.waiters.is_empty();
+            s.waiters.push_back(Waiter {
+                place,
+                since: self.since,
+            });
+            let timed = queue.limits.wait_limit.is_some() || queue.limits.reserve > 0;
+            if timed && !s.timer_running {
+                s.timer_running = true;
+                tokio::spawn(queue.clone().keep_time());
+            } else if timed && first {
+                // The timer may sleep for a client that has left the line since.
+                queue.rearm.notify_one();
+            }
+            self.place = Some(place);
+            return Poll::Pending;
+        };
+        match &mut s.places[place] {
+            Place::Waiting(waker) => {
+                waker.clone_from(cx.waker());
+                Poll::Pending
+            }
+            Place::Granted(_) | Place::TimedOut => {
+                self.place = None;
+                match s.places.remove(place) {
+                    Place::Granted(grant) => Poll::Ready(Some(grant)),
+                    _ => Poll::Ready(None),
+                }
             }
         }
-        // Handed a slot meanwhile: it goes on to the next client.
-        if let Ok(grant) = rx.try_recv() {
-            self.queue.give_back(grant.slot, grant.item);
+    }
+}
+
+impl<T: Send + 'static> Drop for Wait<'_, T> {
+    fn drop(&mut self) {
+        let Some(place) = self.place.take() else {
+            return;
+        };
+        let mut s = self.queue.lock();
+        match s.places.remove(place) {
+            Place::Waiting(_) => {
+                let at = s.waiters.iter().position(|w| w.place == place);
+                s.waiters.remove(at.expect("a waiting client is in line"));
+            }
+            // Handed a slot meanwhile: it goes on to the next client.
+            Place::Granted(grant) => {
+                drop(s);
+                self.queue.give_back(grant.slot, grant.item);
+            }
+            Place::TimedOut => {}
         }
     }
 }
@@ -323,8 +357,8 @@ mod tests {
         let held = q.try_take().expect("a free slot");
         assert!(held.item.is_none());
         assert!(q.try_take().is_none());
-        let mut first = Box::pin(q.wait());
-        let mut second = Box::pin(q.wait());
+        let mut first = Box::pin(q.wait(Instant::now()));
+        let mut second = Box::pin(q.wait(Instant::now()));
         assert!(poll_now(&mut first).is_none() && poll_now(&mut second).is_none());
         assert_eq!(q.waiting().0, 2);
 
@@ -348,8 +382,8 @@ mod tests {
     async fn a_client_that_leaves_the_line_passes_on_what_it_was_handed() {
         let q = queue(1, 0, None);
         let _held = q.try_take().unwrap();
-        let mut leaving = Box::pin(q.wait());
-        let mut next = Box::pin(q.wait());
+        let mut leaving = Box::pin(q.wait(Instant::now()));
+        let mut next = Box::pin(q.wait(Instant::now()));
         assert!(poll_now(&mut leaving).is_none() && poll_now(&mut next).is_none());
         // Handed the slot, gone before it looked.
         q.give_back(Slot::Normal, Some(1));
@@ -358,13 +392,39 @@ mod tests {
         assert_eq!(got.item, Some(1));
 
         // Gone while still in line: out of the count, and skipped.
-        let mut gone = Box::pin(q.wait());
-        let mut after = Box::pin(q.wait());
+        let mut gone = Box::pin(q.wait(Instant::now()));
+        let mut after = Box::pin(q.wait(Instant::now()));
         assert!(poll_now(&mut gone).is_none() && poll_now(&mut after).is_none());
         drop(gone);
         assert_eq!(q.waiting().0, 1);
         q.give_back(Slot::Normal, Some(2));
         assert_eq!(poll_now(&mut after).unwrap().unwrap().item, Some(2));
+    }
+
+    #[test]
+    fn a_wait_is_small_enough_to_stay_inline_in_a_lease_s_future() {
+        // A queue reference, the start of the wait and its place: no box, no channel.
+        assert!(std::mem::size_of::<Wait<'_, Box<u64>>>() <= 40);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_gone_before_it_saw_its_reserve_slot_passes_it_on() {
+        let q = queue(1, 1, None);
+        let _held = q.try_take().unwrap();
+        let mut leaving = Box::pin(q.wait(Instant::now()));
+        assert!(poll_now(&mut leaving).is_none());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut next = Box::pin(q.wait(Instant::now()));
+        assert!(poll_now(&mut next).is_none());
+        // 5 s: the timer hands the reserve slot to the first, which has left meanwhile.
+        tokio::time::sleep(Duration::from_secs(4) + Duration::from_millis(100)).await;
+        drop(leaving);
+        assert_eq!(q.waiting().0, 1);
+        // The slot is free again and goes to the next once it has waited 5 s.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let got = poll_now(&mut next).expect("passed on").expect("a slot");
+        assert_eq!(got.slot, Slot::Reserve);
+        assert_eq!(q.waiting(), (0, None));
     }
 
     #[tokio::test(start_paused = true)]
@@ -373,12 +433,12 @@ mod tests {
         let _held = q.try_take().unwrap();
         let early = tokio::spawn({
             let q = q.clone();
-            async move { q.wait().await.is_some() }
+            async move { q.wait(Instant::now()).await.is_some() }
         });
         tokio::time::sleep(Duration::from_secs(4)).await;
         let late = tokio::spawn({
             let q = q.clone();
-            async move { q.wait().await.is_some() }
+            async move { q.wait(Instant::now()).await.is_some() }
         });
         tokio::time::sleep(Duration::from_secs(7)).await;
         assert!(early.is_finished() && !late.is_finished());
@@ -395,7 +455,7 @@ mod tests {
         let _held = q.try_take().unwrap();
         let waiter = |q: &Arc<Queue<u32>>| {
             let q = q.clone();
-            tokio::spawn(async move { q.wait().await.map(|g| g.slot) })
+            tokio::spawn(async move { q.wait(Instant::now()).await.map(|g| g.slot) })
         };
         let first = waiter(&q);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -418,9 +478,12 @@ mod tests {
         let _held = q.try_take().unwrap();
         // The reserve slot is taken first: a client that waits now has only its limit as
         // a deadline (60 s), and the timer sleeps until then.
-        let reserve = q.wait().await.expect("the reserve slot after 5 s");
+        let reserve = q
+            .wait(Instant::now())
+            .await
+            .expect("the reserve slot after 5 s");
         assert_eq!(reserve.slot, Slot::Reserve);
-        let mut served = Box::pin(q.wait());
+        let mut served = Box::pin(q.wait(Instant::now()));
         assert!(poll_now(&mut served).is_none());
         tokio::time::sleep(Duration::from_secs(1)).await;
         q.give_back(Slot::Normal, None);
@@ -428,7 +491,7 @@ mod tests {
         // The line is empty; the reserve slot frees up; a new client joins.
         q.give_back(Slot::Reserve, None);
         let started = Instant::now();
-        let got = q.wait().await.expect("a slot");
+        let got = q.wait(Instant::now()).await.expect("a slot");
         assert_eq!(got.slot, Slot::Reserve);
         assert!(
             started.elapsed() < Duration::from_secs(6),
