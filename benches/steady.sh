@@ -14,15 +14,16 @@
 # shows as the difference between a pinned and an unpinned run.
 #
 # Per window and target: tps and latency percentiles of the transactions that ended in it
-# (pgbench --log) and how evenly the clients were served (transactions per client), CPU
-# per transaction (user/system, microseconds) of the proxy, of the primary's PostgreSQL
-# processes and of pgbench, and, where perf can count system calls,
-# the proxy's recv, send, epoll_wait and epoll_ctl calls per transaction and PostgreSQL's
-# sleeps (its backends' epoll_wait) and pgbench's wake-ups (ppoll) per transaction; how
-# often each of the three was preempted per transaction (involuntary context switches);
-# and the TCP segments sent per transaction (nstat, the whole machine); the proxy's RSS at
-# the window's end, and what it grew per client since the proxy started (before any client
-# or server connection). BASELINE=BINARY adds another pgvane build as a third target.
+# (pgbench --log), how evenly the clients were served (transactions per client) and where
+# the tail comes from (latencies spread within each 100 ms, or throughput wandering between
+# them), CPU per transaction (user/system, microseconds) of the proxy, of the primary's
+# PostgreSQL processes and of pgbench, and, where perf can count system calls, the proxy's
+# recv, send, epoll_wait and epoll_ctl calls per transaction and PostgreSQL's sleeps (its
+# backends' epoll_wait) and pgbench's wake-ups (ppoll) per transaction; how often each of
+# the three was preempted per transaction (involuntary context switches); the TCP segments
+# sent per transaction (nstat, the whole machine); and the proxy's RSS at the window's end,
+# with what it grew per client since the proxy started (before any client or server
+# connection). BASELINE=BINARY adds another pgvane build as a third target.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
@@ -170,14 +171,16 @@ table, tails, by_target = [], [], {}
 for line in open(rows):
     rnd, name, t0, t1, pu, ps, gu, gs, bu, bs, pv, gv, bv, rss, rss0, logdir = line.split()
     t0, t1 = float(t0), float(t1)
-    lat, per_client = [], {}
+    lat, per_client, buckets = [], {}, {}
     for log in glob.glob(f"{logdir}/pgbench_log.*"):
         for entry in open(log):
             f = entry.split()
             # client, transaction, latency us, script, end time s, end time us
-            if len(f) >= 6 and t0 <= int(f[4]) + int(f[5]) / 1e6 < t1:
+            end = int(f[4]) + int(f[5]) / 1e6 if len(f) >= 6 else None
+            if end is not None and t0 <= end < t1:
                 lat.append(int(f[2]))
                 per_client[f[0]] = per_client.get(f[0], 0) + 1
+                buckets.setdefault(int((end - t0) * 10), []).append(int(f[2]) / 1000)
     n = len(lat)
     if n == 0:
         sys.exit(f"{name}, round {rnd}: no transaction ended in the window")
@@ -185,9 +188,17 @@ for line in open(rows):
     pct = lambda q: lat[min(n - 1, int(q * n))] / 1000
     # Clients that ended no transaction in the window count as 0.
     counts = sorted(list(per_client.values()) + [0] * (int(clients) - len(per_client)))
+    # Where the tail comes from: latencies that spread within each 100 ms (the order clients
+    # are served in), or throughput that wanders from one 100 ms to the next (and latency
+    # with it).
+    per_100ms = [len(b) for b in buckets.values()]
+    wander = statistics.pstdev(per_100ms) / statistics.mean(per_100ms) * 100
+    within = statistics.mean(statistics.pstdev(b) for b in buckets.values())
+    between = statistics.pstdev(statistics.mean(b) for b in buckets.values())
     tails.append(f"| {rnd} | {name} | {pct(0.5):.1f} | {pct(0.9):.1f} | {pct(0.99):.1f} | "
                  f"{pct(0.999):.1f} | {lat[-1] / 1000:.1f} | {counts[0]} / "
-                 f"{counts[len(counts) // 100]} / {counts[len(counts) // 2]} |")
+                 f"{counts[len(counts) // 100]} / {counts[len(counts) // 2]} | {wander:.1f} | "
+                 f"{within:.1f} / {between:.1f} |")
     us = lambda ticks: int(ticks) * 1e6 / hz / n
     px, pg = perf(f"{logdir}/perf.proxy"), perf(f"{logdir}/perf.pg")
     calls = (f"{px['recvfrom'] / n:.2f} / {px['sendto'] / n:.2f} / {px['epoll_wait'] / n:.3f}"
@@ -218,8 +229,9 @@ print("\n".join(table))
 print()
 # FIFO queueing shows as a narrow spread: every client waits about as long, and ends
 # about as many transactions.
-print("| round | target | p50 ms | p90 | p99 | p99.9 | max | transactions per client: min / 1st percentile / median |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("| round | target | p50 ms | p90 | p99 | p99.9 | max | transactions per client: min / 1st percentile / median "
+      "| tps per 100 ms: sd, % of mean | latency sd ms: within each 100 ms / of 100 ms means |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 print("\n".join(tails))
 print()
 print("Medians: " + "; ".join(
