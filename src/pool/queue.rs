@@ -110,7 +110,7 @@ impl<T: Send + 'static> Queue<T> {
         Wait {
             queue: self,
             since,
-            place: None,
+            step: Step::Joining,
         }
     }
 
@@ -259,8 +259,17 @@ impl<T> std::ops::DerefMut for IdleGuard<'_, T> {
 pub struct Wait<'a, T: Send + 'static> {
     queue: &'a Arc<Queue<T>>,
     since: Instant,
-    /// Its place while in line.
-    place: Option<usize>,
+    step: Step,
+}
+
+#[derive(Clone, Copy)]
+enum Step {
+    /// Not polled yet: not in line.
+    Joining,
+    /// In line; the answer comes in this place.
+    InLine(usize),
+    /// Answered, out of line.
+    Done,
 }
 
 impl<T: Send + 'static> Future for Wait<'_, T> {
@@ -269,47 +278,49 @@ impl<T: Send + 'static> Future for Wait<'_, T> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let queue = self.queue;
         let mut s = queue.lock();
-        let Some(place) = self.place else {
-            // A slot freed since `try_take`, with no one in line to hand it to.
-            if let Some(free) = s.take_free() {
-                return Poll::Ready(Some(free));
-            }
-            let place = s.places.insert(Place::Waiting(cx.waker().clone()));
-            let first = s.waiters.is_empty();
-            s.waiters.push_back(Waiter {
-                place,
-                since: self.since,
-            });
-            let timed = queue.limits.wait_limit.is_some() || queue.limits.reserve > 0;
-            if timed && !s.timer_running {
-                s.timer_running = true;
-                tokio::spawn(queue.clone().keep_time());
-            } else if timed && first {
-                // The timer may sleep for a client that has left the line since.
-                queue.rearm.notify_one();
-            }
-            self.place = Some(place);
-            return Poll::Pending;
-        };
-        match &mut s.places[place] {
-            Place::Waiting(waker) => {
-                waker.clone_from(cx.waker());
+        match self.step {
+            Step::Joining => {
+                // A slot freed since `try_take`, with no one in line to hand it to.
+                if let Some(free) = s.take_free() {
+                    self.step = Step::Done;
+                    return Poll::Ready(Some(free));
+                }
+                let place = s.places.insert(Place::Waiting(cx.waker().clone()));
+                let first = s.waiters.is_empty();
+                s.waiters.push_back(Waiter {
+                    place,
+                    since: self.since,
+                });
+                let timed = queue.limits.wait_limit.is_some() || queue.limits.reserve > 0;
+                if timed && !s.timer_running {
+                    s.timer_running = true;
+                    tokio::spawn(queue.clone().keep_time());
+                } else if timed && first {
+                    // The timer may sleep for a client that has left the line since.
+                    queue.rearm.notify_one();
+                }
+                self.step = Step::InLine(place);
                 Poll::Pending
             }
-            Place::Granted(_) | Place::TimedOut => {
-                self.place = None;
+            Step::InLine(place) => {
+                if let Place::Waiting(waker) = &mut s.places[place] {
+                    waker.clone_from(cx.waker());
+                    return Poll::Pending;
+                }
+                self.step = Step::Done;
                 match s.places.remove(place) {
                     Place::Granted(grant) => Poll::Ready(Some(grant)),
-                    _ => Poll::Ready(None),
+                    Place::TimedOut | Place::Waiting(_) => Poll::Ready(None),
                 }
             }
+            Step::Done => panic!("a pool queue wait polled after its answer"),
         }
     }
 }
 
 impl<T: Send + 'static> Drop for Wait<'_, T> {
     fn drop(&mut self) {
-        let Some(place) = self.place.take() else {
+        let Step::InLine(place) = self.step else {
             return;
         };
         let mut s = self.queue.lock();
