@@ -510,4 +510,64 @@ mod tests {
             started.elapsed()
         );
     }
+
+    /// Clients on two threads take slots, wait, give up while waiting, time out and give
+    /// slots back at once: afterwards every slot is free again, normal and reserve alike,
+    /// and nobody is left in line.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slots_survive_clients_that_come_leave_and_time_out_on_two_threads() {
+        let q = Arc::new(Queue::new(Limits {
+            size: 3,
+            reserve: 1,
+            reserve_after: Duration::from_millis(1),
+            wait_limit: Some(Duration::from_millis(20)),
+        }));
+        let clients: Vec<_> = (0..48u32)
+            .map(|n| {
+                let q = q.clone();
+                tokio::spawn(async move {
+                    // xorshift: which client gives up, and when.
+                    let mut r = n.wrapping_mul(2_654_435_761) | 1;
+                    for _ in 0..500 {
+                        r ^= r << 13;
+                        r ^= r >> 17;
+                        r ^= r << 5;
+                        let got = match q.try_take() {
+                            Some(grant) => Some(grant),
+                            None if r % 4 == 0 => {
+                                // Gives up after a moment, handed a slot or not: the
+                                // moment is looked at first.
+                                let patience = Duration::from_micros(u64::from(r % 500));
+                                tokio::select! {
+                                    biased;
+                                    () = tokio::time::sleep(patience) => None,
+                                    got = q.wait(Instant::now()) => got,
+                                }
+                            }
+                            None => q.wait(Instant::now()).await,
+                        };
+                        if let Some(grant) = got {
+                            for _ in 0..r % 3 {
+                                tokio::task::yield_now().await;
+                            }
+                            q.give_back(grant.slot, grant.item.or(Some(n)));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.await.expect("a client task");
+        }
+        assert_eq!(q.waiting(), (0, None));
+        let held: Vec<_> = (0..3).map_while(|_| q.try_take()).collect();
+        assert_eq!(held.len(), 3, "every normal slot is free");
+        assert!(q.try_take().is_none());
+        let reserve = q.wait(Instant::now()).await.expect("the reserve slot");
+        assert_eq!(reserve.slot, Slot::Reserve);
+        assert!(
+            q.wait(Instant::now()).await.is_none(),
+            "no slot beyond them"
+        );
+    }
 }
