@@ -30,8 +30,6 @@ pgbouncer_start "$WORK" $((N + 100))
 wait_port "$PGVANE_TX_PORT"
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 
-rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-
 measure() {
     local name=$1 pid=$2 port=$3 before after
     before=$(rss "$pid")

@@ -56,8 +56,6 @@ fi
 pgbouncer_start "$WORK" 20000
 NAMES+=(pgbouncer-txn) PIDS_OF+=("$(cat "$WORK/pgbouncer.pid")") PORTS+=("$BOUNCER_PORT")
 for p in "${PORTS[@]}"; do wait_port "$p"; done
-# resident set of a pid, KiB
-rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 RSS_START=()
 for p in "${PIDS_OF[@]}"; do RSS_START+=("$(rss "$p")"); done
 POSTMASTER=$(head -n 1 "${NODE_DIRS[0]}/postmaster.pid")
@@ -176,8 +174,10 @@ for line in open(rows):
         for entry in open(log):
             f = entry.split()
             # client, transaction, latency us, script, end time s, end time us
-            end = int(f[4]) + int(f[5]) / 1e6 if len(f) >= 6 else None
-            if end is not None and t0 <= end < t1:
+            if len(f) < 6:
+                continue
+            end = int(f[4]) + int(f[5]) / 1e6
+            if t0 <= end < t1:
                 lat.append(int(f[2]))
                 per_client[f[0]] = per_client.get(f[0], 0) + 1
                 buckets.setdefault(int((end - t0) * 10), []).append(int(f[2]) / 1000)

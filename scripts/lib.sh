@@ -369,3 +369,6 @@ wait_port() {
     done
     echo "nothing listens on port $1" >&2; return 1
 }
+
+# rss PID: the process's resident set, KiB.
+rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
