@@ -1,9 +1,12 @@
-//! Hot path of the pooled data path: following message boundaries in forwarded bytes.
-//! Reports throughput for a server-to-client stream of typical result messages.
+//! Hot path of the pooled data path: following message boundaries in forwarded bytes, and
+//! the look a transaction-mode link takes at each query for session state. Reports
+//! throughput for a server-to-client stream of typical result messages, and time per look
+//! at typical queries.
 
 use bytes::{BufMut, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pgvane::protocol::{put_message, Event, Scanner};
+use pgvane::proxy::session_state::{look, Carried};
 
 /// A result set as PostgreSQL sends it: RowDescription, `rows` DataRows, CommandComplete,
 /// ReadyForQuery.
@@ -43,5 +46,48 @@ fn scan(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, scan);
+/// Queries as clients send them: pgbench's (TPC-B-like and -S), an ORM's SELECT with many
+/// identifiers, a SET of a reported parameter. None creates session state.
+const QUERIES: &[(&str, &str)] = &[
+    (
+        "pgbench update",
+        "UPDATE pgbench_accounts SET abalance = abalance + -4120 WHERE aid = 853702;",
+    ),
+    (
+        "pgbench insert",
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+         VALUES (71, 8, 853702, -4120, CURRENT_TIMESTAMP);",
+    ),
+    (
+        "pgbench select",
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 853702;",
+    ),
+    (
+        "orm select",
+        "SELECT users.id AS users_id, users.email AS users_email, users.created_at AS \
+         users_created_at, users.last_login_at AS users_last_login_at FROM users \
+         WHERE users.id = $1 AND users.deleted_at IS NULL",
+    ),
+    ("set reported", "SET application_name = 'worker-7'"),
+];
+
+fn session_state_look(c: &mut Criterion) {
+    let mut group = c.benchmark_group("session state look");
+    let reported = ["application_name".to_string(), "TimeZone".to_string()];
+    let carried = Carried {
+        reported: &reported,
+        extra: &[],
+    };
+    for (name, sql) in QUERIES {
+        group.bench_function(*name, |b| {
+            b.iter(|| {
+                let found = look(std::hint::black_box(sql.as_bytes()), carried);
+                assert_eq!(found.state, None);
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, scan, session_state_look);
 criterion_main!(benches);

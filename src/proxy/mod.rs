@@ -12,7 +12,7 @@ pub mod migrate;
 mod passthrough;
 mod pooled;
 pub mod prepared;
-mod session_state;
+pub mod session_state;
 
 use std::collections::BTreeSet;
 use std::future::Future;

@@ -15,9 +15,6 @@
 //! [`rejecting_parse_rest`]), so that the error reaches the client in order, in the
 //! transaction state the statement itself would have met, and the session goes on.
 
-use std::sync::OnceLock;
-
-use aho_corasick::AhoCorasick;
 use bytes::{BufMut, BytesMut};
 
 use crate::protocol::put_message;
@@ -90,17 +87,28 @@ pub struct Look {
 
 /// Looks at `sql` once for both: every simple query and Parse of a transaction-mode client
 /// passes here, and most statements end at their first word.
+///
+/// One memchr pass finds both the ';' that end statements (a ';' inside a literal only
+/// makes an extra, harmless look) and the 'v's where a session-level advisory lock's
+/// function name could be (`pg_advisory_lock`, `pg_try_advisory_lock`, their `_shared`
+/// forms; anywhere, in any case). Such a lock is the state told when there are several.
 pub fn look(sql: &[u8], carried: Carried) -> Look {
-    let mut found = Look {
-        state: advisory_locks()
-            .is_match(sql)
-            .then_some(Feature::AdvisoryLock),
-        sets_extra: false,
-    };
-    for statement in statements(sql) {
-        let (state, sets_extra) = statement_look(statement, carried);
+    let mut found = Look::default();
+    let mut locks = false;
+    let mut from = 0;
+    let marks = memchr::memchr3_iter(b';', b'v', b'V', sql).chain(std::iter::once(sql.len()));
+    for at in marks {
+        if sql.get(at).is_some_and(|&b| b != b';') {
+            locks = locks || advisory_lock_at(sql, at);
+            continue;
+        }
+        let (state, sets_extra) = statement_look(&sql[from..at], carried);
         found.state = found.state.or(state);
         found.sets_extra |= sets_extra;
+        from = at + 1;
+    }
+    if locks {
+        found.state = Some(Feature::AdvisoryLock);
     }
     found
 }
@@ -110,30 +118,21 @@ pub fn session_state(sql: &[u8], carried: Carried) -> Option<Feature> {
     look(sql, carried).state
 }
 
-/// Each statement of a multi-statement query; a ';' inside a literal only makes an extra,
-/// harmless look. Found with memchr: every simple query and Parse a transaction-mode
-/// client sends passes here.
-fn statements(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut from = 0;
-    let mut ends = memchr::memchr_iter(b';', sql).chain(std::iter::once(sql.len()));
-    std::iter::from_fn(move || {
-        let end = ends.next()?;
-        let statement = &sql[from..end];
-        from = end + 1;
-        Some(statement)
-    })
+/// Whether the 'v' at `v` in `sql` is that of "advisory_lock" in `pg_advisory_lock` or
+/// `pg_try_advisory_lock`, in any case.
+fn advisory_lock_at(sql: &[u8], v: usize) -> bool {
+    const LOCK: &[u8] = b"advisory_lock";
+    let Some(start) = v.checked_sub(2) else {
+        return false;
+    };
+    let (before, from) = sql.split_at(start);
+    from.get(..LOCK.len())
+        .is_some_and(|w| w.eq_ignore_ascii_case(LOCK))
+        && (ends_with_ignoring_case(before, b"pg_") || ends_with_ignoring_case(before, b"pg_try_"))
 }
 
-/// The functions that take a session-level advisory lock (`pg_advisory_lock_shared`
-/// included), anywhere in a query and in any case.
-fn advisory_locks() -> &'static AhoCorasick {
-    static FINDER: OnceLock<AhoCorasick> = OnceLock::new();
-    FINDER.get_or_init(|| {
-        AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .build(["pg_advisory_lock", "pg_try_advisory_lock"])
-            .expect("two plain patterns always build")
-    })
+fn ends_with_ignoring_case(text: &[u8], suffix: &[u8]) -> bool {
+    text.len() >= suffix.len() && text[text.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
 }
 
 fn words(statement: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -414,14 +413,35 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The memchr split is the slice split on ';': every statement, empty ones included.
+        /// One pass tells what a look at each piece between ';'s and a case-blind search
+        /// for the lock functions tell, in text made of statements, pieces of the names,
+        /// other 'v's and separators.
         #[test]
-        fn statements_are_the_pieces_between_semicolons(
-            sql in proptest::collection::vec(proptest::sample::select(b"; aS\n".to_vec()), 0..40)
+        fn a_look_is_that_of_each_statement_and_of_a_search_for_locks(
+            pieces in proptest::collection::vec(proptest::sample::select(vec![
+                "pg_", "PG_", "Pg_", "try_", "TRY_", "advisory_lock", "ADVISORY_LOCK",
+                "Advisory_Lock", "advisory", "_lock", "_shared", "v", "V", "ad", "p", "g",
+                "_", " ", "(1)", ";", "; ", "SET work_mem = 1", "set search_path = a",
+                "LISTEN x", "reset all", "VALUES",
+            ]), 0..12)
         ) {
-            let pieces: Vec<&[u8]> = statements(&sql).collect();
-            let want: Vec<&[u8]> = sql.split(|&b| b == b';').collect();
-            proptest::prop_assert_eq!(pieces, want);
+            let sql = pieces.concat();
+            let extra = ["search_path".to_string()];
+            let carried = Carried { reported: &[], extra: &extra };
+            let lower = sql.to_ascii_lowercase();
+            let locks = ["pg_advisory_lock", "pg_try_advisory_lock"]
+                .iter()
+                .any(|name| lower.contains(name));
+            let mut want = Look::default();
+            for statement in sql.as_bytes().split(|&b| b == b';') {
+                let (state, sets_extra) = statement_look(statement, carried);
+                want.state = want.state.or(state);
+                want.sets_extra |= sets_extra;
+            }
+            if locks {
+                want.state = Some(Feature::AdvisoryLock);
+            }
+            proptest::prop_assert_eq!(look(sql.as_bytes(), carried), want, "{}", sql);
         }
     }
 
