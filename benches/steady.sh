@@ -18,12 +18,13 @@
 # the tail comes from (latencies spread within each 100 ms, or throughput wandering between
 # them), CPU per transaction (user/system, microseconds) of the proxy, of the primary's
 # PostgreSQL processes and of pgbench, and, where perf can count system calls, the proxy's
-# recv, send, epoll_wait and epoll_ctl calls per transaction and PostgreSQL's sleeps (its
-# backends' epoll_wait) and pgbench's wake-ups (ppoll) per transaction; how often each of
-# the three was preempted per transaction (involuntary context switches); the TCP segments
-# sent per transaction (nstat, the whole machine); and the proxy's RSS at the window's end,
-# with what it grew per client since the proxy started (before any client or server
-# connection). BASELINE=BINARY adds another pgvane build as a third target.
+# recv, send, epoll_wait and epoll_ctl calls per transaction, PostgreSQL's sleeps (its
+# backends' epoll_wait), page faults and moves between CPUs, and pgbench's wake-ups (ppoll)
+# per transaction; how often each of the three was preempted per transaction (involuntary
+# context switches); the TCP segments sent per transaction (nstat, the whole machine); and
+# the proxy's RSS at the window's end, with what it grew per client since the proxy started
+# (before any client or server connection). BASELINE=BINARY adds another pgvane build as a
+# third target.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
@@ -122,7 +123,8 @@ for round in $(seq 1 "$ROUNDS"); do
             perf_proxy=$!
             # The client backends only: a process that ends meanwhile fails perf.
             clients_of_pg=$(ps -o pid=,args= -p "${backends// /,}" | awk '/ postgres postgres 127/ {print $1}' | paste -sd ,)
-            perf stat -x, -e syscalls:sys_enter_epoll_wait -p "$clients_of_pg" \
+            perf stat -x, -e syscalls:sys_enter_epoll_wait,page-faults,cpu-migrations \
+                -p "$clients_of_pg" \
                 -o "$logdir/perf.pg" -- sleep "$WINDOW" > /dev/null 2>&1 &
             perf_pg=$!
             perf stat -x, -e syscalls:sys_enter_ppoll -p "$bench" -o "$logdir/perf.bench" \
@@ -204,7 +206,8 @@ for line in open(rows):
     calls = (f"{px['recvfrom'] / n:.2f} / {px['sendto'] / n:.2f} / {px['epoll_wait'] / n:.3f}"
              f" / {px['epoll_ctl'] / n:.2f}"
              if px else "n/a")
-    sleeps = f"{pg['epoll_wait'] / n:.2f}" if pg else "n/a"
+    sleeps = (f"{pg['epoll_wait'] / n:.2f} / {pg['page-faults'] / n:.2f} / "
+              f"{pg['cpu-migrations'] / n:.3f}" if pg else "n/a")
     bench = perf(f"{logdir}/perf.bench")
     wakes = f"{bench['ppoll'] / n:.3f}" if bench else "n/a"
     segs = next((int(l.split()[1]) for l in open(f"{logdir}/nstat") if l.startswith("TcpOutSegs")), 0)
@@ -221,7 +224,7 @@ for line in open(rows):
                  f"{row['rss']:.1f} / {grown:.0f} |")
 print("| round | target | tps | p50 / p99 ms | proxy µs user / sys | PostgreSQL µs user / sys "
       "| pgbench µs user / sys | proxy recv / send / epoll_wait / epoll_ctl per txn "
-      "| PostgreSQL sleeps per txn | pgbench wake-ups per txn "
+      "| PostgreSQL sleeps / page faults / CPU migrations per txn | pgbench wake-ups per txn "
       "| preempted per txn: proxy / PostgreSQL / pgbench | TCP segments per txn "
       "| proxy RSS MiB / grown per client bytes |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
