@@ -7,11 +7,12 @@
 # whose load moves within minutes, pairs of adjacent windows are what compare.
 #
 #   benches/steady.sh [-c clients] [-j pgbench threads] [-r rounds] [-W window seconds]
-#                     [-w "pgbench flags"] [-p]          (default -c 1000 -j 2 -r 4 -W 10 -w -S)
+#                     [-w "pgbench flags"] [-p] [-m]     (default -c 1000 -j 2 -r 4 -W 10 -w -S)
 #
 # -p pins PostgreSQL to the second CPU and the proxies and pgbench to the first, so that
 # what a proxy does to the caches and run queue of the CPUs it shares with PostgreSQL
-# shows as the difference between a pinned and an unpinned run.
+# shows as the difference between a pinned and an unpinned run. -m adds pgvane with its
+# default threads (one per CPU, tokio's work-stealing scheduler) as another target.
 #
 # Per window and target: tps and latency percentiles of the transactions that ended in it
 # (pgbench --log), how evenly the clients were served (transactions per client) and where
@@ -29,11 +30,11 @@ set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
 
-CLIENTS=1000 THREADS=2 ROUNDS=4 WINDOW=10 FLAGS=-S PIN=""
-while getopts "c:j:r:W:w:p" o; do
+CLIENTS=1000 THREADS=2 ROUNDS=4 WINDOW=10 FLAGS=-S PIN="" MULTI=""
+while getopts "c:j:r:W:w:pm" o; do
     case $o in
         c) CLIENTS=$OPTARG ;; j) THREADS=$OPTARG ;; r) ROUNDS=$OPTARG ;; W) WINDOW=$OPTARG ;;
-        w) FLAGS=$OPTARG ;; p) PIN=1 ;;
+        w) FLAGS=$OPTARG ;; p) PIN=1 ;; m) MULTI=1 ;;
         *) exit 2 ;;
     esac
 done
@@ -50,6 +51,10 @@ cluster_start "$WORK" 0
 pgbench -h 127.0.0.1 -p "${NODE_PORTS[0]}" -U postgres -i -s 10 -q postgres > /dev/null 2>&1
 pgvane_start pgvane "$PGVANE_ROOT/target/release/pgvane" 1
 NAMES=(pgvane-txn-1t) PIDS_OF=("$STARTED_PID") PORTS=("$TXN_PORT")
+if [ -n "$MULTI" ]; then
+    pgvane_start pgvane-auto "$PGVANE_ROOT/target/release/pgvane"
+    NAMES+=(pgvane-txn) PIDS_OF+=("$STARTED_PID") PORTS+=("$TXN_PORT")
+fi
 if [ -n "${BASELINE:-}" ]; then
     pgvane_start baseline "$BASELINE" 1
     NAMES+=(baseline-txn-1t) PIDS_OF+=("$STARTED_PID") PORTS+=("$TXN_PORT")
