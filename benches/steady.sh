@@ -24,8 +24,8 @@
 # per transaction; how often each of the three was preempted per transaction (involuntary
 # context switches); the TCP segments sent per transaction (nstat, the whole machine); and
 # the proxy's RSS at the window's end, with what it grew per client since the proxy started
-# (before any client or server connection). BASELINE=BINARY adds another pgvane build as a
-# third target.
+# (before any client or server connection). BASELINE=BINARY adds another pgvane build (on
+# one thread) as another target.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
