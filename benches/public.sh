@@ -155,13 +155,15 @@ for clients in $COUNTS; do
                 duration=$DURATION
                 [ "$clients" -ge 2000 ] && [ "$duration" -lt 30 ] && duration=30
                 out=$(cd "$logdir" && /usr/bin/time -f "%U %S" -o "$logdir/time" pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$duration" \
-                      -c "$clients" -j 2 -n $wflags --log postgres 2>/dev/null) || out=""
+                      -c "$clients" -j 2 -n $wflags --log postgres 2>"$logdir/stderr") || out=""
                 until_reaped
                 cpu1=$(cpu_ticks "$pid") pg1=$(pg_ticks)
                 tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")
                 txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<< "$out")
                 if [ -z "$tps" ] || [ -z "$txns" ] || [ "$txns" -eq 0 ]; then
                     echo "$clients $wname $name failed na na na na na na" >> "$RESULTS"
+                    # Why, kept in the output: the work directory goes at the end.
+                    printf '\n  failed: %s\n' "$(grep -m 1 . "$logdir/stderr" || echo "pgbench said nothing")"
                     continue
                 fi
                 # Latency of every transaction (pgbench --log: third field, microseconds).
