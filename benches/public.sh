@@ -30,9 +30,10 @@
 # run)
 # (memory per client is benches/idle_rss.sh's: a proxy's RSS after a run keeps what
 # earlier runs allocated, so a delta here would mislead). A target that cannot take the clients (PostgreSQL's max_connections is
-# 400: direct, HAProxy and passthrough at 1000) is shown as n/a. From 2,000 clients on a
-# run lasts at least 30 s: pgbench's clocks include its connections' SCRAM logins, which
-# take seconds at that count, and a shorter run would count no transaction at all. The machine is shared:
+# 400: direct, HAProxy and passthrough at 1000) is shown as n/a. A run lasts at least 10 s
+# plus 1 s per 100 clients (1,000 clients: 20 s): pgbench's -T includes its connections'
+# SCRAM logins (7 ms of its CPU each on this machine), and a shorter run on a busy machine
+# can end before any transaction does ("no transaction"). The machine is shared:
 # compare within a run. Charts need matplotlib, installed into target/bench-venv from
 # PyPI when missing.
 set -euo pipefail
@@ -153,7 +154,7 @@ for clients in $COUNTS; do
                 mkdir -p "$logdir"
                 cpu0=$(cpu_ticks "$pid") pg0=$(pg_ticks)
                 duration=$DURATION
-                [ "$clients" -ge 2000 ] && [ "$duration" -lt 30 ] && duration=30
+                [ "$duration" -lt $((10 + clients / 100)) ] && duration=$((10 + clients / 100))
                 out=$(cd "$logdir" && /usr/bin/time -f "%U %S" -o "$logdir/time" pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$duration" \
                       -c "$clients" -j 2 -n $wflags --log postgres 2>"$logdir/stderr") || out=""
                 until_reaped
@@ -163,7 +164,12 @@ for clients in $COUNTS; do
                 if [ -z "$tps" ] || [ -z "$txns" ] || [ "$txns" -eq 0 ]; then
                     echo "$clients $wname $name failed na na na na na na" >> "$RESULTS"
                     # Why, kept in the output: the work directory goes at the end.
-                    printf '\n  failed: %s\n' "$(grep -m 1 . "$logdir/stderr" || echo "pgbench said nothing")"
+                    if [ "${txns:-}" = 0 ]; then
+                        why="no transaction ended within the $duration s run (pgbench's CPU: $(awk '{print $1 + $2}' "$logdir/time") s, its logins)"
+                    else
+                        why=$(grep -m 1 . "$logdir/stderr" || echo "pgbench said nothing")
+                    fi
+                    printf '\n  failed: %s\n' "$why"
                     continue
                 fi
                 # Latency of every transaction (pgbench --log: third field, microseconds).
