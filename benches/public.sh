@@ -11,7 +11,7 @@
 #
 # -w picks workloads by name, -t targets by name (direct and the baseline always run). -b BINARY adds "baseline-txn-1t": another
 # pgvane build with worker_threads = 1, for an A/B of a change within one run. -n skips the
-# failover timeline.
+# failover timeline (public.md keeps the one last measured into DIR, dated by its own run).
 #
 # Workloads: select-only (-S), TPC-B-like, select-only with named prepared statements
 # (-M prepared, which PgBouncer 1.18 cannot carry in transaction mode: "failed"), and
@@ -232,9 +232,17 @@ today = datetime.date.today().isoformat()
 md = [f"Measured {today} at commit {commit} with `{command}` (medians; latency from every transaction).", ""]
 timeline = f"{work}/timeline.csv"
 if os.path.exists(timeline):
-    md += ["**Failover** (Patroni leader crash; 8 writers through each proxy, one INSERT each",
-           "per 20 ms; commits per 100 ms in timeline.png)", "",
+    md += [f"**Failover** (measured {today} at commit {commit}; Patroni leader crash; 8 writers through",
+           "each proxy, one INSERT each per 20 ms; commits per 100 ms in timeline.png)", "",
            open(f"{work}/failover.md").read().strip(), ""]
+elif os.path.exists(f"{out}/public.md"):
+    # A run without the timeline (-n) keeps the one measured last, dated by its own run, as
+    # timeline.png stays.
+    blocks = open(f"{out}/public.md").read().split("\n\n")
+    start = next((i for i, b in enumerate(blocks) if b.startswith("**Failover**")), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(blocks)) if blocks[i].startswith("**")), len(blocks))
+        md += ["\n\n".join(blocks[start:end]).strip(), ""]
 for w in workloads:
     md += [f"**{w}**", "", "| clients | target | tps | p50 ms | p95 ms | p99 ms | CPU µs/txn: proxy | pgbench | PostgreSQL |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
