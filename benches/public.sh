@@ -30,10 +30,10 @@
 # run)
 # (memory per client is benches/idle_rss.sh's: a proxy's RSS after a run keeps what
 # earlier runs allocated, so a delta here would mislead). A target that cannot take the clients (PostgreSQL's max_connections is
-# 400: direct, HAProxy and passthrough at 1000) is shown as n/a. A run lasts at least 10 s
-# plus 1 s per 100 clients (1,000 clients: 20 s): pgbench's -T includes its connections'
-# SCRAM logins (7 ms of its CPU each on this machine), and a shorter run on a busy machine
-# can end before any transaction does ("no transaction"). The machine is shared:
+# 400: direct, HAProxy and passthrough at 1000) is shown as n/a. From 1,000 clients on a run
+# lasts at least 10 s plus 1 s per 100 clients (1,000: 20 s): pgbench's -T includes its
+# connections' SCRAM logins (7 ms of its CPU each on this machine), and a shorter run on a
+# busy machine can end before any transaction does ("no transaction"). The machine is shared:
 # compare within a run. Charts need matplotlib, installed into target/bench-venv from
 # PyPI when missing.
 set -euo pipefail
@@ -154,7 +154,8 @@ for clients in $COUNTS; do
                 mkdir -p "$logdir"
                 cpu0=$(cpu_ticks "$pid") pg0=$(pg_ticks)
                 duration=$DURATION
-                [ "$duration" -lt $((10 + clients / 100)) ] && duration=$((10 + clients / 100))
+                [ "$clients" -ge 1000 ] && [ "$duration" -lt $((10 + clients / 100)) ] &&
+                    duration=$((10 + clients / 100))
                 out=$(cd "$logdir" && /usr/bin/time -f "%U %S" -o "$logdir/time" pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$duration" \
                       -c "$clients" -j 2 -n $wflags --log postgres 2>"$logdir/stderr") || out=""
                 until_reaped
