@@ -162,14 +162,19 @@ for clients in $COUNTS; do
                 cpu1=$(cpu_ticks "$pid") pg1=$(pg_ticks)
                 tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<< "$out")
                 txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<< "$out")
-                if [ -z "$tps" ] || [ -z "$txns" ] || [ "$txns" -eq 0 ]; then
+                # A run fails on any error pgbench reports, even one it carries on after: a
+                # PREPARE refused ("already exists") leaves the client running on whatever
+                # server connection happens to hold a statement of that name, which is not
+                # what the row claims to measure.
+                why=""
+                if [ "${txns:-}" = 0 ]; then
+                    why="no transaction ended within the $duration s run (pgbench's CPU: $(awk '{print $1 + $2}' "$logdir/time") s, its logins)"
+                elif [ -z "$tps" ] || [ -z "$txns" ] || grep -qi error "$logdir/stderr"; then
+                    why=$(grep -m 1 . "$logdir/stderr" || echo "pgbench said nothing")
+                fi
+                if [ -n "$why" ]; then
                     echo "$clients $wname $name failed na na na na na na" >> "$RESULTS"
                     # Why, kept in the output: the work directory goes at the end.
-                    if [ "${txns:-}" = 0 ]; then
-                        why="no transaction ended within the $duration s run (pgbench's CPU: $(awk '{print $1 + $2}' "$logdir/time") s, its logins)"
-                    else
-                        why=$(grep -m 1 . "$logdir/stderr" || echo "pgbench said nothing")
-                    fi
                     printf '\n  failed: %s\n' "$why"
                     continue
                 fi
