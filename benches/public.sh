@@ -153,9 +153,8 @@ for clients in $COUNTS; do
                 logdir="$WORK/log-$clients-$wname-$name-$rep"
                 mkdir -p "$logdir"
                 cpu0=$(cpu_ticks "$pid") pg0=$(pg_ticks)
-                duration=$DURATION
-                [ "$clients" -ge 1000 ] && [ "$duration" -lt $((10 + clients / 100)) ] &&
-                    duration=$((10 + clients / 100))
+                duration=$DURATION least=$((10 + clients / 100))
+                [ "$clients" -ge 1000 ] && [ "$duration" -lt "$least" ] && duration=$least
                 out=$(cd "$logdir" && /usr/bin/time -f "%U %S" -o "$logdir/time" pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$duration" \
                       -c "$clients" -j 2 -n $wflags --log postgres 2>"$logdir/stderr") || out=""
                 until_reaped
