@@ -7,12 +7,16 @@
 # whose load moves within minutes, pairs of adjacent windows are what compare.
 #
 #   benches/steady.sh [-c clients] [-j pgbench threads] [-r rounds] [-W window seconds]
-#                     [-w "pgbench flags"] [-p] [-m]     (default -c 1000 -j 2 -r 4 -W 10 -w -S)
+#                     [-w "pgbench flags"] [-p] [-g] [-m]  (default -c 1000 -j 2 -r 4 -W 10 -w -S)
 #
 # -p pins PostgreSQL to the second CPU and the proxies and pgbench to the first, so that
 # what a proxy does to the caches and run queue of the CPUs it shares with PostgreSQL
-# shows as the difference between a pinned and an unpinned run. -m adds pgvane with its
-# default threads (one per CPU, tokio's work-stealing scheduler) as another target.
+# shows as the difference between a pinned and an unpinned run. -g puts the proxies,
+# PostgreSQL and pgbench in three CPU cgroups of equal weight, as containers or systemd
+# services with a CPU weight run them: the scheduler then shares the CPUs between the
+# groups first, and a proxy's thread competes with PostgreSQL's backends as one group
+# against another. -m adds pgvane with its default threads (one per CPU, tokio's
+# work-stealing scheduler) as another target.
 #
 # Per window and target: tps and latency percentiles of the transactions that ended in it
 # (pgbench --log), how evenly the clients were served (transactions per client) and where
@@ -22,7 +26,9 @@
 # recv, send, epoll_wait and epoll_ctl calls per transaction, PostgreSQL's sleeps (its
 # backends' epoll_wait), page faults and moves between CPUs, and pgbench's wake-ups (ppoll)
 # per transaction; how often each of the three was preempted per transaction (involuntary
-# context switches); the TCP segments sent per transaction (nstat, the whole machine); and
+# context switches), and how often the proxy slept (voluntary ones: a thread that rarely
+# sleeps was taken off its CPU with work waiting, and the scheduler treats it as a CPU
+# hog); the TCP segments sent per transaction (nstat, the whole machine); and
 # the proxy's RSS at the window's end, with what it grew per client since the proxy started
 # (before any client or server connection). BASELINE=BINARY adds another pgvane build (on
 # one thread) as another target.
@@ -30,11 +36,11 @@ set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$PGVANE_ROOT"
 
-CLIENTS=1000 THREADS=2 ROUNDS=4 WINDOW=10 FLAGS=-S PIN="" MULTI=""
-while getopts "c:j:r:W:w:pm" o; do
+CLIENTS=1000 THREADS=2 ROUNDS=4 WINDOW=10 FLAGS=-S PIN="" CGROUPS="" MULTI=""
+while getopts "c:j:r:W:w:pgm" o; do
     case $o in
         c) CLIENTS=$OPTARG ;; j) THREADS=$OPTARG ;; r) ROUNDS=$OPTARG ;; W) WINDOW=$OPTARG ;;
-        w) FLAGS=$OPTARG ;; p) PIN=1 ;; m) MULTI=1 ;;
+        w) FLAGS=$OPTARG ;; p) PIN=1 ;; g) CGROUPS=1 ;; m) MULTI=1 ;;
         *) exit 2 ;;
     esac
 done
@@ -73,6 +79,28 @@ if [ -n "$PIN" ]; then
     for p in "${PIDS_OF[@]}"; do taskset -a -pc 0 "$p" > /dev/null; done
     ON_CPU0="taskset -c 0"
 fi
+if [ -n "$CGROUPS" ]; then
+    # cgroup v2 with its cpu controller, or v1's cpu hierarchy.
+    if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+        CG=/sys/fs/cgroup/pgvane-steady-$$
+        echo +cpu > /sys/fs/cgroup/cgroup.subtree_control
+        mkdir "$CG" && echo +cpu > "$CG/cgroup.subtree_control"
+    elif [ -d /sys/fs/cgroup/cpu ] && [ -f /sys/fs/cgroup/cpu/cpu.shares ]; then
+        CG=/sys/fs/cgroup/cpu/pgvane-steady-$$
+        mkdir "$CG"
+    else
+        echo "-g needs a CPU cgroup controller (cgroup v2's cpu, or v1's at /sys/fs/cgroup/cpu)" >&2
+        exit 1
+    fi
+    mkdir "$CG/proxy" "$CG/postgresql" "$CG/pgbench"
+    # Removed once every process in them has ended, this shell moved out first.
+    trap 'work_cleanup; echo $$ > "${CG%/*}/cgroup.procs"; rmdir "$CG"/{proxy,postgresql,pgbench} "$CG"' EXIT
+    for p in "${PIDS_OF[@]}"; do echo "$p" > "$CG/proxy/cgroup.procs"; done
+    # Backends forked from now on (the pools' connections among them) stay with the postmaster.
+    for p in "$POSTMASTER" $(pgrep -P "$POSTMASTER"); do echo "$p" > "$CG/postgresql/cgroup.procs"; done
+    # This shell last: pgbench, started from it, inherits its group.
+    echo $$ > "$CG/pgbench/cgroup.procs"
+fi
 
 # user and system ticks of the given pids (one that ended counts 0)
 ticks() {
@@ -83,11 +111,13 @@ ticks() {
     done
     echo "$u $s"
 }
-# involuntary context switches of the given pids' threads (one that ended counts 0)
-preempted() {
-    local p
+# switches KIND PID...: KIND (nonvoluntary: preempted; voluntary: slept) context switches
+# of the given pids' threads (one that ended counts 0)
+switches() {
+    local kind=$1 p
+    shift
     for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null || true; done |
-        awk '/^nonvoluntary_ctxt_switches/ {s += $2} END {print s + 0}'
+        awk -v kind="^${kind}_ctxt_switches" '$0 ~ kind {s += $2} END {print s + 0}'
 }
 # logged_or_gone DIR PID: pgbench in DIR has logged a transaction, or has ended.
 logged_or_gone() {
@@ -96,7 +126,7 @@ logged_or_gone() {
 SYSCALLS=syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl
 RESULTS="$WORK/results"
 : > "$RESULTS"
-say "pgbench $FLAGS, $CLIENTS clients on $THREADS threads, pool of 20: $ROUNDS rounds of ${WINDOW} s windows${PIN:+, pinned}"
+say "pgbench $FLAGS, $CLIENTS clients on $THREADS threads, pool of 20: $ROUNDS rounds of ${WINDOW} s windows${PIN:+, pinned}${CGROUPS:+, a CPU cgroup each for the proxies, PostgreSQL and pgbench}"
 # pgbench as every run here calls it; the target's port and the run's length follow.
 PGBENCH=($ON_CPU0 pgbench -h 127.0.0.1 -U postgres $FLAGS -n -c "$CLIENTS" -j "$THREADS")
 # An unmeasured run through each target first: its pool's connections are opened, and their
@@ -140,20 +170,22 @@ for round in $(seq 1 "$ROUNDS"); do
         t0=$(date +%s.%N)
         read -r pu0 ps0 < <(ticks "$pid"); read -r gu0 gs0 < <(ticks $backends "$POSTMASTER")
         read -r bu0 bs0 < <(ticks "$bench")
-        pv0=$(preempted "$pid") gv0=$(preempted $backends) bv0=$(preempted "$bench")
+        pv0=$(switches nonvoluntary "$pid") gv0=$(switches nonvoluntary $backends)
+        bv0=$(switches nonvoluntary "$bench") sv0=$(switches voluntary "$pid")
         sleep "$WINDOW"
         t1=$(date +%s.%N)
         nstat TcpOutSegs > "$logdir/nstat"
         read -r pu1 ps1 < <(ticks "$pid"); read -r gu1 gs1 < <(ticks $backends "$POSTMASTER")
         read -r bu1 bs1 < <(ticks "$bench")
-        pv1=$(preempted "$pid") gv1=$(preempted $backends) bv1=$(preempted "$bench")
+        pv1=$(switches nonvoluntary "$pid") gv1=$(switches nonvoluntary $backends)
+        bv1=$(switches nonvoluntary "$bench") sv1=$(switches voluntary "$pid")
         rss1=$(rss "$pid")
         [ -n "$PERF" ] && { wait "$perf_proxy" "$perf_pg" "$perf_bench" || true; }
         kill -0 "$bench" 2>/dev/null || { cat "$logdir/out"; echo "pgbench ended early" >&2; exit 1; }
         # pgbench writes its log through stdio buffers: a little more for the last lines.
         sleep 2
         kill -TERM "$bench"; wait "$bench" || true
-        echo "$round $name $t0 $t1 $((pu1 - pu0)) $((ps1 - ps0)) $((gu1 - gu0)) $((gs1 - gs0)) $((bu1 - bu0)) $((bs1 - bs0)) $((pv1 - pv0)) $((gv1 - gv0)) $((bv1 - bv0)) $rss1 ${RSS_START[$i]} $logdir" >> "$RESULTS"
+        echo "$round $name $t0 $t1 $((pu1 - pu0)) $((ps1 - ps0)) $((gu1 - gu0)) $((gs1 - gs0)) $((bu1 - bu0)) $((bs1 - bs0)) $((pv1 - pv0)) $((gv1 - gv0)) $((bv1 - bv0)) $((sv1 - sv0)) $rss1 ${RSS_START[$i]} $logdir" >> "$RESULTS"
     done
 done
 
@@ -174,7 +206,7 @@ def perf(path):
 
 table, tails, by_target = [], [], {}
 for line in open(rows):
-    rnd, name, t0, t1, pu, ps, gu, gs, bu, bs, pv, gv, bv, rss, rss0, logdir = line.split()
+    rnd, name, t0, t1, pu, ps, gu, gs, bu, bs, pv, gv, bv, sv, rss, rss0, logdir = line.split()
     t0, t1 = float(t0), float(t1)
     lat, per_client, buckets = [], {}, {}
     for log in glob.glob(f"{logdir}/pgbench_log.*"):
@@ -225,14 +257,15 @@ for line in open(rows):
     table.append(f"| {rnd} | {name} | {row['tps']:.0f} | {row['p50']:.1f} / {row['p99']:.1f} | "
                  f"{us(pu):.1f} / {us(ps):.1f} | {us(gu):.1f} / {us(gs):.1f} | "
                  f"{us(bu):.1f} / {us(bs):.1f} | {calls} | {sleeps} | {wakes} | "
-                 f"{int(pv) / n:.3f} / {int(gv) / n:.3f} / {int(bv) / n:.3f} | {segs / n:.2f} | "
+                 f"{int(pv) / n:.3f} / {int(gv) / n:.3f} / {int(bv) / n:.3f} | {int(sv) / n:.3f} | "
+                 f"{segs / n:.2f} | "
                  f"{row['rss']:.1f} / {grown:.0f} |")
 print("| round | target | tps | p50 / p99 ms | proxy µs user / sys | PostgreSQL µs user / sys "
       "| pgbench µs user / sys | proxy recv / send / epoll_wait / epoll_ctl per txn "
       "| PostgreSQL sleeps / page faults / CPU migrations per txn | pgbench wake-ups per txn "
-      "| preempted per txn: proxy / PostgreSQL / pgbench | TCP segments per txn "
+      "| preempted per txn: proxy / PostgreSQL / pgbench | proxy sleeps per txn | TCP segments per txn "
       "| proxy RSS MiB / grown per client bytes |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 print("\n".join(table))
 print()
 # FIFO queueing shows as a narrow spread: every client waits about as long, and ends
