@@ -111,13 +111,13 @@ ticks() {
     done
     echo "$u $s"
 }
-# switches KIND PID...: KIND (nonvoluntary: preempted; voluntary: slept) context switches
-# of the given pids' threads (one that ended counts 0)
+# involuntary (preempted) and voluntary (slept) context switches of the given pids'
+# threads (one that ended counts 0)
 switches() {
-    local kind=$1 p
-    shift
+    local p
     for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null || true; done |
-        awk -v kind="^${kind}_ctxt_switches" '$0 ~ kind {s += $2} END {print s + 0}'
+        awk '/^nonvoluntary_ctxt_switches/ {n += $2} /^voluntary_ctxt_switches/ {v += $2}
+             END {print n + 0, v + 0}'
 }
 # logged_or_gone DIR PID: pgbench in DIR has logged a transaction, or has ended.
 logged_or_gone() {
@@ -170,15 +170,15 @@ for round in $(seq 1 "$ROUNDS"); do
         t0=$(date +%s.%N)
         read -r pu0 ps0 < <(ticks "$pid"); read -r gu0 gs0 < <(ticks $backends "$POSTMASTER")
         read -r bu0 bs0 < <(ticks "$bench")
-        pv0=$(switches nonvoluntary "$pid") gv0=$(switches nonvoluntary $backends)
-        bv0=$(switches nonvoluntary "$bench") sv0=$(switches voluntary "$pid")
+        read -r pv0 sv0 < <(switches "$pid"); read -r gv0 _ < <(switches $backends)
+        read -r bv0 _ < <(switches "$bench")
         sleep "$WINDOW"
         t1=$(date +%s.%N)
         nstat TcpOutSegs > "$logdir/nstat"
         read -r pu1 ps1 < <(ticks "$pid"); read -r gu1 gs1 < <(ticks $backends "$POSTMASTER")
         read -r bu1 bs1 < <(ticks "$bench")
-        pv1=$(switches nonvoluntary "$pid") gv1=$(switches nonvoluntary $backends)
-        bv1=$(switches nonvoluntary "$bench") sv1=$(switches voluntary "$pid")
+        read -r pv1 sv1 < <(switches "$pid"); read -r gv1 _ < <(switches $backends)
+        read -r bv1 _ < <(switches "$bench")
         rss1=$(rss "$pid")
         [ -n "$PERF" ] && { wait "$perf_proxy" "$perf_pg" "$perf_bench" || true; }
         kill -0 "$bench" 2>/dev/null || { cat "$logdir/out"; echo "pgbench ended early" >&2; exit 1; }
